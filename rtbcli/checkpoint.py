@@ -1,0 +1,150 @@
+"""Checkpoints: one `.safetensors` file with the tensors and string metadata.
+
+No pickle anywhere: loading a checkpoint only parses tensors and JSON, it never runs code.
+Metadata values are strings (JSON where structured):
+
+- `format` = "rtbcli-checkpoint", `format_version`, `rtbcli_version`, `torch_version`, `created`;
+- `kind`: "prior" or "finetuned";
+- `config`: the fully resolved preset (JSON), `preset`: the name or path it came from;
+- `step`, `seed`, `run`: the run's options (JSON);
+- finetuned only: `algo`, `beta`, `alpha`, `prior_sha256`, `prior_path`.
+
+Tensors: `policy.*` (the sampler's own network, for every kind); finetuned checkpoints add
+`prior.*` (the frozen prior) and `log_z` (rtb) or `v_soft_s0` (trust-pcl).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .config import Preset, preset_from_json
+from .errors import InputError
+from .runtime import atomic_path
+from .sampler import DiffusionSampler
+
+FORMAT = "rtbcli-checkpoint"
+FORMAT_VERSION = "1"
+KINDS = ("prior", "finetuned")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its tensors, its metadata, and its resolved preset."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    preset: Preset
+    path: Path | None = None
+    sha256: str = field(default="")
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def algo(self) -> str | None:
+        return self.meta.get("algo")
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    def section(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under `prefix.`, with the prefix removed."""
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def sampler(self, prefix: str = "policy", device: torch.device | str = "cpu", dtype=torch.float32) -> DiffusionSampler:
+        """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior")."""
+        s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
+        state = self.section(prefix)
+        try:
+            s.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise InputError(f"checkpoint '{self.path}': its {prefix} weights do not match its sampler settings ({first})") from None
+        return s.to(device=device, dtype=dtype)
+
+    def scalar(self, name: str) -> float | None:
+        t = self.tensors.get(name)
+        return None if t is None else float(t.reshape(()))
+
+
+def sampler_tensors(sampler: DiffusionSampler, prefix: str) -> dict[str, torch.Tensor]:
+    """The sampler's state under `prefix.`, as contiguous float32 CPU tensors."""
+    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sampler.state_dict().items()}
+
+
+def base_metadata(kind: str, preset: Preset, preset_ref: str, step: int, seed: int, run: dict) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rtbcli_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kind": kind,
+        "config": preset.model_dump_json(),
+        "preset": preset_ref,
+        "step": str(step),
+        "seed": str(seed),
+        "run": json.dumps(run, sort_keys=True),
+    }
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    if meta.get("kind") not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}")
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path | str, expect_kind: str | None = None) -> Checkpoint:
+    """Read and validate a checkpoint; every failure is an InputError with a one-line message."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"checkpoint '{path}' not found: check the path")
+    if path.is_dir():
+        raise InputError(f"checkpoint '{path}' is a directory: give a .safetensors file")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except PermissionError:
+        raise InputError(f"checkpoint '{path}' cannot be read: permission denied") from None
+    except Exception as e:  # safetensors raises several types for non-safetensors input
+        raise InputError(f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads {FORMAT_VERSION}: upgrade rtbcli")
+    if meta.get("kind") not in KINDS:
+        raise InputError(f"checkpoint '{path}' has an unknown kind '{meta.get('kind')}'")
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError):
+        raise InputError(f"checkpoint '{path}' has no readable config: it is damaged") from None
+    preset = preset_from_json(config)
+    if expect_kind is not None and meta["kind"] != expect_kind:
+        raise InputError(f"checkpoint '{path}' is a {meta['kind']} checkpoint, a {expect_kind} one is needed here")
+    ck = Checkpoint(tensors=tensors, meta=meta, preset=preset, path=path, sha256=sha256_file(path))
+    return ck

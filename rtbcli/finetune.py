@@ -1,0 +1,190 @@
+"""Fine-tuning a prior toward p_prior(x) r(x)^beta with rtb, trust-pcl, reinforce-kl or legacy-rl.
+
+One step (design.md §2-§3), the same for every objective:
+
+1. draw B trajectories without gradient from the behaviour policy: the learned policy's mean
+   with per-step variance sigma2 * dt + s_e^2 (s_e = 0 on-policy);
+2. score them in one batched pass each: the learned policy (with gradient, un-inflated
+   variance), the behaviour policy (from the same pass, detached), the frozen prior (no grad);
+3. take one Adam step on the objective (`rtbcli.objectives`).
+
+Exploration schedule for a run of N steps (the authors' schedule at N = 5,000):
+s_e(it) = s_0 for it < hold*N, else s_0 * max(0, 1 - it / (end*N)), with hold = 0.1, end = 0.9.
+
+Learning rates: the policy's is `lr`; log Z's (rtb) is `lr_logz`; trust-pcl's V(s0) gets
+alpha * lr_logz. Under Adam, which ignores the loss scale alpha^2, these make trust-pcl take
+the same steps as rtb from the same seed (the tests check this end to end).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, base_metadata, sampler_tensors, save_checkpoint
+from .config import Preset
+from .errors import InputError, RtbcliError, RunError
+from .objectives import legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights, trust_pcl_loss
+from .runtime import JsonlLog, Timer, make_generator, make_progress
+from .sampler import DiffusionSampler, gaussian_log_prob
+from .tasks import Task
+
+ALGOS = ("rtb", "trust-pcl", "reinforce-kl", "legacy-rl")
+SCALAR_NAME = {"rtb": "log_z", "trust-pcl": "v_soft_s0"}
+
+
+class Interrupted(RtbcliError):
+    exit_code = 130
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    log: Path | None
+    algo: str
+    steps: int
+    seconds: float
+    steps_per_s: float
+    loss: float
+    log_z: float | None  # learned log Z (rtb) or V(s0) / alpha (trust-pcl)
+    mean_log_r: float
+
+
+def exploration_std(it: int, total: int, s0: float, hold: float = 0.1, end: float = 0.9) -> float:
+    """s_e at (0-indexed) iteration `it` of a run of `total` steps."""
+    if it < hold * total:
+        return s0
+    return s0 * max(0.0, 1.0 - it / (end * total)) if end > 0 else 0.0
+
+
+def check_compatible(prior: Checkpoint, preset: Preset) -> None:
+    """The prior must be a sampler for the preset's space, with the preset's sampler settings."""
+    if prior.preset.dim != preset.dim:
+        raise InputError(f"the prior samples dimension {prior.preset.dim} but the preset's task has dimension {preset.dim}: use a prior pretrained on this preset")
+    if prior.preset.sampler != preset.sampler:
+        mine, theirs = prior.preset.sampler.model_dump(), preset.sampler.model_dump()
+        diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
+        raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
+
+
+def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: str, scalar: torch.Tensor | None) -> dict:
+    tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
+    if algo in SCALAR_NAME:
+        tensors[SCALAR_NAME[algo]] = scalar.detach().to("cpu", torch.float32).reshape(())
+    return tensors
+
+
+def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
+             device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
+             log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32) -> FinetuneResult:
+    """Fine-tune the prior in `prior_ck` with `algo` under `preset` (beta and budget from it)."""
+    if algo not in ALGOS:
+        raise InputError(f"unknown objective '{algo}': choose one of {', '.join(ALGOS)}")
+    check_compatible(prior_ck, preset)
+    cfg, beta = preset.finetune, preset.beta
+    alpha = 1.0 / beta
+    task = Task(preset)
+    probe = task.log_reward(task.prior_data.sample(1000, make_generator(seed, torch.device("cpu")), dtype=torch.float64))
+    if not torch.isfinite(probe).all():
+        raise InputError("the reward returns non-finite values on the prior data: fix the preset's reward")
+
+    prior = prior_ck.sampler("policy", device, dtype).requires_grad_(False)
+    policy = prior_ck.sampler("policy", device, dtype)  # initialised from the prior
+    T, var = policy.steps, policy.step_var
+    scalar = nn.Parameter(torch.zeros((), device=device, dtype=dtype)) if algo in SCALAR_NAME else None
+    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    if scalar is not None:
+        groups.append({"params": [scalar], "lr": cfg.lr_logz * (alpha if algo == "trust-pcl" else 1.0)})
+    opt = torch.optim.Adam(groups)
+    explore = not on_policy and algo != "legacy-rl"
+    temper = float(T) if cfg.snis == "tempered" else 1.0
+    gen = make_generator(seed, device)
+    torch.manual_seed(seed)
+
+    def learned_log_z() -> float | None:
+        if scalar is None:
+            return None
+        return float(scalar) if algo == "rtb" else float(scalar) / alpha
+
+    def snapshot() -> dict:
+        return {k: v.clone() for k, v in finetuned_tensors(policy, prior, algo, scalar).items()}
+
+    def meta(step: int, **extra) -> dict:
+        run = {"command": "finetune", "device": device.type, "seed": seed, "on_policy": on_policy,
+               "prior_path": str(prior_ck.path), **extra}
+        m = base_metadata("finetuned", preset, preset_ref, step, seed, run)
+        m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_ck.sha256, prior_path=str(prior_ck.path))
+        return m
+
+    log = JsonlLog(log_path)
+    timer = Timer()
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    last_good, last_good_step = snapshot(), 0
+    loss_v, mean_log_r = float("nan"), float("nan")
+    step = 0
+    try:
+        with make_progress(enabled=progress) as bar:
+            job = bar.add_task(f"finetune {algo}", total=cfg.steps, rate="", status="")
+            for it in range(cfg.steps):
+                s_e = exploration_std(it, cfg.steps, cfg.exploration, cfg.exploration_hold, cfg.exploration_end) if explore else 0.0
+                # 1. trajectories from the behaviour policy, without gradient
+                traj = policy.sample(cfg.batch_size, s_e * s_e, gen)
+                log_r = task.log_reward(traj[-1])
+                # 2. one batched pass each: prior (no grad), policy (grad), behaviour (same means, detached)
+                with torch.no_grad():
+                    step_lpp = prior.step_log_probs(traj)
+                means = policy.means(traj)
+                step_lpf = gaussian_log_prob(traj[1:], means, var)
+                lpf, lpp = step_lpf.sum(0), step_lpp.sum(0)
+                # 3. the objective
+                if algo == "rtb":
+                    loss = rtb_loss(scalar, lpf, lpp, log_r, beta)
+                elif algo == "trust-pcl":
+                    loss = trust_pcl_loss(scalar, step_lpf, step_lpp, outcome_rewards(log_r, T), alpha)
+                elif algo == "reinforce-kl":
+                    lb = None if not explore else gaussian_log_prob(traj[1:], means.detach(), var + s_e * s_e).sum(0)
+                    loss = reinforce_kl_loss(lpf, lpp, log_r, alpha, snis_weights(lpf, lb, temper))
+                else:
+                    loss = legacy_rl_loss(lpf, lpp, log_r, cfg.legacy_lambda)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bad |= ~torch.isfinite(loss.detach())
+                step = it + 1
+                bar.advance(job)
+                if step % log_every == 0 or step == cfg.steps:
+                    # the only host syncs of the loop, at logging time
+                    params_ok = all(bool(torch.isfinite(p).all()) for p in opt.param_groups[0]["params"])
+                    if bool(bad) or not params_ok or (scalar is not None and not math.isfinite(float(scalar))):
+                        kept = out.with_name(out.stem + ".last-good.safetensors")
+                        save_checkpoint(kept, last_good, meta(last_good_step, status="diverged", diverged_at=step))
+                        log.close()
+                        raise RunError(f"the loss or the parameters became non-finite by step {step}: the last good state "
+                                       f"(step {last_good_step}) is in {kept}; try a lower --lr or --lr-logz")
+                    last_good, last_good_step = snapshot(), step
+                    loss_v, mean_log_r = float(loss), float(log_r.mean())
+                    lz = learned_log_z()
+                    rate = step / timer.elapsed
+                    rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, steps_per_s=rate, seconds=timer.elapsed)
+                    if algo == "rtb":
+                        rec["log_z"] = lz
+                    elif algo == "trust-pcl":
+                        rec.update(v_soft_s0=float(scalar), log_z=lz)
+                    log.write(**rec)
+                    status = f"loss {loss_v:.4g}  " + (f"logZ {lz:.4f}  " if lz is not None else "") + f"E[log r] {mean_log_r:.3f}"
+                    if algo == "trust-pcl":
+                        status = f"loss {loss_v:.4g}  V {float(scalar):.4f}  E[log r] {mean_log_r:.3f}"
+                    bar.update(job, rate=f"{rate:.1f} it/s", status=status)
+    except KeyboardInterrupt:
+        partial = out.with_name(out.stem + ".partial.safetensors")
+        save_checkpoint(partial, last_good, meta(last_good_step, status="interrupted"))
+        log.close()
+        raise Interrupted(f"interrupted at step {step}: the last logged state (step {last_good_step}) is in {partial}") from None
+    seconds = timer.elapsed
+    save_checkpoint(out, finetuned_tensors(policy, prior, algo, scalar), meta(cfg.steps, seconds=round(seconds, 1)))
+    log.commit()
+    return FinetuneResult(out, log_path, algo, cfg.steps, seconds, cfg.steps / seconds, loss_v, learned_log_z(), mean_log_r)

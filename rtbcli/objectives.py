@@ -1,0 +1,93 @@
+"""The fine-tuning objectives of design.md §3, each a small pure function of a batch.
+
+Notation, per trajectory tau_i of a batch of B (samples are detached: gradients flow only
+through the learned policy's log-probabilities and the learned scalar):
+
+    lpf_i   = sum_t log p_phi(x_{t+1} | x_t)      the learned policy (un-inflated)
+    lpp_i   = sum_t log p_theta(x_{t+1} | x_t)    the frozen prior (no gradient)
+    lb_i    = sum_t log b(x_{t+1} | x_t)          the behaviour policy that drew tau_i
+    log_r_i = log r(x_T)
+
+RTB and Trust-PCL are one objective (Deleu et al. 2025, Prop. 1): with alpha = 1 / beta and
+V(s0) = alpha log Z, the Trust-PCL residual is -alpha times the RTB residual, so
+L_TrustPCL = alpha^2 L_RTB. They are written independently here; the tests prove the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OBJECTIVES = ("rtb", "trust-pcl", "reinforce-kl", "legacy-rl")
+
+
+def rtb_loss(log_z: torch.Tensor, lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, beta: float) -> torch.Tensor:
+    """Relative Trajectory Balance (Venkatraman et al. 2024).
+
+        delta_i = log Z + lpf_i - lpp_i - beta * log_r_i,      L = mean_i 1/2 delta_i^2
+    """
+    delta = log_z + lpf - lpp - beta * log_r
+    return 0.5 * delta.pow(2).mean()
+
+
+def outcome_rewards(log_r: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-step RL rewards r_t, shape (T, B): zero everywhere except r_{T-1} = log r(x_T)."""
+    rewards = torch.zeros(steps, *log_r.shape, dtype=log_r.dtype, device=log_r.device)
+    rewards[-1] = log_r
+    return rewards
+
+
+def trust_pcl_loss(v_s0: torch.Tensor, step_lpf: torch.Tensor, step_lpp: torch.Tensor, rewards: torch.Tensor,
+                   alpha: float) -> torch.Tensor:
+    """Trust-PCL (Nachum et al. 2018): path consistency of the soft value over whole trajectories.
+
+    step_lpf, step_lpp, rewards: (T, B) per-step log pi_phi(a_t | s_t), log pi_ref(a_t | s_t), r_t.
+
+        delta'_i = -V(s0) + sum_t r_t + alpha * sum_t [log pi_ref(a_t | s_t) - log pi_phi(a_t | s_t)]
+        L = mean_i 1/2 delta'_i^2
+
+    The soft value of the terminal state is 0 and the rewards sum to log r(x_T) (eq. 3 of the
+    seed paper), so the consistency holds exactly at the optimum of KL-regularised RL.
+    """
+    delta = -v_s0 + rewards.sum(0) + alpha * (step_lpp - step_lpf).sum(0)
+    return 0.5 * delta.pow(2).mean()
+
+
+def snis_weights(lpf: torch.Tensor, lb: torch.Tensor | None, temper: float = 1.0) -> torch.Tensor:
+    """Self-normalised importance weights softmax_i((lpf_i - lb_i) / temper), without gradient.
+
+    temper = T (the number of steps) is the authors' tempered heuristic; temper = 1 is exact
+    SNIS. lb = None means on-policy data: uniform weights 1 / B.
+    """
+    if lb is None:
+        return torch.full_like(lpf, 1.0 / lpf.numel()).detach()
+    return torch.softmax((lpf - lb).detach() / temper, dim=0)
+
+
+def reinforce_kl_loss(lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, alpha: float,
+                      weights: torch.Tensor, baseline: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Off-policy REINFORCE with KL regularisation (Deleu et al. 2025, Algorithm 2).
+
+        R_i = log_r_i - alpha * (lpf_i - lpp_i)          reward log r, the KL inside the return
+        A_i = R_i - b,  b = mean_j R_j (unweighted) unless a baseline is given
+        L   = - sum_i sg[w_i A_i] * lpf_i                w from `snis_weights` (sum to 1)
+
+    All weights and advantages are under stop-gradient. There is no log Z or V here.
+    """
+    ret = (log_r - alpha * (lpf - lpp)).detach()
+    adv = ret - (ret.mean() if baseline is None else torch.as_tensor(baseline, dtype=ret.dtype, device=ret.device).detach())
+    return -(weights.detach() * adv * lpf).sum()
+
+
+def legacy_rl_loss(lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, lam: float) -> torch.Tensor:
+    """The RL baseline of the RTB paper (Deleu et al. 2025, Algorithm 1), mis-specified on purpose.
+
+        A_i = r_i - mean_j r_j            reward r = exp(log r) itself, not log r
+        L   = mean_i [ -sg[A_i] * lpf_i + lam * (lpf_i - lpp_i)^2 ]
+
+    On-policy only. With detached samples the penalty's gradient is 2 lam times the KL's, so the
+    fixed point is p_theta(x) exp(r(x) / (2 lam)), not the target. For reproducing the paper's
+    failing panels; never a default.
+    """
+    r = log_r.exp().detach()
+    adv = r - r.mean()
+    return (-adv * lpf + lam * (lpf - lpp).pow(2)).mean()

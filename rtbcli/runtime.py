@@ -1,0 +1,133 @@
+"""Run plumbing shared by the commands: devices, seeds, atomic files, logs and progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA is an input error."""
+    name = name.lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise InputError(f"unknown device '{name}': use auto, cpu or cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded generator on `device`; every random draw of a run goes through it."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def check_writable(path: Path, what: str = "output") -> Path:
+    """Fail early (input error) when `path` cannot be created: missing folder, a directory, read-only."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} '{path}' is a directory: give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{what} folder '{parent}' does not exist: create it first or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{what} folder '{parent}' is not writable: choose another path")
+    return path
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name in the same folder, so that the final rename is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path` atomically, else it is removed."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+class JsonlLog:
+    """Metrics, one JSON object per line, written as the run goes to `<name>.part`.
+
+    `commit()` renames it to its final name once the run has succeeded, so a failed run never
+    replaces the log of an earlier one (its partial log stays beside it for inspection).
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self.part = self.path.with_name(self.path.name + ".part") if self.path else None
+        self._fh = open(self.part, "w", encoding="utf-8") if self.part else None
+
+    def write(self, **record) -> None:
+        if self._fh:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+
+    def commit(self) -> None:
+        self.close()
+        if self.part:
+            os.replace(self.part, self.path)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+def make_progress(console: Console | None = None, enabled: bool = True) -> Progress:
+    """A rich progress bar with steps, rate, elapsed/remaining time and a free-text status."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console or stderr_console(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+class Timer:
+    """Wall time of a run, and the step rate since it started."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
