@@ -76,7 +76,11 @@ class Checkpoint:
 
     def scalar(self, name: str) -> float | None:
         t = self.tensors.get(name)
-        return None if t is None else float(t.reshape(()))
+        if t is None:
+            return None
+        if t.numel() != 1:
+            raise InputError(f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged")
+        return float(t.reshape(()))
 
 
 def sampler_tensors(sampler: DiffusionSampler, prefix: str) -> dict[str, torch.Tensor]:

@@ -12,8 +12,9 @@ Exploration schedule for a run of N steps (the authors' schedule at N = 5,000):
 s_e(it) = s_0 for it < hold*N, else s_0 * max(0, 1 - it / (end*N)), with hold = 0.1, end = 0.9.
 
 Learning rates: the policy's is `lr`; log Z's (rtb) is `lr_logz`; trust-pcl's V(s0) gets
-alpha * lr_logz. Under Adam, which ignores the loss scale alpha^2, these make trust-pcl take
-the same steps as rtb from the same seed (the tests check this end to end).
+alpha * lr_logz, and Adam's eps is scaled with trust-pcl's gradients (alpha^2 for the policy,
+alpha for V). Adam otherwise ignores the loss scale alpha^2, so trust-pcl then takes the same
+steps as rtb from the same seed and trains the same sampler (the tests check this end to end).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .tasks import Task
 
 ALGOS = ("rtb", "trust-pcl", "reinforce-kl", "legacy-rl")
 SCALAR_NAME = {"rtb": "log_z", "trust-pcl": "v_soft_s0"}
+ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
 
 
 class Interrupted(RtbcliError):
@@ -96,9 +98,13 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
     policy = prior_ck.sampler("policy", device, dtype)  # initialised from the prior
     T, var = policy.steps, policy.step_var
     scalar = nn.Parameter(torch.zeros((), device=device, dtype=dtype)) if algo in SCALAR_NAME else None
-    groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    # Trust-PCL's loss is alpha^2 times RTB's, so its gradients are alpha^2 (policy) and alpha (V)
+    # times RTB's. Adam's step m / (sqrt(v) + eps) ignores that scale except through eps, so eps
+    # is scaled along with it and V's lr is alpha lr_logz: trust-pcl then takes exactly RTB's steps.
+    scale = (alpha * alpha, alpha) if algo == "trust-pcl" else (1.0, 1.0)
+    groups = [{"params": list(policy.parameters()), "lr": cfg.lr, "eps": ADAM_EPS * scale[0]}]
     if scalar is not None:
-        groups.append({"params": [scalar], "lr": cfg.lr_logz * (alpha if algo == "trust-pcl" else 1.0)})
+        groups.append({"params": [scalar], "lr": cfg.lr_logz * scale[1], "eps": ADAM_EPS * scale[1]})
     opt = torch.optim.Adam(groups)
     explore = not on_policy and algo != "legacy-rl"
     temper = float(T) if cfg.snis == "tempered" else 1.0
@@ -108,7 +114,8 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
     def learned_log_z() -> float | None:
         if scalar is None:
             return None
-        return float(scalar) if algo == "rtb" else float(scalar) / alpha
+        value = float(scalar.detach())
+        return value if algo == "rtb" else value / alpha
 
     def snapshot() -> dict:
         return {k: v.clone() for k, v in finetuned_tensors(policy, prior, algo, scalar).items()}
@@ -159,25 +166,25 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
                 if step % log_every == 0 or step == cfg.steps:
                     # the only host syncs of the loop, at logging time
                     params_ok = all(bool(torch.isfinite(p).all()) for p in opt.param_groups[0]["params"])
-                    if bool(bad) or not params_ok or (scalar is not None and not math.isfinite(float(scalar))):
+                    if bool(bad) or not params_ok or (scalar is not None and not math.isfinite(float(scalar.detach()))):
                         kept = out.with_name(out.stem + ".last-good.safetensors")
                         save_checkpoint(kept, last_good, meta(last_good_step, status="diverged", diverged_at=step))
                         log.close()
                         raise RunError(f"the loss or the parameters became non-finite by step {step}: the last good state "
                                        f"(step {last_good_step}) is in {kept}; try a lower --lr or --lr-logz")
                     last_good, last_good_step = snapshot(), step
-                    loss_v, mean_log_r = float(loss), float(log_r.mean())
+                    loss_v, mean_log_r = float(loss.detach()), float(log_r.mean())
                     lz = learned_log_z()
                     rate = step / timer.elapsed
                     rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, steps_per_s=rate, seconds=timer.elapsed)
                     if algo == "rtb":
                         rec["log_z"] = lz
                     elif algo == "trust-pcl":
-                        rec.update(v_soft_s0=float(scalar), log_z=lz)
+                        rec.update(v_soft_s0=float(scalar.detach()), log_z=lz)
                     log.write(**rec)
                     status = f"loss {loss_v:.4g}  " + (f"logZ {lz:.4f}  " if lz is not None else "") + f"E[log r] {mean_log_r:.3f}"
                     if algo == "trust-pcl":
-                        status = f"loss {loss_v:.4g}  V {float(scalar):.4f}  E[log r] {mean_log_r:.3f}"
+                        status = f"loss {loss_v:.4g}  V {float(scalar.detach()):.4f}  E[log r] {mean_log_r:.3f}"
                     bar.update(job, rate=f"{rate:.1f} it/s", status=status)
     except KeyboardInterrupt:
         partial = out.with_name(out.stem + ".partial.safetensors")

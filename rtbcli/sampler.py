@@ -83,7 +83,6 @@ class DiffusionSampler(nn.Module):
         self.dim, self.steps, self.sigma2 = dim, steps, float(sigma2)
         self.dt = 1.0 / steps
         self.net = DriftNet(dim, hidden, time_features, layers)
-        self.register_buffer("times", torch.arange(steps, dtype=torch.float32) / steps, persistent=False)
 
     @classmethod
     def from_spec(cls, dim: int, spec) -> DiffusionSampler:
@@ -96,8 +95,9 @@ class DiffusionSampler(nn.Module):
         return self.sigma2 * self.dt
 
     def time_table(self) -> torch.Tensor:
-        """(T, hidden) time embeddings, one row per step."""
-        return self.net.time(self.times.to(self.net.state.weight.dtype))
+        """(T, hidden) time embeddings, one row per step t_i = i / T (in the network's dtype)."""
+        w = self.net.state.weight
+        return self.net.time(torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -1,0 +1,96 @@
+"""`rtbcli convert-params`: RTB (log Z, beta) <-> Trust-PCL (alpha, V_soft(s0)), for numbers or checkpoints.
+
+    alpha = 1 / beta,   V_soft(s0) = alpha * log Z        (and back: beta = 1 / alpha, log Z = V_soft(s0) / alpha)
+
+Registered by `rtbcli.cli` as `app.command("convert-params")(handle_errors(convert_params))`;
+the helpers of `rtbcli.cli` are imported inside the function to avoid an import cycle.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .conversion import PARAM_HINTS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
+from .errors import InputError
+
+RTB_PAIR = ("--log-z", "--beta")
+TPCL_PAIR = ("--alpha", "--v-soft-s0")
+USAGE = "give --log-z with --beta, --alpha with --v-soft-s0, or a checkpoint with --to and --out"
+
+
+class Target(str, Enum):
+    rtb = "rtb"
+    trust_pcl = "trust-pcl"
+
+
+def _full(v: float) -> str:
+    """A float at full (shortest round-trip) precision, without a trailing '.0'."""
+    s = repr(v)
+    return s[:-2] if s.endswith(".0") else s
+
+
+def convert_params(
+    checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint from `rtbcli finetune --algo rtb` or `--algo trust-pcl` to convert."),
+    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help="With a checkpoint: the parametrisation to write, rtb or trust-pcl."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="With a checkpoint: the converted checkpoint to write (atomically; never the input)."),
+    log_z: Optional[float] = typer.Option(None, "--log-z", help="RTB log Z, to convert with --beta."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="RTB inverse temperature beta > 0, to convert with --log-z."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Trust-PCL temperature alpha > 0, to convert with --v-soft-s0."),
+    v_soft_s0: Optional[float] = typer.Option(None, "--v-soft-s0", help="Trust-PCL soft value V_soft(s0), to convert with --alpha."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Convert RTB (log Z, beta) <-> Trust-PCL (alpha = 1/beta, V_soft(s0) = alpha log Z), numbers or a checkpoint."""
+    from .cli import emit_json, kv_table, out_console
+    from .runtime import check_writable
+
+    given = {name: v for name, v in zip(RTB_PAIR + TPCL_PAIR, (log_z, beta, alpha, v_soft_s0)) if v is not None}
+    if checkpoint is not None:
+        if given:
+            raise InputError(f"{' and '.join(given)} cannot be combined with a checkpoint: convert either numbers or a checkpoint")
+        if to is None or out is None:
+            missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
+            raise InputError(f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors")
+        if out.resolve() == checkpoint.resolve():
+            raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
+        check_writable(out, "--out")
+        r = convert_checkpoint(checkpoint, to.value, out)
+        if as_json:
+            return emit_json(r)
+        out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
+            ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
+            ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
+            ("log_z", _full(r["log_z"])), ("v_soft_s0", _full(r["v_soft_s0"])),
+            ("weights copied unchanged", r["tensors_copied"])]))
+        out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
+        return
+
+    if to is not None or out is not None:
+        raise InputError("--to and --out are for converting a checkpoint: give the checkpoint as the first argument")
+    if not given:
+        raise InputError(f"nothing to convert: {USAGE}")
+    rtb, tpcl = [o for o in RTB_PAIR if o in given], [o for o in TPCL_PAIR if o in given]
+    if rtb and tpcl:
+        raise InputError(f"{' and '.join(given)} mix the two parametrisations: {USAGE}")
+    pair = RTB_PAIR if rtb else TPCL_PAIR
+    if len(given) == 1:
+        (have,) = given
+        other = pair[1 - pair.index(have)]
+        raise InputError(f"{have} needs {other} as well: {pair[0]} and {pair[1]} are converted together")
+    for name, v in given.items():
+        check_param(name, v, positive=name in ("--beta", "--alpha"), fix=PARAM_HINTS[name[2:].replace("-", "_")])
+
+    if pair == RTB_PAIR:
+        res = rtb_to_trust_pcl_params(log_z, beta)
+        title, rows = "RTB -> Trust-PCL", [("log_z (given)", log_z), ("beta (given)", beta),
+                                            ("alpha = 1/beta", res["alpha"]), ("v_soft_s0 = alpha log_z", res["v_soft_s0"])]
+    else:
+        res = trust_pcl_to_rtb_params(alpha, v_soft_s0)
+        title, rows = "Trust-PCL -> RTB", [("alpha (given)", alpha), ("v_soft_s0 (given)", v_soft_s0),
+                                            ("beta = 1/alpha", res["beta"]), ("log_z = v_soft_s0 / alpha", res["log_z"])]
+    if as_json:
+        return emit_json(res)
+    out_console.print(kv_table(title, [(k, _full(v)) for k, v in rows]))

@@ -1,0 +1,92 @@
+"""Checkpoints: safetensors round trips, atomic writes, and clear errors on foreign files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rtbcli import __version__
+from rtbcli.checkpoint import base_metadata, load_checkpoint, sampler_tensors, save_checkpoint
+from rtbcli.errors import InputError
+from rtbcli.sampler import DiffusionSampler
+from test_sampler import seeded
+
+
+def test_round_trip_tensors_and_metadata(tmp_path, tiny_preset):
+    s = seeded(0, steps=tiny_preset.sampler.steps, hidden=16, time_features=8).float()
+    meta = base_metadata("prior", tiny_preset, "tiny", 42, 7, {"device": "cpu"})
+    path = tmp_path / "p.safetensors"
+    save_checkpoint(path, sampler_tensors(s, "policy"), meta)
+    ck = load_checkpoint(path)
+    assert ck.kind == "prior" and ck.step == 42 and ck.meta["seed"] == "7" and ck.preset == tiny_preset
+    assert ck.meta["rtbcli_version"] == __version__ and ck.meta["torch_version"] == torch.__version__
+    assert json.loads(ck.meta["run"]) == {"device": "cpu"}
+    for k, v in s.state_dict().items():
+        assert torch.equal(ck.tensors[f"policy.{k}"], v)
+    s2 = ck.sampler()
+    traj = s.sample(5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s2.sample(5, generator=torch.Generator().manual_seed(0)), traj)
+    assert len(ck.sha256) == 64
+
+
+def test_no_pickle_in_the_file(tmp_path, tiny_preset):
+    path = tmp_path / "p.safetensors"
+    save_checkpoint(path, sampler_tensors(DiffusionSampler(2, steps=10, hidden=16, time_features=8), "policy"),
+                    base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])  # plain JSON header, then raw tensor bytes
+    assert header["__metadata__"]["format"] == "rtbcli-checkpoint"
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, tiny_preset, monkeypatch):
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(b"old")
+    import rtbcli.checkpoint as cp
+
+    def boom(*a, **k):
+        with open(a[1], "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cp, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"a": torch.zeros(1)}, base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"),
+    (b"", "not a readable safetensors file"),
+    (b"\x00" * 64, "not a readable safetensors file"),
+    (b"this is text, not tensors", "not a readable safetensors file"),
+])
+def test_missing_or_corrupt_files(tmp_path, content, match):
+    path = tmp_path / "x.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=match):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint(tmp_path, tiny_prior):
+    data = tiny_prior.read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="not an rtbcli checkpoint"):
+        load_checkpoint(path)
+
+
+def test_wrong_kind(tmp_path, tiny_prior):
+    with pytest.raises(InputError, match="is a prior checkpoint, a finetuned one is needed"):
+        load_checkpoint(tiny_prior, expect_kind="finetuned")

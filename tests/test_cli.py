@@ -1,0 +1,169 @@
+"""The command line: smoke runs with tiny budgets, --help everywhere, one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rtbcli.cli import app, run
+from conftest import strip_ansi
+
+runner = CliRunner()
+ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
+COMMANDS = ["presets", "pretrain", "finetune", "sample", "evaluate", "convert-params"]
+
+
+def invoke(*args):
+    r = runner.invoke(app, [str(a) for a in args], env=ENV)
+    return r.exit_code, strip_ansi(r.stdout)
+
+
+@pytest.mark.parametrize("cmd", [[]] + [[c] for c in COMMANDS])
+def test_help_exits_zero(cmd):
+    code, out = invoke(*cmd, "--help")
+    assert code == 0 and "Usage" in out
+
+
+def test_version():
+    code, out = invoke("--version")
+    assert code == 0 and out.startswith("rtbcli ")
+
+
+def error_line(capsys, *argv) -> tuple[int, str]:
+    code = run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def assert_one_line_error(code, err, match, exit_code=2):
+    assert code == exit_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rtbcli: error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_pretrain_sample_evaluate_smoke(tmp_path, tiny_preset_file, capsys):
+    prior = tmp_path / "prior.safetensors"
+    code, out = invoke("pretrain", "--preset", tiny_preset_file, "--steps", 3, "--batch-size", 16, "--out", prior, "--quiet")
+    assert code == 0, out
+    assert "pretrain" in out and prior.exists() and (tmp_path / "prior.jsonl").exists()
+
+    code, out = invoke("sample", prior, "--n", 50, "--out", tmp_path / "s.npy", "--json")
+    assert code == 0, out
+    assert json.loads(out)["n"] == 50
+    x = np.load(tmp_path / "s.npy", allow_pickle=False)
+    assert x.shape == (50, 2) and x.dtype == np.float32 and np.isfinite(x).all()
+    code, out = invoke("sample", prior, "--n", 7, "--out", tmp_path / "s.csv")
+    assert code == 0
+    csv = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1)
+    assert csv.shape == (7, 2) and (tmp_path / "s.csv").read_text().startswith("x0,x1")
+    # the same seed gives the same samples
+    invoke("sample", prior, "--n", 50, "--out", tmp_path / "t.npy")
+    assert np.array_equal(np.load(tmp_path / "t.npy"), x)
+
+    code, out = invoke("evaluate", prior, "--n", 300, "--json", "--plot", tmp_path / "e.png")
+    assert code == 0, out
+    m = json.loads(out)
+    for key in ("mode_coverage", "n_target_modes", "kl_mode", "kl_hist", "off_target", "floor", "log_z_learned", "log_z_is",
+                "log_z_true", "elbo", "eubo", "ess", "n", "checkpoint", "kind", "algo"):
+        assert key in m, key
+    assert m["n"] == 300 and m["kind"] == "prior" and m["n_target_modes"] == 25 and m["log_z_true"] == 0.0
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    code, out = invoke("evaluate", prior, "--n", 300)
+    assert code == 0 and "mode-weight KL" in out and "exact sampler" in out
+
+
+@pytest.mark.parametrize("algo", ["rtb", "trust-pcl", "reinforce-kl", "legacy-rl"])
+def test_finetune_smoke(tmp_path, tiny_prior, algo):
+    out = tmp_path / "ft.safetensors"
+    code, text = invoke("finetune", "--prior", tiny_prior, "--algo", algo, "--steps", 3, "--batch-size", 16, "--out", out,
+                        "--quiet", "--json")
+    assert code == 0, text
+    res = json.loads(text)
+    assert res["algo"] == algo and res["steps"] == 3 and out.exists()
+    code, text = invoke("evaluate", out, "--n", 200, "--json")
+    m = json.loads(text)
+    assert code == 0 and m["kind"] == "finetuned" and m["algo"] == algo and m["n_target_modes"] == 9
+    assert (m["log_z_learned"] is None) == (algo not in ("rtb", "trust-pcl"))
+
+
+def test_alpha_is_one_over_beta(tmp_path, tiny_prior):
+    out = tmp_path / "ft.safetensors"
+    code, text = invoke("finetune", "--prior", tiny_prior, "--alpha", 2, "--steps", 2, "--batch-size", 8, "--out", out, "--quiet", "--json")
+    assert code == 0 and json.loads(text)["beta"] == 0.5
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, tiny_prior, tiny_preset_file, capsys):
+    bad_preset = tmp_path / "bad.toml"
+    bad_preset.write_text(tiny_preset_file.read_text() + "\ncolour = 'red'\n")
+    not_ck = tmp_path / "notes.safetensors"
+    not_ck.write_text("hello")
+    cases = [
+        (["pretrain", "--preset", "nope"], "unknown preset 'nope'"),
+        (["pretrain", "--preset", bad_preset], "unknown key 'evaluate.colour'"),
+        (["pretrain", "--steps", 0], "--steps should be greater than 0"),
+        (["pretrain", "--batch-size", -5], "--batch-size should be greater than 0"),
+        (["pretrain", "--steps", "abc"], "'--steps'"),
+        (["pretrain", "--device", "tpu"], "unknown device 'tpu'"),
+        (["pretrain", "--out", tmp_path / "no" / "such" / "dir.safetensors"], "does not exist"),
+        (["sample", tmp_path / "missing.safetensors"], "not found"),
+        (["sample", not_ck], "not a readable safetensors file"),
+        (["sample", tiny_prior, "--n", 0], "--n must be a positive"),
+        (["sample", tiny_prior, "--out", tmp_path / "x.txt"], "must end in .npy or .csv"),
+        (["evaluate", tmp_path / "missing.safetensors"], "not found"),
+        (["evaluate", tiny_prior, "--n", -1], "--n must be a positive"),
+        (["evaluate", tiny_prior, "--plot", tmp_path / "nodir" / "p.png"], "does not exist"),
+        (["finetune", "--prior", tmp_path / "missing.safetensors"], "not found"),
+        (["finetune", "--prior", not_ck], "not a readable safetensors file"),
+        (["finetune", "--prior", tiny_prior, "--beta", 0], "--beta must be a positive finite number"),
+        (["finetune", "--prior", tiny_prior, "--beta", "nan"], "--beta must be a positive finite number"),
+        (["finetune", "--prior", tiny_prior, "--alpha", "inf"], "--alpha must be a positive finite number"),
+        (["finetune", "--prior", tiny_prior, "--alpha", 2, "--beta", 1], "disagree"),
+        (["finetune", "--prior", tiny_prior, "--algo", "ppo"], "'--algo'"),
+        (["finetune", "--prior", tiny_prior, "--preset", "reference"], "sampler settings differ"),
+        (["finetune", "--prior", tiny_prior, "--out", tiny_prior], "--out is the prior checkpoint itself"),
+        (["pretrain", "--bogus"], "No such option: --bogus"),
+    ]
+    for argv, match in cases:
+        code, err = error_line(capsys, *argv)
+        assert_one_line_error(code, err, match)
+
+
+def test_device_cuda_without_cuda(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, err = error_line(capsys, "pretrain", "--device", "cuda")
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_finetuned_checkpoint_is_not_a_prior(tmp_path, tiny_prior, capsys):
+    ft = tmp_path / "ft.safetensors"
+    assert invoke("finetune", "--prior", tiny_prior, "--steps", 1, "--batch-size", 4, "--out", ft, "--quiet")[0] == 0
+    code, err = error_line(capsys, "finetune", "--prior", ft)
+    assert_one_line_error(code, err, "is a finetuned checkpoint, a prior one is needed")
+
+
+def test_failed_runs_overwrite_nothing(tmp_path, tiny_prior, capsys):
+    out = tmp_path / "prior.safetensors"
+    out.write_bytes(b"precious")
+    log = tmp_path / "prior.jsonl"
+    log.write_text("old log")
+    code, err = error_line(capsys, "pretrain", "--steps", 0, "--out", out)
+    assert code == 2 and out.read_bytes() == b"precious" and log.read_text() == "old log"
+    code, err = error_line(capsys, "finetune", "--prior", tiny_prior, "--beta", -1, "--out", out)
+    assert code == 2 and out.read_bytes() == b"precious"
+    code, err = error_line(capsys, "sample", tiny_prior, "--n", -3, "--out", out)
+    assert code == 2 and out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.jsonl", "prior.safetensors"]
+
+
+def test_presets_command():
+    code, out = invoke("presets", "--json")
+    assert code == 0 and any(p["name"] == "reference" for p in json.loads(out))
+    code, out = invoke("presets", "reference", "--json")
+    assert code == 0 and json.loads(out)["beta"] == 1.0

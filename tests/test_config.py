@@ -1,0 +1,76 @@
+"""Presets: shipped ones load; bad files get a one-line error naming the key and the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtbcli.config import load_preset, shipped_presets
+from rtbcli.errors import InputError
+from rtbcli.tasks import Task
+from conftest import to_toml
+
+
+def test_reference_preset_is_the_design_task(reference):
+    assert "reference" in shipped_presets()
+    assert reference.beta == 1.0 and reference.dim == 2
+    assert len(reference.prior_data.means) == 25 and reference.prior_data.variance == 0.3
+    assert sorted(map(tuple, reference.reward.mixture.means)) == sorted(
+        [(-10, -5), (-5, -10), (-5, 0), (10, -5), (0, 0), (0, 5), (5, -5), (5, 0), (5, 10)])
+    assert reference.reward.mixture.weights == [4, 10, 4, 5, 10, 5, 4, 15, 4]
+    s = reference.sampler
+    assert (s.steps, s.sigma2, s.hidden, s.time_features) == (100, 5.0, 64, 64)
+    assert (reference.pretrain.steps, reference.pretrain.batch_size, reference.pretrain.lr) == (10_000, 500, 1e-3)
+    f = reference.finetune
+    assert (f.steps, f.batch_size, f.lr, f.lr_logz, f.exploration) == (5000, 500, 1e-3, 0.1, 0.5)
+
+
+def test_default_preset_is_reference(reference):
+    assert load_preset(None)[0] == reference
+
+
+def test_preset_by_path(tmp_path, reference):
+    path = tmp_path / "mine.toml"
+    path.write_text(to_toml(reference.updated("", beta=2.0).model_dump()))
+    p, ref = load_preset(str(path))
+    assert p.beta == 2.0 and ref == str(path)
+
+
+def test_reward_is_log_p9_minus_log_p25(reference):
+    import torch
+    task = Task(reference)
+    x = torch.tensor([[5.0, 0.0], [10.0, 10.0]], dtype=torch.float64)
+    expected = task.reward_mixture.log_prob(x) - task.prior_data.log_prob(x)
+    torch.testing.assert_close(task.log_reward(x), expected)
+    # at the heaviest mode, r = (15/61) / (1/25) up to the other modes' negligible overlap
+    assert task.log_reward(x)[0].item() == pytest.approx(torch.log(torch.tensor(15 / 61 * 25)).item(), abs=1e-6)
+    assert task.log_reward(x)[1].item() < -30  # a masked mode
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(colour="red"), r"unknown key 'colour'"),
+    (lambda d: d["sampler"].update(stepz=3), r"unknown key 'sampler.stepz'"),
+    (lambda d: d["sampler"].update(steps="many"), r"bad value for 'sampler.steps'"),
+    (lambda d: d.update(beta=-1.0), r"bad value for 'beta'"),
+    (lambda d: d["prior_data"].update(weights=[1.0]), r"1 weights for 25 means"),
+    (lambda d: d.pop("reward"), r"missing key 'reward'"),
+])
+def test_bad_preset_files_name_the_key_and_the_file(tmp_path, reference, edit, match):
+    data = reference.model_dump()
+    edit(data)
+    path = tmp_path / "bad.toml"
+    path.write_text(to_toml(data))
+    with pytest.raises(InputError, match=match) as e:
+        load_preset(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_preset_name_lists_the_shipped_ones():
+    with pytest.raises(InputError, match="unknown preset 'nope': choose one of reference"):
+        load_preset("nope")
+
+
+def test_invalid_toml(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("beta = = 1")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_preset(str(path))

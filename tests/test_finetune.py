@@ -1,0 +1,98 @@
+"""The fine-tuning loop end to end, on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rtbcli import finetune as ft
+from rtbcli.checkpoint import load_checkpoint
+from rtbcli.errors import InputError, RunError
+from rtbcli.finetune import exploration_std, finetune
+
+
+def test_exploration_schedule_matches_the_authors():
+    """N = 5,000: 0.5 until it = 500, a step down to 0.444, then linear to 0 at 4,500."""
+    assert exploration_std(0, 5000, 0.5) == 0.5
+    assert exploration_std(499, 5000, 0.5) == 0.5
+    assert exploration_std(500, 5000, 0.5) == pytest.approx(0.5 * (1 - 500 / 4500))
+    assert exploration_std(500, 5000, 0.5) == pytest.approx(0.4444, abs=1e-4)
+    assert exploration_std(2250, 5000, 0.5) == pytest.approx(0.25)
+    assert exploration_std(4500, 5000, 0.5) == 0.0
+    assert exploration_std(4999, 5000, 0.5) == 0.0
+    # other run lengths scale the break points with the run
+    assert exploration_std(99, 1000, 0.5) == 0.5 and exploration_std(900, 1000, 0.5) == 0.0
+
+
+@pytest.mark.parametrize("algo", ["rtb", "trust-pcl", "reinforce-kl", "legacy-rl"])
+def test_every_objective_runs_and_writes_a_self_contained_checkpoint(tmp_path, tiny_prior, tiny_preset, algo):
+    prior = load_checkpoint(tiny_prior)
+    out = tmp_path / f"{algo}.safetensors"
+    r = finetune(prior, tiny_preset, "tiny", algo, out, seed=1, progress=False, log_path=tmp_path / "log.jsonl", log_every=2)
+    ck = load_checkpoint(out, expect_kind="finetuned")
+    assert ck.algo == algo and ck.step == tiny_preset.finetune.steps
+    assert ck.meta["prior_sha256"] == prior.sha256
+    assert float(ck.meta["beta"]) == tiny_preset.beta and float(ck.meta["alpha"]) == 1 / tiny_preset.beta
+    for k, v in prior.section("policy").items():  # the frozen prior travels with the checkpoint
+        assert torch.equal(ck.section("prior")[k], v)
+    assert ("log_z" in ck.tensors) == (algo == "rtb") and ("v_soft_s0" in ck.tensors) == (algo == "trust-pcl")
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [2, 4] and all("loss" in rec and "mean_log_r" in rec for rec in lines)
+    assert r.steps == 4 and r.steps_per_s > 0
+
+
+def test_rtb_and_trust_pcl_train_the_same_sampler(tmp_path, tiny_prior, tiny_preset):
+    """Same seed, default settings (Adam; lr_V = alpha lr_logZ, eps scaled): the same sampler, log Z = V / alpha."""
+    preset = tiny_preset.updated("", beta=0.5).updated("finetune", steps=6)
+    prior = load_checkpoint(tiny_prior)
+    cks = {}
+    for algo in ("rtb", "trust-pcl"):
+        out = tmp_path / f"{algo}.safetensors"
+        finetune(prior, preset, "tiny", algo, out, seed=3, progress=False, dtype=torch.float64)
+        cks[algo] = load_checkpoint(out)
+    start = prior.section("policy")
+    moved = max((cks["rtb"].section("policy")[k] - v).abs().max().item() for k, v in start.items())
+    assert moved > 1e-4
+    for k, v in cks["rtb"].section("policy").items():
+        torch.testing.assert_close(cks["trust-pcl"].section("policy")[k], v, rtol=1e-6, atol=1e-7)  # float32 on disk
+    log_z, v_s0 = cks["rtb"].scalar("log_z"), cks["trust-pcl"].scalar("v_soft_s0")
+    assert abs(log_z) > 1e-3
+    assert v_s0 / 2.0 == pytest.approx(log_z, rel=1e-6)
+
+
+def test_non_finite_loss_stops_keeps_last_good_and_overwrites_nothing(tmp_path, tiny_prior, tiny_preset, monkeypatch):
+    prior = load_checkpoint(tiny_prior)
+    out = tmp_path / "ft.safetensors"
+    out.write_bytes(b"an earlier result")
+    calls = {"n": 0}
+    real = ft.rtb_loss
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(ft, "rtb_loss", poisoned)
+    preset = tiny_preset.updated("finetune", steps=8)
+    with pytest.raises(RunError, match="non-finite by step 6.*step 4"):
+        finetune(prior, preset, "tiny", "rtb", out, progress=False, log_every=2, log_path=tmp_path / "ft.jsonl")
+    assert out.read_bytes() == b"an earlier result"
+    kept = load_checkpoint(tmp_path / "ft.last-good.safetensors")
+    assert kept.step == 4 and json.loads(kept.meta["run"])["status"] == "diverged"
+    assert all(torch.isfinite(v).all() for v in kept.tensors.values())
+    assert not (tmp_path / "ft.jsonl").exists() and (tmp_path / "ft.jsonl.part").exists()
+
+
+def test_incompatible_prior_is_an_input_error(tmp_path, tiny_prior, tiny_preset):
+    prior = load_checkpoint(tiny_prior)
+    other = tiny_preset.updated("sampler", steps=20)
+    with pytest.raises(InputError, match="sampler settings differ.*steps 10 vs 20"):
+        finetune(prior, other, "tiny", "rtb", tmp_path / "x.safetensors", progress=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_unknown_objective_is_an_input_error(tmp_path, tiny_prior, tiny_preset):
+    with pytest.raises(InputError, match="unknown objective"):
+        finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "ppo", tmp_path / "x.safetensors", progress=False)
