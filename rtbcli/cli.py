@@ -99,8 +99,20 @@ def with_overrides(preset: Preset, section: str, **values) -> Preset:
         raise InputError(f"{opt} {msg} (got {err.get('input')!r})") from None
 
 
+def json_safe(obj):
+    """Non-finite floats become null: strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def emit_json(obj) -> None:
-    print(json.dumps(obj, allow_nan=False, default=str))
+    """Print exactly one JSON object on stdout."""
+    print(json.dumps(json_safe(obj), allow_nan=False, default=str))
 
 
 def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -197,7 +209,8 @@ def pretrain(
 @app.command()
 @handle_errors
 def finetune(
-    prior: Path = typer.Option(..., "--prior", help="Prior checkpoint from `rtbcli pretrain`."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Prior checkpoint from `rtbcli pretrain` (the start)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a finetuned checkpoint instead (its policy, prior and log Z/V)."),
     algo: Algo = typer.Option(Algo.rtb, "--algo", "-a", case_sensitive=False,
                               help="rtb, trust-pcl, reinforce-kl, or legacy-rl (the RTB paper's mis-specified RL baseline; for reproducing its failing panel)."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or path [default: the one the prior was pretrained with]."),
@@ -222,9 +235,12 @@ def finetune(
     from .finetune import finetune as run_finetune
 
     b = resolve_beta(beta, alpha)
-    prior_ck = load_checkpoint(prior, expect_kind="prior")
+    if (prior is None) == (resume is None):
+        raise InputError("give exactly one of --prior (start from a prior) and --resume (continue a finetuned checkpoint)")
+    start_path = prior or resume
+    start = load_checkpoint(start_path, expect_kind="prior" if prior is not None else "finetuned")
     if preset is None:
-        p, ref = prior_ck.preset, prior_ck.meta.get("preset", "reference")
+        p, ref = start.preset, start.meta.get("preset", "reference")
     else:
         p, ref = load_preset(preset)
     p = with_overrides(p, "", beta=b)
@@ -233,9 +249,9 @@ def finetune(
     dev = resolve_device(device)
     out = out or Path(f"finetuned-{algo.value}.safetensors")
     check_writable(out, "--out")
-    if out.resolve() == prior.resolve():
-        raise InputError("--out is the prior checkpoint itself: choose another file name")
-    r = run_finetune(prior_ck, p, ref, algo.value, out, seed=seed, device=dev, on_policy=on_policy,
+    if out.resolve() == start_path.resolve():
+        raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
+    r = run_finetune(start, p, ref, algo.value, out, seed=seed, device=dev, on_policy=on_policy,
                      log_path=out.with_suffix(".jsonl"), progress=not quiet)
     res = {"checkpoint": str(r.out), "log": str(r.log), "algo": r.algo, "beta": p.beta, "alpha": 1 / p.beta, "steps": r.steps,
            "seconds": round(r.seconds, 2), "steps_per_s": round(r.steps_per_s, 2), "loss": r.loss, "log_z": r.log_z,
@@ -354,6 +370,44 @@ def evaluation_table(m: dict) -> Table:
     if m["kind"] == "prior":
         t.add_row("ESS of the weights", f"{100 * m['ess']:.1f}%", "")
     return t
+
+
+# --------------------------------------------------------------------------- reproduce
+@app.command()
+@handle_errors
+def reproduce(
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
+    quick: bool = typer.Option(False, "--quick", help="Reduced budget (minutes on 2 CPU threads), starting from the shipped prior."),
+    seed: int = typer.Option(0, help="Random seed for every stage."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Path = typer.Option(Path("reproduce-out"), "--out", "-o", help="Folder for checkpoints, logs, figure.png and summary.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow an --out folder that already holds files."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Run the comparison on another task [default: reference]."),
+    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps per method [default: 5,000; quick: 600]."),
+    batch_size: Optional[int] = typer.Option(None, help="Fine-tuning batch size [default: 500; quick: 250]."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Samples per evaluation [default: 20,000; quick: 10,000]."),
+    pretrain_steps: Optional[int] = typer.Option(None, help="Pretraining steps when no --prior is given [default: preset's]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print summary.json's content as one JSON object."),
+):
+    """The seed paper's illustrative example in one command: every method, one table, one figure."""
+    from dataclasses import replace
+
+    from .reproduce import FULL, QUICK, reproduce as run_reproduce, summary_table
+
+    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--n", n), ("--pretrain-steps", pretrain_steps)):
+        if v is not None and v <= 0:
+            raise InputError(f"{name} must be positive (got {v})")
+    base = QUICK if quick else FULL
+    budget = replace(base, **{k: v for k, v in (("finetune_steps", steps), ("batch_size", batch_size), ("eval_n", n),
+                                                ("pretrain_steps", pretrain_steps)) if v is not None})
+    dev = resolve_device(device)
+    summary = run_reproduce(out, prior_path=prior, quick=quick, seed=seed, device=dev, overwrite=overwrite, progress=not quiet,
+                            budget=budget, preset_ref=preset)
+    if as_json:
+        return emit_json(summary)
+    out_console.print(summary_table(summary))
+    out_console.print(f"figure: {summary['figure']}   summary: {out / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s")
 
 
 from .cli_convert import convert_params  # noqa: E402  (its own module: it is long)

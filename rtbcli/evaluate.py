@@ -35,14 +35,21 @@ class Evaluation:
     target: Target
 
 
-def target_of(ck: Checkpoint) -> tuple[Task, Target]:
-    task = Task(ck.preset)
-    return task, (tilted_target(task, task.beta) if ck.kind == "finetuned" else prior_target(task))
+def target_of(ck: Checkpoint, beta: float | None = None) -> tuple[Task, Target]:
+    """The checkpoint's task and target: p_data for a prior, p_data r^beta for a finetuned one.
+
+    Giving `beta` scores any checkpoint (a prior included) against p_data r^beta.
+    """
+    task = Task(ck.preset, beta)
+    if ck.kind == "finetuned" or beta is not None:
+        return task, tilted_target(task, task.beta)
+    return task, prior_target(task)
 
 
 @torch.no_grad()
 def _score(policy, prior, task: Task, traj: torch.Tensor, beta: float | None, chunk: int) -> dict:
-    """lpf, lpp, lpb, log r and log p_data of trajectories (T+1, n, d), in chunks of trajectories."""
+    """lpf, lpb, log p_data, and with beta also log r and (if a prior is given) lpp, of trajectories
+    (T+1, n, d), in chunks of trajectories."""
     out: dict[str, list] = {"lpf": [], "lpp": [], "lpb": [], "log_r": [], "log_data": []}
     for part in traj.split(chunk, dim=1):
         x = part[-1]
@@ -51,19 +58,24 @@ def _score(policy, prior, task: Task, traj: torch.Tensor, beta: float | None, ch
         out["log_data"].append(task.data_log_prob(x.double()))
         if beta is not None:
             out["log_r"].append(task.log_reward(x.double()))
+        if prior is not None:
             out["lpp"].append(prior.log_prob(part).double())
     return {k: torch.cat(v).cpu() if v else None for k, v in out.items()}
 
 
 @torch.no_grad()
 def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.device = torch.device("cpu"),
-             chunk: int = 2_500) -> Evaluation:
-    """Sample n points from the checkpoint's policy and score them (see the module docstring)."""
-    task, target = target_of(ck)
-    finetuned = ck.kind == "finetuned"
+             chunk: int = 2_500, beta: float | None = None) -> Evaluation:
+    """Sample n points from the checkpoint's policy and score them (see the module docstring).
+
+    `beta` scores a prior checkpoint against the tilted target p_data r^beta (the starting
+    point of a fine-tuning); the importance weights are then relative to the prior itself.
+    """
+    task, target = target_of(ck, beta)
+    finetuned = ck.kind == "finetuned" or beta is not None
     beta = task.beta if finetuned else None
     policy = ck.sampler("policy", device)
-    prior = ck.sampler("prior", device) if finetuned else None
+    prior = ck.sampler("prior" if ck.kind == "finetuned" else "policy", device) if finetuned else None
     gen = make_generator(seed, device)
 
     traj = policy.sample(n, 0.0, gen)
@@ -76,7 +88,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     tgen = make_generator(seed + 1, torch.device("cpu"))
     y = target.sample(n, tgen)
     back = bridge_sample(y.to(device=device, dtype=policy.net.state.weight.dtype), policy.steps, policy.sigma2, make_generator(seed + 2, device))
-    sb = _score(policy, prior, task, back, beta, chunk)
+    sb = _score(policy, None, task, back, beta, chunk)
     lw_eubo = sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]
 
     m = {"checkpoint": str(ck.path), "kind": ck.kind, "algo": ck.algo, "preset": ck.meta.get("preset"), "n": n, "seed": seed,

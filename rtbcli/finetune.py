@@ -20,6 +20,8 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,11 @@ class FinetuneResult:
     loss: float
     log_z: float | None  # learned log Z (rtb) or V(s0) / alpha (trust-pcl)
     mean_log_r: float
+    step_seconds: list[float]  # wall time of every step (host clock), for benchmarks
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_seconds)
 
 
 def exploration_std(it: int, total: int, s0: float, hold: float = 0.1, end: float = 0.9) -> float:
@@ -80,13 +87,36 @@ def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: s
     return tensors
 
 
-def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
+def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
+    """(prior, policy, initial scalar, prior sha256, prior path, step offset) from a checkpoint.
+
+    A prior checkpoint starts a run: the policy is a copy of the prior, log Z = V(s0) = 0. A
+    finetuned checkpoint resumes one: its policy, its frozen prior, and its log Z (or V(s0)/alpha)
+    converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta). Adam's moments
+    and the exploration schedule start afresh.
+    """
+    if start.kind == "prior":
+        prior, policy = start.sampler("policy", device, dtype), start.sampler("policy", device, dtype)
+        return prior, policy, 0.0, start.sha256, str(start.path), 0
+    prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
+    log_z = start.scalar("log_z")
+    if log_z is None and start.scalar("v_soft_s0") is not None:
+        log_z = start.scalar("v_soft_s0") / float(start.meta["alpha"])
+    if log_z is None or algo not in SCALAR_NAME:
+        init = 0.0
+    else:
+        init = log_z if algo == "rtb" else log_z / beta  # V(s0) = alpha log Z
+    return prior, policy, init, start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
+
+
+def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
              device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
              log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32) -> FinetuneResult:
-    """Fine-tune the prior in `prior_ck` with `algo` under `preset` (beta and budget from it)."""
+    """Fine-tune with `algo` under `preset` (beta and budget from it), from a prior checkpoint or
+    resuming a finetuned one (see `starting_point`)."""
     if algo not in ALGOS:
         raise InputError(f"unknown objective '{algo}': choose one of {', '.join(ALGOS)}")
-    check_compatible(prior_ck, preset)
+    check_compatible(start, preset)
     cfg, beta = preset.finetune, preset.beta
     alpha = 1.0 / beta
     task = Task(preset)
@@ -94,10 +124,10 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
     if not torch.isfinite(probe).all():
         raise InputError("the reward returns non-finite values on the prior data: fix the preset's reward")
 
-    prior = prior_ck.sampler("policy", device, dtype).requires_grad_(False)
-    policy = prior_ck.sampler("policy", device, dtype)  # initialised from the prior
+    prior, policy, init, prior_sha, prior_path, offset = starting_point(start, algo, beta, device, dtype)
+    prior.requires_grad_(False)
     T, var = policy.steps, policy.step_var
-    scalar = nn.Parameter(torch.zeros((), device=device, dtype=dtype)) if algo in SCALAR_NAME else None
+    scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if algo in SCALAR_NAME else None
     # Trust-PCL's loss is alpha^2 times RTB's, so its gradients are alpha^2 (policy) and alpha (V)
     # times RTB's. Adam's step m / (sqrt(v) + eps) ignores that scale except through eps, so eps
     # is scaled along with it and V's lr is alpha lr_logz: trust-pcl then takes exactly RTB's steps.
@@ -121,10 +151,10 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
         return {k: v.clone() for k, v in finetuned_tensors(policy, prior, algo, scalar).items()}
 
     def meta(step: int, **extra) -> dict:
-        run = {"command": "finetune", "device": device.type, "seed": seed, "on_policy": on_policy,
-               "prior_path": str(prior_ck.path), **extra}
-        m = base_metadata("finetuned", preset, preset_ref, step, seed, run)
-        m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_ck.sha256, prior_path=str(prior_ck.path))
+        run = {"command": "finetune", "device": device.type, "seed": seed, "on_policy": on_policy, "prior_path": prior_path,
+               "steps": cfg.steps, **({"resumed_from": str(start.path), "resumed_sha256": start.sha256} if offset else {}), **extra}
+        m = base_metadata("finetuned", preset, preset_ref, offset + step, seed, run)
+        m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_sha, prior_path=prior_path)
         return m
 
     log = JsonlLog(log_path)
@@ -133,10 +163,12 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
     last_good, last_good_step = snapshot(), 0
     loss_v, mean_log_r = float("nan"), float("nan")
     step = 0
+    step_seconds: list[float] = []
     try:
         with make_progress(enabled=progress) as bar:
             job = bar.add_task(f"finetune {algo}", total=cfg.steps, rate="", status="")
             for it in range(cfg.steps):
+                t_step = time.perf_counter()
                 s_e = exploration_std(it, cfg.steps, cfg.exploration, cfg.exploration_hold, cfg.exploration_end) if explore else 0.0
                 # 1. trajectories from the behaviour policy, without gradient
                 traj = policy.sample(cfg.batch_size, s_e * s_e, gen)
@@ -162,6 +194,7 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
                 opt.step()
                 bad |= ~torch.isfinite(loss.detach())
                 step = it + 1
+                step_seconds.append(time.perf_counter() - t_step)
                 bar.advance(job)
                 if step % log_every == 0 or step == cfg.steps:
                     # the only host syncs of the loop, at logging time
@@ -192,6 +225,8 @@ def finetune(prior_ck: Checkpoint, preset: Preset, preset_ref: str, algo: str, o
         log.close()
         raise Interrupted(f"interrupted at step {step}: the last logged state (step {last_good_step}) is in {partial}") from None
     seconds = timer.elapsed
-    save_checkpoint(out, finetuned_tensors(policy, prior, algo, scalar), meta(cfg.steps, seconds=round(seconds, 1)))
+    save_checkpoint(out, finetuned_tensors(policy, prior, algo, scalar),
+                    meta(cfg.steps, seconds=round(seconds, 1), median_step_s=round(statistics.median(step_seconds), 4)))
     log.commit()
-    return FinetuneResult(out, log_path, algo, cfg.steps, seconds, cfg.steps / seconds, loss_v, learned_log_z(), mean_log_r)
+    return FinetuneResult(out, log_path, algo, cfg.steps, seconds, cfg.steps / seconds, loss_v, learned_log_z(), mean_log_r,
+                          step_seconds)

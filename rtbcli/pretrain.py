@@ -11,6 +11,7 @@ prior fits.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class PretrainResult:
     nll: float
     elbo: float
     data_log_prob: float
+    step_seconds: list[float]  # wall time of every step (host clock), for benchmarks
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_final: float) -> float:
@@ -55,9 +57,11 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
     data_lp = float(task.data_log_prob(task.prior_data.sample(20_000, make_generator(seed + 1, torch.device("cpu")), dtype=torch.float64)).mean())
     timer = Timer()
     nll = elbo = float("nan")
+    step_seconds: list[float] = []
     with make_progress(enabled=progress) as bar:
         job = bar.add_task("pretrain", total=cfg.steps, rate="", status="")
         for step in range(1, cfg.steps + 1):
+            t_step = time.perf_counter()
             lr = cosine_lr(step - 1, cfg.steps, cfg.lr, cfg.lr_final) if cfg.lr_schedule == "cosine" else cfg.lr
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -68,6 +72,7 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step_seconds.append(time.perf_counter() - t_step)
             bar.advance(job)
             if step % log_every == 0 or step == cfg.steps:
                 nll = loss.item()  # the only host sync, at logging time
@@ -84,4 +89,4 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
     meta.update(final_nll=f"{nll:.6g}", final_elbo=f"{elbo:.6g}", seconds=f"{seconds:.1f}")
     save_checkpoint(out, sampler_tensors(sampler, "policy"), meta)
     log.commit()
-    return PretrainResult(out, log_path, cfg.steps, seconds, cfg.steps / seconds, nll, elbo, data_lp)
+    return PretrainResult(out, log_path, cfg.steps, seconds, cfg.steps / seconds, nll, elbo, data_lp, step_seconds)

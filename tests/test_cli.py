@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_prior, tiny_preset_file, ca
         (["finetune", "--prior", tiny_prior, "--alpha", 2, "--beta", 1], "disagree"),
         (["finetune", "--prior", tiny_prior, "--algo", "ppo"], "'--algo'"),
         (["finetune", "--prior", tiny_prior, "--preset", "reference"], "sampler settings differ"),
-        (["finetune", "--prior", tiny_prior, "--out", tiny_prior], "--out is the prior checkpoint itself"),
+        (["finetune", "--prior", tiny_prior, "--out", tiny_prior], "--out is the prior checkpoint it starts from"),
         (["pretrain", "--bogus"], "No such option: --bogus"),
     ]
     for argv, match in cases:
@@ -167,3 +167,66 @@ def test_presets_command():
     assert code == 0 and any(p["name"] == "reference" for p in json.loads(out))
     code, out = invoke("presets", "reference", "--json")
     assert code == 0 and json.loads(out)["beta"] == 1.0
+
+
+def test_reproduce_end_to_end(tmp_path, tiny_prior, tiny_preset_file):
+    out = tmp_path / "rep"
+    code, text = invoke("reproduce", "--preset", tiny_preset_file, "--prior", tiny_prior, "--steps", 3, "--batch-size", 16,
+                        "--n", 200, "--out", out, "--quiet")
+    assert code == 0, text
+    assert "reproduce" in text and "exact sampler (floor)" in text
+    names = {p.name for p in out.iterdir()}
+    methods = ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]
+    for m in methods:
+        assert {f"{m}.safetensors", f"{m}.jsonl"} <= names and m in text
+    assert {"prior.safetensors", "figure.png", "summary.json"} <= names
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == methods and summary["eval_n"] == 200
+    from rtbcli.checkpoint import load_checkpoint
+    for row in summary["rows"]:
+        ck = load_checkpoint(row["checkpoint"])
+        assert ck.algo == row["algo"] and json.loads(ck.meta["run"])["on_policy"] == row["on_policy"] and ck.step == 3
+        assert 0 <= row["off_target"] <= 1 and row["kl_mode"] >= 0 and row["n_target_modes"] == 9
+        assert (row["log_z_learned"] is None) == (row["algo"] not in ("rtb", "trust-pcl"))
+    assert summary["floor"]["mode_coverage"] == 9
+    # --json prints the same summary; a second run into the same folder needs --overwrite
+    code, text = invoke("reproduce", "--preset", tiny_preset_file, "--prior", tiny_prior, "--steps", 2, "--batch-size", 8,
+                        "--n", 100, "--out", out, "--quiet", "--json", "--overwrite")
+    assert code == 0 and json.loads(text)["rows"][0]["method"] == "rtb"
+
+
+def test_reproduce_bad_input(tmp_path, tiny_prior, capsys):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err = error_line(capsys, "reproduce", "--out", out, "--quick")
+    assert_one_line_error(code, err, "already holds files")
+    code, err = error_line(capsys, "reproduce", "--prior", tiny_prior, "--out", tmp_path / "new")
+    assert_one_line_error(code, err, "sampler settings differ")
+    assert not (tmp_path / "new").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = error_line(capsys, "reproduce", "--out", blocker / "sub", "--quick")
+    assert_one_line_error(code, err, "cannot be created")
+    code, err = error_line(capsys, "reproduce", "--steps", 0)
+    assert_one_line_error(code, err, "--steps must be positive")
+    assert (out / "keep.txt").read_text() == "precious" and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_finetune_resume_cli(tmp_path, tiny_prior, capsys):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert invoke("finetune", "--prior", tiny_prior, "--steps", 2, "--batch-size", 8, "--out", first, "--quiet")[0] == 0
+    code, text = invoke("finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 2, "--batch-size", 8, "--out", second,
+                        "--quiet", "--json")
+    assert code == 0, text
+    from rtbcli.checkpoint import load_checkpoint
+    assert load_checkpoint(second).step == 4
+    code, err = error_line(capsys, "finetune")
+    assert_one_line_error(code, err, "exactly one of --prior")
+    code, err = error_line(capsys, "finetune", "--prior", tiny_prior, "--resume", first)
+    assert_one_line_error(code, err, "exactly one of --prior")
+    code, err = error_line(capsys, "finetune", "--resume", tiny_prior)
+    assert_one_line_error(code, err, "is a prior checkpoint, a finetuned one is needed")
+    code, err = error_line(capsys, "finetune", "--resume", first, "--out", first)
+    assert_one_line_error(code, err, "--out is the finetuned checkpoint it starts from")

@@ -96,3 +96,40 @@ def test_incompatible_prior_is_an_input_error(tmp_path, tiny_prior, tiny_preset)
 def test_unknown_objective_is_an_input_error(tmp_path, tiny_prior, tiny_preset):
     with pytest.raises(InputError, match="unknown objective"):
         finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "ppo", tmp_path / "x.safetensors", progress=False)
+
+
+def test_resume_continues_policy_prior_and_scalar(tmp_path, tiny_prior, tiny_preset):
+    """--resume starts from the finetuned policy, its frozen prior and its log Z, converted for the objective."""
+    preset = tiny_preset.updated("", beta=0.5)
+    first = tmp_path / "rtb.safetensors"
+    finetune(load_checkpoint(tiny_prior), preset, "tiny", "rtb", first, seed=0, progress=False)
+    ck = load_checkpoint(first)
+    log_z = ck.scalar("log_z")
+    assert abs(log_z) > 0
+    from rtbcli.finetune import starting_point
+    for algo, expected in (("rtb", log_z), ("trust-pcl", 2.0 * log_z), ("reinforce-kl", 0.0)):
+        prior, policy, init, sha, path, offset = starting_point(ck, algo, 0.5, "cpu", torch.float32)
+        assert init == pytest.approx(expected, rel=1e-6) and sha == ck.meta["prior_sha256"] and offset == 4
+        for k, v in ck.section("policy").items():
+            assert torch.equal(policy.state_dict()[k], v)
+        for k, v in ck.section("prior").items():
+            assert torch.equal(prior.state_dict()[k], v)
+    second = tmp_path / "tpcl.safetensors"
+    finetune(ck, preset.updated("finetune", steps=2), "tiny", "trust-pcl", second, seed=1, progress=False)
+    ck2 = load_checkpoint(second)
+    assert ck2.algo == "trust-pcl" and ck2.step == 6 and ck2.meta["prior_sha256"] == ck.meta["prior_sha256"]
+    assert json.loads(ck2.meta["run"])["resumed_from"] == str(first)
+
+
+def test_resume_with_zero_steps_of_change_is_the_same_sampler(tmp_path, tiny_prior, tiny_preset):
+    """A trust-pcl resume of an rtb run at lr 0 keeps every weight and V = alpha log Z."""
+    first = tmp_path / "rtb.safetensors"
+    finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "rtb", first, progress=False)
+    ck = load_checkpoint(first)
+    frozen = tiny_preset.updated("finetune", steps=1, lr=1e-30, lr_logz=1e-30)
+    second = tmp_path / "tpcl.safetensors"
+    finetune(ck, frozen, "tiny", "trust-pcl", second, progress=False)
+    ck2 = load_checkpoint(second)
+    for k, v in ck.section("policy").items():
+        torch.testing.assert_close(ck2.section("policy")[k], v, rtol=0, atol=1e-20)
+    assert ck2.scalar("v_soft_s0") == pytest.approx(ck.scalar("log_z") / tiny_preset.beta, rel=1e-6)
