@@ -62,8 +62,8 @@ def sync(device):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", type=Path, default=None, help="prior checkpoint [default: the shipped reference prior]")
-    ap.add_argument("--steps", type=int, default=25, help="steps per loop per round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60, help="steps per loop per round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--naive-steps", type=int, default=4, help="naive steps per round (they are slow)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -75,7 +75,7 @@ def main() -> None:
     prior_path = args.prior or Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
     prior_ck = load_checkpoint(prior_path)
     task = Task(preset)
-    warm = 3
+    warm = 5
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ck.safetensors"

@@ -178,7 +178,7 @@ def pretrain(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Shipped preset name or path to a .toml file [default: reference]."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps [default: preset's, 10,000]."),
     batch_size: Optional[int] = typer.Option(None, help="Data points per step [default: preset's, 500]."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate [default: preset's, 1e-3, cosine-decayed]."),
+    lr: Optional[float] = typer.Option(None, help="Peak Adam learning rate [default: preset's, 5e-3, decayed over the last 20%]."),
     seed: int = typer.Option(0, help="Random seed (initialisation and data)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("prior.safetensors"), "--out", "-o", help="Checkpoint to write (atomically)."),
@@ -195,12 +195,12 @@ def pretrain(
     log = out.with_suffix(".jsonl")
     r = run_pretrain(p, ref, out, seed=seed, device=dev, log_path=log, progress=not quiet)
     res = {"checkpoint": str(r.out), "log": str(r.log), "preset": ref, "steps": r.steps, "seconds": round(r.seconds, 2),
-           "steps_per_s": round(r.steps_per_s, 2), "nll": r.nll, "elbo": r.elbo, "data_log_prob": r.data_log_prob, "device": dev.type}
+           "steps_per_s": round(r.steps_per_s, 2), "loss": r.loss, "elbo": r.elbo, "data_log_prob": r.data_log_prob, "device": dev.type}
     if as_json:
         return emit_json(res)
     out_console.print(kv_table("pretrain", [("checkpoint", r.out), ("log", r.log), ("preset", ref), ("device", dev.type),
                                             ("steps", r.steps), ("wall time (s)", r.seconds), ("steps/s", r.steps_per_s),
-                                            ("final NLL per trajectory", r.nll), ("final ELBO (log p(x) bound)", r.elbo),
+                                            ("final loss", r.loss), ("ELBO of log p_theta(x), data", r.elbo),
                                             ("E_data log p_data(x)", r.data_log_prob)]))
     out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out}")
 
@@ -220,7 +220,7 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, help="Trajectories per step [default: preset's, 500]."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate of the policy [default: 1e-3]."),
     lr_logz: Optional[float] = typer.Option(None, help="Adam learning rate of log Z [default: 0.1]; trust-pcl's V(s0) uses alpha times it."),
-    exploration: Optional[float] = typer.Option(None, help="Exploration std s_e added to each step, decayed to 0 at 90%% of the run [default: 0.5]."),
+    exploration: Optional[float] = typer.Option(None, help="Exploration std s_e added to each step, decayed to 0 at 90% of the run [default: 0.5]."),
     on_policy: bool = typer.Option(False, "--on-policy", help="No exploration; reinforce-kl then uses uniform weights."),
     snis: Optional[Snis] = typer.Option(None, help="reinforce-kl importance weights: tempered (softmax of log-ratio / T, the authors') or exact SNIS."),
     legacy_lambda: Optional[float] = typer.Option(None, help="legacy-rl penalty weight lambda [default: 1.0, the authors' tuned value]."),

@@ -82,13 +82,16 @@ class SamplerSpec(Strict):
 
 
 class PretrainSpec(Strict):
-    """Maximum-likelihood pretraining on bridge trajectories from the data."""
+    """Maximum-likelihood pretraining on bridge trajectories from the data (see `rtbcli.pretrain`)."""
 
     steps: PosInt = 10_000  # optimiser steps
-    batch_size: PosInt = 500  # data points (trajectories) per step
-    lr: PosFloat = 1e-3  # Adam learning rate (peak)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine decays lr to lr_final
-    lr_final: NonNegFloat = 1e-5  # last learning rate under the cosine schedule
+    batch_size: PosInt = 500  # trajectories per step (`pairs`: the same network work, batch_size * T triples)
+    lr: PosFloat = 5e-3  # Adam learning rate (peak)
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "wsd"  # wsd: constant, then linear decay to lr_final
+    decay_fraction: Fraction = 0.2  # wsd: the last fraction of the run that decays
+    lr_final: NonNegFloat = 1e-5  # last learning rate of the cosine and wsd schedules
+    estimator: Literal["pairs", "trajectory"] = "pairs"  # gradient estimator of the same NLL objective
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.0  # > 0: save an EMA of the weights with this decay
 
 
 class FinetuneSpec(Strict):

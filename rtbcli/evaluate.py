@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, sample_metrics
-from .runtime import make_generator
+from .runtime import keep_freed_memory, make_generator
 from .sampler import bridge_log_prob, bridge_sample
 from .targets import Target, prior_target, tilted_target
 from .tasks import Task
@@ -72,6 +72,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     point of a fine-tuning); the importance weights are then relative to the prior itself.
     """
     task, target = target_of(ck, beta)
+    keep_freed_memory()
     finetuned = ck.kind == "finetuned" or beta is not None
     beta = task.beta if finetuned else None
     policy = ck.sampler("policy", device)

@@ -3,10 +3,13 @@
 One step (design.md §2-§3), the same for every objective:
 
 1. draw B trajectories without gradient from the behaviour policy: the learned policy's mean
-   with per-step variance sigma2 * dt + s_e^2 (s_e = 0 on-policy);
-2. score them in one batched pass each: the learned policy (with gradient, un-inflated
-   variance), the behaviour policy (from the same pass, detached), the frozen prior (no grad);
-3. take one Adam step on the objective (`rtbcli.objectives`).
+   with per-step variance sigma2 * dt + s_e^2 (s_e = 0 on-policy), keeping the policy
+   network's activations (`rtbcli.rollout`);
+2. the learned policy's log-probabilities (un-inflated variance) and the behaviour's come from
+   the residuals of that rollout; the frozen prior scores the trajectories in one batched pass;
+3. autograd differentiates the objective (`rtbcli.objectives`) with respect to the per-step
+   log-probabilities and log Z / V(s0); one batched backward pass over all T*B transitions
+   (`rollout.backward`) turns that into the policy's gradient; one Adam step.
 
 Exploration schedule for a run of N steps (the authors' schedule at N = 5,000):
 s_e(it) = s_0 for it < hold*N, else s_0 * max(0, 1 - it / (end*N)), with hold = 0.1, end = 0.9.
@@ -32,8 +35,10 @@ from .checkpoint import Checkpoint, base_metadata, sampler_tensors, save_checkpo
 from .config import Preset
 from .errors import InputError, RtbcliError, RunError
 from .objectives import legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights, trust_pcl_loss
-from .runtime import JsonlLog, Timer, make_generator, make_progress
-from .sampler import DiffusionSampler, gaussian_log_prob
+from .runtime import JsonlLog, Timer, keep_freed_memory, make_generator, make_progress
+from .rollout import Workspace, rollout, step_log_probs
+from .rollout import backward as policy_backward
+from .sampler import DiffusionSampler
 from .tasks import Task
 
 ALGOS = ("rtb", "trust-pcl", "reinforce-kl", "legacy-rl")
@@ -117,6 +122,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     if algo not in ALGOS:
         raise InputError(f"unknown objective '{algo}': choose one of {', '.join(ALGOS)}")
     check_compatible(start, preset)
+    keep_freed_memory()
     cfg, beta = preset.finetune, preset.beta
     alpha = 1.0 / beta
     task = Task(preset)
@@ -137,6 +143,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
         groups.append({"params": [scalar], "lr": cfg.lr_logz * scale[1], "eps": ADAM_EPS * scale[1]})
     opt = torch.optim.Adam(groups)
     explore = not on_policy and algo != "legacy-rl"
+    ws = Workspace(policy, cfg.batch_size)
     temper = float(T) if cfg.snis == "tempered" else 1.0
     gen = make_generator(seed, device)
     torch.manual_seed(seed)
@@ -170,27 +177,27 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
             for it in range(cfg.steps):
                 t_step = time.perf_counter()
                 s_e = exploration_std(it, cfg.steps, cfg.exploration, cfg.exploration_hold, cfg.exploration_end) if explore else 0.0
-                # 1. trajectories from the behaviour policy, without gradient
-                traj = policy.sample(cfg.batch_size, s_e * s_e, gen)
-                log_r = task.log_reward(traj[-1])
-                # 2. one batched pass each: prior (no grad), policy (grad), behaviour (same means, detached)
+                # 1. trajectories from the behaviour policy, without gradient, with the policy's activations
+                ro = rollout(policy, ws, s_e * s_e, gen)
+                log_r = task.log_reward(ro.traj[-1])
+                # 2. log-probabilities: policy and behaviour from the residuals, prior in one batched pass
                 with torch.no_grad():
-                    step_lpp = prior.step_log_probs(traj)
-                means = policy.means(traj)
-                step_lpf = gaussian_log_prob(traj[1:], means, var)
+                    step_lpp = prior.step_log_probs(ro.traj)
+                step_lpf = step_log_probs(ro.residual, var).requires_grad_()
                 lpf, lpp = step_lpf.sum(0), step_lpp.sum(0)
-                # 3. the objective
+                # 3. the objective, its gradient, one Adam step
                 if algo == "rtb":
                     loss = rtb_loss(scalar, lpf, lpp, log_r, beta)
                 elif algo == "trust-pcl":
                     loss = trust_pcl_loss(scalar, step_lpf, step_lpp, outcome_rewards(log_r, T), alpha)
                 elif algo == "reinforce-kl":
-                    lb = None if not explore else gaussian_log_prob(traj[1:], means.detach(), var + s_e * s_e).sum(0)
+                    lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if explore else None
                     loss = reinforce_kl_loss(lpf, lpp, log_r, alpha, snis_weights(lpf, lb, temper))
                 else:
                     loss = legacy_rl_loss(lpf, lpp, log_r, cfg.legacy_lambda)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
+                policy_backward(ro, step_lpf.grad)  # dL/d(policy weights), one batched pass
                 opt.step()
                 bad |= ~torch.isfinite(loss.detach())
                 step = it + 1

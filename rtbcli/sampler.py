@@ -106,25 +106,38 @@ class DiffusionSampler(nn.Module):
 
         Each step is x_{i+1} = x_i + dt * f(x_i, t_i) + sqrt(sigma2 * dt + extra_var) * eps, so a
         positive `extra_var` (s_e^2) gives the exploratory behaviour policy: same mean, inflated
-        variance. The loop is written in fused kernels: dt is folded into the output layer, the
-        time table (with the state bias) is computed once, and x_{i+1} is written in place over
-        its pre-scaled noise.
+        variance.
+        """
+        w = self.net.state.weight
+        traj = torch.empty(self.steps + 1, n, self.dim, dtype=w.dtype, device=w.device)
+        return self.run(traj, extra_var, generator)
+
+    @torch.no_grad()
+    def run(self, traj: torch.Tensor, extra_var: float = 0.0, generator: torch.Generator | None = None,
+            pre: torch.Tensor | None = None, post: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampling loop, into `traj` (T + 1, n, d); optionally keeping every activation.
+
+        Written in fused kernels: dt is folded into the output layer, the time table (with the
+        state bias) is computed once, and x_{i+1} is written in place over its pre-scaled noise.
+        `pre` and `post`, (L, T, n, hidden), receive the pre-activations and GELU outputs of the
+        L hidden layers at every step (see `rtbcli.rollout`).
         """
         w = self.net.state.weight
         layers = [m for m in self.net.body if isinstance(m, nn.Linear)]
-        hidden, out = layers[:-1], layers[-1]
-        temb = self.time_table() + self.net.state.bias
-        w_state = w.t()
-        w_out, b_out = self.dt * out.weight.t(), self.dt * out.bias
-        traj = torch.empty(self.steps + 1, n, self.dim, dtype=w.dtype, device=w.device)
+        weights = [(self.time_table() + self.net.state.bias, w.t())] + [(m.bias, m.weight.t()) for m in layers[:-1]]
+        w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
         traj[0].zero_()
         torch.randn(traj[1:].shape, generator=generator, dtype=w.dtype, device=w.device, out=traj[1:])
         traj[1:].mul_(math.sqrt(self.step_var + extra_var))
         for i in range(self.steps):
-            x = traj[i]
-            h = F.gelu(torch.addmm(temb[i], x, w_state))
-            for layer in hidden:
-                h = F.gelu(torch.addmm(layer.bias, h, layer.weight.t()))
+            x = h = traj[i]
+            for k, (bias, weight) in enumerate(weights):
+                bias = bias[i] if k == 0 else bias
+                if pre is None:
+                    h = F.gelu(torch.addmm(bias, h, weight))
+                else:
+                    a = torch.addmm(bias, h, weight, out=pre[k, i])
+                    h = torch.ops.aten.gelu.out(a, out=post[k, i])
             traj[i + 1].add_(x).add_(b_out).addmm_(h, w_out)
         return traj
 

@@ -19,7 +19,8 @@ def test_reference_preset_is_the_design_task(reference):
     assert reference.reward.mixture.weights == [4, 10, 4, 5, 10, 5, 4, 15, 4]
     s = reference.sampler
     assert (s.steps, s.sigma2, s.hidden, s.time_features) == (100, 5.0, 64, 64)
-    assert (reference.pretrain.steps, reference.pretrain.batch_size, reference.pretrain.lr) == (10_000, 500, 1e-3)
+    pt = reference.pretrain
+    assert (pt.steps, pt.batch_size, pt.lr, pt.lr_schedule, pt.estimator) == (10_000, 500, 5e-3, "wsd", "pairs")
     f = reference.finetune
     assert (f.steps, f.batch_size, f.lr, f.lr_logz, f.exploration) == (5000, 500, 1e-3, 0.1, 0.5)
 

@@ -1,0 +1,56 @@
+"""The fine-tuning rollout: its log-probabilities and its hand-written backward pass against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtbcli.rollout import Workspace, backward, rollout, step_log_probs
+from rtbcli.runtime import keep_freed_memory
+from test_sampler import seeded
+
+
+@pytest.fixture
+def ro(float64):
+    s = seeded(1, std=0.5, steps=7)
+    return rollout(s, Workspace(s, 11), 0.3, torch.Generator().manual_seed(0))
+
+
+def test_rollout_is_the_sampler_s_trajectory(ro):
+    ref = ro.sampler.sample(11, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(ro.traj, ref)
+
+
+def test_log_probs_from_residuals_match_the_batched_pass(ro):
+    s = ro.sampler
+    torch.testing.assert_close(step_log_probs(ro.residual, s.step_var), s.step_log_probs(ro.traj), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(step_log_probs(ro.residual, s.step_var + 0.3), s.step_log_probs(ro.traj, 0.3), rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_backward_matches_autograd(float64, layers):
+    s = seeded(2, std=0.5, steps=6, layers=layers)
+    r = rollout(s, Workspace(s, 9), 0.2, torch.Generator().manual_seed(1))
+    g = torch.randn(6, 9, generator=torch.Generator().manual_seed(2))
+    s.zero_grad()
+    (g * s.step_log_probs(r.traj)).sum().backward()
+    expected = {n: p.grad.clone() for n, p in s.named_parameters()}
+    s.zero_grad()
+    backward(r, g)
+    for n, p in s.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12, msg=n)
+    backward(r, g)  # accumulates, like autograd
+    for n, p in s.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * expected[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_workspace_is_reused(float64):
+    s = seeded(3, steps=5)
+    ws = Workspace(s, 4)
+    a = rollout(s, ws, 0.0, torch.Generator().manual_seed(0))
+    b = rollout(s, ws, 0.0, torch.Generator().manual_seed(1))
+    assert a.traj.data_ptr() == b.traj.data_ptr() == ws.traj.data_ptr() and a.pre.data_ptr() == ws.pre.data_ptr()
+
+
+def test_keep_freed_memory_is_idempotent():
+    assert keep_freed_memory() == keep_freed_memory()
