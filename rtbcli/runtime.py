@@ -77,6 +77,12 @@ def check_writable(path: Path, what: str = "output") -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temp_path(path: Path) -> Path:
     """A temporary name in the same folder, so that the final rename is atomic."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -91,6 +97,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it (some writers use 0600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -90,3 +90,12 @@ def test_foreign_safetensors_file(tmp_path):
 def test_wrong_kind(tmp_path, tiny_prior):
     with pytest.raises(InputError, match="is a prior checkpoint, a finetuned one is needed"):
         load_checkpoint(tiny_prior, expect_kind="finetuned")
+
+
+def test_saved_files_follow_the_umask(tmp_path, tiny_preset):
+    import os
+    path = tmp_path / "p.safetensors"
+    save_checkpoint(path, {"a": torch.zeros(1)}, base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
