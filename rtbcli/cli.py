@@ -42,7 +42,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out_console = Console(soft_wrap=True)
+# Results on stdout; when it is not a terminal (pipes, logs, CI) tables get 120 columns, not 80.
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
 
 class Algo(str, Enum):
@@ -50,6 +51,17 @@ class Algo(str, Enum):
     trust_pcl = "trust-pcl"
     reinforce_kl = "reinforce-kl"
     legacy_rl = "legacy-rl"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    wsd = "wsd"
+
+
+class Estimator(str, Enum):
+    pairs = "pairs"
+    trajectory = "trajectory"
 
 
 class Snis(str, Enum):
@@ -179,6 +191,8 @@ def pretrain(
     steps: Optional[int] = typer.Option(None, help="Optimiser steps [default: preset's, 10,000]."),
     batch_size: Optional[int] = typer.Option(None, help="Data points per step [default: preset's, 500]."),
     lr: Optional[float] = typer.Option(None, help="Peak Adam learning rate [default: preset's, 5e-3, decayed over the last 20%]."),
+    lr_schedule: Optional[Schedule] = typer.Option(None, help="constant, cosine, or wsd (constant, then linear decay) [default: wsd]."),
+    estimator: Optional[Estimator] = typer.Option(None, help="pairs (Rao-Blackwellised bridge marginals) or trajectory (the authors') [default: pairs]."),
     seed: int = typer.Option(0, help="Random seed (initialisation and data)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("prior.safetensors"), "--out", "-o", help="Checkpoint to write (atomically)."),
@@ -189,7 +203,8 @@ def pretrain(
     from .pretrain import pretrain as run_pretrain
 
     p, ref = load_preset(preset)
-    p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr)
+    p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule.value if lr_schedule else None,
+                       estimator=estimator.value if estimator else None)
     dev = resolve_device(device)
     check_writable(out, "--out")
     log = out.with_suffix(".jsonl")
@@ -383,8 +398,8 @@ def reproduce(
     out: Path = typer.Option(Path("reproduce-out"), "--out", "-o", help="Folder for checkpoints, logs, figure.png and summary.json."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow an --out folder that already holds files."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Run the comparison on another task [default: reference]."),
-    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps per method [default: 5,000; quick: 600]."),
-    batch_size: Optional[int] = typer.Option(None, help="Fine-tuning batch size [default: 500; quick: 250]."),
+    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps per method [default: 5,000; quick: 1,000]."),
+    batch_size: Optional[int] = typer.Option(None, help="Fine-tuning batch size [default: 500; quick: 200]."),
     n: Optional[int] = typer.Option(None, "--n", "-n", help="Samples per evaluation [default: 20,000; quick: 10,000]."),
     pretrain_steps: Optional[int] = typer.Option(None, help="Pretraining steps when no --prior is given [default: preset's]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),

@@ -125,7 +125,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     keep_freed_memory()
     cfg, beta = preset.finetune, preset.beta
     alpha = 1.0 / beta
-    task = Task(preset)
+    task = Task(preset).to(device)
     probe = task.log_reward(task.prior_data.sample(1000, make_generator(seed, torch.device("cpu")), dtype=torch.float64))
     if not torch.isfinite(probe).all():
         raise InputError("the reward returns non-finite values on the prior data: fix the preset's reward")

@@ -104,7 +104,7 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
              log_path: Path | None = None, log_every: int = 100, progress: bool = True) -> PretrainResult:
     """Train a prior sampler on the preset's data and save it to `out` (atomically)."""
     cfg = preset.pretrain
-    task = Task(preset)
+    task = Task(preset).to(device)
     keep_freed_memory()
     torch.manual_seed(seed)  # network initialisation
     sampler = DiffusionSampler.from_spec(task.dim, preset.sampler).to(device)

@@ -140,8 +140,15 @@ def stderr_console() -> Console:
     return Console(stderr=True)
 
 
-def make_progress(console: Console | None = None, enabled: bool = True) -> Progress:
-    """A rich progress bar with steps, rate, elapsed/remaining time and a free-text status."""
+def make_progress(console: Console | None = None, enabled: bool = True):
+    """Progress of a run on stderr: a rich bar on a terminal, plain log lines otherwise.
+
+    Both take `add_task(description, total=, rate=, status=)`, `advance(task)` and
+    `update(task, rate=, status=)`, and are context managers.
+    """
+    console = console or stderr_console()
+    if enabled and not console.is_terminal:
+        return LineProgress(console)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -150,10 +157,40 @@ def make_progress(console: Console | None = None, enabled: bool = True) -> Progr
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=console or stderr_console(),
+        console=console,
         disable=not enabled,
         transient=False,
     )
+
+
+class LineProgress:
+    """Progress for logs (CI, batch jobs, pipes): one line per 10% of the run, and at the end."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, **fields) -> int:
+        self.tasks[len(self.tasks)] = {"description": description, "total": total, "done": 0, "next": 0.1, **fields}
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, n: int = 1) -> None:
+        self.tasks[task]["done"] += n
+
+    def update(self, task: int, **fields) -> None:
+        t = self.tasks[task]
+        t.update(fields)
+        frac = t["done"] / max(t["total"], 1)
+        if frac + 1e-12 >= t["next"] or t["done"] >= t["total"]:
+            t["next"] = (int(frac * 10 + 1e-9) + 1) / 10
+            self.console.print(f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}",
+                               markup=False, highlight=False)
 
 
 class Timer:

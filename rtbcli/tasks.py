@@ -8,6 +8,7 @@ evaluated anywhere, and the target p_data(x) * r(x)^beta can be described exactl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,11 @@ class GaussianMixture:
     @property
     def dim(self) -> int:
         return self.means.shape[1]
+
+    def to(self, device) -> GaussianMixture:
+        """The same mixture with its parameters on `device` (float64), so that evaluating it there
+        copies nothing from the host."""
+        return dataclasses.replace(self, means=self.means.to(device), weights=self.weights.to(device))
 
     @property
     def std(self) -> float:
@@ -82,6 +88,11 @@ class Task:
     @property
     def dim(self) -> int:
         return self.prior_data.dim
+
+    def to(self, device) -> Task:
+        """Move the mixtures' parameters to `device` once, before a training loop."""
+        self.prior_data, self.reward_mixture = self.prior_data.to(device), self.reward_mixture.to(device)
+        return self
 
     def data_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p_data(x), the prior data density."""

@@ -99,3 +99,16 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_preset):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("config,match", [("{not json", "no readable config"), ('{"name": "x"}', "checkpoint config: missing key")])
+def test_unreadable_config_in_metadata(tmp_path, tiny_prior, config, match):
+    from safetensors import safe_open
+    with safe_open(str(tiny_prior), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = config
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(InputError, match=match):
+        load_checkpoint(path)

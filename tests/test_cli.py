@@ -230,3 +230,24 @@ def test_finetune_resume_cli(tmp_path, tiny_prior, capsys):
     assert_one_line_error(code, err, "is a prior checkpoint, a finetuned one is needed")
     code, err = error_line(capsys, "finetune", "--resume", first, "--out", first)
     assert_one_line_error(code, err, "--out is the finetuned checkpoint it starts from")
+
+
+def test_pretrain_estimator_and_schedule_options(tmp_path, tiny_preset_file):
+    from rtbcli.checkpoint import load_checkpoint
+    out = tmp_path / "p.safetensors"
+    code, text = invoke("pretrain", "--preset", tiny_preset_file, "--steps", 2, "--batch-size", 8, "--estimator", "trajectory",
+                        "--lr-schedule", "constant", "--lr", 1e-3, "--out", out, "--quiet", "--json")
+    assert code == 0, text
+    cfg = load_checkpoint(out).preset.pretrain
+    assert (cfg.estimator, cfg.lr_schedule, cfg.lr, cfg.steps) == ("trajectory", "constant", 1e-3, 2)
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, tiny_preset_file):
+    import subprocess
+    import sys
+    out = tmp_path / "p.safetensors"
+    r = subprocess.run([sys.executable, "-m", "rtbcli", "pretrain", "--preset", str(tiny_preset_file), "--steps", "20",
+                        "--batch-size", "8", "--out", str(out)], capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("pretrain ")]
+    assert lines and lines[-1].startswith("pretrain 20/20")

@@ -133,3 +133,12 @@ def test_resume_with_zero_steps_of_change_is_the_same_sampler(tmp_path, tiny_pri
     for k, v in ck.section("policy").items():
         torch.testing.assert_close(ck2.section("policy")[k], v, rtol=0, atol=1e-20)
     assert ck2.scalar("v_soft_s0") == pytest.approx(ck.scalar("log_z") / tiny_preset.beta, rel=1e-6)
+
+
+def test_reward_returning_nan_is_an_input_error(tmp_path, tiny_prior, tiny_preset, monkeypatch):
+    from rtbcli.tasks import Task
+    monkeypatch.setattr(Task, "log_reward", lambda self, x: torch.full(x.shape[:-1], float("nan"), dtype=x.dtype))
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(InputError, match="non-finite values"):
+        finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "rtb", out, progress=False)
+    assert not out.exists()
