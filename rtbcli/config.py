@@ -168,8 +168,13 @@ def shipped_presets() -> list[str]:
 
 
 def describe_validation_error(err: ValidationError, where: str) -> str:
-    """One line naming the first bad key of a pydantic error (and how many more there are)."""
-    first = err.errors()[0]
+    """One line naming the worst bad key of a pydantic error (and how many more there are).
+
+    An unknown key comes first (it is usually a typo, and explains a "missing" one), then a
+    wrong value, then a missing key.
+    """
+    rank = {"extra_forbidden": 0, "missing": 2}
+    first = min(err.errors(), key=lambda e: rank.get(e["type"], 1))
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         what = f"unknown key '{key}'"

@@ -65,6 +65,13 @@ def test_bad_preset_files_name_the_key_and_the_file(tmp_path, reference, edit, m
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_unknown_key_is_named_before_missing_ones(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[sampler]\nbogus = 1\n")  # sampler.bogus is unknown; name, beta, ... are missing
+    with pytest.raises(InputError, match=r"unknown key 'sampler.bogus' \(and \d+ more problems\)"):
+        load_preset(str(path))
+
+
 def test_unknown_preset_name_lists_the_shipped_ones():
     with pytest.raises(InputError, match="unknown preset 'nope': choose one of reference"):
         load_preset("nope")
