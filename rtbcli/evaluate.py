@@ -76,7 +76,9 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     finetuned = ck.kind == "finetuned" or beta is not None
     beta = task.beta if finetuned else None
     policy = ck.sampler("policy", device)
-    prior = ck.sampler("prior" if ck.kind == "finetuned" else "policy", device) if finetuned else None
+    prior = None  # the reference of the importance weights: the frozen prior, or a prior itself
+    if finetuned:
+        prior = ck.sampler("prior", device) if ck.kind == "finetuned" else policy
     gen = make_generator(seed, device)
 
     traj = policy.sample(n, 0.0, gen)

@@ -22,7 +22,6 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -205,8 +204,8 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 bar.advance(job)
                 if step % log_every == 0 or step == cfg.steps:
                     # the only host syncs of the loop, at logging time
-                    params_ok = all(bool(torch.isfinite(p).all()) for p in opt.param_groups[0]["params"])
-                    if bool(bad) or not params_ok or (scalar is not None and not math.isfinite(float(scalar.detach()))):
+                    params_ok = all(bool(torch.isfinite(p).all()) for g in opt.param_groups for p in g["params"])
+                    if bool(bad) or not params_ok:
                         kept = out.with_name(out.stem + ".last-good.safetensors")
                         save_checkpoint(kept, last_good, meta(last_good_step, status="diverged", diverged_at=step))
                         log.close()
@@ -217,15 +216,16 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                     lz = learned_log_z()
                     rate = step / timer.elapsed
                     rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, steps_per_s=rate, seconds=timer.elapsed)
+                    shown = ""
                     if algo == "rtb":
                         rec["log_z"] = lz
+                        shown = f"logZ {lz:.4f}  "
                     elif algo == "trust-pcl":
-                        rec.update(v_soft_s0=float(scalar.detach()), log_z=lz)
+                        v = float(scalar.detach())
+                        rec.update(v_soft_s0=v, log_z=lz)
+                        shown = f"V {v:.4f}  "
                     log.write(**rec)
-                    status = f"loss {loss_v:.4g}  " + (f"logZ {lz:.4f}  " if lz is not None else "") + f"E[log r] {mean_log_r:.3f}"
-                    if algo == "trust-pcl":
-                        status = f"loss {loss_v:.4g}  V {float(scalar.detach()):.4f}  E[log r] {mean_log_r:.3f}"
-                    bar.update(job, rate=f"{rate:.1f} it/s", status=status)
+                    bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.4g}  {shown}E[log r] {mean_log_r:.3f}")
     except KeyboardInterrupt:
         partial = out.with_name(out.stem + ".partial.safetensors")
         save_checkpoint(partial, last_good, meta(last_good_step, status="interrupted"))

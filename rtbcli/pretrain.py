@@ -108,7 +108,8 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
     keep_freed_memory()
     torch.manual_seed(seed)  # network initialisation
     sampler = DiffusionSampler.from_spec(task.dim, preset.sampler).to(device)
-    ema = copy.deepcopy(sampler).requires_grad_(False)
+    ema = copy.deepcopy(sampler).requires_grad_(False) if cfg.ema > 0 else None
+    kept = ema if ema is not None else sampler  # what is logged and saved
     gen = make_generator(seed, device)
     check_gen = make_generator(seed + 1, device)  # the logged ELBO's own draws
     opt = torch.optim.Adam(sampler.parameters(), lr=cfg.lr)
@@ -130,7 +131,7 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if cfg.ema > 0:
+            if ema is not None:
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), sampler.parameters()):
                         pe.lerp_(p, 1.0 - cfg.ema)
@@ -141,7 +142,7 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
                 if not math.isfinite(loss_v):
                     log.close()
                     raise RunError(f"pretraining diverged at step {step} (loss {loss_v}): nothing was saved; lower --lr")
-                elbo = bridge_elbo(ema if cfg.ema > 0 else sampler, task, 256, check_gen)
+                elbo = bridge_elbo(kept, task, 256, check_gen)
                 rate = step / timer.elapsed
                 log.write(step=step, loss=loss_v, elbo=elbo, data_log_prob=data_lp, lr=lr, steps_per_s=rate, seconds=timer.elapsed)
                 bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.3f}  elbo {elbo:.3f} (data {data_lp:.3f})")
@@ -149,6 +150,6 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
     run = {"command": "pretrain", "device": device.type, "seed": seed}
     meta = base_metadata("prior", preset, preset_ref, cfg.steps, seed, run)
     meta.update(final_loss=f"{loss_v:.6g}", final_elbo=f"{elbo:.6g}", seconds=f"{seconds:.1f}")
-    save_checkpoint(out, sampler_tensors(ema if cfg.ema > 0 else sampler, "policy"), meta)
+    save_checkpoint(out, sampler_tensors(kept, "policy"), meta)
     log.commit()
     return PretrainResult(out, log_path, cfg.steps, seconds, cfg.steps / seconds, loss_v, elbo, data_lp, step_seconds)

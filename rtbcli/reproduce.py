@@ -144,15 +144,14 @@ def reproduce(out: Path, *, prior_path: Path | None = None, quick: bool = False,
     # 3. evaluation of everything on the same n and seed
     say(n_stages, f"evaluating {len(methods) + 1} samplers on n = {budget.eval_n:,} (and exact target samples)")
     ev_prior = evaluate(prior_ck, budget.eval_n, seed, device, beta=preset.beta)
-    panels = [("prior (25 modes)", ev_prior.samples), ("target (exact)", ev_prior.target_samples)]
-    subtitles = ["", ""]
+    prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
+    panels = [(f"prior ({len(preset.prior_data.means)} modes)", ev_prior.samples), ("target (exact)", ev_prior.target_samples)]
+    subtitles = [subtitle(prior_row), ""]
     for row in rows:
         ev = evaluate(load_checkpoint(row["checkpoint"]), budget.eval_n, seed, device)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))
-        subtitles.append(f"KL {row['kl_mode']:.3f} · off {100 * row['off_target']:.1f}%" if row["kl_mode"] is not None else "")
-    prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
-    subtitles[0] = f"KL {prior_row['kl_mode']:.3f} · off {100 * prior_row['off_target']:.1f}%" if prior_row["kl_mode"] is not None else ""
+        subtitles.append(subtitle(row))
     floor = {"method": "exact sampler (floor)", **ev_prior.metrics["floor"]}
     figure = out / "figure.png"
     plot_panels(figure, panels, ev_prior.target, subtitles=subtitles,
@@ -167,6 +166,11 @@ def reproduce(out: Path, *, prior_path: Path | None = None, quick: bool = False,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def subtitle(row: dict) -> str:
+    """A figure panel's mode KL and off-target mass, where the target has exact modes."""
+    return "" if row["kl_mode"] is None else f"KL {row['kl_mode']:.3f} · off {100 * row['off_target']:.1f}%"
 
 
 def metrics_of(m: dict) -> dict:
