@@ -139,3 +139,172 @@ def effective_sample_size(lw: torch.Tensor) -> float:
     """(sum e^lw)^2 / (N sum e^{2 lw}), in (0, 1]."""
     lw = lw.to(torch.float64)
     return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)) / lw.numel())
+
+
+# ------------------------------------------------------------ distances to reference samples
+# Sample-based distances between samples x (n, d) and y (m, d), and the same distances between two
+# disjoint halves of a reference sample (the "floor": what a sampler indistinguishable from the
+# target scores at the same sample size). Everything is computed on the CPU in float64; every random
+# choice (subsamples, projection directions, the reference split) comes from a torch.Generator
+# seeded with `seed`, so a number is repeatable for the same inputs and seed.
+
+def _as_samples(x, name: str) -> torch.Tensor:
+    """x as a CPU float64 (n, d) tensor; ValueError unless it is 2-D."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (n, d) array of samples, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(x, y, require_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _as_samples(x, "x"), _as_samples(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"dimension mismatch: x has d = {x.shape[1]}, y has d = {y.shape[1]}")
+    if require_finite:
+        for name, t in (("x", x), ("y", y)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} has non-finite values; drop those rows first")
+    return x, y
+
+
+def _subsample(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """x itself if it has at most k rows, else k of its rows drawn without replacement."""
+    if x.shape[0] <= k:
+        return x
+    return x[torch.randperm(x.shape[0], generator=gen)[:k]]
+
+
+def _median(v: torch.Tensor) -> float:
+    """The median of a 1-D tensor: the middle value, or the mean of the two middle values."""
+    k = v.numel()
+    lo = v.kthvalue((k + 1) // 2).values
+    if k % 2:
+        return float(lo)
+    # upper middle value = the ((k/2) + 1)-th smallest: lo again if it is tied there, else the next value up
+    hi = lo if int((v <= lo).sum()) > k // 2 else v[v > lo].min()
+    return float((lo + hi) / 2)
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ||a_i - b_j||^2, float64, clamped at 0."""
+    return (a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
+
+
+def _mmd_points(x, y, max_points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points MMD and its median bandwidth use: at most max_points of each sample."""
+    x, y = _check_pair(x, y)
+    if max_points < 2:
+        raise ValueError("max_points must be at least 2")
+    gen = torch.Generator().manual_seed(seed)
+    return _subsample(x, max_points, gen), _subsample(y, max_points, gen)
+
+
+def _median_from_blocks(dxx: torch.Tensor, dyy: torch.Tensor, dxy: torch.Tensor) -> float:
+    """Median distance over the distinct pairs of the pooled points, from squared-distance blocks."""
+    n, m = dxx.shape[0], dyy.shape[0]
+    v = torch.cat([dxx[torch.ones(n, n, dtype=torch.bool).triu_(1)], dyy[torch.ones(m, m, dtype=torch.bool).triu_(1)],
+                   dxy.reshape(-1)])
+    if v.numel() == 0:
+        raise ValueError("the median bandwidth needs at least 2 points")
+    return _median(v.sqrt_())
+
+
+def median_bandwidth(x, y, max_points: int = 2000, seed: int = 0) -> float:
+    """Median heuristic: the median of ||z_i - z_j|| over the distinct pairs i < j of the pooled points.
+
+    The pooled points are at most `max_points` rows of each of x and y, drawn without replacement by a
+    torch.Generator seeded with `seed` -- the same points mmd2_rbf(x, y, max_points, seed) uses. For an
+    even number of pairs the median is the mean of the two middle distances.
+    """
+    x, y = _mmd_points(x, y, max_points, seed)
+    return _median_from_blocks(_sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y))
+
+
+def mmd2_rbf(x, y, max_points: int = 2000, seed: int = 0, bandwidth: float | None = None) -> float:
+    """Unbiased MMD^2 between samples x and y with the Gaussian kernel k(a, b) = exp(-||a - b||^2 / (2 h^2)).
+
+    MMD^2 = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j) - 2/(nm) sum_{i,j} k(x_i, y_j),
+
+    over at most `max_points` rows of each sample (drawn without replacement, seeded). It can be slightly
+    negative. h = `bandwidth`, or if None the median heuristic on the same points (median_bandwidth).
+    Needs at least 2 points in each sample; ValueError if h is not positive (e.g. all points equal).
+    """
+    x, y = _mmd_points(x, y, max_points, seed)
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"unbiased MMD^2 needs at least 2 points in each sample, got {n} and {m}")
+    dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
+    h = _median_from_blocks(dxx, dyy, dxy) if bandwidth is None else float(bandwidth)
+    if not (h > 0 and math.isfinite(h)):
+        raise ValueError(f"the kernel bandwidth must be positive and finite, got {h}"
+                         + (" (median pairwise distance; pass bandwidth=)" if bandwidth is None else ""))
+    c = -1.0 / (2.0 * h * h)
+
+    def off_diagonal_sum(d2: torch.Tensor) -> torch.Tensor:
+        k = d2.mul_(c).exp_()
+        return k.sum() - k.diagonal().sum()
+
+    kxx = off_diagonal_sum(dxx) / (n * (n - 1))
+    kyy = off_diagonal_sum(dyy) / (m * (m - 1))
+    kxy = dxy.mul_(c).exp_().sum() / (n * m)
+    return float(kxx + kyy - 2.0 * kxy)
+
+
+def sliced_w2(x, y, n_proj: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance between samples x (n, d) and y (m, d).
+
+    If n != m the larger sample is first subsampled without replacement to the smaller size (seeded).
+    Directions theta_p, p = 1..n_proj: standard normal d-vectors, normalised, from a torch.Generator seeded
+    with `seed` (the same directions for the same (d, seed)). For each p, sort x @ theta_p and y @ theta_p
+    and take the mean squared difference of the sorted values; SW2 = sqrt(mean over p). In 1-D every
+    direction is +-1, so SW2 is the W2 distance between the two empirical distributions.
+    """
+    x, y = _check_pair(x, y)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        raise ValueError("sliced_w2 needs at least 1 point in each sample")
+    if n_proj < 1:
+        raise ValueError("n_proj must be at least 1")
+    k = min(x.shape[0], y.shape[0])
+    sub = torch.Generator().manual_seed(seed)
+    x, y = _subsample(x, k, sub), _subsample(y, k, sub)
+    theta = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    px, py = (x @ theta).sort(dim=0).values, (y @ theta).sort(dim=0).values
+    return float((px - py).square().mean().sqrt())
+
+
+def reference_comparison(samples, reference, seed: int = 0) -> dict:
+    """SW2 and MMD^2 of samples against reference samples, each next to its floor.
+
+    Non-finite rows are dropped (model rows counted in n_dropped_nonfinite; n_reference counts the finite
+    reference rows, of which there must be at least 4). The reference (r rows) is split by a seeded random
+    permutation into disjoint halves A and B of floor(r/2) rows; with m = min(n_model, floor(r/2)) and a
+    seeded subsample X of m model rows:
+
+      sw2 = sliced_w2(X, A[:m]),      sw2_floor = sliced_w2(B[:m], A[:m]),
+      mmd2 = mmd2_rbf(X, A[:m]),      mmd2_floor = mmd2_rbf(B[:m], A[:m])
+
+    (all with the same seed, so model and floor use the same projection directions; each MMD^2 uses its own
+    median bandwidth). A sampler indistinguishable from the target scores near its floor. With fewer than
+    2 finite model rows the four statistics are NaN. Returns
+    {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_reference", "n_dropped_nonfinite"}.
+    """
+    x, ref = _check_pair(samples, reference, require_finite=False)
+    finite = torch.isfinite(x).all(dim=1)
+    n_dropped = int((~finite).sum())
+    x, ref = x[finite], ref[torch.isfinite(ref).all(dim=1)]
+    r = ref.shape[0]
+    if r < 4:
+        raise ValueError(f"the reference needs at least 4 finite rows (two halves of at least 2), got {r}")
+    gen = torch.Generator().manual_seed(seed)
+    half = r // 2
+    perm = torch.randperm(r, generator=gen)
+    a, b = ref[perm[:half]], ref[perm[half:2 * half]]
+    m = min(x.shape[0], half)
+    out = {"n_compared": m, "n_reference": r, "n_dropped_nonfinite": n_dropped}
+    if m < 2:
+        nan = float("nan")
+        return {"sw2": nan, "sw2_floor": nan, "mmd2": nan, "mmd2_floor": nan, **out}
+    x, a, b = _subsample(x, m, gen), a[:m], b[:m]
+    return {"sw2": sliced_w2(x, a, seed=seed), "sw2_floor": sliced_w2(b, a, seed=seed),
+            "mmd2": mmd2_rbf(x, a, seed=seed), "mmd2_floor": mmd2_rbf(b, a, seed=seed), **out}
