@@ -1,0 +1,1 @@
+"""Benchmark distributions with exactly known quantities (log Z, mode masses, exact samples)."""
