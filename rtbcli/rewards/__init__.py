@@ -1,0 +1,1 @@
+"""Rewards for fine-tuning toward real-data targets, computed from classifiers shipped with the package."""

@@ -1,0 +1,220 @@
+"""The digits benchmark: split, data, metrics and figure (need scikit-learn where marked), and the reward (does not)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from rtbcli.datasets import digits as dd
+from rtbcli.datasets.digits import SCALE, SHIFT, check_digit, mean_pairwise_distance, plot_digit_grids
+from rtbcli.errors import InputError
+from rtbcli.rewards.digits import class_log_probs, classifier_metadata, classify, log_p_class
+
+
+@pytest.fixture(scope="module")
+def sk():
+    return pytest.importorskip("sklearn")
+
+
+# --- the reward: only the shipped weights ---------------------------------------------------------
+
+
+def test_classifier_metadata():
+    meta = classifier_metadata()
+    assert meta["format"] == "rtbcli-digits-classifier"
+    assert meta["scale"] == SCALE and meta["shift"] == SHIFT
+    assert meta["split_seed"] == dd.SPLIT_SEED and meta["heldout_fraction"] == dd.HELDOUT_FRACTION
+    assert meta["architecture"]["sizes"] == [64, 128, 128, 10]
+    assert meta["temperature"] > 0 and meta["heldout_accuracy"] >= 0.9
+    assert isinstance(meta["torch_version"], str) and isinstance(meta["sklearn_version"], str)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_p_class_is_a_log_probability(dtype):
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0)).clamp(-1, 1).to(dtype).requires_grad_()
+    per_class = torch.stack([log_p_class(x, c) for c in range(10)], dim=1)
+    assert per_class.shape == (7, 10) and per_class.dtype == dtype and not per_class.requires_grad
+    assert (per_class <= 0).all()
+    torch.testing.assert_close(per_class.logsumexp(dim=1), torch.zeros(7, dtype=dtype), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_class, class_log_probs(x))
+    assert torch.equal(classify(x), per_class.argmax(dim=1))
+    assert classify(x).dtype == torch.int64
+
+
+def test_log_p_class_rejects_bad_input():
+    with pytest.raises(InputError, match=r"shape \(B, 64\)"):
+        log_p_class(torch.zeros(3, 63), 1)
+    with pytest.raises(InputError, match="floating-point"):
+        log_p_class(torch.zeros(3, 64, dtype=torch.int64), 1)
+    with pytest.raises(InputError, match="digit must be"):
+        log_p_class(torch.zeros(3, 64), 10)
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 3.5, True, False, "3", None, float("nan")])
+def test_check_digit_rejects(bad):
+    with pytest.raises(InputError, match=r"^digit must be an integer from 0 to 9 \(got "):
+        check_digit(bad)
+
+
+def test_check_digit_accepts():
+    assert [check_digit(d) for d in range(10)] == list(range(10))
+    assert check_digit(np.int64(3)) == 3 and check_digit(3.0) == 3
+    assert type(check_digit(np.int64(3))) is int
+
+
+def test_reward_does_not_need_sklearn():
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "sklearn" or name.startswith("sklearn."):
+                    raise ImportError("blocked")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from rtbcli.rewards.digits import log_p_class
+        from rtbcli.datasets.digits import digits_data
+        print(log_p_class(torch.zeros(2, 64), 3).shape)
+        try:
+            digits_data()
+        except Exception as e:
+            print(type(e).__name__, e)
+        assert "sklearn" not in sys.modules
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "torch.Size([2])",
+        'InputError the digits benchmark needs scikit-learn: pip install "rtbcli[digits]"',
+    ]
+
+
+def test_missing_sklearn_is_an_input_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    dd._load.cache_clear()
+    try:
+        with pytest.raises(InputError) as e:
+            dd.load_digits_pixels()
+        assert str(e.value) == 'the digits benchmark needs scikit-learn: pip install "rtbcli[digits]"'
+    finally:
+        dd._load.cache_clear()
+
+
+# --- data and split -------------------------------------------------------------------------------
+
+
+def test_split(sk):
+    pixels, labels = dd.load_digits_pixels()
+    assert pixels.shape == (1797, 64) and pixels.dtype == torch.float64 and labels.dtype == torch.int64
+    assert pixels.min() == 0 and pixels.max() == 16
+    train, held = dd.split_indices()
+    assert len(set(train.tolist()) & set(held.tolist())) == 0
+    assert sorted(train.tolist() + held.tolist()) == list(range(1797))
+    for c in range(10):
+        n_c = int((labels == c).sum())
+        assert int((labels[held] == c).sum()) == round(n_c / 3)
+    again = dd.split_indices()
+    assert torch.equal(again[0], train) and torch.equal(again[1], held)
+
+
+def test_split_is_the_one_the_classifier_was_trained_on(sk):
+    held = dd.split_indices()[1]
+    assert hashlib.sha256(held.numpy().tobytes()).hexdigest() == classifier_metadata()["heldout_indices_sha256"]
+
+
+def test_digits_data(sk):
+    x = dd.digits_data()
+    assert x.dtype == torch.float32 and x.shape == (1198, 64)
+    assert x.min() == -1 and x.max() == 1
+    assert dd.digits_data("heldout").shape == (599, 64) and dd.digits_data("all").shape == (1797, 64)
+    threes = dd.digits_data("heldout", 3)
+    assert len(threes) == int((dd.digits_labels("heldout") == 3).sum())
+    pixels, labels = dd.load_digits_pixels()
+    torch.testing.assert_close(dd.digits_data("all", 7), (pixels[labels == 7] * SCALE + SHIFT).float())
+    with pytest.raises(InputError, match="unknown digits split"):
+        dd.digits_data("test")
+
+
+# --- the classifier on real images ----------------------------------------------------------------
+
+
+def test_classifier_heldout_accuracy(sk):
+    x, y = dd.digits_data("heldout"), dd.digits_labels("heldout")
+    acc = (classify(x) == y).double().mean().item()
+    print(f"digits classifier held-out accuracy {acc:.4f}")
+    assert acc >= 0.9
+    assert abs(acc - classifier_metadata()["heldout_accuracy"]) <= 2 / len(y)
+
+
+def test_log_p_class_prefers_the_right_class(sk):
+    x, y = dd.digits_data("heldout"), dd.digits_labels("heldout")
+    lp = torch.stack([log_p_class(x, c) for c in range(10)], dim=1)
+    right = lp.gather(1, y[:, None]).squeeze(1)
+    for c in range(10):
+        assert right[y == c].mean() > lp[y != c, c].mean() + 5  # nats
+    assert (right > -0.1).double().mean() >= 0.9
+
+
+def test_class_fraction(sk):
+    x, y = dd.digits_data("heldout"), dd.digits_labels("heldout")
+    for c in range(10):
+        assert dd.class_fraction(x[y == c], c) >= 0.9
+        assert dd.class_fraction(x[y != c], c) <= 0.05
+    bad = x[y == 4].clone()
+    bad[:5] = float("nan")  # non-finite samples count as misses
+    assert dd.class_fraction(bad, 4) == pytest.approx(dd.class_fraction(x[y == 4][5:], 4) * (len(bad) - 5) / len(bad))
+
+
+def test_nearest_train_distance(sk):
+    assert dd.nearest_train_distance(dd.digits_data("train")) == 0.0
+    assert dd.nearest_train_distance(dd.digits_data("heldout")) > 1.0
+
+
+def test_digits_report(sk):
+    held = dd.digits_data("heldout", 2)
+    r = dd.digits_report(held, 2)
+    assert set(r) == {"class_fraction", "class_fraction_real", "diversity", "diversity_real",
+                      "nearest_train_distance", "nearest_train_distance_real"}
+    assert r["class_fraction"] == r["class_fraction_real"] >= 0.9
+    assert r["nearest_train_distance"] == r["nearest_train_distance_real"] > 0
+    assert r["diversity_real"] == pytest.approx(mean_pairwise_distance(dd.digits_data("all", 2)))
+
+
+# --- metrics and figure without real data ---------------------------------------------------------
+
+
+def test_mean_pairwise_distance():
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    direct = [math.dist(x[i].tolist(), x[j].tolist()) for i, j in itertools.combinations(range(6), 2)]
+    assert mean_pairwise_distance(x) == pytest.approx(sum(direct) / len(direct), rel=1e-12)
+    big = torch.randn(50, 64, generator=torch.Generator().manual_seed(2))
+    sub = mean_pairwise_distance(big, max_points=20)
+    assert sub == mean_pairwise_distance(big, max_points=20) != mean_pairwise_distance(big, max_points=20, seed=1)
+    assert sub == pytest.approx(mean_pairwise_distance(big), rel=0.2)
+    assert math.isnan(mean_pairwise_distance(x[:1]))
+    with pytest.raises(InputError):
+        mean_pairwise_distance(torch.zeros(3, 8))
+
+
+def test_plot_digit_grids(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(70, 64, generator=g) * 2 - 1
+    b = torch.randn(10, 64, generator=g) * 3  # out of range: clipped
+    b[0] = float("nan")
+    out = tmp_path / "grids.png"
+    plot_digit_grids(out, [("a", a), ("b", b)], title="digits")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["grids.png"]
+    with pytest.raises(InputError):
+        plot_digit_grids(tmp_path / "x.png", [])
+    with pytest.raises(InputError):
+        plot_digit_grids(tmp_path / "x.png", [("bad", torch.zeros(3, 9))])
+    assert [p.name for p in tmp_path.iterdir()] == ["grids.png"]
