@@ -58,6 +58,12 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta.get("step", 0))
 
+    def meta_int(self, key: str, default: int = 0) -> int:
+        try:
+            return int(self.meta.get(key, default))
+        except ValueError:
+            raise InputError(f"checkpoint '{self.path}': its '{key}' is not a number: the file is damaged") from None
+
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under `prefix.`, with the prefix removed."""
         p = prefix + "."

@@ -2,8 +2,7 @@
 
     alpha = 1 / beta,   V_soft(s0) = alpha * log Z        (and back: beta = 1 / alpha, log Z = V_soft(s0) / alpha)
 
-Registered by `rtbcli.cli` as `app.command("convert-params")(handle_errors(convert_params))`;
-the helpers of `rtbcli.cli` are imported inside the function to avoid an import cycle.
+Registered by `rtbcli.cli` as `app.command("convert-params")(handle_errors(convert_params))`.
 """
 
 from __future__ import annotations
@@ -44,7 +43,8 @@ def convert_params(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Convert RTB (log Z, beta) <-> Trust-PCL (alpha = 1/beta, V_soft(s0) = alpha log Z), numbers or a checkpoint."""
-    from .cli import emit_json, kv_table, out_console
+    from .cli_common import emit_json, out_console
+    from .report import kv_table
     from .runtime import check_writable
 
     given = {name: v for name, v in zip(RTB_PAIR + TPCL_PAIR, (log_z, beta, alpha, v_soft_s0)) if v is not None}

@@ -2,7 +2,13 @@
 
 A preset is a TOML file; `Preset` validates it, rejecting unknown keys and wrong types with an
 error that names the key and the file. Shipped presets live in `rtbcli/presets/` and are found
-by name; any other TOML file is found by path. Every field is documented where it is declared.
+by name; any other TOML file is found by path. Every field is documented where it is declared
+(the docstring under it), and those docstrings are what `rtbcli presets init` writes as comments
+and what the command line's help texts quote.
+
+Paths inside a preset (`prior_data.path`, a Python reward's file, `evaluate.reference`) are
+relative to the preset file; they are resolved to absolute paths when the preset is loaded, so
+a checkpoint's stored config names them unambiguously.
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ import math
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .errors import InputError
 
 DEFAULT_PRESET = "reference"
+DATA_SUFFIXES = (".npy", ".csv", ".safetensors")
+DATASETS = {"digits": 64, "manywell32": 32}  # the datasets that ship with rtbcli, and their dimension
 
 
 def _finite(v: float) -> float:
@@ -28,20 +37,36 @@ def _finite(v: float) -> float:
 
 PosFloat = Annotated[float, Field(gt=0), AfterValidator(_finite)]
 NonNegFloat = Annotated[float, Field(ge=0), AfterValidator(_finite)]
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
 PosInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, use_attribute_docstrings=True)
 
 
+def resolve_path(value: str | None, info: ValidationInfo) -> str | None:
+    """A path relative to the preset file (the validation context's `base_dir`) made absolute."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    p = Path(value).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return str(p.resolve()) if (p.is_absolute() or base is not None) else value
+
+
+# ----------------------------------------------------------------------------- prior data
 class MixtureSpec(Strict):
-    """An isotropic Gaussian mixture sum_k w_k N(mu_k, variance * I)."""
+    """An isotropic Gaussian mixture sum_k w_k N(mu_k, variance * I), known exactly."""
 
-    means: list[list[float]] = Field(min_length=1)  # one mean per component, all of dimension d
-    variance: PosFloat  # per-coordinate variance shared by all components
-    weights: list[PosFloat] | None = None  # unnormalised weights; None means equal weights
+    means: list[list[float]] = Field(min_length=1)
+    """One mean per component, all of dimension d."""
+    variance: PosFloat
+    """Per-coordinate variance shared by all components."""
+    weights: list[PosFloat] | None = None
+    """Unnormalised component weights; omitted means equal weights."""
 
     @model_validator(mode="after")
     def _shapes(self) -> MixtureSpec:
@@ -58,54 +83,174 @@ class MixtureSpec(Strict):
     def dim(self) -> int:
         return len(self.means[0])
 
+    @property
+    def kind(self) -> str:
+        return "mixture"
 
-class RewardSpec(Strict):
-    """The reward r(x) > 0, given through log r.
 
-    - `mixture_ratio`: log r(x) = log q(x) - log p_data(x), q the mixture below. At beta = 1 the
-      target p_data * r is exactly q (the reference task's p_9 / p_25).
+class DataFileSpec(Strict):
+    """Prior data from a file: the rows of an (N, d) array, used in their own units."""
+
+    path: str
+    """.npy, .csv (numeric, an optional header line) or .safetensors (one 2-D tensor); relative to the preset file, or absolute."""
+    dim: PosInt | None = None
+    """The data's dimension d; filled in from the file when the preset is loaded (a mismatch is an error)."""
+    sha256: str | None = None
+    """The file's SHA-256; filled in when the preset is loaded, and compared when a prior is fine-tuned."""
+
+    _path = field_validator("path")(resolve_path)
+
+    @property
+    def kind(self) -> str:
+        return "file"
+
+
+class DatasetSpec(Strict):
+    """A dataset that ships with rtbcli, scaled to the sampler's range: x = raw * scale + shift."""
+
+    dataset: Literal["digits", "manywell32"]
+    """digits: scikit-learn's 8x8 digits (64-D, pixel values 0-16; needs `pip install "rtbcli[digits]"`); manywell32: exact ManyWell samples (32-D)."""
+    split: Literal["train", "heldout", "all"] = "train"
+    """digits: the images used (a fixed, stratified third is held out for evaluation)."""
+    scale: PosFloat = 1.0
+    """Multiplies the raw values."""
+    shift: FiniteFloat = 0.0
+    """Added after scaling."""
+
+    @property
+    def dim(self) -> int:
+        return DATASETS[self.dataset]
+
+    @property
+    def kind(self) -> str:
+        return "dataset"
+
+
+def _data_kind(v: Any) -> str | None:
+    if isinstance(v, BaseModel):
+        return v.kind
+    if not isinstance(v, dict):
+        return None
+    kinds = [kind for kind, key in DATA_KEYS.items() if key in v]
+    return kinds[0] if len(kinds) == 1 else "mixture"
+
+
+DATA_KEYS = {"mixture": "means", "file": "path", "dataset": "dataset"}  # the key that names each kind of prior data
+
+
+DataSpec = Annotated[Union[Annotated[MixtureSpec, Tag("mixture")], Annotated[DataFileSpec, Tag("file")],
+                           Annotated[DatasetSpec, Tag("dataset")]], Discriminator(_data_kind)]
+
+
+# ----------------------------------------------------------------------------- rewards
+class MixtureRewardSpec(Strict):
+    """A reward given by a Gaussian mixture q, through log r.
+
+    - `mixture_ratio`: log r(x) = log q(x) - log p_data(x). At beta = 1 the target p_data * r is
+      exactly q (the reference task's p_9 / p_25). Needs mixture prior data.
     - `mixture`: log r(x) = log q(x).
     """
 
     type: Literal["mixture_ratio", "mixture"]
+    """mixture_ratio: log q - log p_data; mixture: log q."""
     mixture: MixtureSpec
+    """The mixture q."""
+
+    @property
+    def dim(self) -> int:
+        return self.mixture.dim
 
 
+class PythonRewardSpec(Strict):
+    """A reward from a Python function: log r(x) = function(x, **kwargs).
+
+    The function takes a float tensor x of shape (B, d) on the run's device and returns log r(x),
+    shape (B,); it is called without gradient.
+    """
+
+    type: Literal["python"]
+    """python: call `function`."""
+    function: str
+    """'path/to/rewards.py:log_reward' (relative to the preset file) or 'my_package.rewards:log_reward' (an importable module)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the function (a [reward.kwargs] table)."""
+    sha256: str | None = None
+    """The reward file's SHA-256; filled in when the reward is loaded (a different file later is a warning)."""
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, v: str, info: ValidationInfo) -> str:
+        from .rewards import parse_reference  # the one parser of 'file.py:name' / 'module:name'
+
+        path, attr = parse_reference(v)
+        return f"{resolve_path(path, info)}:{attr}" if path is not None else v
+
+    @property
+    def dim(self) -> None:
+        return None
+
+
+RewardSpec = Annotated[Union[MixtureRewardSpec, PythonRewardSpec], Field(discriminator="type")]
+
+
+# ----------------------------------------------------------------------------- sampler, budgets
 class SamplerSpec(Strict):
-    """The diffusion sampler of design.md §2."""
+    """The diffusion sampler: T Gaussian steps from x_0 = 0 (docs/maths.md#the-sampler)."""
 
-    steps: PosInt = 100  # T, the number of Gaussian steps; t_i = i / T, dt = 1 / T
-    sigma2: PosFloat = 5.0  # per-step variance is sigma2 * dt (fixed, not learned)
-    hidden: PosInt = 64  # width of the drift network
-    time_features: PosInt = 64  # number of sin/cos frequencies, k = linspace(0.1, 100)
-    layers: PosInt = 2  # hidden Linear(hidden, hidden) + GELU blocks after the input sum
+    steps: PosInt = 100
+    """T, the number of Gaussian steps; t_i = i / T, dt = 1 / T."""
+    sigma2: PosFloat = 5.0
+    """Per-step variance is sigma2 * dt (fixed, not learned); a drift-free sampler ends at N(0, sigma2 I)."""
+    hidden: PosInt = 64
+    """Width of the drift network."""
+    time_features: PosInt = 64
+    """Number of sin/cos time frequencies, k = linspace(0.1, 100)."""
+    layers: PosInt = 2
+    """Hidden Linear(hidden, hidden) + GELU blocks after the input sum."""
 
 
 class PretrainSpec(Strict):
     """Maximum-likelihood pretraining on bridge trajectories from the data (see `rtbcli.pretrain`)."""
 
-    steps: PosInt = 10_000  # optimiser steps
-    batch_size: PosInt = 500  # trajectories per step (`pairs`: the same network work, batch_size * T triples)
-    lr: PosFloat = 5e-3  # Adam learning rate (peak)
-    lr_schedule: Literal["constant", "cosine", "wsd"] = "wsd"  # wsd: constant, then linear decay to lr_final
-    decay_fraction: Fraction = 0.2  # wsd: the last fraction of the run that decays
-    lr_final: NonNegFloat = 1e-5  # last learning rate of the cosine and wsd schedules
-    estimator: Literal["pairs", "trajectory"] = "pairs"  # gradient estimator of the same NLL objective
-    ema: Annotated[float, Field(ge=0, lt=1)] = 0.0  # > 0: save an EMA of the weights with this decay
+    steps: PosInt = 10_000
+    """Optimiser steps."""
+    batch_size: PosInt = 500
+    """Data points per step (the global batch over all processes; `pairs` draws batch_size * T triples: the same network work)."""
+    lr: PosFloat = 5e-3
+    """Adam learning rate (the peak of the schedule)."""
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "wsd"
+    """constant; cosine to lr_final; or wsd: constant, then linear decay to lr_final."""
+    decay_fraction: Fraction = 0.2
+    """wsd: the last fraction of the run that decays."""
+    lr_final: NonNegFloat = 1e-5
+    """Last learning rate of the cosine and wsd schedules."""
+    estimator: Literal["pairs", "trajectory"] = "pairs"
+    """Gradient estimator of the same NLL: pairs (Rao-Blackwellised bridge marginals) or trajectory (the authors')."""
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """> 0: save an exponential moving average of the weights with this decay."""
 
 
 class FinetuneSpec(Strict):
-    """Fine-tuning toward p_prior * r^beta (design.md §2-§3)."""
+    """Fine-tuning toward p_prior * r^beta (docs/maths.md#fine-tuning)."""
 
-    steps: PosInt = 5_000  # optimiser steps
-    batch_size: PosInt = 500  # trajectories per step
-    lr: PosFloat = 1e-3  # Adam learning rate of the policy
-    lr_logz: PosFloat = 0.1  # Adam learning rate of log Z (trust-pcl: of V(s0) is alpha * this)
-    exploration: NonNegFloat = 0.5  # s_e: the behaviour policy adds s_e^2 to each step's variance
-    exploration_hold: Fraction = 0.1  # s_e is held until this fraction of the run ...
-    exploration_end: Fraction = 0.9  # ... then, after a step down, decays linearly to 0 here
-    snis: Literal["tempered", "exact"] = "tempered"  # reinforce-kl weights: softmax(log-ratio / T) or / 1
-    legacy_lambda: NonNegFloat = 1.0  # weight of the legacy baseline's squared log-ratio penalty
+    steps: PosInt = 5_000
+    """Optimiser steps."""
+    batch_size: PosInt = 500
+    """Trajectories per step (the global batch over all processes)."""
+    lr: PosFloat = 1e-3
+    """Adam learning rate of the policy."""
+    lr_logz: PosFloat = 0.1
+    """Adam learning rate of log Z (trust-pcl: V(s0) uses alpha times it)."""
+    exploration: NonNegFloat = 0.5
+    """s_e: the behaviour policy adds s_e^2 to each step's variance (off-policy objectives)."""
+    exploration_hold: Fraction = 0.1
+    """s_e is held until this fraction of the run ..."""
+    exploration_end: Fraction = 0.9
+    """... then, after a step down, decays linearly to 0 at this fraction; the last step never explores."""
+    snis: Literal["tempered", "exact"] = "tempered"
+    """reinforce-kl importance weights: softmax of the log-ratio / T (tempered, the authors') or / 1 (exact)."""
+    legacy_lambda: NonNegFloat = 1.0
+    """legacy-rl: weight lambda of the squared log-ratio penalty (1.0 is the authors' tuned value)."""
 
     @model_validator(mode="after")
     def _order(self) -> FinetuneSpec:
@@ -115,37 +260,83 @@ class FinetuneSpec(Strict):
 
 
 class EvalSpec(Strict):
-    """Metric settings (design.md §5)."""
+    """Metric settings (docs/maths.md#metrics)."""
 
-    n: PosInt = 20_000  # samples per evaluation
-    cell_radius: PosFloat = 1.5  # a sample within this radius of its nearest prior mean is in that cell
-    hist_half_width: PosFloat = 13.0  # histogram over [-w, w]^2 (2-D tasks only) ...
-    hist_bin: PosFloat = 0.5  # ... in square bins of this width, plus one outside cell
+    n: PosInt = 20_000
+    """Samples per evaluation."""
+    cell_radius: PosFloat | None = None
+    """Mode cells: a sample within this radius of its nearest prior mean is in that cell; omitted: the radius that holds
+    the mass of a component that radius 1.5 holds in 2-D at variance 0.3 (97.65%), in any dimension."""
+    hist_half_width: PosFloat = 13.0
+    """Histogram over [-w, w]^2 (2-D tasks only) ..."""
+    hist_bin: PosFloat = 0.5
+    """... in square bins of this width, plus one outside cell."""
+    reference: str | None = None
+    """Reference samples of the target (a data file) for the sliced-W2 and MMD comparisons; relative to the preset file."""
+
+    _reference = field_validator("reference")(resolve_path)
 
 
+class ReproduceSpec(Strict):
+    """What `rtbcli reproduce` runs for this task (the full run uses the finetune and evaluate budgets)."""
+
+    methods: list[Literal["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]] = Field(
+        default_factory=lambda: ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"])
+    """The methods compared, each fine-tuned from the same prior and seed."""
+    shipped_prior: str | None = None
+    """A prior in rtbcli/data, made by `rtbcli pretrain` with this preset: --quick starts from it."""
+    quick_steps: PosInt = 1_000
+    """--quick: fine-tuning steps per method."""
+    quick_batch_size: PosInt = 200
+    """--quick: trajectories per step."""
+    quick_lr: PosFloat | None = 3e-3
+    """--quick: the policy's learning rate (omitted: the finetune section's)."""
+    quick_n: PosInt = 10_000
+    """--quick: samples per evaluation."""
+
+
+# ----------------------------------------------------------------------------- the preset
 class Preset(Strict):
     """A task (prior data, reward, beta) with the sampler and the default budgets for it."""
 
     name: str
+    """A short name for the task."""
     description: str = ""
-    beta: PosFloat = 1.0  # inverse temperature: the target is p_prior * r^beta
-    prior_data: MixtureSpec  # the data the prior is pretrained on (known exactly)
-    reward: RewardSpec
+    """One line on what the task is."""
+    beta: PosFloat = 1.0
+    """Inverse temperature: the target is p_prior * r^beta."""
+    prior_data: DataSpec
+    """The data the prior is pretrained on: a mixture (means, variance, weights), a data file (path) or a shipped dataset."""
+    reward: RewardSpec | None = None
+    """The reward r(x) > 0, through log r; needed to fine-tune."""
     sampler: SamplerSpec = SamplerSpec()
     pretrain: PretrainSpec = PretrainSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     evaluate: EvalSpec = EvalSpec()
+    reproduce: ReproduceSpec = ReproduceSpec()
+
+    @field_validator("prior_data", mode="before")
+    @classmethod
+    def _one_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            keys = [f"'{key}'" for key in DATA_KEYS.values() if key in v]
+            if len(keys) > 1:
+                raise ValueError(f"it has both {' and '.join(keys)}: give one kind of data (a mixture, a data file or a shipped dataset)")
+        return v
 
     @model_validator(mode="after")
     def _dims(self) -> Preset:
-        if self.reward.mixture.dim != self.prior_data.dim:
-            raise ValueError(
-                f"reward.mixture has dimension {self.reward.mixture.dim}, prior_data has {self.prior_data.dim}"
-            )
+        rd, dd = (self.reward.dim if self.reward is not None else None), self.prior_data.dim
+        if rd is not None and dd is not None and rd != dd:
+            raise ValueError(f"reward.mixture has dimension {rd}, prior_data has {dd}")
+        if isinstance(self.reward, MixtureRewardSpec) and self.reward.type == "mixture_ratio" and not isinstance(self.prior_data, MixtureSpec):
+            raise ValueError("a 'mixture_ratio' reward divides by the data density, which needs mixture prior_data: use type = 'mixture' or 'python'")
         return self
 
     @property
     def dim(self) -> int:
+        if self.prior_data.dim is None:
+            raise InputError(f"preset '{self.name}': the dimension of its data file is not known yet (load the preset with load_preset)")
         return self.prior_data.dim
 
     def updated(self, section: str, **changes: Any) -> Preset:
@@ -167,58 +358,82 @@ def shipped_presets() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+def shipped_preset_text(name: str) -> str:
+    return (resources.files("rtbcli") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+
+
+TAGS = {"mixture", "file", "dataset", "python", "mixture_ratio"}
+
+
 def describe_validation_error(err: ValidationError, where: str) -> str:
     """One line naming the worst bad key of a pydantic error (and how many more there are).
 
     An unknown key comes first (it is usually a typo, and explains a "missing" one), then a
-    wrong value, then a missing key.
+    wrong value, then a missing key. Union tags (which kind of data or reward) are left out of
+    the key's name.
     """
     rank = {"extra_forbidden": 0, "missing": 2}
-    first = min(err.errors(), key=lambda e: rank.get(e["type"], 1))
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    errors = err.errors()
+    first = min(errors, key=lambda e: rank.get(e["type"], 1))
+    loc = [str(p) for i, p in enumerate(first["loc"]) if not (p in TAGS and i > 0 and first["loc"][i - 1] in ("prior_data", "reward"))]
+    key = ".".join(loc) or "(top level)"
     if first["type"] == "extra_forbidden":
         what = f"unknown key '{key}'"
     elif first["type"] == "missing":
         what = f"missing key '{key}'"
     else:
-        what = f"bad value for '{key}': {first['msg']}"
-    more = len(err.errors()) - 1
+        what = f"bad value for '{key}': {first['msg'].replace('Value error, ', '')}"
+    more = len(errors) - 1
     return f"{where}: {what}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def load_preset(name_or_path: str | Path | None = None) -> tuple[Preset, str]:
+def looks_like_data_file(ref: str) -> bool:
+    return Path(ref).suffix.lower() in DATA_SUFFIXES
+
+
+def load_preset(name_or_path: str | Path | None = None, resolve: bool = True) -> tuple[Preset, str]:
     """Load a preset by shipped name or by path; returns it and the name it was found by.
 
-    Raises InputError naming the file and the bad key when the preset is invalid.
+    Relative paths in the file are taken relative to it. With `resolve` (the default) a data
+    file is read once, so that its dimension and SHA-256 are part of the preset and a bad file
+    is reported now (see `rtbcli.data.resolve_data`). Raises InputError naming the file and the
+    bad key when the preset is invalid.
     """
     ref = str(name_or_path) if name_or_path is not None else DEFAULT_PRESET
     path = Path(ref)
+    if looks_like_data_file(ref):
+        raise InputError(f"'{ref}' is a data file, not a preset: use `rtbcli pretrain --data {ref}`, or name it in a preset's "
+                         f"[prior_data] path (see `rtbcli presets init`)")
     if path.suffix == ".toml" or path.exists() or "/" in ref:
         if not path.is_file():
             raise InputError(f"preset file '{ref}' not found: give a shipped name ({', '.join(shipped_presets())}) or a path to a .toml file")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"preset file '{ref}' cannot be read ({e.__class__.__name__}): check its permissions and encoding") from None
-        label = str(path)
+            raise InputError(f"preset file '{ref}' cannot be read ({e.__class__.__name__}): check its permissions and that it is a UTF-8 TOML file") from None
+        label, base = str(path), path.resolve().parent
     elif ref in shipped_presets():
-        text = (resources.files("rtbcli") / "presets" / f"{ref}.toml").read_text(encoding="utf-8")
-        label = f"{ref}.toml (shipped)"
+        text, label, base = shipped_preset_text(ref), f"{ref}.toml (shipped)", None
     else:
         raise InputError(f"unknown preset '{ref}': choose one of {', '.join(shipped_presets())}, or give a path to a .toml file")
-    return parse_preset(text, label), ref
+    preset = parse_preset(text, label, base)
+    if resolve:
+        from .data import resolve_data
+
+        preset = resolve_data(preset, label)
+    return preset, ref
 
 
-def parse_preset(text: str, label: str) -> Preset:
-    """Validate a preset's TOML text; `label` names it in error messages."""
+def parse_preset(text: str, label: str, base_dir: Path | None = None) -> Preset:
+    """Validate a preset's TOML text; `label` names it in error messages, `base_dir` anchors relative paths."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"preset {label}: not valid TOML ({e})") from None
     try:
-        return Preset.model_validate(data)
+        return Preset.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
-        raise InputError(describe_validation_error(e, f"preset {label}") + ": fix the file (see `rtbcli presets`)") from None
+        raise InputError(describe_validation_error(e, f"preset {label}") + ": fix the file (see `rtbcli presets show reference`)") from None
 
 
 def preset_from_json(data: dict) -> Preset:

@@ -34,7 +34,7 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, sha256_file
 from .errors import InputError
-from .finetune import SCALAR_NAME  # {"rtb": "log_z", "trust-pcl": "v_soft_s0"}
+from .objectives import OBJECTIVES
 from .runtime import check_writable
 
 Number = Union[float, torch.Tensor]
@@ -158,7 +158,7 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
     if algo == to:
         other = "rtb" if to == "trust-pcl" else "trust-pcl"
         raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert (--to {other} converts the other way)")
-    src_name, dst_name = SCALAR_NAME[algo], SCALAR_NAME[to]
+    src_name, dst_name = OBJECTIVES[algo].scalar, OBJECTIVES[to].scalar
     if src_name not in ck.tensors or ck.tensors[src_name].numel() != 1 or dst_name in ck.tensors:
         raise InputError(f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged")
     beta = _checkpoint_beta(ck)

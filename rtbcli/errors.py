@@ -1,26 +1,48 @@
-"""The two kinds of failure the CLI distinguishes.
+"""The kinds of failure the CLI distinguishes, and the exit code of each.
 
-`InputError` is bad input (a wrong option, a missing or foreign file, an invalid preset): the
-CLI prints its one-line message and exits with code 2. `RunError` is a failure while running
-(a diverged loss): exit code 1. Library users catch them like any exception.
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | a run failed after it started (a diverged loss, a reward that raised or returned NaN, a failed process) |
+| 2 | bad input: a wrong option, a missing or foreign file, an invalid preset; nothing was written |
+| 3 | `rtbcli evaluate --require`: the evaluation ran, and a required check failed |
+| 130 | interrupted by SIGINT (Ctrl-C); a training run saved its last completed step first |
+| 143 | terminated by SIGTERM; a training run saved its last completed step first |
+
+`InputError` is bad input: the CLI prints its one-line message and exits with code 2. `RunError`
+is a failure while running: exit code 1. Library users catch them like any exception.
 """
 
 from __future__ import annotations
+
+EXIT_OK, EXIT_RUN, EXIT_INPUT, EXIT_REQUIRE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
 
 class RtbcliError(Exception):
     """Base class; `exit_code` is what the CLI exits with."""
 
-    exit_code = 1
+    exit_code = EXIT_RUN
 
 
 class InputError(RtbcliError, ValueError):
     """Bad input: the message names the problem and what to do about it."""
 
-    exit_code = 2
+    exit_code = EXIT_INPUT
 
 
 class RunError(RtbcliError, RuntimeError):
     """A run failed after it started (for example a non-finite loss)."""
 
-    exit_code = 1
+    exit_code = EXIT_RUN
+
+
+class Interrupted(RtbcliError):
+    """A run stopped by a signal after saving its state; the exit code is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_SIGINT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RtbcliWarning(UserWarning):
+    """Something a user should know that does not stop the command (printed as `rtbcli: warning: ...`)."""

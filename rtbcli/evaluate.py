@@ -1,119 +1,222 @@
-"""Evaluate a checkpoint against its target with the metrics of design.md §5.
+"""Evaluate a checkpoint against its target, in three tiers (docs/maths.md#metrics).
 
 The target of a prior checkpoint is its preset's prior data; the target of a finetuned one is
 p_data(x) r(x)^beta / Z with the *data* distribution, so a poor prior shows in the numbers.
+Each tier is reported when it applies (`rtbcli.report.REPORT_KEYS` lists every key):
 
-Log Z and its bounds, from N on-policy trajectories (lpb = sum_{i=1}^{T-1} log p_B(x_i | x_{i+1})):
-- relative to the learned prior (finetuned only): lw = lpp + beta log r - lpf;
-  elbo_prior = mean(lw) <= log Z_theta; log_z_is = log mean exp(lw); ess = (sum e^lw)^2 / (N sum e^2lw);
-- relative to the data: lw' = log p_data(x_T) + beta log r + lpb - lpf; elbo = mean(lw') <= log Z_data;
-  eubo = the same expression averaged over exact target samples with bridge trajectories >= log Z_data.
-For a prior checkpoint the reward term is absent and log Z_data = 0.
+1. always (where there is a reward): the mean and quantiles of log r over the samples; for a
+   finetuned sampler the importance weights relative to its prior, lw = lpp + beta log r - lpf:
+   ELBO_prior = mean(lw), log Z_IS = log mean exp(lw) and its ESS, and the path KL to the prior
+   mean(lpf - lpp) (an upper bound on the KL between the two samplers' marginals);
+2. with reference samples of the target (`reference=`, the preset's `evaluate.reference`, or
+   what the target provides: exact samples, data rows, held-out images): sliced-W2 and MMD^2
+   beside their floor (two disjoint halves of the reference, at the compared size);
+3. where the target is known exactly: mode coverage, mode-weight KL, off-target mass and
+   histogram KL beside the exact-sampler floor, and with the data density log Z and its
+   sandwich: lw' = log p_data(x_T) + beta log r + lpb - lpf, ELBO = mean(lw') <= log Z_data <= EUBO
+   (the same expression over exact target samples with bridge trajectories).
+
+Loading a checkpoint never imports code: a finetuned checkpoint trained with a Python reward is
+scored only when the reward is named again (`reward=`), unless it ships with rtbcli.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
-from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, sample_metrics
-from .runtime import keep_freed_memory, make_generator
+from .config import Preset, PythonRewardSpec
+from .data import load_array
+from .errors import InputError
+from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, reference_comparison, sample_metrics
+from .rewards import UnnamedReward, check_reward_output
+from .runtime import make_generator
 from .sampler import bridge_log_prob, bridge_sample
+from .suites import suite_of
 from .targets import Target, prior_target, tilted_target
 from .tasks import Task
 
 SAMPLE_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+MAX_FLOATS = 1 << 27  # trajectories are drawn in chunks of at most this many numbers
 
 
 @dataclass
 class Evaluation:
     metrics: dict  # the JSON-ready report
     samples: torch.Tensor  # (n, d) model samples, CPU float32
-    target_samples: torch.Tensor  # (n, d) exact target samples used for the floor and the EUBO
+    target_samples: torch.Tensor | None  # (n, d) exact target samples (floors, EUBO), where the target has them
     target: Target
+    task: Task
+    reference: torch.Tensor | None = None  # the reference samples of tier 2
 
 
-def target_of(ck: Checkpoint, beta: float | None = None) -> tuple[Task, Target]:
+def with_reward(preset: Preset, reward: str | None = None, kwargs: dict | None = None) -> Preset:
+    """The preset with its reward named again, or replaced (`--reward`, `--reward-arg`).
+
+    Naming the recorded reference keeps the recorded kwargs unless new ones are given.
+    """
+    if reward is None and not kwargs:
+        return preset
+    old = preset.reward if isinstance(preset.reward, PythonRewardSpec) else None
+    if reward is None:
+        if old is None:
+            raise InputError("--reward-arg sets a Python reward's keyword arguments: the preset's reward is not a Python reward; give --reward too")
+        reward = old.function
+    spec = PythonRewardSpec.model_validate({"type": "python", "function": reward}, context={"base_dir": Path.cwd()})
+    same = old is not None and old.function == spec.function
+    merged = {**(old.kwargs if same else {}), **(kwargs or {})}
+    data = preset.model_dump()
+    data["reward"] = {"type": "python", "function": spec.function, "kwargs": merged, "sha256": old.sha256 if same else None}
+    return Preset.model_validate(data)
+
+
+def target_of(ck: Checkpoint, beta: float | None = None, preset: Preset | None = None, named: bool = False) -> tuple[Task, Target]:
     """The checkpoint's task and target: p_data for a prior, p_data r^beta for a finetuned one.
 
-    Giving `beta` scores any checkpoint (a prior included) against p_data r^beta.
+    Giving `beta` scores any checkpoint (a prior included) against p_data r^beta. `named`: the
+    user named the reward again, so a Python reward may be imported.
     """
-    task = Task(ck.preset, beta)
+    task = Task(preset or ck.preset, beta, allow_import=named)
     if ck.kind == "finetuned" or beta is not None:
+        if task.reward is None:
+            raise InputError("scoring against p_data r^beta needs a reward: give --reward path/to/rewards.py:function")
+        if isinstance(task.reward, UnnamedReward):
+            task.reward(torch.zeros(1, task.dim))  # raises the one-line message naming the reference to pass
         return task, tilted_target(task, task.beta)
     return task, prior_target(task)
 
 
+def _chunks(n: int, steps: int, dim: int) -> list[int]:
+    size = max(1, MAX_FLOATS // ((steps + 1) * dim))
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
 @torch.no_grad()
-def _score(policy, prior, task: Task, traj: torch.Tensor, beta: float | None, chunk: int) -> dict:
-    """lpf, lpb, log p_data, and with beta also log r and (if a prior is given) lpp, of trajectories
-    (T+1, n, d), in chunks of trajectories."""
+def _score(policy, prior, task: Task, traj: torch.Tensor, want_reward: bool, chunk: int) -> dict:
+    """Per-trajectory lpf, and where they apply lpp, log r, lpb and log p_data(x_T), in chunks."""
     out: dict[str, list] = {"lpf": [], "lpp": [], "lpb": [], "log_r": [], "log_data": []}
     for part in traj.split(chunk, dim=1):
         x = part[-1]
         out["lpf"].append(policy.log_prob(part).double())
-        out["lpb"].append(bridge_log_prob(part.double(), policy.sigma2))
-        out["log_data"].append(task.data_log_prob(x.double()))
-        if beta is not None:
-            out["log_r"].append(task.log_reward(x.double()))
+        if task.data_is_exact:
+            out["lpb"].append(bridge_log_prob(part.double(), policy.sigma2))
+            out["log_data"].append(task.data_log_prob(x.double()))
+        if want_reward:
+            out["log_r"].append(task.log_reward(x).double())
         if prior is not None:
             out["lpp"].append(prior.log_prob(part).double())
     return {k: torch.cat(v).cpu() if v else None for k, v in out.items()}
 
 
+def _reference(arg, ck: Checkpoint, target: Target) -> tuple[torch.Tensor | None, str]:
+    if isinstance(arg, torch.Tensor):
+        return arg.double().cpu(), f"{arg.shape[0]:,} given reference samples"
+    path = arg or ck.preset.evaluate.reference
+    if path is not None:
+        rows, _ = load_array(path)
+        if rows.shape[1] != ck.preset.dim:
+            raise InputError(f"reference file '{path}' has dimension {rows.shape[1]}, the checkpoint samples dimension {ck.preset.dim}: "
+                             f"give reference samples of the target")
+        return rows, f"{rows.shape[0]:,} rows of {Path(path).name}"
+    return target.reference, target.reference_note
+
+
 @torch.no_grad()
-def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.device = torch.device("cpu"),
-             chunk: int = 2_500, beta: float | None = None) -> Evaluation:
+def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.device = torch.device("cpu"), chunk: int = 2_500,
+             beta: float | None = None, reward: str | None = None, reward_kwargs: dict | None = None,
+             reference: str | Path | torch.Tensor | None = None) -> Evaluation:
     """Sample n points from the checkpoint's policy and score them (see the module docstring).
 
-    `beta` scores a prior checkpoint against the tilted target p_data r^beta (the starting
-    point of a fine-tuning); the importance weights are then relative to the prior itself.
+    `beta` scores a prior checkpoint against the tilted target p_data r^beta (the starting point
+    of a fine-tuning); the importance weights are then relative to the prior itself. `reward`
+    names a checkpoint's Python reward again (or another one); `reference` gives reference
+    samples of the target (a data file or an (m, d) tensor).
     """
-    task, target = target_of(ck, beta)
-    keep_freed_memory()
+    named = reward is not None or bool(reward_kwargs)
+    preset = with_reward(ck.preset, reward, reward_kwargs) if named else ck.preset
+    task, target = target_of(ck, beta, preset, named)
     finetuned = ck.kind == "finetuned" or beta is not None
+    use_reward = task.reward is not None and not isinstance(task.reward, UnnamedReward)
     beta = task.beta if finetuned else None
     policy = ck.sampler("policy", device)
     prior = None  # the reference of the importance weights: the frozen prior, or a prior itself
     if finetuned:
         prior = ck.sampler("prior", device) if ck.kind == "finetuned" else policy
     gen = make_generator(seed, device)
+    if use_reward:
+        check_reward_output(task.reward, policy.sample(min(n, 256), 0.0, make_generator(seed + 7919, device))[-1],
+                            "samples of the checkpoint")
 
-    traj = policy.sample(n, 0.0, gen)
-    x = traj[-1].float().cpu()
-    s = _score(policy, prior, task, traj, beta, chunk)
-    tilt = beta * s["log_r"] if finetuned else 0.0
-    lw_data = s["log_data"] + tilt + s["lpb"] - s["lpf"]
+    parts, xs = [], []
+    for size in _chunks(n, policy.steps, policy.dim):
+        traj = policy.sample(size, 0.0, gen)
+        xs.append(traj[-1].float().cpu())
+        parts.append(_score(policy, prior, task, traj, use_reward, chunk))
+        del traj
+    s = {k: (torch.cat([p[k] for p in parts]) if parts[0][k] is not None else None) for k in parts[0]}
+    x = torch.cat(xs)
 
-    # Exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories.
-    tgen = make_generator(seed + 1, torch.device("cpu"))
-    y = target.sample(n, tgen)
-    back = bridge_sample(y.to(device=device, dtype=policy.net.state.weight.dtype), policy.steps, policy.sigma2, make_generator(seed + 2, device))
-    sb = _score(policy, None, task, back, beta, chunk)
-    lw_eubo = sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]
-
-    m = {"checkpoint": str(ck.path), "kind": ck.kind, "algo": ck.algo, "preset": ck.meta.get("preset"), "n": n, "seed": seed,
-         "step": ck.step, "beta": beta, "target": target.description, "target_method": target.method}
-    m.update(sample_metrics(x, target))
-    m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in SAMPLE_KEYS}
-    if finetuned:
-        lw = s["lpp"] + tilt - s["lpf"]
+    m = {"checkpoint": str(ck.path), "kind": ck.kind, "algo": ck.algo, "preset": ck.meta.get("preset"), "suite": suite_of(task).name,
+         "dim": task.dim, "n": n, "seed": seed, "step": ck.step, "beta": beta, "target": target.description, "target_method": target.method}
+    # tier 1: the reward, and the importance weights relative to the prior
+    if use_reward:
+        lr = s["log_r"]
+        m["log_r_mean"] = float(lr.mean())
+        q = torch.quantile(lr[torch.isfinite(lr)], torch.tensor(QUANTILES, dtype=torch.float64)) if torch.isfinite(lr).any() else None
+        for p, v in zip(QUANTILES, q.tolist() if q is not None else [math.nan] * len(QUANTILES)):
+            m[f"log_r_q{round(100 * p):02d}"] = v
+    if finetuned and use_reward:
+        lw = s["lpp"] + beta * s["log_r"] - s["lpf"]
         m["elbo_prior"], m["log_z_is"], m["ess"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
-    else:
-        m["elbo_prior"], m["log_z_is"], m["ess"] = None, log_mean_exp(lw_data), effective_sample_size(lw_data)
-    m["log_z_is_data"] = log_mean_exp(lw_data)
-    m["log_z_true"] = target.log_z if target.log_z_exact else None
-    m["elbo"], m["eubo"] = float(lw_data.mean()), float(lw_eubo.mean())
-    m["log_z_learned"], m["v_soft_s0"], m["alpha"] = None, None, None
+        m["path_kl"] = float((s["lpf"] - s["lpp"]).mean())
     if ck.algo == "rtb":
         m["log_z_learned"] = ck.scalar("log_z")
     elif ck.algo == "trust-pcl":
         alpha = float(ck.meta["alpha"])
         m["v_soft_s0"], m["alpha"] = ck.scalar("v_soft_s0"), alpha
         m["log_z_learned"] = m["v_soft_s0"] / alpha
-    freq = per_mode_frequencies(x, target)
-    m["mode_frequencies"] = None if freq is None else [round(float(v), 6) for v in freq]
-    m["mode_masses"] = None if target.cell_masses is None else [round(float(v), 6) for v in target.cell_masses]
-    return Evaluation(m, x, y.float(), target)
+
+    # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
+    y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
+
+    # tier 2: reference samples
+    ref, note = _reference(reference, ck, target)
+    if ref is None and y is not None:
+        ref, note = y, f"{n:,} exact target samples"
+    if ref is not None:
+        m.update(reference_comparison(x, ref, seed=seed))
+        m["reference"] = note
+    elif note:
+        m["reference"] = note
+
+    # tier 3: exact mode metrics, log Z and its sandwich
+    if target.cell_masses is not None or target.bin_masses is not None:
+        m.update(sample_metrics(x, target))
+        if y is not None:
+            m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in SAMPLE_KEYS}
+        freq = per_mode_frequencies(x, target)
+        if freq is not None and target.cell_masses is not None:
+            modes = [{"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}
+                     for mu, p, f in zip(target.cell_means.tolist(), target.cell_masses[:-1], freq[:-1])]
+            m["cells"] = {"radius": target.radius, "modes": modes,
+                          "elsewhere": {"target_mass": round(float(target.cell_masses[-1]), 6), "frequency": round(float(freq[-1]), 6)}}
+    if task.data_is_exact and (use_reward or not finetuned):
+        tilt = beta * s["log_r"] if finetuned else 0.0
+        lw_data = s["log_data"] + tilt + s["lpb"] - s["lpf"]
+        if not finetuned:
+            m["log_z_is"], m["ess"] = log_mean_exp(lw_data), effective_sample_size(lw_data)
+        m["log_z_is_data"] = log_mean_exp(lw_data)
+        m["log_z_true"] = target.log_z if target.log_z_exact else None
+        m["elbo"] = float(lw_data.mean())
+        if y is not None:
+            back = bridge_sample(y.to(device=device, dtype=policy.net.state.weight.dtype), policy.steps, policy.sigma2,
+                                 make_generator(seed + 2, device))
+            sb = _score(policy, None, task, back, finetuned, chunk)
+            m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())
+    m.update(suite_of(task).extra_metrics(task, x, target, finetuned, seed))
+    return Evaluation(m, x, None if y is None else y.float(), target, task, ref)

@@ -1,18 +1,23 @@
 """Fine-tuning a prior toward p_prior(x) r(x)^beta with rtb, trust-pcl, reinforce-kl or legacy-rl.
 
-One step (design.md §2-§3), the same for every objective:
+One step (docs/maths.md#fine-tuning), the same for every objective:
 
 1. draw B trajectories without gradient from the behaviour policy: the learned policy's mean
    with per-step variance sigma2 * dt + s_e^2 (s_e = 0 on-policy), keeping the policy
    network's activations (`rtbcli.rollout`);
 2. the learned policy's log-probabilities (un-inflated variance) and the behaviour's come from
    the residuals of that rollout; the frozen prior scores the trajectories in one batched pass;
-3. autograd differentiates the objective (`rtbcli.objectives`) with respect to the per-step
-   log-probabilities and log Z / V(s0); one batched backward pass over all T*B transitions
-   (`rollout.backward`) turns that into the policy's gradient; one Adam step.
+3. autograd differentiates the objective (`rtbcli.objectives.OBJECTIVES`) with respect to the
+   per-step log-probabilities and log Z / V(s0); one batched backward pass over all T*B
+   transitions (`rollout.backward`) turns that into the policy's gradient; one Adam step.
+
+With several processes (`rtbcli.distributed`), each rank draws its share of the global batch,
+the per-trajectory scalars are gathered so that step 3 sees the global batch, and the policy's
+partial gradients are summed over ranks: the same run as one process.
 
 Exploration schedule for a run of N steps (the authors' schedule at N = 5,000):
-s_e(it) = s_0 for it < hold*N, else s_0 * max(0, 1 - it / (end*N)), with hold = 0.1, end = 0.9.
+s_e(it) = s_0 for it < hold*N, else s_0 * max(0, 1 - it / (end*N)), with hold = 0.1, end = 0.9,
+and s_e = 0 at the last step of every run, however short.
 
 Learning rates: the policy's is `lr`; log Z's (rtb) is `lr_logz`; trust-pcl's V(s0) gets
 alpha * lr_logz, and Adam's eps is scaled with trust-pcl's gradients (alpha^2 for the policy,
@@ -22,6 +27,7 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,22 +37,21 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, base_metadata, sampler_tensors, save_checkpoint
-from .config import Preset
-from .errors import InputError, RtbcliError, RunError
-from .objectives import legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights, trust_pcl_loss
-from .runtime import JsonlLog, Timer, keep_freed_memory, make_generator, make_progress
+from .config import DataFileSpec, DatasetSpec, MixtureSpec, Preset, PythonRewardSpec
+from .distributed import Dist
+from .errors import InputError, Interrupted, RunError
+from .objectives import OBJECTIVES, Batch, HyperParams, Objective
+from .rewards import PythonReward, RewardFailed, check_reward_output
 from .rollout import Workspace, rollout, step_log_probs
 from .rollout import backward as policy_backward
+from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler
+from .state import load_state, save_state
 from .tasks import Task
+from .training import RunPaths, StopSignals, new_run_id, read_log_until
 
-ALGOS = ("rtb", "trust-pcl", "reinforce-kl", "legacy-rl")
-SCALAR_NAME = {"rtb": "log_z", "trust-pcl": "v_soft_s0"}
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
-
-
-class Interrupted(RtbcliError):
-    exit_code = 130
+PROBE_N = 256  # prior samples the reward is checked on before a run
 
 
 @dataclass
@@ -54,40 +59,78 @@ class FinetuneResult:
     out: Path
     log: Path | None
     algo: str
-    steps: int
+    steps: int  # the run's planned (and reached) length
+    first_step: int  # where this session started (0, or the step a resumed run continued from)
     seconds: float
     steps_per_s: float
     loss: float
     log_z: float | None  # learned log Z (rtb) or V(s0) / alpha (trust-pcl)
     mean_log_r: float
-    step_seconds: list[float]  # wall time of every step (host clock), for benchmarks
+    step_seconds: list[float]  # wall time of every step of this session (host clock), for benchmarks
 
     @property
     def median_step_s(self) -> float:
         return statistics.median(self.step_seconds)
 
 
+def objective(algo: str) -> Objective:
+    if algo not in OBJECTIVES:
+        raise InputError(f"unknown objective '{algo}': choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[algo]
+
+
 def exploration_std(it: int, total: int, s0: float, hold: float = 0.1, end: float = 0.9) -> float:
-    """s_e at (0-indexed) iteration `it` of a run of `total` steps."""
+    """s_e at (0-indexed) iteration `it` of a run of `total` steps; 0 at the last step."""
+    if it >= total - 1:
+        return 0.0
     if it < hold * total:
         return s0
     return s0 * max(0.0, 1.0 - it / (end * total)) if end > 0 else 0.0
 
 
+def data_identity(spec) -> tuple:
+    """What makes two presets' prior data the same data (a file by its content, not its path)."""
+    if isinstance(spec, MixtureSpec):
+        return ("mixture", spec.model_dump_json())
+    if isinstance(spec, DataFileSpec):
+        return ("file", spec.sha256)
+    if isinstance(spec, DatasetSpec):
+        return ("dataset", spec.model_dump_json())
+    return ("?", repr(spec))
+
+
+def describe_data(spec) -> str:
+    if isinstance(spec, MixtureSpec):
+        return f"a {len(spec.means)}-component mixture (variance {spec.variance:g})"
+    if isinstance(spec, DataFileSpec):
+        return f"the data file {spec.path} (SHA-256 {str(spec.sha256)[:12]}...)"
+    return f"the {spec.dataset} dataset ({spec.split}, scale {spec.scale:g}, shift {spec.shift:g})"
+
+
 def check_compatible(prior: Checkpoint, preset: Preset) -> None:
-    """The prior must be a sampler for the preset's space, with the preset's sampler settings."""
+    """The prior must be a sampler of the preset's data, with the preset's sampler settings.
+
+    The preset's data define the target that `evaluate` scores against (p_data r^beta), so a
+    prior pretrained on other data is refused.
+    """
     if prior.preset.dim != preset.dim:
         raise InputError(f"the prior samples dimension {prior.preset.dim} but the preset's task has dimension {preset.dim}: use a prior pretrained on this preset")
     if prior.preset.sampler != preset.sampler:
         mine, theirs = prior.preset.sampler.model_dump(), preset.sampler.model_dump()
         diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
         raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
+    a, b = prior.preset.prior_data, preset.prior_data
+    if data_identity(a) != data_identity(b):
+        raise InputError(f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}: "
+                         f"fine-tune under the preset the prior was pretrained with (its data define the target)")
 
 
 def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: str, scalar: torch.Tensor | None) -> dict:
+    """A finetuned checkpoint's tensors: policy.*, prior.*, and the objective's learned scalar."""
     tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
-    if algo in SCALAR_NAME:
-        tensors[SCALAR_NAME[algo]] = scalar.detach().to("cpu", torch.float32).reshape(())
+    name = OBJECTIVES[algo].scalar
+    if name is not None:
+        tensors[name] = scalar.detach().to("cpu", torch.float32).reshape(())
     return tensors
 
 
@@ -95,9 +138,8 @@ def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
     """(prior, policy, initial scalar, prior sha256, prior path, step offset) from a checkpoint.
 
     A prior checkpoint starts a run: the policy is a copy of the prior, log Z = V(s0) = 0. A
-    finetuned checkpoint resumes one: its policy, its frozen prior, and its log Z (or V(s0)/alpha)
-    converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta). Adam's moments
-    and the exploration schedule start afresh.
+    finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
+    V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
     """
     if start.kind == "prior":
         prior, policy = start.sampler("policy", device, dtype), start.sampler("policy", device, dtype)
@@ -106,33 +148,66 @@ def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
     log_z = start.scalar("log_z")
     if log_z is None and start.scalar("v_soft_s0") is not None:
         log_z = start.scalar("v_soft_s0") / float(start.meta["alpha"])
-    if log_z is None or algo not in SCALAR_NAME:
+    scalar = OBJECTIVES[algo].scalar
+    if log_z is None or scalar is None:
         init = 0.0
     else:
-        init = log_z if algo == "rtb" else log_z / beta  # V(s0) = alpha log Z
+        init = log_z if scalar == "log_z" else log_z / beta  # V(s0) = alpha log Z
     return prior, policy, init, start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
+
+
+def check_resumable(start: Checkpoint, algo: str, preset: Preset, device: torch.device):
+    """The state beside a finetuned checkpoint, checked against the run that would continue it."""
+    if start.kind != "finetuned":
+        raise InputError(f"--resume needs a finetuned checkpoint; '{start.path}' is a prior: start a run with --prior")
+    state = load_state(start.path, "finetune")
+    if state.meta.get("run_id") != start.meta.get("run_id") or state.step != start.step:
+        raise InputError(f"the state file beside '{start.path}' belongs to another run or step: resume from the checkpoint it was saved with")
+    if state.meta["algo"] != algo:
+        raise InputError(f"'{start.path}' is a {state.meta['algo']} run: resume it with --algo {state.meta['algo']} (or start a new "
+                         f"{algo} run from it with --warm-start)")
+    saved = Preset.model_validate(json.loads(state.meta["config"]))
+    mine = preset.updated("finetune", steps=saved.finetune.steps)
+    if saved != mine:
+        a, b = saved.model_dump(), mine.model_dump()
+        diff = ", ".join(k for k in a if a[k] != b[k])
+        raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
+                         f"and other settings except --steps, or start a new run with --warm-start")
+    if state.meta.get("device") != device.type:
+        raise InputError(f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
+                         f"resume with --device {state.meta.get('device')}")
+    if preset.finetune.steps <= state.step:
+        raise InputError(f"the run is at step {state.step}; --steps {preset.finetune.steps} would end it before that: give a larger total")
+    return state
 
 
 def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
              device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
-             log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32) -> FinetuneResult:
-    """Fine-tune with `algo` under `preset` (beta and budget from it), from a prior checkpoint or
-    resuming a finetuned one (see `starting_point`)."""
-    if algo not in ALGOS:
-        raise InputError(f"unknown objective '{algo}': choose one of {', '.join(ALGOS)}")
-    check_compatible(start, preset)
-    keep_freed_memory()
+             log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32, resume: bool = False,
+             save_every: int = 1000, dist: Dist | None = None) -> FinetuneResult:
+    """Fine-tune with `algo` under `preset` (beta and budget from it).
+
+    `start` is a prior checkpoint (a new run), or a finetuned one: `resume=True` continues that
+    run exactly from its saved state (to `preset.finetune.steps` in all); otherwise it is a warm
+    start with a fresh optimiser and schedule (see `starting_point`).
+    """
+    obj, dist = objective(algo), dist or Dist()
     cfg, beta = preset.finetune, preset.beta
+    if not obj.uses_beta and abs(beta - 1.0) > 1e-12:
+        raise InputError(f"{algo} ignores beta (its fixed point is p_theta exp(r / 2 lambda), not p_theta r^beta): run it at beta = 1")
+    check_compatible(start, preset)
+    b_local = dist.check_batch(cfg.batch_size)
+    state = check_resumable(start, algo, preset, device) if resume else None
     alpha = 1.0 / beta
     task = Task(preset).to(device)
-    probe = task.log_reward(task.prior_data.sample(1000, make_generator(seed, torch.device("cpu")), dtype=torch.float64))
-    if not torch.isfinite(probe).all():
-        raise InputError("the reward returns non-finite values on the prior data: fix the preset's reward")
-
     prior, policy, init, prior_sha, prior_path, offset = starting_point(start, algo, beta, device, dtype)
     prior.requires_grad_(False)
+    check_reward_output(task.reward if task.has_reward else task.log_reward,
+                        prior.sample(PROBE_N, 0.0, make_generator(seed + 7919, device))[-1])
+    if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
+        preset = preset.updated("reward", sha256=task.reward.sha256)
     T, var = policy.steps, policy.step_var
-    scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if algo in SCALAR_NAME else None
+    scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if obj.scalar is not None else None
     # Trust-PCL's loss is alpha^2 times RTB's, so its gradients are alpha^2 (policy) and alpha (V)
     # times RTB's. Adam's step m / (sqrt(v) + eps) ignores that scale except through eps, so eps
     # is scaled along with it and V's lr is alpha lr_logz: trust-pcl then takes exactly RTB's steps.
@@ -141,11 +216,26 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     if scalar is not None:
         groups.append({"params": [scalar], "lr": cfg.lr_logz * scale[1], "eps": ADAM_EPS * scale[1]})
     opt = torch.optim.Adam(groups)
-    explore = not on_policy and algo != "legacy-rl"
-    ws = Workspace(policy, cfg.batch_size)
-    temper = float(T) if cfg.snis == "tempered" else 1.0
+    explore = obj.explores and not on_policy
+    hp = HyperParams(beta=beta, temper=float(T) if cfg.snis == "tempered" else 1.0, legacy_lambda=cfg.legacy_lambda)
+    ws = Workspace(policy, b_local)
     gen = make_generator(seed, device)
-    torch.manual_seed(seed)
+    first, run_id, log_lines = 0, new_run_id(), []
+    if state is not None:  # continue exactly where the saved run stopped
+        policy.load_state_dict(state.section("param.policy"))
+        if scalar is not None:
+            with torch.no_grad():
+                scalar.copy_(state.tensors["param.scalar"])
+        from .state import restore_optimizer
+        restore_optimizer(opt, state.tensors, state.adam_groups)
+        gen.set_state(state.generator_state("rollout"))
+        first, run_id, offset = state.step, state.meta["run_id"], 0
+        seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
+        prior_sha, prior_path = start.meta.get("prior_sha256", ""), start.meta.get("prior_path", "")
+        log_lines = read_log_until(Path(state.meta.get("log", "")), first) if state.meta.get("log") else []
+        explore = obj.explores and not on_policy
+    paths = RunPaths(Path(out))
+    main = dist.is_main
 
     def learned_log_z() -> float | None:
         if scalar is None:
@@ -158,63 +248,92 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
 
     def meta(step: int, **extra) -> dict:
         run = {"command": "finetune", "device": device.type, "seed": seed, "on_policy": on_policy, "prior_path": prior_path,
-               "steps": cfg.steps, **({"resumed_from": str(start.path), "resumed_sha256": start.sha256} if offset else {}), **extra}
+               "steps": cfg.steps, "run_id": run_id, "processes": dist.world, "out": str(paths.out),
+               **({"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}), **extra}
         m = base_metadata("finetuned", preset, preset_ref, offset + step, seed, run)
-        m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_sha, prior_path=prior_path)
+        m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_sha, prior_path=prior_path, run_id=run_id)
+        if preset.reward is not None:
+            m["reward"] = preset.reward.function if isinstance(preset.reward, PythonRewardSpec) else preset.reward.type
+            if isinstance(task.reward, PythonReward) and task.reward.sha256:
+                m["reward_sha256"] = task.reward.sha256
         return m
 
-    log = JsonlLog(log_path)
+    def save(path: Path, step: int, status: str, log_to: Path | None) -> None:
+        """Checkpoint and resumable state of `step` (rank 0 only)."""
+        if not main:
+            return
+        save_checkpoint(path, finetuned_tensors(policy, prior, algo, scalar), meta(step, status=status))
+        params = {f"policy.{k}": v for k, v in policy.state_dict().items()}
+        if scalar is not None:
+            params["scalar"] = scalar.detach()
+        state_meta = {"kind": "finetune", "run_id": run_id, "step": step, "planned_steps": cfg.steps, "algo": algo, "seed": seed,
+                      "on_policy": on_policy, "device": device.type, "config": preset.model_dump_json(), "preset": preset_ref,
+                      "exploration_schedule": json.dumps({"s0": cfg.exploration, "hold": cfg.exploration_hold, "end": cfg.exploration_end}),
+                      "log": str(log_to) if log_to else ""}
+        save_state(RunPaths(path).state, params=params, opt=opt, generators={"rollout": gen}, meta=state_meta)
+
+    log = JsonlLog(log_path if main else None, preamble=log_lines)
     timer = Timer()
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    last_good, last_good_step = snapshot(), 0
+    # the first step at which the loss, or the reward, was non-finite (0: never); kept on the device
+    bad = torch.zeros((), dtype=torch.long, device=device)
+    bad_reward = torch.zeros((), dtype=torch.long, device=device)
+    last_good, last_good_step = snapshot(), first
     loss_v, mean_log_r = float("nan"), float("nan")
-    step = 0
+    step = first
     step_seconds: list[float] = []
+
+    def diverged(reason: str) -> RunError:
+        if main:
+            save_checkpoint(paths.last_good, last_good, meta(last_good_step, status="diverged", diverged_at=step))
+        log.close()
+        return RunError(f"{reason} by step {step}: the last good state (step {last_good_step}) is in {paths.last_good}; "
+                        f"try a lower --lr or --lr-logz" + (" or fix the reward" if "reward" in reason else ""))
+
+    def check_finite() -> None:
+        """At logging time (a host sync): stop on the first non-finite reward or loss, naming which came first."""
+        r, b = int(bad_reward), int(bad)
+        if r and (not b or r <= b):
+            raise diverged("the reward returned NaN or inf")
+        params_ok = all(bool(torch.isfinite(p).all()) for g in opt.param_groups for p in g["params"])
+        if b or not params_ok:
+            raise diverged("the loss or the parameters became non-finite")
+
     try:
-        with make_progress(enabled=progress) as bar:
-            job = bar.add_task(f"finetune {algo}", total=cfg.steps, rate="", status="")
-            for it in range(cfg.steps):
+        with StopSignals() as signals, make_progress(enabled=progress and main) as bar:
+            job = bar.add_task(f"finetune {algo}", total=cfg.steps, completed=first, rate="", status="")
+            for it in range(first, cfg.steps):
                 t_step = time.perf_counter()
                 s_e = exploration_std(it, cfg.steps, cfg.exploration, cfg.exploration_hold, cfg.exploration_end) if explore else 0.0
                 # 1. trajectories from the behaviour policy, without gradient, with the policy's activations
-                ro = rollout(policy, ws, s_e * s_e, gen)
+                ro = rollout(policy, ws, s_e * s_e, gen, (dist.rank, dist.world))
                 log_r = task.log_reward(ro.traj[-1])
                 # 2. log-probabilities: policy and behaviour from the residuals, prior in one batched pass
                 with torch.no_grad():
                     step_lpp = prior.step_log_probs(ro.traj)
                 step_lpf = step_log_probs(ro.residual, var).requires_grad_()
-                lpf, lpp = step_lpf.sum(0), step_lpp.sum(0)
+                lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if explore and algo == "reinforce-kl" else None
+                batch = Batch(step_lpf, step_lpp, log_r, lb)
+                if dist.active:  # the global batch: every rank's trajectories, gradients only through this rank's
+                    batch = Batch(dist.gather(step_lpf), dist.gather(step_lpp), dist.gather(log_r), None if lb is None else dist.gather(lb))
                 # 3. the objective, its gradient, one Adam step
-                if algo == "rtb":
-                    loss = rtb_loss(scalar, lpf, lpp, log_r, beta)
-                elif algo == "trust-pcl":
-                    loss = trust_pcl_loss(scalar, step_lpf, step_lpp, outcome_rewards(log_r, T), alpha)
-                elif algo == "reinforce-kl":
-                    lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if explore else None
-                    loss = reinforce_kl_loss(lpf, lpp, log_r, alpha, snis_weights(lpf, lb, temper))
-                else:
-                    loss = legacy_rl_loss(lpf, lpp, log_r, cfg.legacy_lambda)
+                loss = obj.loss(batch, scalar, hp)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
-                policy_backward(ro, step_lpf.grad)  # dL/d(policy weights), one batched pass
+                policy_backward(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
+                dist.sum_grads(list(policy.parameters()))
                 opt.step()
-                bad |= ~torch.isfinite(loss.detach())
                 step = it + 1
+                bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step, bad)
+                bad_reward = torch.where((bad_reward == 0) & ~torch.isfinite(log_r).all(), step, bad_reward)
                 step_seconds.append(time.perf_counter() - t_step)
                 bar.advance(job)
                 if step % log_every == 0 or step == cfg.steps:
                     # the only host syncs of the loop, at logging time
-                    params_ok = all(bool(torch.isfinite(p).all()) for g in opt.param_groups for p in g["params"])
-                    if bool(bad) or not params_ok:
-                        kept = out.with_name(out.stem + ".last-good.safetensors")
-                        save_checkpoint(kept, last_good, meta(last_good_step, status="diverged", diverged_at=step))
-                        log.close()
-                        raise RunError(f"the loss or the parameters became non-finite by step {step}: the last good state "
-                                       f"(step {last_good_step}) is in {kept}; try a lower --lr or --lr-logz")
+                    check_finite()
                     last_good, last_good_step = snapshot(), step
-                    loss_v, mean_log_r = float(loss.detach()), float(log_r.mean())
+                    loss_v, mean_log_r = float(loss.detach()), float(batch.log_r.mean())
                     lz = learned_log_z()
-                    rate = step / timer.elapsed
+                    rate = (step - first) / timer.elapsed
                     rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, steps_per_s=rate, seconds=timer.elapsed)
                     shown = ""
                     if algo == "rtb":
@@ -226,14 +345,25 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                         shown = f"V {v:.4f}  "
                     log.write(**rec)
                     bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.4g}  {shown}E[log r] {mean_log_r:.3f}")
-    except KeyboardInterrupt:
-        partial = out.with_name(out.stem + ".partial.safetensors")
-        save_checkpoint(partial, last_good, meta(last_good_step, status="interrupted"))
-        log.close()
-        raise Interrupted(f"interrupted at step {step}: the last logged state (step {last_good_step}) is in {partial}") from None
+                if step < cfg.steps and dist.any(signals.requested is not None):
+                    check_finite()
+                    save(paths.partial, step, "interrupted", paths.partial_log)
+                    log.snapshot(paths.partial_log if main else None)
+                    dist.barrier()
+                    raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
+                                      f"`rtbcli finetune --resume {paths.partial}`", signals.exit_code)
+                if save_every and step % save_every == 0 and step < cfg.steps:
+                    save(paths.partial, step, "running", paths.partial_log)
+                    log.snapshot(paths.partial_log if main else None)
+    except RewardFailed as e:
+        raise diverged(str(e)) from None
+    check_finite()
     seconds = timer.elapsed
-    save_checkpoint(out, finetuned_tensors(policy, prior, algo, scalar),
-                    meta(cfg.steps, seconds=round(seconds, 1), median_step_s=round(statistics.median(step_seconds), 4)))
-    log.commit()
-    return FinetuneResult(out, log_path, algo, cfg.steps, seconds, cfg.steps / seconds, loss_v, learned_log_z(), mean_log_r,
-                          step_seconds)
+    med = statistics.median(step_seconds) if step_seconds else 0.0
+    save(paths.out, cfg.steps, "finished", log_path)
+    if main:
+        log.commit()
+        paths.remove_partial()
+    ran = cfg.steps - first
+    return FinetuneResult(paths.out, log_path, algo, cfg.steps, first, seconds, ran / seconds if seconds > 0 else 0.0, loss_v,
+                          learned_log_z(), mean_log_r, step_seconds or [med])

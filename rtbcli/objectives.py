@@ -1,4 +1,4 @@
-"""The fine-tuning objectives of design.md §3, each a small pure function of a batch.
+"""The fine-tuning objectives (docs/maths.md#objectives), each a small pure function of a batch.
 
 Notation, per trajectory tau_i of a batch of B (samples are detached: gradients flow only
 through the learned policy's log-probabilities and the learned scalar):
@@ -15,9 +15,10 @@ L_TrustPCL = alpha^2 L_RTB. They are written independently here; the tests prove
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
-OBJECTIVES = ("rtb", "trust-pcl", "reinforce-kl", "legacy-rl")
+import torch
 
 
 def rtb_loss(log_z: torch.Tensor, lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, beta: float) -> torch.Tensor:
@@ -91,3 +92,76 @@ def legacy_rl_loss(lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, la
     r = log_r.exp().detach()
     adv = r - r.mean()
     return (-adv * lpf + lam * (lpf - lpp).pow(2)).mean()
+
+
+# ----------------------------------------------------------------------------- the registry
+@dataclass
+class Batch:
+    """One step's trajectories as the objectives see them (the global batch, B trajectories).
+
+    step_lpf carries the gradient (the learned policy, un-inflated); everything else is detached.
+    """
+
+    step_lpf: torch.Tensor  # (T, B) log p_phi(x_{t+1} | x_t)
+    step_lpp: torch.Tensor  # (T, B) log p_theta(x_{t+1} | x_t), the frozen prior
+    log_r: torch.Tensor  # (B,) log r(x_T)
+    lb: torch.Tensor | None  # (B,) log-probability under the behaviour policy; None on-policy
+
+    @property
+    def lpf(self) -> torch.Tensor:
+        return self.step_lpf.sum(0)
+
+    @property
+    def lpp(self) -> torch.Tensor:
+        return self.step_lpp.sum(0)
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """What the objectives take besides the batch."""
+
+    beta: float  # inverse temperature; alpha = 1 / beta
+    temper: float  # reinforce-kl: T for the authors' tempered weights, 1 for exact SNIS
+    legacy_lambda: float  # legacy-rl's penalty weight
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 / self.beta
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An objective as the training loop, the command line and the checkpoints know it."""
+
+    name: str
+    loss: Callable[[Batch, torch.Tensor | None, HyperParams], torch.Tensor]
+    scalar: str | None  # the learned scalar's tensor name in a checkpoint: log Z (rtb), V(s0) (trust-pcl), or none
+    explores: bool  # off-policy by default: trajectories come from the exploratory behaviour policy
+    uses_beta: bool  # the target's beta enters the loss (legacy-rl's fixed point ignores it)
+    help: str
+
+
+def _rtb(b: Batch, log_z, hp: HyperParams) -> torch.Tensor:
+    return rtb_loss(log_z, b.lpf, b.lpp, b.log_r, hp.beta)
+
+
+def _trust_pcl(b: Batch, v_s0, hp: HyperParams) -> torch.Tensor:
+    return trust_pcl_loss(v_s0, b.step_lpf, b.step_lpp, outcome_rewards(b.log_r, b.step_lpf.shape[0]), hp.alpha)
+
+
+def _reinforce_kl(b: Batch, _, hp: HyperParams) -> torch.Tensor:
+    return reinforce_kl_loss(b.lpf, b.lpp, b.log_r, hp.alpha, snis_weights(b.lpf, b.lb, hp.temper))
+
+
+def _legacy_rl(b: Batch, _, hp: HyperParams) -> torch.Tensor:
+    return legacy_rl_loss(b.lpf, b.lpp, b.log_r, hp.legacy_lambda)
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("rtb", _rtb, "log_z", True, True, "Relative Trajectory Balance, learns log Z"),
+    Objective("trust-pcl", _trust_pcl, "v_soft_s0", True, True, "Trust-PCL: alpha^2 x RTB's loss, learns V(s0) = alpha log Z"),
+    Objective("reinforce-kl", _reinforce_kl, None, True, True,
+              "REINFORCE with KL, reward log r, self-normalised importance weights off-policy"),
+    Objective("legacy-rl", _legacy_rl, None, False, False,
+              "the RTB paper's RL baseline (reward r, on-policy; mis-specified on purpose)"),
+)}

@@ -28,12 +28,19 @@ LEVELS = (-9.0, -6.0, -3.0, -1.0)  # contour levels of log density relative to i
 SAMPLE_COLOR, TARGET_COLOR, MASS_COLOR = "#1f5fa8", "#d9822b", "#9a9a9a"
 
 
-def _as_points(samples: np.ndarray | torch.Tensor, target: Target | None) -> tuple[np.ndarray, int]:
-    """Finite rows of `samples` as float64 (n, 2), subsampled to MAX_POINTS, and the number dropped as non-finite."""
+def _as_points(samples: np.ndarray | torch.Tensor, target: Target | None, dims: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, int]:
+    """Finite rows of `samples` as float64 (n, 2), the coordinates `dims` of (n, d) samples (or
+    (n, 1) for 1-D samples), subsampled to MAX_POINTS, and the number dropped as non-finite."""
     x = samples.detach().cpu().double().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples, dtype=np.float64)
-    d = target.cell_means.shape[1] if target is not None else (x.shape[1] if x.ndim == 2 else x.ndim)
-    if d != 2 or x.ndim != 2 or x.shape[1] != 2:
-        raise InputError(f"plots need a 2-D task: got samples of shape {tuple(x.shape)} for a {d}-D task")
+    if x.ndim != 2:
+        raise InputError(f"plots need samples of shape (n, d): got {tuple(x.shape)}")
+    d = x.shape[1]
+    if target is not None and target.cell_means is not None and target.cell_means.shape[1] != d:
+        raise InputError(f"samples of dimension {d} for a {target.cell_means.shape[1]}-D task")
+    if d > 1:
+        if not all(0 <= i < d for i in dims) or dims[0] == dims[1]:
+            raise InputError(f"--dims {dims[0]},{dims[1]}: give two different coordinates between 0 and {d - 1}")
+        x = x[:, list(dims)]
     finite = np.isfinite(x).all(axis=1)
     x = x[finite]
     if len(x) > MAX_POINTS:
@@ -43,7 +50,7 @@ def _as_points(samples: np.ndarray | torch.Tensor, target: Target | None) -> tup
 
 def _half_width(target: Target | None) -> float:
     """Half-width of the square plotting box: 13 for the reference grid, wider if modes lie farther out."""
-    return 13.0 if target is None else max(13.0, float(target.cell_means.abs().max()) + 3.0)
+    return 13.0 if target is None or target.cell_means is None else max(13.0, float(target.cell_means.abs().max()) + 3.0)
 
 
 def _density(target: Target, half: float, n: int = 241) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +69,7 @@ def _draw_samples(ax, x: np.ndarray, target: Target | None, grid, half: float, d
         c, rel = grid
         ax.contourf(c, c, rel, levels=[*LEVELS, 0.0], cmap="Oranges", alpha=0.18, zorder=0)
         ax.contour(c, c, rel, levels=LEVELS, colors=TARGET_COLOR, linewidths=0.6, alpha=0.6 if strong else 0.4, zorder=1)
-    if target is not None and strong:
+    if target is not None and strong and target.cell_means is not None:
         for mu in target.cell_means.tolist():
             ax.add_patch(Circle(mu, target.radius, fill=False, lw=0.5, ls="--", color="0.6", zorder=1))
         if target.target_modes is not None:
@@ -85,29 +92,33 @@ def _fmt(v, pattern: str = "{:.3g}") -> str:
 
 
 def _headline(m: dict) -> str:
-    """'coverage 9/9 · mode KL 0.004 · off-target 0.3% · hist KL 0.05' (n/a where unavailable)."""
-    cov, k = m.get("mode_coverage"), m.get("n_target_modes")
-    off = m.get("off_target")
-    return " · ".join([
-        f"coverage {_fmt(cov, '{}')}/{_fmt(k, '{}')}" if cov is not None else "coverage n/a",
-        f"mode KL {_fmt(m.get('kl_mode'))}",
-        f"off-target {_fmt(None if off is None else 100 * off, '{:.1f}%')}",
-        f"hist KL {_fmt(m.get('kl_hist'))}",
-    ])
+    """'coverage 9/9 · mode KL 0.004 · off-target 0.3% · hist KL 0.05', or the reference distances, or nothing."""
+    parts = []
+    if m.get("kl_mode") is not None or m.get("mode_coverage") is not None:
+        cov, k = m.get("mode_coverage"), m.get("n_target_modes")
+        off = m.get("off_target")
+        parts += [f"coverage {_fmt(cov, '{}')}/{_fmt(k, '{}')}" if cov is not None else "coverage n/a", f"mode KL {_fmt(m.get('kl_mode'))}",
+                  f"off-target {_fmt(None if off is None else 100 * off, '{:.1f}%')}", f"hist KL {_fmt(m.get('kl_hist'))}"]
+    if m.get("sw2") is not None:
+        parts += [f"sliced W2 {_fmt(m['sw2'])} (floor {_fmt(m.get('sw2_floor'))})", f"MMD² {_fmt(m.get('mmd2'))} (floor {_fmt(m.get('mmd2_floor'))})"]
+    return " · ".join(parts)
 
 
-def _label(mu: list[float]) -> str:
-    return "(" + ",".join(f"{round(v, 2):g}" for v in mu) + ")"
+def _label(mu: list[float], k: int) -> str:
+    return "(" + ",".join(f"{round(v, 2):g}" for v in mu) + ")" if len(mu) <= 3 else f"mode {k}"
 
 
 def _draw_weights(ax, target: Target, metrics: dict, x: np.ndarray) -> None:
     """Horizontal grouped bars of target mass vs model frequency per mode cell, then 'elsewhere'."""
     k = target.cell_means.shape[0]
-    freq = metrics.get("mode_frequencies")
-    if freq is None and len(x):  # fall back to the plotted samples
+    cells = metrics.get("cells")
+    freq = mass = None
+    if cells:
+        freq = [c["frequency"] for c in cells["modes"]] + [cells["elsewhere"]["frequency"]]
+        mass = [c["target_mass"] for c in cells["modes"]] + [cells["elsewhere"]["target_mass"]]
+    if freq is None and len(x) and x.shape[1] == target.cell_means.shape[1]:  # fall back to the plotted samples
         from .metrics import per_mode_frequencies
         freq = per_mode_frequencies(torch.from_numpy(x), target).tolist()
-    mass = metrics.get("mode_masses")
     if mass is None and target.cell_masses is not None:
         mass = target.cell_masses.tolist()
     if freq is None and mass is None:
@@ -124,7 +135,7 @@ def _draw_weights(ax, target: Target, metrics: dict, x: np.ndarray) -> None:
     if mass is not None:
         ax.barh(y - h / 2, p[rows], h, color=MASS_COLOR, label="target mass")
     ax.barh(y + h / 2 if mass is not None else y, q[rows], h, color=SAMPLE_COLOR, label="model frequency")
-    ax.set_yticks(y, [_label(target.cell_means[i].tolist()) if i < k else "elsewhere" for i in rows], fontsize=7)
+    ax.set_yticks(y, [_label(target.cell_means[i].tolist(), i) if i < k else "elsewhere" for i in rows], fontsize=7)
     if target.target_modes is not None:
         for tick, i in zip(ax.get_yticklabels(), rows):
             if i < k and not bool(target.target_modes[i]):
@@ -148,20 +159,104 @@ def _save(fig: Figure, path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=DPI)
 
 
+def _is_plane(target: Target | None, samples, dims: tuple[int, int]) -> bool:
+    """Samples of a 2-D task, shown in their plane with the target's contours."""
+    d = samples.shape[1] if hasattr(samples, "shape") and len(samples.shape) == 2 else None
+    return d == 2 and tuple(dims) == (0, 1) and target is not None and target.log_density is not None
+
+
+def _box(*arrays: np.ndarray) -> tuple[float, float]:
+    """A common range for all the arrays (1st and 99th percentiles, widened by 10%)."""
+    v = np.concatenate([a.reshape(-1) for a in arrays if a is not None and a.size])
+    if not v.size:
+        return -1.0, 1.0
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    pad = 0.1 * (hi - lo) + 1e-9
+    return float(lo - pad), float(hi + pad)
+
+
+def _draw_projection(ax, x: np.ndarray, ref: np.ndarray | None, dims: tuple[int, int], dropped: int, marginals: bool,
+                     lims=None) -> None:
+    """Samples (and reference samples, behind) in the plane of two coordinates, with marginal histograms;
+    for 1-D samples, their histogram over the reference's."""
+    if x.shape[1] == 1:
+        lo, hi = lims or _box(x, ref)
+        bins = np.linspace(lo, hi, 61)
+        if ref is not None:
+            ax.hist(ref[:, 0], bins=bins, density=True, color=TARGET_COLOR, alpha=0.35, label="reference")
+        ax.hist(x[:, 0], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, lw=1.4, label="model")
+        ax.set_xlabel("x0", fontsize=9)
+        ax.legend(fontsize=8, frameon=False)
+    else:
+        (lo0, hi0), (lo1, hi1) = lims or (_box(x[:, 0], None if ref is None else ref[:, 0]), _box(x[:, 1], None if ref is None else ref[:, 1]))
+        if ref is not None:
+            ax.scatter(ref[:, 0], ref[:, 1], s=2.5, alpha=0.3, c=TARGET_COLOR, lw=0, rasterized=True, zorder=1, label="reference")
+        ax.scatter(x[:, 0], x[:, 1], s=2.5, alpha=0.35, c=SAMPLE_COLOR, lw=0, rasterized=True, zorder=2, label="model")
+        ax.set_xlim(lo0, hi0)
+        ax.set_ylim(lo1, hi1)
+        ax.set_xlabel(f"x{dims[0]}", fontsize=9)
+        ax.set_ylabel(f"x{dims[1]}", fontsize=9)
+        if marginals:
+            top, right = ax.inset_axes([0, 1.02, 1, 0.18], sharex=ax), ax.inset_axes([1.02, 0, 0.18, 1], sharey=ax)
+            for k, (axm, orient) in enumerate(((top, "vertical"), (right, "horizontal"))):
+                bins = np.linspace(*((lo0, hi0) if k == 0 else (lo1, hi1)), 51)
+                if ref is not None:
+                    axm.hist(ref[:, k], bins=bins, density=True, color=TARGET_COLOR, alpha=0.35, orientation=orient)
+                axm.hist(x[:, k], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, orientation=orient)
+                axm.set_axis_off()
+        if ref is not None:
+            ax.legend(fontsize=8, loc="lower right", frameon=False, markerscale=4)
+    if dropped:
+        ax.text(0.02, 0.02, f"{dropped} non-finite dropped", transform=ax.transAxes, fontsize=7, color="firebrick")
+    ax.tick_params(labelsize=8, length=2)
+
+
+def _draw_coordinates(ax, samples, reference) -> None:
+    """Mean and standard deviation of every coordinate (at most 64), model beside reference."""
+    x = samples.detach().cpu().double() if isinstance(samples, torch.Tensor) else torch.as_tensor(samples, dtype=torch.float64)
+    x = x[torch.isfinite(x).all(1)]
+    d = min(x.shape[1], 64)
+    idx = np.arange(d)
+    if reference is not None:
+        r = reference.double()
+        ax.errorbar(idx - 0.15, r[:, :d].mean(0).numpy(), yerr=r[:, :d].std(0).numpy(), fmt="o", ms=3, color=TARGET_COLOR, lw=0.8,
+                    label="reference")
+    if len(x):
+        ax.errorbar(idx + 0.15, x[:, :d].mean(0).numpy(), yerr=x[:, :d].std(0).numpy(), fmt="o", ms=3, color=SAMPLE_COLOR, lw=0.8,
+                    label="model")
+    ax.set_xlabel("coordinate" + (" (first 64)" if x.shape[1] > 64 else ""), fontsize=9)
+    ax.set_ylabel("mean ± std", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(axis="y", lw=0.4, alpha=0.5)
+    ax.legend(fontsize=8, frameon=False)
+
+
 def plot_evaluation(path: str | Path, samples: np.ndarray | torch.Tensor, target: Target, metrics: dict,
-                    title: str | None = None) -> None:
-    """Model samples over the target's contours (left) and per-mode weights (right), with headline metrics."""
-    x, dropped = _as_points(samples, target)
-    half = _half_width(target)
+                    title: str | None = None, dims: tuple[int, int] = (0, 1), reference: torch.Tensor | None = None) -> None:
+    """Left: model samples over the target's contours (2-D tasks), or in the plane of coordinates `dims`
+    with the marginals and the reference samples behind (other d). Right: per-mode weights where the
+    target has modes, else every coordinate's mean and spread. Headline metrics on top."""
+    x, dropped = _as_points(samples, target, dims)
+    ref = None if reference is None else _as_points(reference, None, dims)[0]
     fig = Figure(figsize=(11, 5), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.05])
-    _draw_samples(left, x, target, _density(target, half), half, dropped, strong=True)
     n = len(samples)
     shown = f"{len(x):,} of {n:,} samples" if len(x) < n - dropped else f"{n:,} samples"
-    left.set_title(f"{shown} over the target {target.description}", fontsize=9)
-    _draw_weights(right, target, metrics, x)
-    some_off = target.target_modes is not None and not bool(target.target_modes.all())
-    right.set_title("per-mode weights (off-target modes in red)" if some_off else "per-mode weights", fontsize=9)
+    if _is_plane(target, samples, dims):
+        half = _half_width(target)
+        _draw_samples(left, x, target, _density(target, half), half, dropped, strong=True)
+        left.set_title(f"{shown} over the target {target.description}", fontsize=9)
+    else:
+        _draw_projection(left, x, ref, dims, dropped, marginals=True)
+        where = "" if x.shape[1] == 1 else f", coordinates {dims[0]} and {dims[1]}"
+        left.set_title(f"{shown}{where}" + (" (reference behind)" if ref is not None else ""), fontsize=9, pad=40 if x.shape[1] > 1 else 6)
+    if target.cell_means is not None:
+        _draw_weights(right, target, metrics, x if x.shape[1] == target.cell_means.shape[1] else np.empty((0, 2)))
+        some_off = target.target_modes is not None and not bool(target.target_modes.all())
+        right.set_title("per-mode weights (off-target modes in red)" if some_off else "per-mode weights", fontsize=9)
+    else:
+        _draw_coordinates(right, samples, reference)
+        right.set_title("every coordinate: mean ± std", fontsize=9)
     if title is None:
         who = " ".join(str(metrics[key]) for key in ("algo", "kind") if metrics.get(key))
         title = f"{who} checkpoint" if who else "evaluation"
@@ -170,15 +265,24 @@ def plot_evaluation(path: str | Path, samples: np.ndarray | torch.Tensor, target
 
 
 def plot_panels(path: str | Path, panels: list[tuple[str, np.ndarray | torch.Tensor]], target: Target | None,
-                suptitle: str | None = None, subtitles: list[str] | None = None) -> None:
-    """Square scatter panels with identical axes, one per (title, samples), over faint target contours (4 per row)."""
+                suptitle: str | None = None, subtitles: list[str] | None = None, dims: tuple[int, int] = (0, 1),
+                reference: torch.Tensor | None = None) -> None:
+    """Square scatter panels with identical axes, one per (title, samples), over faint target contours
+    (2-D tasks) or reference samples in the plane of coordinates `dims` (other d); 4 per row."""
     if not panels:
         raise InputError("plot_panels needs at least one (title, samples) panel")
     if subtitles is not None and len(subtitles) != len(panels):
         raise InputError(f"plot_panels: {len(subtitles)} subtitles for {len(panels)} panels")
-    points = [_as_points(s, target) for _, s in panels]
-    half = _half_width(target)
-    grid = _density(target, half) if target is not None else None
+    points = [_as_points(s, target, dims) for _, s in panels]
+    plane = all(_is_plane(target, s, dims) for _, s in panels)
+    ref = None if reference is None or plane else _as_points(reference, None, dims)[0]
+    if plane:
+        half = _half_width(target)
+        grid = _density(target, half)
+    else:
+        every = [p for p, _ in points] + ([ref] if ref is not None else [])
+        lims = (_box(*every),) if every[0].shape[1] == 1 else (_box(*[a[:, 0] for a in every]), _box(*[a[:, 1] for a in every]))
+        lims = lims[0] if len(lims) == 1 else lims
     nrows = math.ceil(len(panels) / 4)
     ncols = math.ceil(len(panels) / nrows)  # balanced rows of at most 4
     fig = Figure(figsize=(3.2 * ncols, 3.2 * nrows + (0.35 if suptitle else 0.0)), layout="constrained")
@@ -188,12 +292,16 @@ def plot_panels(path: str | Path, panels: list[tuple[str, np.ndarray | torch.Ten
             ax.set_axis_off()
             continue
         x, dropped = points[i]
-        _draw_samples(ax, x, target, grid, half, dropped, strong=False)
+        if plane:
+            _draw_samples(ax, x, target, grid, half, dropped, strong=False)
+        else:
+            _draw_projection(ax, x, ref, dims, dropped, marginals=False, lims=lims)
         sub = subtitles[i] if subtitles is not None else ""
         ax.set_title(panels[i][0], fontsize=10, pad=15 if sub else 6)
         if sub:
             ax.text(0.5, 1.015, sub, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color="0.35")
-        ax.tick_params(labelleft=i % ncols == 0, labelbottom=i + ncols >= len(panels))
+        if plane:
+            ax.tick_params(labelleft=i % ncols == 0, labelbottom=i + ncols >= len(panels))
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     _save(fig, path)

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from . import __version__
 from .checkpoint import load_checkpoint
@@ -37,6 +35,8 @@ from .finetune import check_compatible, finetune
 from .plots import plot_panels
 from .pretrain import pretrain
 from .runtime import atomic_write_text
+from .suites import check_suite, suite_of
+from .tasks import Task
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,13 @@ class Method:
     label: str  # figure panel title
 
 
-METHODS = (
+METHODS = {m.name: m for m in (
     Method("rtb", "rtb", False, "RTB"),
     Method("trust-pcl", "trust-pcl", False, "Trust-PCL"),
     Method("reinforce-kl", "reinforce-kl", False, "REINFORCE-KL (off-policy)"),
     Method("reinforce-kl-on-policy", "reinforce-kl", True, "REINFORCE-KL (on-policy)"),
     Method("legacy-rl", "legacy-rl", True, "RL + KL, reward r (RTB paper)"),
-)
+)}
 
 
 @dataclass(frozen=True)
@@ -63,21 +63,25 @@ class Budget:
     finetune_steps: int
     batch_size: int
     eval_n: int
-    pretrain_steps: int | None  # None: the preset's (10,000); quick mode uses the shipped prior
-    lr: float | None = None  # policy learning rate; None: the preset's (1e-3)
+    pretrain_steps: int | None  # None: the preset's; quick mode uses the shipped prior when there is one
+    lr: float | None = None  # policy learning rate; None: the preset's
 
 
-FULL = Budget(finetune_steps=5_000, batch_size=500, eval_n=20_000, pretrain_steps=None)
-# A few minutes on 2 CPU threads: 1,000 steps of batch 200 at a 3x learning rate reach, for
-# rtb, what 2,000-3,000 default steps reach (mode-weight KL ~0.03 on the reference task).
-QUICK = Budget(finetune_steps=1_000, batch_size=200, eval_n=10_000, pretrain_steps=None, lr=3e-3)
+def budget_for(preset: Preset, quick: bool) -> Budget:
+    """The full budget is the preset's finetune and evaluate sections; --quick its [reproduce] section."""
+    if quick:
+        r = preset.reproduce
+        return Budget(r.quick_steps, r.quick_batch_size, r.quick_n, None, r.quick_lr)
+    return Budget(preset.finetune.steps, preset.finetune.batch_size, preset.evaluate.n, None)
 
-SHIPPED_PRIOR = "prior-reference.safetensors"
+
+def shipped_prior(name: str = "prior-reference.safetensors") -> Path:
+    """A prior that ships with rtbcli (made by `rtbcli pretrain`; see its metadata)."""
+    return Path(str(resources.files("rtbcli") / "data" / name))
 
 
-def shipped_prior() -> Path:
-    """The reference prior that ships with rtbcli (made by `rtbcli pretrain`; see its metadata)."""
-    return Path(str(resources.files("rtbcli") / "data" / SHIPPED_PRIOR))
+def default_out(ref: str, quick: bool) -> Path:
+    return Path("runs") / f"reproduce-{Path(ref).stem}{'-quick' if quick else ''}"
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -94,33 +98,40 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise InputError(f"--out '{out}' is not writable: choose another folder")
 
 
-def reproduce(out: Path, *, prior_path: Path | None = None, quick: bool = False, seed: int = 0,
+def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick: bool = False, seed: int = 0,
               device: torch.device = torch.device("cpu"), overwrite: bool = False, progress: bool = True,
               console: Console | None = None, budget: Budget | None = None, preset_ref: str | None = None,
-              methods=METHODS) -> dict:
-    """Run the whole example; returns the summary (also written to out/summary.json).
+              methods: list[str] | None = None) -> dict:
+    """Run the whole comparison on a preset; returns the summary (also written to out/summary.json).
 
-    `preset_ref` runs the same comparison on another task (default: the reference task);
-    `budget` overrides the quick or full budget.
+    `preset_ref` names the task (default: the reference task); `budget` overrides the quick or full
+    budget; `methods` the preset's list of methods.
     """
     console = console or Console(stderr=True)
-    budget = budget or (QUICK if quick else FULL)
     preset, ref = load_preset(preset_ref)
-    if quick and prior_path is None and budget.pretrain_steps is None and ref != "reference":
-        raise InputError("--quick starts from the shipped reference prior: give --prior or --pretrain-steps for another preset")
+    if preset.reward is None:
+        raise InputError(f"preset '{ref}' names no reward: reproduce compares fine-tuning methods, give a preset with a [reward]")
+    check_suite(Task(preset, allow_import=False))
+    budget = budget or budget_for(preset, quick)
+    out = Path(out) if out is not None else default_out(ref, quick)
+    chosen = [METHODS[m] for m in (methods or preset.reproduce.methods)]
+    shipped = preset.reproduce.shipped_prior
+    use_shipped = quick and prior_path is None and budget.pretrain_steps is None
+    if use_shipped and shipped is None:
+        raise InputError(f"--quick starts from a shipped prior, and preset '{ref}' has none: give --prior or --pretrain-steps")
     prior_ck = load_checkpoint(prior_path, expect_kind="prior") if prior_path is not None else None
     if prior_ck is not None:
         check_compatible(prior_ck, preset)
     prepare_out(out, overwrite)
     started, t_start = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
-    n_stages = len(methods) + 2
+    n_stages = len(chosen) + 2
     say = lambda k, text: console.print(f"[bold cyan][{k}/{n_stages}][/] {text}")
 
     # 1. the prior
     prior_file = out / "prior.safetensors"
-    if prior_ck is None and quick and budget.pretrain_steps is None:
-        say(1, f"prior: the shipped reference prior ({shipped_prior().name})")
-        shutil.copyfile(shipped_prior(), prior_file)
+    if prior_ck is None and use_shipped:
+        say(1, f"prior: the shipped prior ({shipped})")
+        shutil.copyfile(shipped_prior(shipped), prior_file)
     elif prior_ck is None:
         p = preset if budget.pretrain_steps is None else preset.updated("pretrain", steps=budget.pretrain_steps)
         say(1, f"prior: pretraining {p.pretrain.steps:,} steps, batch {p.pretrain.batch_size}")
@@ -129,73 +140,74 @@ def reproduce(out: Path, *, prior_path: Path | None = None, quick: bool = False,
         say(1, f"prior: {prior_path}")
         shutil.copyfile(prior_path, prior_file)
     prior_ck = load_checkpoint(prior_file)
+    check_compatible(prior_ck, preset)
     ft_preset: Preset = preset.updated("finetune", steps=budget.finetune_steps, batch_size=budget.batch_size, lr=budget.lr)
 
     # 2. every method, from the same prior and seed
     rows = []
-    for k, m in enumerate(methods, start=2):
+    for k, m in enumerate(chosen, start=2):
         say(k, f"{m.label}: {budget.finetune_steps:,} steps, batch {budget.batch_size}, lr {ft_preset.finetune.lr:g}")
         ck_path = out / f"{m.name}.safetensors"
         r = finetune(prior_ck, ft_preset, ref, m.algo, ck_path, seed=seed, device=device, on_policy=m.on_policy,
-                     log_path=out / f"{m.name}.jsonl", progress=progress)
+                     log_path=out / f"{m.name}.jsonl", progress=progress, save_every=0)
         rows.append({"method": m.name, "label": m.label, "algo": m.algo, "on_policy": m.on_policy, "checkpoint": str(ck_path),
                      "train_seconds": round(r.seconds, 1), "median_step_s": round(r.median_step_s, 4)})
 
     # 3. evaluation of everything on the same n and seed
-    say(n_stages, f"evaluating {len(methods) + 1} samplers on n = {budget.eval_n:,} (and exact target samples)")
+    say(n_stages, f"evaluating {len(chosen) + 1} samplers on n = {budget.eval_n:,} (and the target's samples)")
     ev_prior = evaluate(prior_ck, budget.eval_n, seed, device, beta=preset.beta)
     prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
-    panels = [(f"prior ({len(preset.prior_data.means)} modes)", ev_prior.samples), ("target (exact)", ev_prior.target_samples)]
-    subtitles = [subtitle(prior_row), ""]
+    reference = ev_prior.reference
+    panels = [("prior", ev_prior.samples)]
+    if reference is not None:
+        panels.append(("target (reference)" if ev_prior.target.method == "reference" else "target (exact)", reference.float()))
+    subtitles = [subtitle(prior_row)] + ([""] if reference is not None else [])
     for row in rows:
         ev = evaluate(load_checkpoint(row["checkpoint"]), budget.eval_n, seed, device)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))
         subtitles.append(subtitle(row))
-    floor = {"method": "exact sampler (floor)", **ev_prior.metrics["floor"]}
+    floor = floor_row(ev_prior.metrics, ev_prior.target.method)
     figure = out / "figure.png"
-    plot_panels(figure, panels, ev_prior.target, subtitles=subtitles,
-                suptitle=f"{preset.name}: {preset.description}; {'quick' if quick else 'full'} run, seed {seed}")
+    suptitle = f"{preset.name}: {preset.description}; {'quick' if quick else 'full'} run, seed {seed}"
+    if not suite_of(ev_prior.task).plot_samples(figure, panels, title=suptitle):
+        plot_panels(figure, panels, ev_prior.target, subtitles=subtitles, suptitle=suptitle, reference=reference)
     summary = {
         "command": "reproduce", "quick": quick, "seed": seed, "device": device.type, "rtbcli_version": __version__,
         "torch_version": torch.__version__, "machine": {"python": platform.python_version(), "platform": platform.platform(),
                                                          "torch_threads": torch.get_num_threads()},
         "started": started.isoformat(timespec="seconds"), "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "preset": ref, "budget": budget.__dict__, "prior": str(prior_file), "prior_source": str(prior_path or ("shipped" if quick else "pretrained")),
-        "eval_n": budget.eval_n, "rows": rows, "prior_row": prior_row, "floor": floor, "figure": str(figure),
+        "preset": ref, "budget": budget.__dict__, "prior": str(prior_file), "prior_source": str(prior_path or ("shipped" if use_shipped else "pretrained")),
+        "eval_n": budget.eval_n, "rows": rows, "prior_row": prior_row, "floor": floor, "figure": str(figure), "out": str(out),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def subtitle(row: dict) -> str:
-    """A figure panel's mode KL and off-target mass, where the target has exact modes."""
-    return "" if row["kl_mode"] is None else f"KL {row['kl_mode']:.3f} · off {100 * row['off_target']:.1f}%"
+ROW_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist", "log_z_learned", "log_z_is", "ess", "elbo", "eubo",
+            "elbo_prior", "path_kl", "log_r_mean", "sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "well_mass_mean_abs_err",
+            "well_mass_max_abs_err", "class_fraction", "diversity", "nearest_train_distance", "log_z_true")
 
 
 def metrics_of(m: dict) -> dict:
-    keys = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist", "log_z_learned", "log_z_is", "ess",
-            "elbo", "eubo")
-    return {k: m[k] for k in keys}
+    return {k: m.get(k) for k in ROW_KEYS}
 
 
-def summary_table(summary: dict) -> Table:
-    """One row per method, the prior and the exact-sampler floor."""
-    t = Table(title=escape(f"reproduce {summary['preset']} ({'quick' if summary['quick'] else 'full'}; n = {summary['eval_n']:,}, "
-                           f"seed {summary['seed']})"), title_justify="left")
-    for c in ("method", "modes", "mode KL", "off-target", "hist KL", "log Z", "log Z (IS)", "ELBO", "train s"):
-        t.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
-    f = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"
+def floor_row(m: dict, method: str) -> dict:
+    """What a sampler of the target itself scores: the exact sampler, or the reference against itself."""
+    row = {"method": "exact sampler (floor)" if method != "reference" else "reference (floor)", **m.get("floor", {})}
+    row.update(sw2=m.get("sw2_floor"), mmd2=m.get("mmd2_floor"), well_mass_mean_abs_err=m.get("well_mass_mean_abs_err_floor"),
+               well_mass_max_abs_err=m.get("well_mass_max_abs_err_floor"), class_fraction=m.get("class_fraction_real"),
+               diversity=m.get("diversity_real"), nearest_train_distance=m.get("nearest_train_distance_real"))
+    return row
 
-    def add(row, style=None):
-        cov = "-" if row.get("mode_coverage") is None else f"{row['mode_coverage']}/{row['n_target_modes']}"
-        off = "-" if row.get("off_target") is None else f"{100 * row['off_target']:.1f}%"
-        train = "-" if row.get("train_seconds") is None else f"{row['train_seconds']:.0f}"
-        t.add_row(escape(row["method"]), cov, f(row.get("kl_mode")), off, f(row.get("kl_hist"), 3), f(row.get("log_z_learned"), 3),
-                  f(row.get("log_z_is"), 3), f(row.get("elbo"), 3), train, style=style)
 
-    add(summary["prior_row"], style="dim")
-    for row in summary["rows"]:
-        add(row)
-    add(summary["floor"], style="italic")
-    return t
+def subtitle(row: dict) -> str:
+    """A figure panel's headline: mode KL and off-target mass where the target has exact modes, else sliced W2."""
+    if row.get("kl_mode") is not None:
+        return f"KL {row['kl_mode']:.3f} · off {100 * row['off_target']:.1f}%"
+    if row.get("well_mass_mean_abs_err") is not None:
+        return f"well err {row['well_mass_mean_abs_err']:.3f} · SW2 {row['sw2']:.3f}"
+    return "" if row.get("sw2") is None else f"SW2 {row['sw2']:.3f} (floor {row['sw2_floor']:.3f})"
+
+

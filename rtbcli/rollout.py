@@ -15,13 +15,13 @@ The tests check both against autograd through `DiffusionSampler.step_log_probs` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .sampler import LOG_2PI, DiffusionSampler
+from .gaussian import centred_log_prob
+from .sampler import DiffusionSampler
 
 
 class Workspace:
@@ -51,9 +51,13 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(sampler: DiffusionSampler, ws: Workspace, extra_var: float = 0.0, generator: torch.Generator | None = None) -> Rollout:
-    """Sample ws.n trajectories of the behaviour policy (variance sigma2 dt + extra_var), keeping activations."""
-    traj = sampler.run(ws.traj, extra_var, generator, ws.pre, ws.post)
+def rollout(sampler: DiffusionSampler, ws: Workspace, extra_var: float = 0.0, generator: torch.Generator | None = None,
+            shard: tuple[int, int] = (0, 1)) -> Rollout:
+    """Sample ws.n trajectories of the behaviour policy (variance sigma2 dt + extra_var), keeping activations.
+
+    `shard` = (rank, world): this rank's share of a global batch of world * ws.n (see `DiffusionSampler.run`).
+    """
+    traj = sampler.run(ws.traj, extra_var, generator, ws.pre, ws.post, shard)
     out = [m for m in sampler.net.body if isinstance(m, nn.Linear)][-1]
     drift = torch.nn.functional.linear(ws.post[-1], out.weight, out.bias)  # f at every (t_i, x_i)
     residual = traj[1:] - traj[:-1] - sampler.dt * drift
@@ -62,8 +66,7 @@ def rollout(sampler: DiffusionSampler, ws: Workspace, extra_var: float = 0.0, ge
 
 def step_log_probs(residual: torch.Tensor, var: float) -> torch.Tensor:
     """log N(x_{i+1}; mean_i, var I) of every transition, (T, n), from the residuals x_{i+1} - mean_i."""
-    d = residual.shape[-1]
-    return -0.5 * residual.pow(2).sum(-1) / var - 0.5 * d * (LOG_2PI + math.log(var))
+    return centred_log_prob(residual, var)
 
 
 def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import sys
 import time
@@ -113,17 +114,29 @@ class JsonlLog:
 
     `commit()` renames it to its final name once the run has succeeded, so a failed run never
     replaces the log of an earlier one (its partial log stays beside it for inspection).
+    `preamble` lines (the records of the part of a run before it was resumed) come first;
+    `snapshot(path)` writes everything so far to `path` atomically (beside a partial checkpoint).
     """
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, preamble: list[str] | None = None):
         self.path = Path(path) if path is not None else None
         self.part = self.path.with_name(self.path.name + ".part") if self.path else None
+        self.lines: list[str] = list(preamble or [])
         self._fh = open(self.part, "w", encoding="utf-8") if self.part else None
+        if self._fh and self.lines:
+            self._fh.write("".join(line + "\n" for line in self.lines))
+            self._fh.flush()
 
     def write(self, **record) -> None:
+        line = json.dumps(record)
+        self.lines.append(line)
         if self._fh:
-            self._fh.write(json.dumps(record) + "\n")
+            self._fh.write(line + "\n")
             self._fh.flush()
+
+    def snapshot(self, path: Path | None) -> None:
+        if path is not None:
+            atomic_write_text(Path(path), "".join(line + "\n" for line in self.lines))
 
     def close(self) -> None:
         if self._fh:
@@ -164,10 +177,12 @@ def make_progress(console: Console | None = None, enabled: bool = True):
 
 
 class LineProgress:
-    """Progress for logs (CI, batch jobs, pipes): one line per 10% of the run, and at the end."""
+    """Progress for logs (CI, batch jobs, pipes): a line at once, then one at least every
+    `every` seconds and at each 10% of the run, and one at the end."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, every: float = 5.0):
         self.console = console
+        self.every = every
         self.tasks: dict[int, dict] = {}
 
     def __enter__(self) -> LineProgress:
@@ -176,12 +191,17 @@ class LineProgress:
     def __exit__(self, *exc) -> None:
         return None
 
-    def add_task(self, description: str, total: int, **fields) -> int:
-        self.tasks[len(self.tasks)] = {"description": description, "total": total, "done": 0, "next": 0.1, **fields}
-        return len(self.tasks) - 1
+    def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
+        k = len(self.tasks)
+        self.tasks[k] = {"description": description, "total": total, "done": completed, "next": 0.1, "last": -math.inf, **fields}
+        self._print(k)
+        return k
 
     def advance(self, task: int, n: int = 1) -> None:
-        self.tasks[task]["done"] += n
+        t = self.tasks[task]
+        t["done"] += n
+        if time.monotonic() - t["last"] >= self.every:
+            self._print(task)
 
     def update(self, task: int, **fields) -> None:
         t = self.tasks[task]
@@ -189,8 +209,13 @@ class LineProgress:
         frac = t["done"] / max(t["total"], 1)
         if frac + 1e-12 >= t["next"] or t["done"] >= t["total"]:
             t["next"] = (int(frac * 10 + 1e-9) + 1) / 10
-            self.console.print(f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}",
-                               markup=False, highlight=False)
+            self._print(task)
+
+    def _print(self, task: int) -> None:
+        t = self.tasks[task]
+        t["last"] = time.monotonic()
+        self.console.print(f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}".rstrip(),
+                           markup=False, highlight=False)
 
 
 class Timer:

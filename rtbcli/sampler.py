@@ -1,4 +1,4 @@
-"""The diffusion sampler of design.md §2: network, transitions, trajectories, log-probabilities.
+"""The diffusion sampler (docs/maths.md#the-sampler): network, transitions, trajectories, log-probabilities.
 
 A sampler draws x_T in R^d from x_0 = 0 through T Gaussian steps
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOG_2PI = math.log(2.0 * math.pi)
+from .gaussian import LOG_2PI, centred_log_prob, gaussian_log_prob  # noqa: F401  (re-exported)
 
 
 class TimeEncoding(nn.Module):
@@ -48,7 +48,7 @@ class TimeEncoding(nn.Module):
 
 
 class DriftNet(nn.Module):
-    """The drift f(x, t) of design.md §2 (21,122 parameters at d = 2, hidden 64).
+    """The drift f(x, t) (docs/maths.md#the-sampler) (21,122 parameters at d = 2, hidden 64).
 
     f(x, t) = Out(GELU(Lin(GELU(Lin(GELU(state(x) + time(t))))))), with `Out` zero-initialised
     so that a fresh network is the pure Brownian motion f = 0.
@@ -75,7 +75,7 @@ class DriftNet(nn.Module):
 
 
 class DiffusionSampler(nn.Module):
-    """A drift network with its fixed Gaussian transition kernel (design.md §2)."""
+    """A drift network with its fixed Gaussian transition kernel (docs/maths.md#the-sampler)."""
 
     def __init__(self, dim: int, steps: int = 100, sigma2: float = 5.0, hidden: int = 64,
                  time_features: int = 64, layers: int = 2):
@@ -114,20 +114,28 @@ class DiffusionSampler(nn.Module):
 
     @torch.no_grad()
     def run(self, traj: torch.Tensor, extra_var: float = 0.0, generator: torch.Generator | None = None,
-            pre: torch.Tensor | None = None, post: torch.Tensor | None = None) -> torch.Tensor:
+            pre: torch.Tensor | None = None, post: torch.Tensor | None = None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """The sampling loop, into `traj` (T + 1, n, d); optionally keeping every activation.
 
         Written in fused kernels: dt is folded into the output layer, the time table (with the
         state bias) is computed once, and x_{i+1} is written in place over its pre-scaled noise.
         `pre` and `post`, (L, T, n, hidden), receive the pre-activations and GELU outputs of the
-        L hidden layers at every step (see `rtbcli.rollout`).
+        L hidden layers at every step (see `rtbcli.rollout`). With `shard` = (rank, world) the
+        noise is drawn for the global batch of world * n trajectories and this rank keeps
+        trajectories [rank * n, (rank + 1) * n): the same trajectories a single process draws.
         """
         w = self.net.state.weight
         layers = [m for m in self.net.body if isinstance(m, nn.Linear)]
         weights = [(self.time_table() + self.net.state.bias, w.t())] + [(m.bias, m.weight.t()) for m in layers[:-1]]
         w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
         traj[0].zero_()
-        torch.randn(traj[1:].shape, generator=generator, dtype=w.dtype, device=w.device, out=traj[1:])
+        rank, world = shard
+        if world == 1:
+            torch.randn(traj[1:].shape, generator=generator, dtype=w.dtype, device=w.device, out=traj[1:])
+        else:
+            n = traj.shape[1]
+            noise = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
+            traj[1:].copy_(noise[:, rank * n:(rank + 1) * n])
         traj[1:].mul_(math.sqrt(self.step_var + extra_var))
         for i in range(self.steps):
             x = h = traj[i]
@@ -156,13 +164,6 @@ class DiffusionSampler(nn.Module):
         return self.step_log_probs(traj, extra_var).sum(0)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, var: float | torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, var * I), summed over the last dimension."""
-    d = x.shape[-1]
-    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
-    return -0.5 * (x - mean).pow(2).sum(-1) / var - 0.5 * d * (LOG_2PI + torch.log(var))
-
-
 # ---------------------------------------------------------------------- the bridge
 def bridge_sample(x_end: torch.Tensor, steps: int, sigma2: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Trajectories (T + 1, B, d) from the Brownian bridge pinned at x_0 = 0 and x_T = x_end.
@@ -186,7 +187,7 @@ def bridge_sample(x_end: torch.Tensor, steps: int, sigma2: float, generator: tor
 def bridge_log_prob(traj: torch.Tensor, sigma2: float) -> torch.Tensor:
     """Sum_{i=1}^{T-1} log p_B(x_i | x_{i+1}): shape (B,).
 
-    The step to x_0 is a point mass at 0 and is left out (design.md §5).
+    The step to x_0 is a point mass at 0 and is left out (docs/maths.md#log-z-and-its-bounds).
     """
     steps = traj.shape[0] - 1
     dt = 1.0 / steps
@@ -194,6 +195,4 @@ def bridge_log_prob(traj: torch.Tensor, sigma2: float) -> torch.Tensor:
     ratio = i / (i + 1)
     mean = ratio * traj[2:]
     var = (sigma2 * dt) * ratio  # (T-1, 1, 1)
-    d = traj.shape[-1]
-    lp = -0.5 * (traj[1:-1] - mean).pow(2).sum(-1) / var[..., 0] - 0.5 * d * (LOG_2PI + torch.log(var[..., 0]))
-    return lp.sum(0)
+    return gaussian_log_prob(traj[1:-1], mean, var[..., 0]).sum(0)

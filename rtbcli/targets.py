@@ -1,61 +1,93 @@
-"""The target a sampler is compared with, described once per task (design.md §2, §5).
+"""The target a sampler is compared with, described once per task (docs/maths.md#metrics).
 
-- A prior checkpoint's target is the prior data p_data (an exact mixture; log Z = 0).
+- A prior checkpoint's target is its prior data p_data (log Z = 0).
 - A finetuned checkpoint's target is p_data(x) r(x)^beta / Z, built from the *data*
   distribution, not the learned prior, so that a poor prior shows in the metrics.
 
-How exactly it is known depends on the task:
+How well it is known depends on the task (`Target.method`):
 
-- `exact`: the target is a Gaussian mixture whose components sit on the prior modes with the
-  prior variance (the prior data; the reference task at beta = 1). Cell masses are
-  p_k = w_k m with m = P(|N(0, var I)| <= radius), bin masses are products of Gaussian CDF
-  differences, samples are exact.
-- `grid` (2-D): the unnormalised density is integrated on a fine grid (spacing 0.02 by default)
-  aligned with the histogram bins: log Z, every cell and bin mass, and samples (a grid cell by
-  its mass, then uniform within it) are exact to the grid's resolution.
-- `sir` (otherwise): samples by sampling-importance-resampling of p_data with weights r^beta;
-  log Z is the importance estimate and the mode metrics are not available.
+- `exact`: a Gaussian mixture whose components sit on the prior modes with the prior variance
+  (mixture prior data; the reference task at beta = 1), or ManyWell-32 and its tilts. Samples
+  are exact, and so are the mode-cell and histogram masses of mixtures and log Z.
+- `grid` (2-D, data density known): the unnormalised density is integrated on a fine grid
+  (spacing 0.02) aligned with the histogram bins: log Z, every cell and bin mass, and samples
+  (a grid cell by its mass, then uniform within it) are exact to the grid's resolution.
+- `sir` (data density known, d != 2): sampling-importance-resampling of p_data with weights
+  r^beta; log Z is the importance estimate and mode metrics are not available.
+- `reference` (data from a file or a shipped image set): no density, but reference samples:
+  the data rows themselves for a prior; for a finetuned sampler, the rows accepted with
+  probability r^beta / max r^beta (exact samples of the target of the empirical data), or what
+  a benchmark suite provides (the digits' held-out images of the class).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .metrics import hist_edges, mixture_bin_masses
-from .tasks import GaussianMixture, Task
+from .data import EmpiricalData, GaussianMixture
+from .metrics import bin_index, cell_index, hist_edges, mixture_bin_masses
+from .tasks import Task
 
 GRID_SPACING = 0.02
 MODE_THRESHOLD = 1e-3  # a cell is a target mode when its target mass is at least this
+CELL_MASS = 1.0 - math.exp(-1.5 ** 2 / (2 * 0.3))  # 0.9765: what radius 1.5 holds of a 2-D component of variance 0.3
+MIN_REFERENCE = 20  # fewer accepted rows than this make no reference
 
 
 @dataclass
 class Target:
-    """What `evaluate` compares samples with."""
+    """What `evaluate` compares samples with (fields that do not apply are None)."""
 
     description: str  # e.g. "p_data * r^beta (beta = 1)"
-    method: str  # "exact", "grid" or "sir"
-    cell_means: torch.Tensor  # (K, d): the prior data modes
-    radius: float
-    cell_masses: torch.Tensor | None  # (K + 1,): target mass of each mode cell, then "elsewhere"
-    target_modes: torch.Tensor | None  # (K,) bool: modes with target mass (w_k > 0)
-    mode_weights: torch.Tensor | None  # (K,): the target's weight on each mode (sums to ~1)
-    bin_masses: torch.Tensor | None  # (nb*nb + 1,) for 2-D tasks
-    hist_half_width: float
-    hist_bin: float
-    log_z: float | None  # log of the normaliser of p_data * r^beta (0 for the prior target)
-    log_z_exact: bool
-    sample: Callable[[int, torch.Generator], torch.Tensor]  # n target samples (float64, CPU)
-    log_density: Callable[[torch.Tensor], torch.Tensor]  # unnormalised: log p_data + beta log r
+    method: str  # "exact", "grid", "sir" or "reference"
+    log_z: float | None = None  # log of the normaliser of p_data * r^beta (0 for the prior target)
+    log_z_exact: bool = False
+    sample: Callable[[int, torch.Generator], torch.Tensor] | None = None  # n target samples (float64, CPU)
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # unnormalised: log p_data + beta log r
+    cell_means: torch.Tensor | None = None  # (K, d): the prior data modes (mixtures)
+    radius: float | None = None
+    cell_masses: torch.Tensor | None = None  # (K + 1,): target mass of each mode cell, then "elsewhere"
+    target_modes: torch.Tensor | None = None  # (K,) bool: modes with target mass
+    mode_weights: torch.Tensor | None = None  # (K,): the target's weight on each mode (sums to ~1)
+    bin_masses: torch.Tensor | None = None  # (nb*nb + 1,) for 2-D tasks
+    hist_half_width: float = 13.0
+    hist_bin: float = 0.5
+    reference: torch.Tensor | None = None  # a fixed set of target samples (reference targets), float64 CPU
+    reference_note: str = ""
+    extra: dict = field(default_factory=dict)  # what a benchmark suite knows besides (e.g. exact well masses)
+
+    @property
+    def has_samples(self) -> bool:
+        return self.sample is not None
 
 
-def _shell_mass(dim: int, variance: float, radius: float) -> float:
+def shell_mass(dim: int, variance: float, radius: float) -> float:
     """P(|N(0, variance I_d)| <= radius), the regularised lower incomplete gamma P(d/2, r^2 / 2 var)."""
     a = torch.tensor(dim / 2.0, dtype=torch.float64)
     return float(torch.special.gammainc(a, torch.tensor(radius * radius / (2 * variance), dtype=torch.float64)))
+
+
+def cell_radius(task: Task) -> float:
+    """The preset's cell radius, or the radius holding CELL_MASS of a component in d dimensions.
+
+    In 2-D that is 1.5 at variance 0.3 (closed form: sqrt(-2 var log(1 - m))); elsewhere the
+    inverse of `shell_mass` by bisection.
+    """
+    given = task.preset.evaluate.cell_radius
+    if given is not None:
+        return given
+    var, d = task.data.variance, task.dim
+    if d == 2:
+        return math.sqrt(-2 * var * math.log(1 - CELL_MASS))
+    lo, hi = 0.0, math.sqrt(var) * (math.sqrt(d) + 20)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if shell_mass(d, var, mid) < CELL_MASS else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def _on_modes(mix: GaussianMixture, modes: torch.Tensor, variance: float) -> torch.Tensor | None:
@@ -68,17 +100,18 @@ def _on_modes(mix: GaussianMixture, modes: torch.Tensor, variance: float) -> tor
 
 
 def _exact_target(task: Task, mix: GaussianMixture, description: str, log_z: float) -> Target | None:
-    modes = task.prior_data.means
-    where = _on_modes(mix, modes, task.prior_data.variance)
+    modes = task.data.means
+    where = _on_modes(mix, modes, task.data.variance)
     if where is None:
         return None
     ev = task.preset.evaluate
+    radius = cell_radius(task)
     w = torch.zeros(modes.shape[0], dtype=torch.float64).index_add_(0, where, mix.weights)
-    m = _shell_mass(task.dim, mix.variance, ev.cell_radius)
+    m = shell_mass(task.dim, mix.variance, radius)
     cells = torch.cat([w * m, torch.tensor([1.0 - m], dtype=torch.float64)])
     bins = mixture_bin_masses(mix.means, mix.weights, mix.std, hist_edges(ev.hist_half_width, ev.hist_bin)) if task.dim == 2 else None
     return Target(
-        description=description, method="exact", cell_means=modes, radius=ev.cell_radius,
+        description=description, method="exact", cell_means=modes, radius=radius,
         cell_masses=cells, target_modes=w > 0, mode_weights=w, bin_masses=bins,
         hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=True,
         sample=lambda n, g: mix.sample(n, g, dtype=torch.float64),
@@ -88,10 +121,10 @@ def _exact_target(task: Task, mix: GaussianMixture, description: str, log_z: flo
 
 def _grid_target(task: Task, description: str, log_density, beta: float, spacing: float = GRID_SPACING) -> Target:
     ev = task.preset.evaluate
-    modes = task.prior_data.means
+    mixture = isinstance(task.data, GaussianMixture)
     # Box: the histogram range and 8 standard deviations beyond every mode, on a multiple of the
     # bin width so that grid cells tile the histogram bins exactly.
-    reach = max(ev.hist_half_width, float(modes.abs().max()) + 8 * task.prior_data.std)
+    reach = max(ev.hist_half_width, float(task.data.means.abs().max()) + 8 * task.data.std) if mixture else ev.hist_half_width
     half = math.ceil(reach / ev.hist_bin) * ev.hist_bin
     n = int(round(2 * half / spacing))
     centres = -half + spacing * (torch.arange(n, dtype=torch.float64) + 0.5)
@@ -100,15 +133,15 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
     lu = task.grid_log_target(centres, beta)
     log_z = float(torch.logsumexp(lu, 0)) + 2 * math.log(spacing)
     mass = torch.exp(lu - torch.logsumexp(lu, 0))  # per grid cell, sums to 1
-
-    from .metrics import bin_index, cell_index  # local: avoid a cycle at import time
-
-    k = modes.shape[0]
-    cells = torch.zeros(k + 1, dtype=torch.float64).index_add_(0, cell_index(pts, modes, ev.cell_radius), mass)
     nbins = int(round(2 * ev.hist_half_width / ev.hist_bin)) ** 2 + 1
     bins = torch.zeros(nbins, dtype=torch.float64).index_add_(0, bin_index(pts, ev.hist_half_width, ev.hist_bin), mass)
-    m = _shell_mass(2, task.prior_data.variance, ev.cell_radius)
-    w = cells[:k] / m
+    cells = target_modes = weights = modes = radius = None
+    if mixture:
+        modes, radius = task.data.means, cell_radius(task)
+        k = modes.shape[0]
+        cells = torch.zeros(k + 1, dtype=torch.float64).index_add_(0, cell_index(pts, modes, radius), mass)
+        w = cells[:k] / shell_mass(2, task.data.variance, radius)
+        target_modes, weights = cells[:k] >= MODE_THRESHOLD, w / w.sum()
     cdf = torch.cumsum(mass, 0)
 
     def sample(count: int, g: torch.Generator) -> torch.Tensor:
@@ -118,8 +151,8 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
         return pts[idx] + jitter
 
     return Target(
-        description=description, method="grid", cell_means=modes, radius=ev.cell_radius,
-        cell_masses=cells, target_modes=cells[:k] >= MODE_THRESHOLD, mode_weights=w / w.sum(), bin_masses=bins,
+        description=description, method="grid", cell_means=modes, radius=radius,
+        cell_masses=cells, target_modes=target_modes, mode_weights=weights, bin_masses=bins,
         hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=True,
         sample=sample, log_density=log_density,
     )
@@ -127,8 +160,8 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
 
 def _sir_target(task: Task, description: str, log_density, beta: float, pool: int = 200_000, seed: int = 12345) -> Target:
     g = torch.Generator().manual_seed(seed)
-    xs = task.prior_data.sample(pool, g, dtype=torch.float64)
-    lw = beta * task.log_reward(xs)
+    xs = task.data.sample(pool, g, dtype=torch.float64)
+    lw = beta * task.log_reward(xs).double()
     log_z = float(torch.logsumexp(lw, 0) - math.log(pool))
     probs = torch.softmax(lw, 0)
 
@@ -136,31 +169,69 @@ def _sir_target(task: Task, description: str, log_density, beta: float, pool: in
         return xs[torch.multinomial(probs, count, replacement=True, generator=gen)]
 
     ev = task.preset.evaluate
+    mixture = isinstance(task.data, GaussianMixture)
     return Target(
-        description=description + f" (SIR from {pool:,} data points)", method="sir", cell_means=task.prior_data.means,
-        radius=ev.cell_radius, cell_masses=None, target_modes=None, mode_weights=None, bin_masses=None,
+        description=description + f" (SIR from {pool:,} data points)", method="sir",
+        cell_means=task.data.means if mixture else None, radius=cell_radius(task) if mixture else None,
         hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=False,
         sample=sample, log_density=log_density,
     )
 
 
+def accepted_rows(rows: torch.Tensor, log_w: torch.Tensor, seed: int = 12345) -> torch.Tensor:
+    """Rejection sampling from the empirical distribution: keep row i with probability
+    exp(log_w_i - max log_w). The kept rows are exact, distinct samples of the tilted empirical
+    distribution (no row repeats, so the halves of a floor are disjoint)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.exp(log_w.double() - log_w.max())
+    return rows[torch.rand(rows.shape[0], generator=g, dtype=torch.float64) < p]
+
+
+def _rows_target(task: Task, description: str, beta: float | None) -> Target:
+    rows = task.data.rows.cpu()
+    if beta is None:
+        return Target(description=description, method="reference", reference=rows,
+                      reference_note=f"the {rows.shape[0]:,} data rows")
+    kept = accepted_rows(rows, beta * task.log_reward(rows).double())
+    if kept.shape[0] < MIN_REFERENCE:
+        return Target(description=description, method="reference",
+                      reference_note=f"only {kept.shape[0]} data rows accepted with probability r^beta / max r^beta: no reference")
+    return Target(description=description, method="reference", reference=kept,
+                  reference_note=f"{kept.shape[0]:,} of {rows.shape[0]:,} data rows, accepted with probability r^beta / max r^beta")
+
+
 def prior_target(task: Task) -> Target:
     """The prior data distribution itself (what a prior checkpoint should sample)."""
-    t = _exact_target(task, task.prior_data, "p_data (the prior data)", 0.0)
-    if t is not None:
-        return t
-    return _grid_target(task, "p_data (the prior data)", task.data_log_prob, 0.0)  # unreachable for mixtures; kept for safety
+    from .suites import suite_of
+
+    special = suite_of(task).prior_target(task)
+    if special is not None:
+        return special
+    description = "p_data (the prior data)"
+    if isinstance(task.data, GaussianMixture):
+        return _exact_target(task, task.data, description, 0.0)
+    if isinstance(task.data, EmpiricalData):
+        return _rows_target(task, description, None)
+    return Target(description=description, method="exact", log_z=0.0, log_z_exact=True,
+                  sample=lambda n, g: task.data.sample(n, g, dtype=torch.float64), log_density=task.data.log_prob)
 
 
 def tilted_target(task: Task, beta: float) -> Target:
-    """p_data(x) r(x)^beta / Z: exact where it is a mixture on the prior modes, else grid (2-D) or SIR."""
+    """p_data(x) r(x)^beta / Z: exact where known, else grid (2-D), SIR, or reference rows."""
+    from .suites import suite_of
+
     description = f"p_data * r^beta (beta = {beta:g})"
+    special = suite_of(task).tilted_target(task, beta)
+    if special is not None:
+        return special
+    if not task.data_is_exact:
+        return _rows_target(task, description, beta)
 
     def log_density(x: torch.Tensor) -> torch.Tensor:
         x = x.double()
-        return task.data_log_prob(x) + beta * task.log_reward(x)
+        return task.data_log_prob(x) + beta * task.log_reward(x).double()
 
-    if task.reward_type == "mixture_ratio" and abs(beta - 1.0) < 1e-12:
+    if task.reward_mixture is not None and task.reward_type == "mixture_ratio" and abs(beta - 1.0) < 1e-12:
         t = _exact_target(task, task.reward_mixture, description, 0.0)
         if t is not None:
             return t

@@ -1,123 +1,129 @@
-"""Tasks: the prior data distribution, the reward, and the target they define.
+"""Tasks: the prior data, the reward, and beta, as a preset defines them.
 
-Everything here is exact and analytic: the prior data are an isotropic Gaussian mixture and
-the reward is given through log r, so `Task.log_reward` and `Task.data_log_prob` can be
-evaluated anywhere, and the target p_data(x) * r(x)^beta can be described exactly (see
-`rtbcli.targets`).
+`Task(preset)` builds the data distribution (`rtbcli.data`) and the reward (`rtbcli.rewards`):
+
+- mixture rewards are analytic: `mixture_ratio` is log q - log p_data (at beta = 1 the target
+  p_data * r is exactly q), `mixture` is log q;
+- Python rewards call the user's function. A task built from a checkpoint's stored config
+  (`allow_import=False`) does not import it: the first call asks the user to name it again.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .config import MixtureSpec, Preset
+from .config import MixtureRewardSpec, Preset, PythonRewardSpec
+from .data import EmpiricalData, GaussianMixture, data_source  # noqa: F401  (GaussianMixture: part of the public API here)
+from .errors import InputError
+from .rewards import load_python_reward
 
 
-@dataclass(frozen=True)
-class GaussianMixture:
-    """sum_k w_k N(mu_k, variance * I) in R^d, with normalised weights."""
+@dataclass
+class MixtureReward:
+    """log r(x) = log q(x) - log p_data(x) (`mixture_ratio`) or log q(x) (`mixture`)."""
 
-    means: torch.Tensor  # (K, d), float64
-    weights: torch.Tensor  # (K,), sums to 1
-    variance: float
-
-    @classmethod
-    def from_spec(cls, spec: MixtureSpec) -> GaussianMixture:
-        means = torch.tensor(spec.means, dtype=torch.float64)
-        w = torch.ones(len(spec.means), dtype=torch.float64) if spec.weights is None else torch.tensor(spec.weights, dtype=torch.float64)
-        return cls(means, w / w.sum(), float(spec.variance))
+    mixture: GaussianMixture
+    data: GaussianMixture | None  # the divisor of a ratio reward
 
     @property
-    def dim(self) -> int:
-        return self.means.shape[1]
+    def reference(self) -> str:
+        return "mixture_ratio" if self.data is not None else "mixture"
 
-    def to(self, device) -> GaussianMixture:
-        """The same mixture with its parameters on `device` (float64), so that evaluating it there
-        copies nothing from the host."""
-        return dataclasses.replace(self, means=self.means.to(device), weights=self.weights.to(device))
+    def to(self, device) -> MixtureReward:
+        return MixtureReward(self.mixture.to(device), None if self.data is None else self.data.to(device))
 
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.variance)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluated in float64 and returned in x's dtype: far from every mode both log-densities
+        are large negative numbers whose difference float32 would lose."""
+        x64 = x.double()
+        lr = self.mixture.log_prob(x64)
+        if self.data is not None:
+            lr = lr - self.data.log_prob(x64)
+        return lr.to(x.dtype)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log density at x (..., d), computed in x's dtype on x's device."""
-        mu = self.means.to(x)
-        logw = self.weights.to(x).log()
-        d2 = (x[..., None, :] - mu).pow(2).sum(-1)  # (..., K)
-        comp = -0.5 * d2 / self.variance - 0.5 * self.dim * math.log(2 * math.pi * self.variance)
-        return torch.logsumexp(comp + logw, dim=-1)
 
-    def grid_density(self, centres: torch.Tensor) -> torch.Tensor:
-        """Density on the 2-D grid centres x centres, (n, n), by separability: A diag(w) B^T.
-
-        Each isotropic component factorises over the two coordinates, so the whole grid costs
-        one (n, K) x (K, n) matrix product instead of n^2 K exponentials.
-        """
-        if self.dim != 2:
-            raise ValueError("grid_density is for 2-D mixtures")
-        c = centres.to(torch.float64)[:, None]
-        norm = 1.0 / math.sqrt(2 * math.pi * self.variance)
-        a = norm * torch.exp(-0.5 * (c - self.means[:, 0]).pow(2) / self.variance)  # (n, K)
-        b = norm * torch.exp(-0.5 * (c - self.means[:, 1]).pow(2) / self.variance)
-        return (a * self.weights) @ b.T
-
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        """n exact samples, (n, d)."""
-        g_device = generator.device if generator is not None else torch.device("cpu")
-        k = torch.multinomial(self.weights.to(g_device), n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=g_device)
-        x = self.means.to(g_device)[k] + self.std * eps
-        return x.to(device=device, dtype=dtype)
+def build_reward(spec, data, allow_import: bool = True):
+    if spec is None:
+        return None
+    if isinstance(spec, MixtureRewardSpec):
+        return MixtureReward(GaussianMixture.from_spec(spec.mixture), data if spec.type == "mixture_ratio" else None)
+    if isinstance(spec, PythonRewardSpec):
+        return load_python_reward(spec, allow_import=allow_import)
+    raise TypeError(f"unknown reward {spec!r}")
 
 
 class Task:
     """Prior data p_data, reward log r, and beta, as a preset defines them."""
 
-    def __init__(self, preset: Preset, beta: float | None = None):
+    def __init__(self, preset: Preset, beta: float | None = None, *, allow_import: bool = True):
         self.preset = preset
         self.beta = float(preset.beta if beta is None else beta)
-        self.prior_data = GaussianMixture.from_spec(preset.prior_data)
-        self.reward_mixture = GaussianMixture.from_spec(preset.reward.mixture)
-        self.reward_type = preset.reward.type
+        self.data = data_source(preset.prior_data)
+        self.reward = build_reward(preset.reward, self.data, allow_import)
 
     @property
     def dim(self) -> int:
-        return self.prior_data.dim
+        return self.data.dim
+
+    # kept names: the data distribution and the reward's mixture
+    @property
+    def prior_data(self):
+        return self.data
+
+    @property
+    def reward_mixture(self) -> GaussianMixture | None:
+        return self.reward.mixture if isinstance(self.reward, MixtureReward) else None
+
+    @property
+    def reward_type(self) -> str | None:
+        return None if self.preset.reward is None else self.preset.reward.type
+
+    @property
+    def has_reward(self) -> bool:
+        return self.reward is not None
+
+    @property
+    def data_is_exact(self) -> bool:
+        """The data density is known (a mixture or ManyWell), so exact targets can be built on it."""
+        return self.data.log_prob is not None
 
     def to(self, device) -> Task:
-        """Move the mixtures' parameters to `device` once, before a training loop."""
-        self.prior_data, self.reward_mixture = self.prior_data.to(device), self.reward_mixture.to(device)
+        """Move the data and a mixture reward to `device` once, before a training loop."""
+        self.data = self.data.to(device)
+        if isinstance(self.reward, MixtureReward):
+            self.reward = self.reward.to(device)
         return self
 
     def data_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p_data(x), the prior data density."""
-        return self.prior_data.log_prob(x)
+        """log p_data(x), the prior data density (only where it is known)."""
+        if self.data.log_prob is None:
+            raise InputError("the prior data come from a file: their density is not known")
+        return self.data.log_prob(x)
 
     def log_reward(self, x: torch.Tensor) -> torch.Tensor:
-        """log r(x); for `mixture_ratio` rewards, log q(x) - log p_data(x).
+        """log r(x), shape x.shape[:-1]."""
+        if self.reward is None:
+            raise InputError(f"preset '{self.preset.name}' names no reward: give --reward path/to/rewards.py:function, or a preset with a [reward] table")
+        return self.reward(x)
 
-        Evaluated in float64 and returned in x's dtype: far from every mode both log-densities
-        are large negative numbers whose difference float32 would lose.
-        """
-        x64 = x.double()
-        lr = self.reward_mixture.log_prob(x64)
-        if self.reward_type == "mixture_ratio":
-            lr = lr - self.prior_data.log_prob(x64)
-        return lr.to(x.dtype)
-
-    def grid_log_target(self, centres: torch.Tensor, beta: float) -> torch.Tensor:
+    def grid_log_target(self, centres: torch.Tensor, beta: float, chunk: int = 250_000) -> torch.Tensor:
         """log p_data + beta log r on the 2-D grid centres x centres, flattened row-major.
 
-        Computed from the separable grid densities; densities below 1e-300 (far outside every
-        mode) are clamped there, which changes no mass that float64 can represent.
+        Mixture data with a mixture reward use the separable grid densities (densities below
+        1e-300, far outside every mode, are clamped there, which changes no mass that float64
+        can represent); any other reward is evaluated on the grid points in chunks.
         """
-        tiny = 1e-300
-        log_p = self.prior_data.grid_density(centres).clamp_min(tiny).log()
-        log_q = self.reward_mixture.grid_density(centres).clamp_min(tiny).log()
-        log_r = log_q - log_p if self.reward_type == "mixture_ratio" else log_q
-        return (log_p + beta * log_r).reshape(-1)
+        if isinstance(self.data, GaussianMixture) and isinstance(self.reward, MixtureReward) or self.reward is None or beta == 0:
+            tiny = 1e-300
+            log_p = self.data.grid_density(centres).clamp_min(tiny).log()
+            if self.reward is None or beta == 0:
+                return log_p.reshape(-1)
+            log_q = self.reward.mixture.grid_density(centres).clamp_min(tiny).log()
+            log_r = log_q - log_p if self.reward.data is not None else log_q
+            return (log_p + beta * log_r).reshape(-1)
+        gx, gy = torch.meshgrid(centres.double(), centres.double(), indexing="ij")
+        pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+        parts = [self.data_log_prob(p) + beta * self.log_reward(p).double() for p in pts.split(chunk)]
+        return torch.cat(parts)

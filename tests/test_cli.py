@@ -68,13 +68,15 @@ def test_pretrain_sample_evaluate_smoke(tmp_path, tiny_preset_file, capsys):
     code, out = invoke("evaluate", prior, "--n", 300, "--json", "--plot", tmp_path / "e.png")
     assert code == 0, out
     m = json.loads(out)
-    for key in ("mode_coverage", "n_target_modes", "kl_mode", "kl_hist", "off_target", "floor", "log_z_learned", "log_z_is",
-                "log_z_true", "elbo", "eubo", "ess", "n", "checkpoint", "kind", "algo"):
+    for key in ("mode_coverage", "n_target_modes", "kl_mode", "kl_hist", "off_target", "floor", "log_z_is", "cells",
+                "log_z_true", "elbo", "eubo", "ess", "n", "checkpoint", "kind", "algo", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
         assert key in m, key
+    assert "log_z_learned" not in m and "elbo_prior" not in m  # a prior learns no log Z and has no prior of its own
     assert m["n"] == 300 and m["kind"] == "prior" and m["n_target_modes"] == 25 and m["log_z_true"] == 0.0
+    assert len(m["cells"]["modes"]) == 25 and set(m["cells"]["elsewhere"]) == {"target_mass", "frequency"}
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
     code, out = invoke("evaluate", prior, "--n", 300)
-    assert code == 0 and "mode-weight KL" in out and "exact sampler" in out
+    assert code == 0 and "mode-weight KL" in out and "floor" in out and "sliced W2" in out
 
 
 @pytest.mark.parametrize("algo", ["rtb", "trust-pcl", "reinforce-kl", "legacy-rl"])
@@ -88,7 +90,7 @@ def test_finetune_smoke(tmp_path, tiny_prior, algo):
     code, text = invoke("evaluate", out, "--n", 200, "--json")
     m = json.loads(text)
     assert code == 0 and m["kind"] == "finetuned" and m["algo"] == algo and m["n_target_modes"] == 9
-    assert (m["log_z_learned"] is None) == (algo not in ("rtb", "trust-pcl"))
+    assert ("log_z_learned" in m) == (algo in ("rtb", "trust-pcl"))
 
 
 def test_alpha_is_one_over_beta(tmp_path, tiny_prior):
@@ -99,12 +101,12 @@ def test_alpha_is_one_over_beta(tmp_path, tiny_prior):
 
 def test_bad_input_is_one_line_exit_2(tmp_path, tiny_prior, tiny_preset_file, capsys):
     bad_preset = tmp_path / "bad.toml"
-    bad_preset.write_text(tiny_preset_file.read_text() + "\ncolour = 'red'\n")
+    bad_preset.write_text("colour = 'red'\n" + tiny_preset_file.read_text())
     not_ck = tmp_path / "notes.safetensors"
     not_ck.write_text("hello")
     cases = [
         (["pretrain", "--preset", "nope"], "unknown preset 'nope'"),
-        (["pretrain", "--preset", bad_preset], "unknown key 'evaluate.colour'"),
+        (["pretrain", "--preset", bad_preset], "unknown key 'colour'"),
         (["pretrain", "--steps", 0], "--steps should be greater than 0"),
         (["pretrain", "--batch-size", -5], "--batch-size should be greater than 0"),
         (["pretrain", "--steps", "abc"], "'--steps'"),
@@ -165,7 +167,7 @@ def test_failed_runs_overwrite_nothing(tmp_path, tiny_prior, capsys):
 def test_presets_command():
     code, out = invoke("presets", "--json")
     assert code == 0 and any(p["name"] == "reference" for p in json.loads(out))
-    code, out = invoke("presets", "reference", "--json")
+    code, out = invoke("presets", "show", "reference", "--json")
     assert code == 0 and json.loads(out)["beta"] == 1.0
 
 
@@ -214,22 +216,36 @@ def test_reproduce_bad_input(tmp_path, tiny_prior, capsys):
     assert (out / "keep.txt").read_text() == "precious" and [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_finetune_resume_cli(tmp_path, tiny_prior, capsys):
-    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+def test_finetune_warm_start_and_resume_cli(tmp_path, tiny_prior, capsys):
+    from rtbcli.checkpoint import load_checkpoint
+    first, second, third = (tmp_path / f"{k}.safetensors" for k in "abc")
     assert invoke("finetune", "--prior", tiny_prior, "--steps", 2, "--batch-size", 8, "--out", first, "--quiet")[0] == 0
-    code, text = invoke("finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 2, "--batch-size", 8, "--out", second,
+    assert (tmp_path / "a.state.safetensors").exists() and not (tmp_path / "a.partial.safetensors").exists()
+    # --warm-start: a new run (here under the other objective) from a finetuned checkpoint
+    code, text = invoke("finetune", "--warm-start", first, "--algo", "trust-pcl", "--steps", 2, "--batch-size", 8, "--out", second,
                         "--quiet", "--json")
     assert code == 0, text
-    from rtbcli.checkpoint import load_checkpoint
-    assert load_checkpoint(second).step == 4
-    code, err = error_line(capsys, "finetune")
-    assert_one_line_error(code, err, "exactly one of --prior")
-    code, err = error_line(capsys, "finetune", "--prior", tiny_prior, "--resume", first)
-    assert_one_line_error(code, err, "exactly one of --prior")
-    code, err = error_line(capsys, "finetune", "--resume", tiny_prior)
-    assert_one_line_error(code, err, "is a prior checkpoint, a finetuned one is needed")
-    code, err = error_line(capsys, "finetune", "--resume", first, "--out", first)
-    assert_one_line_error(code, err, "--out is the finetuned checkpoint it starts from")
+    assert load_checkpoint(second).step == 4 and load_checkpoint(second).algo == "trust-pcl"
+    # --resume of a finished run: the same run continued to a new total, into a new file
+    code, text = invoke("finetune", "--resume", first, "--steps", 3, "--out", third, "--quiet", "--json")
+    assert code == 0, text
+    assert json.loads(text)["resumed_at"] == 2 and load_checkpoint(third).step == 3 and load_checkpoint(third).algo == "rtb"
+    cases = [
+        (["finetune"], "exactly one of --prior"),
+        (["finetune", "--prior", tiny_prior, "--resume", first], "exactly one of --prior"),
+        (["finetune", "--resume", tiny_prior], "is a prior checkpoint, a finetuned one is needed"),
+        (["finetune", "--resume", first, "--steps", 3], "is a finished run: give --out"),
+        (["finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 3, "--out", tmp_path / "x.safetensors"], "resume it with --algo rtb"),
+        (["finetune", "--resume", first, "--steps", 2, "--out", tmp_path / "x.safetensors"], "give a larger total"),
+        (["finetune", "--resume", first, "--steps", 3, "--lr", 0.5, "--out", tmp_path / "x.safetensors"], "the preset given differs (finetune)"),
+        (["finetune", "--resume", second, "--steps", 5, "--out", tmp_path / "x.safetensors"], "no resumable state"),
+        (["finetune", "--warm-start", first, "--out", first], "--out is the finetuned checkpoint it starts from"),
+    ]
+    (tmp_path / "b.state.safetensors").unlink()
+    for argv, match in cases:
+        code, err = error_line(capsys, *argv)
+        assert_one_line_error(code, err, match)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_pretrain_estimator_and_schedule_options(tmp_path, tiny_preset_file):

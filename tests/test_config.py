@@ -53,7 +53,7 @@ def test_reward_is_log_p9_minus_log_p25(reference):
     (lambda d: d["sampler"].update(steps="many"), r"bad value for 'sampler.steps'"),
     (lambda d: d.update(beta=-1.0), r"bad value for 'beta'"),
     (lambda d: d["prior_data"].update(weights=[1.0]), r"1 weights for 25 means"),
-    (lambda d: d.pop("reward"), r"missing key 'reward'"),
+    (lambda d: d.pop("prior_data"), r"missing key 'prior_data'"),
 ])
 def test_bad_preset_files_name_the_key_and_the_file(tmp_path, reference, edit, match):
     data = reference.model_dump()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rtbcli import finetune as ft
+from rtbcli import objectives
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.errors import InputError, RunError
 from rtbcli.finetune import exploration_std, finetune
@@ -67,14 +67,14 @@ def test_non_finite_loss_stops_keeps_last_good_and_overwrites_nothing(tmp_path, 
     out = tmp_path / "ft.safetensors"
     out.write_bytes(b"an earlier result")
     calls = {"n": 0}
-    real = ft.rtb_loss
+    real = objectives.rtb_loss
 
     def poisoned(*args, **kw):
         calls["n"] += 1
         loss = real(*args, **kw)
         return loss * float("nan") if calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(ft, "rtb_loss", poisoned)
+    monkeypatch.setattr(objectives, "rtb_loss", poisoned)  # what the loop's registry entry calls
     preset = tiny_preset.updated("finetune", steps=8)
     with pytest.raises(RunError, match="non-finite by step 6.*step 4"):
         finetune(prior, preset, "tiny", "rtb", out, progress=False, log_every=2, log_path=tmp_path / "ft.jsonl")
@@ -98,8 +98,8 @@ def test_unknown_objective_is_an_input_error(tmp_path, tiny_prior, tiny_preset):
         finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "ppo", tmp_path / "x.safetensors", progress=False)
 
 
-def test_resume_continues_policy_prior_and_scalar(tmp_path, tiny_prior, tiny_preset):
-    """--resume starts from the finetuned policy, its frozen prior and its log Z, converted for the objective."""
+def test_warm_start_continues_policy_prior_and_scalar(tmp_path, tiny_prior, tiny_preset):
+    """--warm-start starts from the finetuned policy, its frozen prior and its log Z, converted for the objective."""
     preset = tiny_preset.updated("", beta=0.5)
     first = tmp_path / "rtb.safetensors"
     finetune(load_checkpoint(tiny_prior), preset, "tiny", "rtb", first, seed=0, progress=False)
@@ -118,10 +118,10 @@ def test_resume_continues_policy_prior_and_scalar(tmp_path, tiny_prior, tiny_pre
     finetune(ck, preset.updated("finetune", steps=2), "tiny", "trust-pcl", second, seed=1, progress=False)
     ck2 = load_checkpoint(second)
     assert ck2.algo == "trust-pcl" and ck2.step == 6 and ck2.meta["prior_sha256"] == ck.meta["prior_sha256"]
-    assert json.loads(ck2.meta["run"])["resumed_from"] == str(first)
+    assert json.loads(ck2.meta["run"])["warm_started_from"] == str(first)
 
 
-def test_resume_with_zero_steps_of_change_is_the_same_sampler(tmp_path, tiny_prior, tiny_preset):
+def test_warm_start_with_zero_steps_of_change_is_the_same_sampler(tmp_path, tiny_prior, tiny_preset):
     """A trust-pcl resume of an rtb run at lr 0 keeps every weight and V = alpha log Z."""
     first = tmp_path / "rtb.safetensors"
     finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "rtb", first, progress=False)
@@ -135,10 +135,12 @@ def test_resume_with_zero_steps_of_change_is_the_same_sampler(tmp_path, tiny_pri
     assert ck2.scalar("v_soft_s0") == pytest.approx(ck.scalar("log_z") / tiny_preset.beta, rel=1e-6)
 
 
-def test_reward_returning_nan_is_an_input_error(tmp_path, tiny_prior, tiny_preset, monkeypatch):
-    from rtbcli.tasks import Task
-    monkeypatch.setattr(Task, "log_reward", lambda self, x: torch.full(x.shape[:-1], float("nan"), dtype=x.dtype))
+def test_reward_returning_nan_is_an_input_error(tmp_path, tiny_prior, tiny_preset):
+    (tmp_path / "nan.py").write_text("import torch\ndef log_reward(x):\n    return torch.full(x.shape[:-1], float('nan'))\n")
+    preset = tiny_preset.model_copy(update={"reward": None}).model_dump()
+    preset["reward"] = {"type": "python", "function": str(tmp_path / "nan.py") + ":log_reward"}
+    from rtbcli.config import Preset
     out = tmp_path / "x.safetensors"
-    with pytest.raises(InputError, match="non-finite values"):
-        finetune(load_checkpoint(tiny_prior), tiny_preset, "tiny", "rtb", out, progress=False)
+    with pytest.raises(InputError, match="NaN or inf on 256 of 256 samples of the prior"):
+        finetune(load_checkpoint(tiny_prior), Preset.model_validate(preset), "tiny", "rtb", out, progress=False)
     assert not out.exists()

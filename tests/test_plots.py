@@ -107,16 +107,22 @@ def test_plot_panels_rejects_bad_arguments(tmp_path, target):
     assert not list(tmp_path.iterdir())
 
 
-def test_non_2d_task_is_an_input_error(tmp_path, target):
-    t3 = dataclasses.replace(target, cell_means=torch.zeros(4, 3, dtype=torch.float64))
-    x3 = torch.zeros(10, 3)
-    with pytest.raises(InputError, match="2-D"):
-        plot_evaluation(tmp_path / "a.png", x3, t3, {})
-    with pytest.raises(InputError, match="2-D"):
-        plot_panels(tmp_path / "b.png", [("x", x3)], t3)
-    with pytest.raises(InputError, match="2-D"):
-        plot_panels(tmp_path / "c.png", [("x", x3)], target)  # 3-D samples on a 2-D task
-    assert not list(tmp_path.iterdir())
+@pytest.mark.parametrize("d", [1, 3, 10])
+def test_other_dimensions_plot_two_coordinates_and_the_marginals(tmp_path, d):
+    """A task in d != 2: the plane of two coordinates (or the histogram of one) over the reference, and the coordinates' spread."""
+    from rtbcli.targets import Target
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(500, d, generator=g), torch.randn(400, d, generator=g, dtype=torch.float64) + 1.0
+    t = Target(description="test", method="reference", reference=ref)
+    m = {"sw2": 1.0, "sw2_floor": 0.1, "mmd2": 0.2, "mmd2_floor": 0.0, "kind": "prior"}
+    plot_evaluation(tmp_path / "e.png", x, t, m, dims=(0, 1) if d == 1 else (d - 1, 0), reference=ref)
+    _check_png(tmp_path / "e.png")
+    plot_panels(tmp_path / "p.png", [("a", x), ("b", x + 1)], t, reference=ref)
+    _check_png(tmp_path / "p.png", min_w=300)
+    if d > 1:
+        with pytest.raises(InputError, match="--dims"):
+            plot_evaluation(tmp_path / "bad.png", x, t, m, dims=(0, d))
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_failed_save_leaves_nothing_and_keeps_existing_file(tmp_path, target, monkeypatch):

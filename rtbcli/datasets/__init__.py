@@ -1,1 +1,1 @@
-"""Benchmark distributions with exactly known quantities (log Z, mode masses, exact samples)."""
+"""Shipped benchmark datasets: ManyWell-32 (exactly solvable) and the 8x8 digits (real images)."""

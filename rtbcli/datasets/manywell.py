@@ -76,6 +76,7 @@ def _sample_x1(u: torch.Tensor, tilt: float) -> torch.Tensor:
     """Inverse CDF of x1 at uniforms u in [0, 1): find the cell with CDF(x_{i-1}) <= u < CDF(x_i),
     then x = x_{i-1} + h (u - CDF(x_{i-1})) / (CDF(x_i) - CDF(x_{i-1}))."""
     grid, cdf, _ = _table(tilt)
+    grid, cdf = grid.to(u.device), cdf.to(u.device)
     i = torch.searchsorted(cdf, u, right=True).clamp(1, len(cdf) - 1)
     lo, hi = cdf[i - 1], cdf[i]
     return grid[i - 1] + GRID_SPACING * ((u - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -104,6 +105,10 @@ class ManyWell:
         self.dim = 2 * pairs
         self.tilts = tilts
 
+    def to(self, device) -> ManyWell:
+        """Nothing to move: the quadrature tables go to the samples' device when used."""
+        return self
+
     def __repr__(self) -> str:
         return f"ManyWell(pairs={self.pairs}, tilts={list(self.tilts)})"
 
@@ -131,11 +136,12 @@ class ManyWell:
     ) -> torch.Tensor:
         """n exact samples (n, dim): x1_j by inverse CDF, x2_j ~ N(0, 1).
 
-        Drawn in float64 on the CPU (uniforms for every x1, then normals for every x2) from
-        `generator`, then cast, so the same seed gives the same values at any dtype/device.
+        Drawn in float64 on the generator's device (uniforms for every x1, then normals for every
+        x2) from `generator`, then cast, so the same seed gives the same values at any dtype.
         """
-        u = torch.rand(n, self.pairs, generator=generator, dtype=torch.float64)
-        x2 = torch.randn(n, self.pairs, generator=generator, dtype=torch.float64)
+        g_device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(n, self.pairs, generator=generator, dtype=torch.float64, device=g_device)
+        x2 = torch.randn(n, self.pairs, generator=generator, dtype=torch.float64, device=g_device)
         x1 = torch.empty_like(u)
         for tilt in set(self.tilts):
             cols = [j for j, t in enumerate(self.tilts) if t == tilt]

@@ -1,1 +1,175 @@
-"""Rewards for fine-tuning toward real-data targets, computed from classifiers shipped with the package."""
+"""Rewards: log r(x) from a Gaussian mixture, or from your own Python function.
+
+A Python reward is named by a reference, `path/to/file.py:function` or `package.module:function`,
+and called as `function(x, **kwargs)` on a float tensor x of shape (B, d) on the run's device,
+without gradient; it returns log r(x) of shape (B,).
+
+Safety: loading a checkpoint never imports anything. A checkpoint records its reward's
+reference (and, for a file, its SHA-256), and the reward is imported only when the user names it
+again (`--reward`, or a preset that names it). The rewards that ship with rtbcli
+(`rtbcli.rewards.*`) are part of the installed package and are imported without asking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import keyword
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InputError, RtbcliWarning, RunError
+
+TRUSTED_PREFIX = "rtbcli.rewards."  # rewards that ship with rtbcli
+
+
+def _identifier_path(text: str) -> bool:
+    return bool(text) and all(p.isidentifier() and not keyword.iskeyword(p) for p in text.split("."))
+
+
+def parse_reference(ref: str) -> tuple[str | None, str]:
+    """'file.py:name' -> (file path, name); 'package.module:name' -> (None, name). InputError otherwise."""
+    how = "give 'path/to/rewards.py:function' or 'package.module:function'"
+    if not isinstance(ref, str) or ref.count(":") < 1:
+        raise InputError(f"reward '{ref}' names no function: {how}")
+    where, attr = ref.rsplit(":", 1)
+    if not _identifier_path(attr):
+        raise InputError(f"reward '{ref}': '{attr}' is not a Python name: {how}")
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        return where, attr
+    if not _identifier_path(where):
+        raise InputError(f"reward '{ref}': '{where}' is neither a .py file nor a module name: {how}")
+    return None, attr
+
+
+def is_trusted(ref: str) -> bool:
+    """A reward that ships with rtbcli, imported without being named again."""
+    return parse_reference(ref)[0] is None and ref.startswith(TRUSTED_PREFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def import_function(ref: str) -> tuple[Callable, str | None]:
+    """The callable a reference names, and the SHA-256 of the file it came from (None if unknown)."""
+    path, attr = parse_reference(ref)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"reward file '{path}' not found: check the path (a preset's paths are relative to the preset file)")
+        name = "rtbcli_reward_" + hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:16]
+        spec = importlib.util.spec_from_file_location(name, p)
+        if spec is None or spec.loader is None:
+            raise InputError(f"reward file '{path}' cannot be imported: give a .py file")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(p.resolve().parent))  # so that the file can import its neighbours
+        try:
+            spec.loader.exec_module(module)
+        except (Exception, SystemExit) as e:
+            raise InputError(f"reward file '{path}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix the file") from None
+        finally:
+            sys.path.remove(str(p.resolve().parent))
+        sys.modules[name] = module
+        where, sha = f"file '{path}'", file_sha256(p)
+    else:
+        modname = ref.rsplit(":", 1)[0]
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.append(os.getcwd())  # like `python -m`: a package in the working folder is found
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name and modname.startswith(e.name):
+                raise InputError(f"reward module '{modname}' not found: install it, run from its folder, or give a file "
+                                 f"(path/to/rewards.py:{attr})") from None
+            raise InputError(f"reward module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
+        except (Exception, SystemExit) as e:
+            raise InputError(f"reward module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+        src = getattr(module, "__file__", None)
+        where, sha = f"module '{modname}'", (file_sha256(src) if src and Path(src).is_file() else None)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"reward {where} has no '{attr}': name a function defined there")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"reward {where}: '{attr}' is a {type(obj).__name__}, not a function: name a function taking x (B, d)")
+    return obj, sha
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:200]
+
+
+class RewardFailed(RunError):
+    """The reward raised or returned something unusable during a run (exit code 1)."""
+
+
+@dataclass
+class PythonReward:
+    """log r(x) = function(x, **kwargs), checked for type and shape on every call."""
+
+    reference: str
+    function: Callable
+    kwargs: dict = field(default_factory=dict)
+    sha256: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            try:
+                out = self.function(x, **self.kwargs)
+            except Exception as e:
+                raise RewardFailed(f"the reward '{self.reference}' raised {e.__class__.__name__}: {_first_line(e)}") from None
+        if not isinstance(out, torch.Tensor):
+            raise RewardFailed(f"the reward '{self.reference}' returned a {type(out).__name__}, not a torch tensor: return log r(x) as a tensor of shape (B,)")
+        if out.shape != x.shape[:-1]:
+            raise RewardFailed(f"the reward '{self.reference}' returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
+                               f"return log r(x) of shape {tuple(x.shape[:-1])}")
+        return out.to(x.dtype)
+
+
+@dataclass
+class UnnamedReward:
+    """The Python reward a checkpoint records, not imported: loading a checkpoint never runs code."""
+
+    reference: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise InputError(f"this checkpoint was trained with the Python reward '{self.reference}', and loading a checkpoint never "
+                         f"imports code: name it again with --reward {self.reference}")
+
+
+def load_python_reward(spec, *, allow_import: bool = True) -> PythonReward | UnnamedReward:
+    """The reward a `PythonRewardSpec` names; unless `allow_import`, only rtbcli's own rewards are imported."""
+    if not allow_import and not is_trusted(spec.function):
+        return UnnamedReward(spec.function)
+    fn, sha = import_function(spec.function)
+    if spec.sha256 is not None and sha is not None and sha != spec.sha256:
+        warnings.warn(f"the reward file of '{spec.function}' has changed since the checkpoint recorded it "
+                      f"(SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)", RtbcliWarning, stacklevel=2)
+    return PythonReward(spec.function, fn, dict(spec.kwargs), sha)
+
+
+def check_reward_output(reward, x: torch.Tensor, what: str = "samples of the prior") -> torch.Tensor:
+    """Call the reward once before a run; any problem is bad input (exit 2), named with its fix."""
+    try:
+        out = reward(x)
+    except RewardFailed as e:
+        raise InputError(f"{e} (on {x.shape[0]} {what})") from None
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        raise InputError(f"the reward returns NaN or inf on {int(bad.sum())} of {out.numel()} {what}: make log r finite "
+                         f"wherever the prior puts mass (e.g. clamp it)")
+    return out

@@ -1,0 +1,133 @@
+"""What every command of the command line shares: errors, JSON, and options read from the config models.
+
+Conventions: results go to stdout (a rich table, or one JSON object with --json); progress and
+warnings go to stderr. Exit codes are listed in `rtbcli.errors`.
+
+Options that set a preset field take their help text and default from the pydantic model
+(`field_help`), and choices from its `Literal` type (`choices`), so that a default or a list of
+choices lives in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import warnings
+from enum import Enum
+from typing import get_args
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from .config import Preset
+from .errors import EXIT_RUN, InputError, RtbcliError, RtbcliWarning
+
+# Results on stdout; when it is not a terminal (pipes, logs, CI) tables get 120 columns, not 80.
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    print(f"rtbcli: error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr: `rtbcli: warning: ...` (rtbcli's own), or Python's usual form."""
+    if issubclass(category, RtbcliWarning):
+        print(f"rtbcli: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+
+
+def handle_errors(fn):
+    """Turn library errors into one line on stderr and their exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RtbcliError as e:
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # a bug or an environment failure: still one line, exit 1
+            if os.environ.get("RTBCLI_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise fail(f"unexpected {e.__class__.__name__}: {first} (set RTBCLI_DEBUG=1 for a traceback)", EXIT_RUN) from None
+
+    return wrapper
+
+
+def field_help(model: type[BaseModel], name: str, extra: str = "") -> str:
+    """An option's help: the field's docstring and its default, as the config model declares them."""
+    f = model.model_fields[name]
+    default = f.default
+    shown = f" [default: {default:,}]" if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000 else (
+        f" [default: {default}]" if default is not None else "")
+    return f"{(f.description or '').strip()}{extra}{shown}"
+
+
+def choices(model: type[BaseModel], name: str) -> type[Enum]:
+    """A str Enum of a Literal field's values, for Typer's choice checking."""
+    values = get_args(model.model_fields[name].annotation)
+    return Enum(f"{model.__name__}_{name}", [(v, v) for v in values], type=str)
+
+
+def with_overrides(preset: Preset, section: str, **values) -> Preset:
+    """Apply command-line overrides to a preset section, naming the option when one is invalid."""
+    values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+    try:
+        return preset.updated(section, **values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][-1]) if err["loc"] else ""
+        opt = "--" + field.replace("_", "-") if field else "an option"
+        msg = err["msg"].replace("Input should", "should").replace("Value error, ", "")
+        raise InputError(f"{opt} {msg} (got {err.get('input')!r})") from None
+
+
+def json_safe(obj):
+    """Non-finite floats become null: strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def emit_json(obj) -> None:
+    """Print exactly one JSON object on stdout."""
+    print(json.dumps(json_safe(obj), allow_nan=False, default=str))
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise InputError(f"{name} must be positive (got {value})")
+
+
+def parse_kwargs(items: list[str] | None) -> dict:
+    """`--reward-arg KEY=VALUE` (repeatable): VALUE read as JSON (numbers, true/false, lists, "strings"), else as text."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--reward-arg '{item}': write KEY=VALUE, e.g. --reward-arg digit=3")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def examples(*lines: str) -> str:
+    """An 'Examples' block for a command's help (shown verbatim)."""
+    return "\n\n\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)

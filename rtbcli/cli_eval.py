@@ -1,0 +1,112 @@
+"""`rtbcli evaluate` and `rtbcli sample`: thin wrappers over `rtbcli.evaluate` and `rtbcli.sampling`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import emit_json, examples, out_console, parse_kwargs
+from .errors import EXIT_REQUIRE, InputError
+from .report import checks_table, evaluation_table, parse_check, run_checks
+from .runtime import check_writable, resolve_device
+
+
+def parse_dims(text: str) -> tuple[int, int]:
+    try:
+        i, j = (int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--dims '{text}': give two coordinates as I,J (e.g. 0,1)") from None
+    return i, j
+
+
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="Any rtbcli checkpoint (prior or finetuned)."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Samples to score [default: the preset's, 20,000]."),
+    seed: int = typer.Option(0, help="Random seed (model samples; exact target samples use seed+1)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Name the checkpoint's Python reward again ('rewards.py:function'); loading a checkpoint never imports code."),
+    reward_arg: Optional[list[str]] = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: samples over the target (or two coordinates and the marginals), per-mode weights."),
+    dims: str = typer.Option("0,1", "--dims", help="The two coordinates a plot of a task with d != 2 shows."),
+    require: Optional[list[str]] = typer.Option(None, "--require", help=f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
+):
+    """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate as run_evaluate
+
+    checks = [parse_check(text) for text in require or []]
+    pair = parse_dims(dims)
+    if n is not None and n <= 0:
+        raise InputError(f"--n must be a positive number of samples (got {n})")
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            raise InputError(f"--plot '{plot}' must end in .png")
+        check_writable(plot, "--plot")
+    ck = load_checkpoint(checkpoint)
+    if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
+        raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
+    ev = run_evaluate(ck, n or ck.preset.evaluate.n, seed, resolve_device(device), reward=reward, reward_kwargs=parse_kwargs(reward_arg),
+                      reference=reference)
+    m = ev.metrics
+    if plot is not None:
+        from .plots import plot_evaluation
+        from .suites import suite_of
+
+        label = f"{ck.algo} finetuned" if ck.kind == "finetuned" else "prior"
+        title = f"{checkpoint.name}: {label} checkpoint"
+        panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
+        if not suite_of(ev.task).plot_samples(plot, panels, title=title):
+            plot_evaluation(plot, ev.samples, ev.target, m, title=title, dims=pair, reference=ev.reference)
+        m["plot"] = str(plot)
+    results = run_checks(checks, m)
+    if results:
+        m["checks"] = results
+    if as_json:
+        emit_json(m)
+    else:
+        out_console.print(evaluation_table(m))
+        if results:
+            out_console.print(checks_table(results))
+    failed = [f"{r['check']} (got {r['value']})" for r in results if not r["passed"]]
+    if failed:
+        import sys
+        print(f"rtbcli: {len(failed)} required check(s) failed: {'; '.join(failed)}", file=sys.stderr)
+        raise typer.Exit(EXIT_REQUIRE)
+
+
+evaluate.__doc__ += examples("rtbcli evaluate rtb.safetensors --plot rtb.png",
+                             "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
+                             "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess > 0.1'")
+
+
+def sample(
+    checkpoint: Path = typer.Argument(..., help="Any rtbcli checkpoint (prior or finetuned)."),
+    n: int = typer.Option(1000, "--n", "-n", help="Number of samples."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Path = typer.Option(Path("samples.npy"), "--out", "-o", help="Output: .npy (float32, shape (n, d)) or .csv."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Draw samples x_T from a checkpoint's own policy and save them as .npy or .csv (no reward needed)."""
+    from .checkpoint import load_checkpoint
+    from .sampling import draw_samples, save_samples
+
+    if n <= 0:
+        raise InputError(f"--n must be a positive number of samples (got {n})")
+    if out.suffix.lower() not in (".npy", ".csv"):
+        raise InputError(f"--out '{out}' must end in .npy or .csv")
+    check_writable(out, "--out")
+    ck = load_checkpoint(checkpoint)
+    x = draw_samples(ck, n, seed, resolve_device(device))
+    save_samples(out, x)
+    res = {"out": str(out), "n": n, "dim": x.shape[1], "checkpoint": str(checkpoint), "kind": ck.kind, "algo": ck.algo, "seed": seed}
+    if as_json:
+        return emit_json(res)
+    out_console.print(f"wrote {n} samples of dimension {x.shape[1]} to {out}")
+
+
+sample.__doc__ += examples("rtbcli sample rtb.safetensors --n 10000 --out samples.npy", "rtbcli sample prior.safetensors --n 500 --out prior.csv")

@@ -1,0 +1,210 @@
+"""`rtbcli pretrain` and `rtbcli finetune`: thin wrappers over `rtbcli.pretrain` and `rtbcli.finetune`.
+
+Both run as one process, or as several under torchrun (`torchrun --nproc-per-node N -m rtbcli
+finetune ...`); rank 0 alone prints results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
+from .config import FinetuneSpec, PretrainSpec, load_preset
+from .errors import InputError
+from .objectives import OBJECTIVES
+from .report import kv_table
+from .runtime import check_writable, resolve_device
+from .training import final_of, is_partial
+
+Algo = Enum("Algo", [(k, k) for k in OBJECTIVES], type=str)
+Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
+DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
+SAVE_HELP = "Save a resumable checkpoint (X.partial.safetensors) every N steps; 0: only at the end and on SIGINT/SIGTERM."
+
+
+def _start_distributed(device: str):
+    from .distributed import init
+
+    return init(resolve_device(device))
+
+
+def resume_out(start, out: Path | None) -> Path:
+    """Where a resumed run writes: --out, or the file the interrupted run was writing."""
+    if out is not None:
+        return out
+    if is_partial(start.path):
+        recorded = json.loads(start.meta.get("run", "{}")).get("out")
+        return Path(recorded) if recorded else final_of(start.path)
+    raise InputError(f"'{start.path}' is a finished run: give --out for the extended run (the original is kept)")
+
+
+# --------------------------------------------------------------------------- pretrain
+def pretrain(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Shipped preset name or path to a .toml file [default: reference]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Pretrain on the rows of this .npy/.csv/.safetensors file (default sampler settings)."),
+    steps: Optional[int] = typer.Option(None, help=field_help(PretrainSpec, "steps")),
+    batch_size: Optional[int] = typer.Option(None, help=field_help(PretrainSpec, "batch_size")),
+    lr: Optional[float] = typer.Option(None, help=field_help(PretrainSpec, "lr")),
+    lr_schedule: Optional[Schedule] = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
+    estimator: Optional[Estimator] = typer.Option(None, help=field_help(PretrainSpec, "estimator")),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run exactly (X.partial.safetensors, or a finished one with --steps and --out)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and data) [default: 0]."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (atomically) [default: prior.safetensors]."),
+    save_every: int = typer.Option(1000, help=SAVE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Pretrain a prior diffusion sampler on data (bridge maximum likelihood)."""
+    from .checkpoint import load_checkpoint
+    from .data import data_preset
+    from .distributed import shutdown
+    from .pretrain import pretrain as run_pretrain
+
+    if sum(x is not None for x in (preset, data, resume)) > 1:
+        raise InputError("give one of --preset, --data and --resume")
+    start = None
+    if resume is not None:
+        start = load_checkpoint(resume, expect_kind="prior")
+        p, ref = start.preset, start.meta.get("preset", "")
+        if seed is not None and seed != start.meta_int("seed"):
+            raise InputError("--seed cannot change when resuming: the run continues with its own random state")
+        seed, out = start.meta_int("seed"), resume_out(start, out)
+        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
+            raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
+    elif data is not None:
+        p, ref = data_preset(data), str(data)
+    else:
+        p, ref = load_preset(preset)
+    p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
+    out = out or Path("prior.safetensors")
+    check_writable(out, "--out")
+    dist, dev = _start_distributed(device)
+    try:
+        r = run_pretrain(p, ref, out, seed=seed or 0, device=dev, log_path=out.with_suffix(".jsonl"), progress=not quiet,
+                         resume_from=start, save_every=save_every, dist=dist)
+    finally:
+        shutdown(dist)
+    if not dist.is_main:
+        return
+    res = {"checkpoint": str(r.out), "log": str(r.log), "preset": ref, "steps": r.steps, "resumed_at": r.first_step or None,
+           "seconds": round(r.seconds, 2), "steps_per_s": round(r.steps_per_s, 2), "loss": r.loss, "elbo": r.elbo,
+           "data_log_prob": r.data_log_prob, "device": dev.type, "processes": dist.world}
+    if as_json:
+        return emit_json(res)
+    out_console.print(kv_table("pretrain", [("checkpoint", r.out), ("log", r.log), ("preset", ref), ("device", f"{dev.type} x {dist.world}"),
+                                            ("steps", r.steps), ("wall time (s)", r.seconds), ("steps/s", r.steps_per_s),
+                                            ("final loss", r.loss), ("ELBO of log p_theta(x), data", r.elbo),
+                                            ("E_data log p_data(x)", r.data_log_prob)]))
+    out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out} --reward rewards.py:log_reward")
+
+
+pretrain.__doc__ += examples("rtbcli pretrain --out prior.safetensors", "rtbcli pretrain --data moons.csv --steps 3000 --out moons-prior.safetensors",
+                             "rtbcli pretrain --resume prior.partial.safetensors")
+
+
+# --------------------------------------------------------------------------- finetune
+def finetune(
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Start a run from this prior checkpoint (from `rtbcli pretrain`)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this finetuned run exactly: its optimiser, schedule and random state."),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start a new run from a finetuned checkpoint (its policy, prior and log Z; fresh optimiser and schedule)."),
+    algo: Optional[Algo] = typer.Option(None, "--algo", "-a", case_sensitive=False,
+                                        help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + " [default: rtb]"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or path [default: the one the prior was pretrained with]."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Your reward: 'path/to/rewards.py:function' or 'package.module:function', returning log r(x)."),
+    reward_arg: Optional[list[str]] = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
+    beta: Optional[float] = typer.Option(None, help="Inverse temperature of the target p_prior r^beta [default: the preset's]."),
+    alpha: Optional[float] = typer.Option(None, help="Trust-PCL temperature alpha = 1/beta (give this or --beta)."),
+    steps: Optional[int] = typer.Option(None, help=field_help(FinetuneSpec, "steps", "; with --resume, the new total")),
+    batch_size: Optional[int] = typer.Option(None, help=field_help(FinetuneSpec, "batch_size")),
+    lr: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "lr")),
+    lr_logz: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "lr_logz")),
+    exploration: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "exploration")),
+    on_policy: bool = typer.Option(False, "--on-policy", help="No exploration; reinforce-kl then uses uniform weights."),
+    snis: Optional[Snis] = typer.Option(None, help=field_help(FinetuneSpec, "snis")),
+    legacy_lambda: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "legacy_lambda")),
+    seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: finetuned-ALGO.safetensors]."),
+    save_every: int = typer.Option(1000, help=SAVE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Fine-tune a prior so that its samples follow p_prior(x) r(x)^beta."""
+    from .checkpoint import load_checkpoint
+    from .distributed import shutdown
+    from .evaluate import with_reward
+    from .finetune import finetune as run_finetune
+    from .suites import check_suite
+    from .tasks import Task
+
+    b = resolve_beta(beta, alpha)
+    given = [(n, v) for n, v in (("--prior", prior), ("--resume", resume), ("--warm-start", warm_start)) if v is not None]
+    if len(given) != 1:
+        raise InputError("give exactly one of --prior (start from a prior), --resume (continue a run) and --warm-start (a new run from a finetuned checkpoint)")
+    (start_opt, start_path), = given
+    start = load_checkpoint(start_path, expect_kind="prior" if prior is not None else "finetuned")
+    is_resume = resume is not None
+    if is_resume:
+        if seed is not None and seed != start.meta_int("seed"):
+            raise InputError("--seed cannot change when resuming: the run continues with its own random state")
+        algo_name = algo.value if algo is not None else start.algo
+    else:
+        algo_name = algo.value if algo is not None else "rtb"
+    p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
+    p = with_reward(p, reward, parse_kwargs(reward_arg))
+    p = with_overrides(p, "", beta=b)
+    p = with_overrides(p, "finetune", steps=steps, batch_size=batch_size, lr=lr, lr_logz=lr_logz, exploration=exploration, snis=snis,
+                       legacy_lambda=legacy_lambda)
+    if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
+        from .rewards import UnnamedReward
+        if isinstance(Task(p, allow_import=False).reward, UnnamedReward):
+            raise InputError(f"this checkpoint records the Python reward '{p.reward.function}', and loading a checkpoint never imports "
+                             f"code: name it again with --reward {p.reward.function}")
+    check_suite(Task(p, allow_import=False))
+    out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
+    check_writable(out, "--out")
+    if out.resolve() == Path(start_path).resolve():
+        raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
+    dist, dev = _start_distributed(device)
+    try:
+        r = run_finetune(start, p, ref, algo_name, out, seed=seed or 0, device=dev, on_policy=on_policy, log_path=out.with_suffix(".jsonl"),
+                         progress=not quiet, resume=is_resume, save_every=save_every, dist=dist)
+    finally:
+        shutdown(dist)
+    if not dist.is_main:
+        return
+    res = {"checkpoint": str(r.out), "log": str(r.log), "algo": r.algo, "beta": p.beta, "alpha": 1 / p.beta, "steps": r.steps,
+           "resumed_at": r.first_step or None, "seconds": round(r.seconds, 2), "steps_per_s": round(r.steps_per_s, 2), "loss": r.loss,
+           "log_z": r.log_z, "mean_log_r": r.mean_log_r, "device": dev.type, "processes": dist.world}
+    if as_json:
+        return emit_json(res)
+    out_console.print(kv_table(f"finetune {r.algo}", [("checkpoint", r.out), ("log", r.log), ("beta / alpha", f"{p.beta:g} / {1 / p.beta:g}"),
+                                                        ("device", f"{dev.type} x {dist.world}"), ("steps", r.steps),
+                                                        ("wall time (s)", r.seconds), ("steps/s", r.steps_per_s), ("final loss", r.loss),
+                                                        ("learned log Z", r.log_z), ("mean log r (last batch)", r.mean_log_r)]))
+    hint = f" --reward {p.reward.function}" if getattr(p.reward, "function", "").startswith(("/", ".")) else ""
+    out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
+
+
+finetune.__doc__ += examples("rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
+                             "rtbcli finetune --prior moons-prior.safetensors --reward favour.py:log_reward --steps 1000 --out moons-rtb.safetensors",
+                             "rtbcli finetune --resume rtb.partial.safetensors")
+
+
+def resolve_beta(beta: float | None, alpha: float | None) -> float | None:
+    """--beta and --alpha = 1/beta are one setting; both given must agree."""
+    for name, v in (("--beta", beta), ("--alpha", alpha)):
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise InputError(f"{name} must be a positive finite number (got {v})")
+    if beta is not None and alpha is not None:
+        if abs(alpha * beta - 1.0) > 1e-9:
+            raise InputError(f"--alpha {alpha} and --beta {beta} disagree (alpha must be 1/beta): give only one")
+        return beta
+    return 1.0 / alpha if alpha is not None else beta

@@ -1,0 +1,161 @@
+"""Benchmark suites: tasks that know more about their target than a generic task does.
+
+A suite is recognised from the preset (a shipped dataset with the reward that goes with it) and
+adds, on top of the generic evaluation:
+
+- `manywell32` (with `rtbcli.rewards.manywell:tilt`): the exact tilted target (samples, log Z),
+  and each pair's left-well mass against the exact one, beside the exact-sampler floor;
+- `digits` (with `rtbcli.rewards.digits:log_p_class`): held-out real images as reference samples
+  (of the class c at beta = 1, where the target is p(x | c)), the classifier's class fraction,
+  diversity and nearest-training-image distance beside real images', and image-grid figures.
+
+Everything else gets the generic `Suite`, which adds nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DatasetSpec, PythonRewardSpec
+from .errors import InputError
+from .targets import Target, accepted_rows
+from .tasks import Task
+
+MANYWELL_REWARD = "rtbcli.rewards.manywell:tilt"
+DIGITS_REWARD = "rtbcli.rewards.digits:log_p_class"
+
+
+class Suite:
+    """No special knowledge."""
+
+    name = "generic"
+
+    def prior_target(self, task: Task) -> Target | None:
+        return None
+
+    def tilted_target(self, task: Task, beta: float) -> Target | None:
+        return None
+
+    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int) -> dict:
+        return {}
+
+    def plot_samples(self, path, panels: list[tuple[str, torch.Tensor]], title: str | None = None) -> bool:
+        """Draw a figure of sample panels the suite's own way; False: use the generic scatter plots."""
+        return False
+
+
+def _reward_kwargs(task: Task, function: str) -> dict | None:
+    spec = task.preset.reward
+    if isinstance(spec, PythonRewardSpec) and spec.function == function:
+        return dict(spec.kwargs)
+    return None
+
+
+class ManyWellSuite(Suite):
+    name = "manywell32"
+
+    def _tilt(self, task: Task) -> tuple[int, float] | None:
+        kw = _reward_kwargs(task, MANYWELL_REWARD)
+        if kw is None:
+            return None
+        return int(kw.get("pairs", 8)), float(kw.get("c", 1.0))
+
+    def prior_target(self, task: Task) -> Target | None:
+        from .datasets.manywell import ManyWell
+
+        mw = ManyWell()
+        return Target(description="p_data (ManyWell-32)", method="exact", log_z=0.0, log_z_exact=True,
+                      sample=lambda n, g: mw.sample(n, g, dtype=torch.float64), log_density=mw.log_prob,
+                      extra={"well_masses": mw.left_well_masses()})
+
+    def tilted_target(self, task: Task, beta: float) -> Target | None:
+        from .datasets.manywell import tilted_target
+
+        tilt = self._tilt(task)
+        if tilt is None:
+            return None
+        pairs, c = tilt
+        mw, log_z = tilted_target(beta, pairs, c)
+        return Target(description=f"ManyWell-32 tilted on {pairs} pairs (c = {c:g}, beta = {beta:g})", method="exact",
+                      log_z=log_z, log_z_exact=True, sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
+                      log_density=lambda x: mw.log_prob(x) + log_z, extra={"well_masses": mw.left_well_masses()})
+
+    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int) -> dict:
+        from .datasets.manywell import well_mass_errors
+
+        exact = target.extra.get("well_masses")
+        if exact is None or target.sample is None:
+            return {}
+        m = well_mass_errors(x, exact)
+        floor = well_mass_errors(target.sample(x.shape[0], torch.Generator().manual_seed(seed + 3)), exact)
+        return {"well_mass_max_abs_err": m["well_mass_max_abs_err"], "well_mass_mean_abs_err": m["well_mass_mean_abs_err"],
+                "well_mass_max_abs_err_floor": floor["well_mass_max_abs_err"],
+                "well_mass_mean_abs_err_floor": floor["well_mass_mean_abs_err"],
+                "well_masses": [round(v, 6) for v in m["well_masses"]], "well_masses_exact": [round(float(v), 6) for v in exact]}
+
+
+class DigitsSuite(Suite):
+    name = "digits"
+
+    def digit(self, task: Task) -> int | None:
+        from .datasets.digits import check_digit
+
+        kw = _reward_kwargs(task, DIGITS_REWARD)
+        return None if kw is None or "digit" not in kw else check_digit(kw["digit"])
+
+    def prior_target(self, task: Task) -> Target | None:
+        from .datasets.digits import digits_data
+
+        held = digits_data("heldout").double()
+        return Target(description="p_data (the digits images)", method="reference", reference=held,
+                      reference_note=f"the {held.shape[0]} held-out images")
+
+    def tilted_target(self, task: Task, beta: float) -> Target | None:
+        from .datasets.digits import digits_data
+
+        c = self.digit(task)
+        if c is None:
+            return None
+        description = f"p_data * p(c = {c} | x)^beta (beta = {beta:g})"
+        if abs(beta - 1.0) < 1e-12:
+            ref = digits_data("heldout", c).double()
+            note = f"the {ref.shape[0]} held-out real images of class {c} (the target at beta = 1 is p(x | c))"
+        else:
+            held = digits_data("heldout").double()
+            ref = accepted_rows(held, beta * task.log_reward(held.float()).double())
+            note = f"{ref.shape[0]} of {held.shape[0]} held-out images, accepted with probability r^beta / max r^beta"
+        return Target(description=description, method="reference", reference=ref, reference_note=note)
+
+    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int) -> dict:
+        from .datasets.digits import digits_report
+
+        c = self.digit(task)
+        if c is None:
+            return {}
+        return {"digit": c, **digits_report(x.float(), c)}
+
+    def plot_samples(self, path, panels, title=None) -> bool:
+        from .datasets.digits import plot_digit_grids
+
+        plot_digit_grids(path, panels, title=title)
+        return True
+
+
+def suite_of(task: Task) -> Suite:
+    spec = task.preset.prior_data
+    if isinstance(spec, DatasetSpec):
+        if spec.dataset == "manywell32":
+            return ManyWellSuite()
+        if spec.dataset == "digits":
+            return DigitsSuite()
+    return Suite()
+
+
+def check_suite(task: Task) -> None:
+    """Bad benchmark settings are input errors before a run (a digit outside 0-9)."""
+    suite = suite_of(task)
+    if isinstance(suite, DigitsSuite):
+        try:
+            suite.digit(task)
+        except InputError as e:
+            raise InputError(f"reward.kwargs: {e}") from None
