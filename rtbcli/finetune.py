@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,8 @@ from torch import nn
 from .checkpoint import Checkpoint, base_metadata, sampler_tensors, save_checkpoint
 from .config import DataFileSpec, DatasetSpec, MixtureSpec, Preset, PythonRewardSpec
 from .distributed import Dist
-from .errors import InputError, Interrupted, RunError
-from .objectives import OBJECTIVES, Batch, HyperParams, Objective
+from .errors import InputError, Interrupted, RtbcliWarning, RunError
+from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
 from .rewards import PythonReward, RewardFailed, check_reward_output
 from .rollout import Workspace, rollout, step_log_probs
 from .rollout import backward as policy_backward
@@ -52,6 +53,7 @@ from .training import RunPaths, StopSignals, new_run_id, read_log_until
 
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
 PROBE_N = 256  # prior samples the reward is checked on before a run
+ESS_WARN = 5.0  # --snis exact warns once when its weights' effective sample size falls below this
 
 
 @dataclass
@@ -281,6 +283,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     loss_v, mean_log_r = float("nan"), float("nan")
     step = first
     step_seconds: list[float] = []
+    warned = False
 
     def diverged(reason: str) -> RunError:
         if main:
@@ -343,6 +346,15 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                         v = float(scalar.detach())
                         rec.update(v_soft_s0=v, log_z=lz)
                         shown = f"V {v:.4f}  "
+                    elif batch.lb is not None:  # reinforce-kl off-policy: how many trajectories the weights rest on
+                        w = snis_weights(batch.lpf.detach(), batch.lb, hp.temper)
+                        rec["weights_ess"] = ess = float(1.0 / w.pow(2).sum())
+                        shown = f"ESS {ess:.1f}  "
+                        if hp.temper == 1.0 and ess < ESS_WARN and not warned:
+                            warned = True
+                            warnings.warn(f"the exact SNIS weights' effective sample size fell to {ess:.1f} of {cfg.batch_size} at step {step}: "
+                                          f"the gradient rests on a few trajectories; use --snis tempered or a smaller --exploration",
+                                          RtbcliWarning, stacklevel=2)
                     log.write(**rec)
                     bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.4g}  {shown}E[log r] {mean_log_r:.3f}")
                 if step < cfg.steps and dist.any(signals.requested is not None):
