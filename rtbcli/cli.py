@@ -55,6 +55,8 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
     3 an `evaluate --require` check failed; 130 / 143 stopped by SIGINT / SIGTERM (the last
     completed step is saved, resumable with --resume).
     """
+    warnings.showwarning = show_warning  # rtbcli's warnings as one line on stderr
+    warnings.simplefilter("always", RtbcliWarning)
 
 
 def reproduce(
@@ -114,20 +116,17 @@ _register()
 def run(argv: list[str] | None = None) -> int:
     """Run one command; click's own usage errors are reduced to one line too (exit 2)."""
     cmd = typer.main.get_command(app)
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning
-        warnings.simplefilter("always", RtbcliWarning)
-        try:
-            rv = cmd.main(args=argv, prog_name="rtbcli", standalone_mode=False)
-        except typer.Exit as e:
-            return e.exit_code
-        except _CliUsageError as e:
-            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
-            print(f"rtbcli: error: {e.format_message().replace('Value error, ', '')}{hint}", file=sys.stderr)
-            return getattr(e, "exit_code", EXIT_INPUT)
-        except typer.Abort:
-            print("rtbcli: error: aborted", file=sys.stderr)
-            return EXIT_SIGINT
+    try:
+        rv = cmd.main(args=argv, prog_name="rtbcli", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except _CliUsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+        print(f"rtbcli: error: {e.format_message().replace('Value error, ', '')}{hint}", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_INPUT)
+    except typer.Abort:
+        print("rtbcli: error: aborted", file=sys.stderr)
+        return EXIT_SIGINT
     return rv if isinstance(rv, int) else 0
 
 

@@ -33,7 +33,7 @@ from .config import Preset, PythonRewardSpec
 from .data import load_array
 from .errors import InputError
 from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, reference_comparison, sample_metrics
-from .rewards import UnnamedReward, check_reward_output
+from .rewards import UnnamedReward, check_reward_output, parse_reference
 from .runtime import make_generator
 from .sampler import bridge_log_prob, bridge_sample
 from .suites import suite_of
@@ -67,6 +67,7 @@ def with_reward(preset: Preset, reward: str | None = None, kwargs: dict | None =
         if old is None:
             raise InputError("--reward-arg sets a Python reward's keyword arguments: the preset's reward is not a Python reward; give --reward too")
         reward = old.function
+    parse_reference(reward)  # a malformed reference is named as such
     spec = PythonRewardSpec.model_validate({"type": "python", "function": reward}, context={"base_dir": Path.cwd()})
     same = old is not None and old.function == spec.function
     merged = {**(old.kwargs if same else {}), **(kwargs or {})}
