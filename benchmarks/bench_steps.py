@@ -6,7 +6,7 @@
 Every number comes from the real training loops (`rtbcli.pretrain.pretrain`,
 `rtbcli.finetune.finetune`), which record each step's wall time. Machines are noisy, so the
 loops run in interleaved rounds and the report gives medians over all rounds, and the ratio to
-a naive step measured in the same run: the approach of the authors' code (design.md §6), the
+a naive step measured in the same run: the approach of the authors' code (docs/maths.md#the-sampler), the
 autograd graph built step by step while sampling and the time features computed per sample.
 """
 

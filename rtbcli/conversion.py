@@ -1,4 +1,4 @@
-"""Converting between the RTB and the Trust-PCL parametrisations (design.md §3, GitHub issue 5).
+"""Converting between the RTB and the Trust-PCL parametrisations (docs/maths.md#parameter-conversion, GitHub issue 5).
 
 RTB fine-tunes (log Z, beta); Trust-PCL fine-tunes (alpha, V_soft(s0)). They are one objective
 (Deleu et al. 2025, Prop. 1) under

@@ -1,4 +1,4 @@
-"""Sample-quality and log-Z metrics, exactly as design.md §5 defines them.
+"""Sample-quality and log-Z metrics, exactly as docs/maths.md#metrics defines them.
 
 All functions take plain tensors, so they can be called on any samples:
 
@@ -42,12 +42,12 @@ def smoothed_kl(p: torch.Tensor, counts: torch.Tensor, pseudo: float) -> float:
 
 
 def mode_weight_kl(counts: torch.Tensor, cell_masses: torch.Tensor) -> float:
-    """Mode-weight KL: cells smoothed by +0.5 (design.md §5)."""
+    """Mode-weight KL: cells smoothed by +0.5 (docs/maths.md#mode-cells-and-mode-weight-kl)."""
     return smoothed_kl(cell_masses, counts, 0.5)
 
 
 def histogram_kl(counts: torch.Tensor, bin_masses: torch.Tensor) -> float:
-    """Histogram KL: bins smoothed by +0.01 (design.md §5)."""
+    """Histogram KL: bins smoothed by +0.01 (docs/maths.md#histogram-kl)."""
     return smoothed_kl(bin_masses, counts, 0.01)
 
 

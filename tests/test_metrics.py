@@ -1,4 +1,4 @@
-"""Metrics (design.md §5) against exact samples, broken samplers, and an independent implementation."""
+"""Metrics (docs/maths.md#metrics) against exact samples, broken samplers, and an independent implementation."""
 
 from __future__ import annotations
 

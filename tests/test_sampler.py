@@ -1,4 +1,4 @@
-"""The sampler: transitions, trajectories, log-probabilities and the bridge (design.md §2)."""
+"""The sampler: transitions, trajectories, log-probabilities and the bridge (docs/maths.md#the-sampler)."""
 
 from __future__ import annotations
 
