@@ -26,7 +26,7 @@ from .errors import InputError
 
 DEFAULT_PRESET = "reference"
 DATA_SUFFIXES = (".npy", ".csv", ".safetensors")
-DATASETS = {"digits": 64, "manywell32": 32}  # the datasets that ship with rtbcli, and their dimension
+DATASETS = {"digits": (64, 0.125, -1.0), "manywell32": (32, 1.0, 0.0)}  # shipped datasets: dimension, standard scale and shift
 
 
 def _finite(v: float) -> float:
@@ -112,14 +112,20 @@ class DatasetSpec(Strict):
     """digits: scikit-learn's 8x8 digits (64-D, pixel values 0-16; needs `pip install "rtbcli[digits]"`); manywell32: exact ManyWell samples (32-D)."""
     split: Literal["train", "heldout", "all"] = "train"
     """digits: the images used (a fixed, stratified third is held out for evaluation)."""
-    scale: PosFloat = 1.0
-    """Multiplies the raw values."""
-    shift: FiniteFloat = 0.0
-    """Added after scaling."""
+    scale: PosFloat | None = None
+    """Multiplies the raw values; omitted: the dataset's standard scaling (digits 0.125, manywell32 1)."""
+    shift: FiniteFloat | None = None
+    """Added after scaling; omitted: the dataset's standard shift (digits -1, manywell32 0)."""
 
     @property
     def dim(self) -> int:
-        return DATASETS[self.dataset]
+        return DATASETS[self.dataset][0]
+
+    @property
+    def scaling(self) -> tuple[float, float]:
+        """(scale, shift) with the dataset's standard values filled in."""
+        _, scale, shift = DATASETS[self.dataset]
+        return (scale if self.scale is None else self.scale, shift if self.shift is None else self.shift)
 
     @property
     def kind(self) -> str:

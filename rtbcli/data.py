@@ -226,17 +226,21 @@ def data_source(spec) -> GaussianMixture | EmpiricalData:
 
 def dataset_source(spec: DatasetSpec):
     """A shipped dataset, scaled as the preset says."""
+    scale, shift = spec.scaling
     if spec.dataset == "digits":
-        from .datasets.digits import load_digits_pixels, split_indices
+        from .datasets.digits import SCALE, SHIFT, load_digits_pixels, split_indices
 
+        if (scale, shift) != (SCALE, SHIFT):
+            warnings.warn(f"digits scaled by {scale:g}, shifted by {shift:g}: the shipped classifier reward and the held-out reference "
+                          f"images use {SCALE:g} and {SHIFT:g}", RtbcliWarning, stacklevel=2)
         pixels, _ = load_digits_pixels()
         train, held = split_indices()
         idx = {"train": train, "heldout": held, "all": torch.arange(pixels.shape[0])}[spec.split]
-        rows = pixels[idx].double() * spec.scale + spec.shift
+        rows = pixels[idx].double() * scale + shift
         return EmpiricalData(rows, f"{rows.shape[0]:,} digits images ({spec.split})")
     if spec.dataset == "manywell32":
-        if spec.scale != 1.0 or spec.shift != 0.0:
-            raise InputError("manywell32 is used in its own units: leave prior_data.scale and shift at 1 and 0")
+        if (scale, shift) != (1.0, 0.0):
+            raise InputError("manywell32 is used in its own units: leave prior_data.scale and shift out (or 1 and 0)")
         from .datasets.manywell import ManyWell
 
         return ManyWell()

@@ -97,7 +97,7 @@ def data_identity(spec) -> tuple:
     if isinstance(spec, DataFileSpec):
         return ("file", spec.sha256)
     if isinstance(spec, DatasetSpec):
-        return ("dataset", spec.model_dump_json())
+        return ("dataset", spec.dataset, spec.split, spec.scaling)
     return ("?", repr(spec))
 
 
@@ -106,7 +106,8 @@ def describe_data(spec) -> str:
         return f"a {len(spec.means)}-component mixture (variance {spec.variance:g})"
     if isinstance(spec, DataFileSpec):
         return f"the data file {spec.path} (SHA-256 {str(spec.sha256)[:12]}...)"
-    return f"the {spec.dataset} dataset ({spec.split}, scale {spec.scale:g}, shift {spec.shift:g})"
+    scale, shift = spec.scaling
+    return f"the {spec.dataset} dataset ({spec.split}, scale {scale:g}, shift {shift:g})"
 
 
 def check_compatible(prior: Checkpoint, preset: Preset) -> None:
