@@ -14,7 +14,6 @@ a checkpoint's stored config names them unambiguously.
 from __future__ import annotations
 
 import math
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -23,6 +22,11 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       field_validator, model_validator)
 
 from .errors import InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 DEFAULT_PRESET = "reference"
 DATA_SUFFIXES = (".npy", ".csv", ".safetensors")

@@ -123,8 +123,7 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10), **kw)
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
     control = tdist.new_group(backend="gloo") if device.type == "cuda" else None
     return Dist(rank, world, local_rank, local_world, control), device
 
