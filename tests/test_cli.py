@@ -186,10 +186,13 @@ def test_reproduce_end_to_end(tmp_path, tiny_prior, tiny_preset_file):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]] == methods and summary["eval_n"] == 200
     from rtbcli.checkpoint import load_checkpoint
+    from rtbcli.evaluate import evaluate
     for row in summary["rows"]:
         ck = load_checkpoint(row["checkpoint"])
         assert ck.algo == row["algo"] and json.loads(ck.meta["run"])["on_policy"] == row["on_policy"] and ck.step == 3
-        assert 0 <= row["off_target"] <= 1 and row["kl_mode"] >= 0 and row["n_target_modes"] == 9
+        m = evaluate(ck, 200, summary["seed"]).metrics  # each row is its checkpoint's evaluation at the summary's n and seed
+        assert (row["kl_mode"], row["off_target"], row["mode_coverage"]) == (m["kl_mode"], m["off_target"], m["mode_coverage"])
+        assert row["n_target_modes"] == 9
         assert (row["log_z_learned"] is None) == (row["algo"] not in ("rtb", "trust-pcl"))
     assert summary["floor"]["mode_coverage"] == 9
     # --json prints the same summary; a second run into the same folder needs --overwrite

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from rtbcli import cli, conversion
 from rtbcli.checkpoint import base_metadata, load_checkpoint, sampler_tensors, save_checkpoint, sha256_file
-from rtbcli.cli_convert import convert_params
 from rtbcli.config import load_preset
 from rtbcli.conversion import convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from rtbcli.errors import InputError
@@ -28,9 +27,6 @@ from rtbcli.objectives import outcome_rewards, rtb_loss, trust_pcl_loss
 from rtbcli.sampler import DiffusionSampler
 from rtbcli.sampling import draw_samples
 from rtbcli.tasks import Task
-
-if "convert-params" not in [c.name for c in cli.app.registered_commands]:  # until cli.py registers it
-    cli.app.command("convert-params")(cli.handle_errors(convert_params))
 
 FAST = settings(max_examples=150, deadline=None)
 POS = st.floats(min_value=1e-100, max_value=1e100, allow_nan=False, allow_infinity=False)

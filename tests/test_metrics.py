@@ -118,15 +118,25 @@ def test_mass_in_masked_modes_is_caught(task, target):
     assert r["off_target"] == pytest.approx(1 - (1 - masked_mass) * (1 - math.exp(-1.5**2 / 0.6)), abs=0.01)
 
 
-def test_kl_never_negative_and_zero_only_when_matched():
+def hand_smoothed_kl(p: np.ndarray, counts: np.ndarray, pseudo: float) -> float:
+    q = (counts + pseudo) / (counts.sum() + pseudo * len(counts))
+    return float(sum(pc * math.log(pc / qc) for pc, qc in zip(p, q) if pc > 0))
+
+
+def test_kl_by_hand_and_zero_only_when_matched():
     p = torch.tensor([0.5, 0.5, 0.0])
-    assert mode_weight_kl(torch.tensor([0, 0, 100]), p) > 0
+    # q = (0.5, 0.5, 100.5) / 101.5 on the two target cells
+    assert mode_weight_kl(torch.tensor([0, 0, 100]), p) == pytest.approx(math.log(0.5 * 101.5 / 0.5), rel=1e-12)
     assert mode_weight_kl(torch.tensor([1_000_000, 1_000_000, 0]), p) == pytest.approx(0, abs=1e-6)
+    # the cells with p = 0 do not count, the pseudo-counts do: a hand-written loop over random cases
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
         counts = torch.randint(0, 50, (26,), generator=g)
         p = torch.rand(26, generator=g, dtype=torch.float64)
-        assert mode_weight_kl(counts, p / p.sum()) >= 0 and histogram_kl(counts, p / p.sum()) >= 0
+        p[torch.randperm(26, generator=g)[:5]] = 0.0
+        p = p / p.sum()
+        assert mode_weight_kl(counts, p) == pytest.approx(hand_smoothed_kl(p.numpy(), counts.numpy(), 0.5), rel=1e-12)
+        assert histogram_kl(counts, p) == pytest.approx(hand_smoothed_kl(p.numpy(), counts.numpy(), 0.01), rel=1e-12)
 
 
 def test_histogram_masses(task):

@@ -52,5 +52,34 @@ def test_workspace_is_reused(float64):
     assert a.traj.data_ptr() == b.traj.data_ptr() == ws.traj.data_ptr() and a.pre.data_ptr() == ws.pre.data_ptr()
 
 
-def test_keep_freed_memory_is_idempotent():
-    assert keep_freed_memory() == keep_freed_memory()
+def test_keep_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them():
+    """After the call, a 24 MB block (an activation-sized allocation) comes from the heap, not from a
+    fresh mapping, and freeing it does not trim the heap: the next step reuses the pages."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        info = libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("no glibc mallinfo2 here")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                   "uordblks", "fordblks", "keepcost")]
+
+    info.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    assert keep_freed_memory() is True
+    size = 24 << 20
+    before = info()
+    block = libc.malloc(size)
+    assert block
+    during = info()
+    libc.free(block)
+    after = info()
+    assert during.hblkhd == before.hblkhd  # not a fresh mapping ...
+    assert during.uordblks - before.uordblks >= size  # ... but heap space
+    assert after.arena >= during.arena  # and the heap was not trimmed when it was freed

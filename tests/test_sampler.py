@@ -115,15 +115,6 @@ def test_bridge_is_the_backward_chain(float64):
     assert (x5_chain.var(0) / x5_vec.var(0) - 1).abs().max() < 0.04
 
 
-def test_pretraining_loss_is_the_trajectory_nll(float64):
-    """Pretraining minimises -log p_F of bridge trajectories: its gradient is that of the NLL."""
-    s = perturbed(DiffusionSampler(2, steps=5, hidden=8, time_features=4))
-    traj = bridge_sample(torch.randn(6, 2, generator=torch.Generator().manual_seed(7)), 5, 5.0, torch.Generator().manual_seed(8))
-    nll = -s.log_prob(traj).mean()
-    manual = torch.stack([-MultivariateNormal(s.means(traj)[i], s.step_var * torch.eye(2)).log_prob(traj[i + 1]) for i in range(5)]).sum(0).mean()
-    torch.testing.assert_close(nll, manual, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sampling_is_reproducible(dtype):
     s = DiffusionSampler(2, steps=5, hidden=8, time_features=4).to(dtype)
