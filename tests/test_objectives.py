@@ -201,3 +201,29 @@ def test_reinforce_kl_batch_mean_baseline_differs_only_by_control_variate(batch)
     g_lpf = torch.autograd.grad(lpf.mean(), list(policy.parameters()))
     for a, b, c in zip(g_mean, g_b, g_lpf):
         torch.testing.assert_close(a - b, ret.mean() * c, rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------------ the legacy baseline's fixed point
+def expected_legacy_gradient(probs_counts: list[int], prior: torch.Tensor, reward: torch.Tensor, lam: float) -> torch.Tensor:
+    """The exact expected gradient of `legacy_rl_loss` with respect to the logits of a categorical
+    policy p = counts / sum(counts): a batch holding state k exactly counts[k] times makes the loss's
+    batch means (and its baseline, mean r) the expectations under p."""
+    counts = torch.tensor(probs_counts, dtype=torch.float64)
+    logits = (counts / counts.sum()).log().requires_grad_()
+    states = torch.repeat_interleave(torch.arange(len(probs_counts)), torch.tensor(probs_counts))
+    lpf = torch.log_softmax(logits, 0)[states]
+    loss = legacy_rl_loss(lpf, prior.log()[states], reward.log()[states], lam)
+    return torch.autograd.grad(loss, logits)[0]
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_legacy_fixed_point_is_prior_times_exp_r_over_2_lambda(lam):
+    """Three states, a uniform prior, rewards r = 2 lam log 2 (1, 2, 3) (the reward itself, not log r):
+    p_theta exp(r / (2 lam)) = (2, 4, 8) / 14 = (1, 2, 4) / 7, where the expected gradient vanishes;
+    the target p_theta r = (1, 2, 3) / 6 and p_theta exp(r / lam) = (1, 4, 16) / 21 are not fixed points."""
+    prior = torch.full((3,), 1 / 3, dtype=torch.float64)
+    reward = 2 * lam * math.log(2) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    at_fixed_point = expected_legacy_gradient([1, 2, 4], prior, reward, lam)
+    torch.testing.assert_close(at_fixed_point, torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-14)
+    for counts in ([1, 2, 3], [1, 4, 16], [1, 1, 1]):  # the target, the fixed point without the 2, the prior
+        assert expected_legacy_gradient(counts, prior, reward, lam).abs().max() > 1e-2, counts

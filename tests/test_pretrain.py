@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from rtbcli.pretrain import bridge_elbo, learning_rate, pairs_loss, trajectory_loss
+from torch.distributions import MultivariateNormal
+
+from rtbcli.checkpoint import load_checkpoint
+from rtbcli.config import Preset
+from rtbcli.pretrain import bridge_elbo, learning_rate, new_sampler, pairs_loss, pretrain, trajectory_loss
+from rtbcli.sampler import DiffusionSampler, bridge_sample
 from rtbcli.tasks import Task
 from test_sampler import seeded
 
@@ -61,8 +66,66 @@ def test_schedules(reference):
     assert learning_rate(0, cos) == 1.0 and learning_rate(50, cos) == pytest.approx(0.5) and learning_rate(100, cos) == pytest.approx(0)
 
 
+def gaussian_task(preset: Preset, sigma2: float) -> Task:
+    """Data N(0, sigma2 I): the marginal at T of a drift-free sampler."""
+    data = preset.model_dump()
+    data.update(reward=None, prior_data={"means": [[0.0, 0.0]], "variance": sigma2})
+    return Task(Preset.model_validate(data))
+
+
 def test_bridge_elbo_is_a_lower_bound(reference):
     task = Task(reference)
     s = seeded(4, steps=10)
     data = task.data_log_prob(task.prior_data.sample(20_000, torch.Generator().manual_seed(0), dtype=torch.float64)).mean()
     assert bridge_elbo(s, task, 2000, torch.Generator().manual_seed(1)) < data.item()
+
+
+def test_bridge_elbo_is_exact_for_brownian_motion(float64, reference):
+    """f = 0 and data N(0, sigma2 I): log p_F(tau) - log p_B(tau | x) = log N(x; 0, sigma2 I) for every
+    trajectory, so the ELBO is the mean data log-density of the very points it drew."""
+    s = DiffusionSampler(2, steps=10, hidden=16, time_features=8)
+    task = gaussian_task(reference, s.sigma2)
+    x = task.data.sample(500, torch.Generator().manual_seed(1), dtype=torch.float64)  # the ELBO's own first draw
+    expected = float(MultivariateNormal(torch.zeros(2), s.sigma2 * torch.eye(2)).log_prob(x).mean())
+    assert bridge_elbo(s, task, 500, torch.Generator().manual_seed(1)) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert bridge_elbo(seeded(4, steps=10), task, 500, torch.Generator().manual_seed(1)) < expected - 1e-3
+
+
+def test_trajectory_loss_is_the_bridge_trajectory_nll(float64, reference):
+    """`trajectory_loss` draws x from the data and a bridge from x to 0, and returns -mean log p_F(tau),
+    written out here step by step with torch.distributions."""
+    task, s = Task(reference), seeded(5, steps=5)
+    n = 6
+    loss = trajectory_loss(s, task, n, torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)  # the same draws, in the same order
+    traj = bridge_sample(task.data.sample(n, g, dtype=torch.float64), 5, s.sigma2, g)
+    nll = torch.zeros(n)
+    with torch.no_grad():
+        for i in range(5):
+            x = traj[i]
+            mean = x + s.net(x, s.net.time(torch.full((1,), i / 5.0))) / 5.0
+            nll -= MultivariateNormal(mean, s.sigma2 / 5.0 * torch.eye(2)).log_prob(traj[i + 1])
+    torch.testing.assert_close(loss.detach(), nll.mean(), rtol=1e-12, atol=1e-12)
+    assert traj[-1].abs().max() > 3  # data points, not the bridge's start
+
+
+def test_ema_saves_the_averaged_weights(tmp_path, tiny_preset):
+    """pretrain.ema = 0.9 saves e_k = 0.9 e_{k-1} + 0.1 theta_k (e_0 = the initial weights), not theta_k;
+    the trained weights theta_k are those of a run without EMA stopped at step k (constant lr)."""
+    base = tiny_preset.updated("pretrain", lr_schedule="constant", lr=1e-2, batch_size=16)
+    trained = []
+    for k in (1, 2, 3):
+        out = tmp_path / f"plain{k}.safetensors"
+        pretrain(base.updated("pretrain", steps=k), "tiny", out, seed=3, progress=False)
+        trained.append(load_checkpoint(out).section("policy"))
+    out = tmp_path / "ema.safetensors"
+    pretrain(base.updated("pretrain", steps=3, ema=0.9), "tiny", out, seed=3, progress=False)
+    saved = load_checkpoint(out).section("policy")
+    init = new_sampler(base, 3, "cpu").state_dict()
+    for name, e in init.items():
+        e = e.clone()
+        for theta in trained:
+            e = e + 0.1 * (theta[name] - e)
+        torch.testing.assert_close(saved[name], e, rtol=1e-5, atol=1e-7, msg=name)
+    gap = max((saved[k] - trained[-1][k]).abs().max().item() for k in saved)
+    assert gap > 1e-3  # the averaged weights are not the trained ones
