@@ -90,10 +90,17 @@ def exploration_std(it: int, total: int, s0: float, hold: float = 0.1, end: floa
     return s0 * max(0.0, 1.0 - it / (end * total)) if end > 0 else 0.0
 
 
+def _mixture_weights(spec: MixtureSpec) -> list[float]:
+    """The normalised component weights (omitted weights are equal ones: the same mixture)."""
+    w = [1.0] * len(spec.means) if spec.weights is None else [float(v) for v in spec.weights]
+    total = sum(w)
+    return [v / total for v in w]
+
+
 def data_identity(spec) -> tuple:
     """What makes two presets' prior data the same data (a file by its content, not its path)."""
     if isinstance(spec, MixtureSpec):
-        return ("mixture", spec.model_dump_json())
+        return ("mixture", json.dumps({"means": spec.means, "variance": spec.variance, "weights": _mixture_weights(spec)}))
     if isinstance(spec, DataFileSpec):
         return ("file", spec.sha256)
     if isinstance(spec, DatasetSpec):
@@ -110,6 +117,21 @@ def describe_data(spec) -> str:
     return f"the {spec.dataset} dataset ({spec.split}, scale {scale:g}, shift {shift:g})"
 
 
+def mixture_difference(a: MixtureSpec, b: MixtureSpec) -> str:
+    """What differs between two mixtures, e.g. 'their means differ (component 1: [-10.0, -10.0] vs [-10.0, -9.0])'."""
+    parts = []
+    if len(a.means) != len(b.means):
+        parts.append(f"{len(a.means)} vs {len(b.means)} components")
+    elif a.means != b.means:
+        k = next(i for i, (x, y) in enumerate(zip(a.means, b.means)) if x != y)
+        parts.append(f"means differ (component {k + 1}: {a.means[k]} vs {b.means[k]})")
+    if a.variance != b.variance:
+        parts.append(f"variance {a.variance:g} vs {b.variance:g}")
+    if len(a.means) == len(b.means) and _mixture_weights(a) != _mixture_weights(b):
+        parts.append("weights differ")
+    return "their " + ", ".join(parts)
+
+
 def check_compatible(prior: Checkpoint, preset: Preset) -> None:
     """The prior must be a sampler of the preset's data, with the preset's sampler settings.
 
@@ -124,7 +146,9 @@ def check_compatible(prior: Checkpoint, preset: Preset) -> None:
         raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
     a, b = prior.preset.prior_data, preset.prior_data
     if data_identity(a) != data_identity(b):
-        raise InputError(f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}: "
+        both = isinstance(a, MixtureSpec) and isinstance(b, MixtureSpec)
+        what = f"; {mixture_difference(a, b)}" if both else ""
+        raise InputError(f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}{what}: "
                          f"fine-tune under the preset the prior was pretrained with (its data define the target)")
 
 
