@@ -126,6 +126,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_prior, tiny_preset_file, ca
         (["finetune", "--prior", tiny_prior, "--alpha", "inf"], "--alpha must be a positive finite number"),
         (["finetune", "--prior", tiny_prior, "--alpha", 2, "--beta", 1], "disagree"),
         (["finetune", "--prior", tiny_prior, "--algo", "ppo"], "'--algo'"),
+        (["finetune", "--prior", tiny_prior, "--algo", "legacy-rl", "--beta", 0.5], "legacy-rl ignores beta"),
         (["finetune", "--prior", tiny_prior, "--preset", "reference"], "sampler settings differ"),
         (["finetune", "--prior", tiny_prior, "--out", tiny_prior], "--out is the prior checkpoint it starts from"),
         (["pretrain", "--bogus"], "No such option: --bogus"),

@@ -144,3 +144,100 @@ def test_reward_returning_nan_is_an_input_error(tmp_path, tiny_prior, tiny_prese
     with pytest.raises(InputError, match="NaN or inf on 256 of 256 samples of the prior"):
         finetune(load_checkpoint(tiny_prior), Preset.model_validate(preset), "tiny", "rtb", out, progress=False)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- issue 13's fixes
+def test_legacy_rl_refuses_beta_other_than_one(tmp_path, tiny_prior, tiny_preset):
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(InputError, match="legacy-rl ignores beta.*run it at beta = 1"):
+        finetune(load_checkpoint(tiny_prior), tiny_preset.updated("", beta=0.5), "tiny", "legacy-rl", out, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("n,expected", [
+    (1, [0.0]),
+    (2, [0.5, 0.0]),
+    (3, [0.5, 0.5 * (1 - 1 / 2.7), 0.0]),
+    (5, [0.5, 0.5 * (1 - 1 / 4.5), 0.5 * (1 - 2 / 4.5), 0.5 * (1 - 3 / 4.5), 0.0]),
+    (9, [0.5] + [0.5 * (1 - it / 8.1) for it in range(1, 8)] + [0.0]),  # 0.5 (1 - 8 / 8.1) = 0.006 at the last step before the fix
+])
+def test_short_runs_end_without_exploration(n, expected):
+    assert [exploration_std(it, n, 0.5) for it in range(n)] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def other_means(preset):
+    data = preset.model_dump()
+    data["prior_data"]["means"][3] = [-10.0, 6.0]
+    from rtbcli.config import Preset
+    return Preset.model_validate(data)
+
+
+def test_prior_pretrained_on_other_mixture_data_is_refused_naming_the_difference(tmp_path, tiny_prior, tiny_preset):
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(InputError, match=r"their means differ \(component 4: \[-10.0, 5.0\] vs \[-10.0, 6.0\]\)"):
+        finetune(load_checkpoint(tiny_prior), other_means(tiny_preset), "tiny", "rtb", out, progress=False)
+    heavier = tiny_preset.updated("prior_data", weights=[2.0] + [1.0] * 24)
+    with pytest.raises(InputError, match="their weights differ"):
+        finetune(load_checkpoint(tiny_prior), heavier, "tiny", "rtb", out, progress=False)
+    assert not out.exists()
+    # the same mixture written with explicit equal weights is the same data
+    same = tiny_preset.updated("prior_data", weights=[3.0] * 25).updated("finetune", steps=1, batch_size=8)
+    finetune(load_checkpoint(tiny_prior), same, "tiny", "rtb", out, progress=False)
+    assert out.exists()
+
+
+def test_prior_pretrained_on_another_data_file_is_refused(tmp_path, tiny_preset):
+    """Data files are the same data by content (SHA-256), not by path."""
+    import shutil
+
+    import numpy as np
+
+    from conftest import tiny
+    from rtbcli.data import data_preset
+    from rtbcli.pretrain import pretrain
+
+    rng = np.random.default_rng(0)
+    a, b, a_copy = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "copy" / "a.npy"
+    np.save(a, rng.normal(size=(200, 2)) * 3)
+    np.save(b, rng.normal(size=(200, 2)) * 3)
+    a_copy.parent.mkdir()
+    shutil.copyfile(a, a_copy)
+
+    def preset_for(path):
+        p = data_preset(path).model_dump()
+        p["reward"] = {"type": "mixture", "mixture": {"means": [[1.0, 1.0]], "variance": 2.0}}
+        from rtbcli.config import Preset
+        return tiny(Preset.model_validate(p)).updated("finetune", steps=1, batch_size=8)
+
+    prior = tmp_path / "prior.safetensors"
+    pretrain(preset_for(a), "a", prior, seed=0, progress=False)
+    out = tmp_path / "ft.safetensors"
+    with pytest.raises(InputError, match=r"pretrained on the data file .*a\.npy \(SHA-256 .*the data file .*b\.npy \(SHA-256"):
+        finetune(load_checkpoint(prior), preset_for(b), "b", "rtb", out, progress=False)
+    assert not out.exists()
+    finetune(load_checkpoint(prior), preset_for(a_copy), "a-copy", "rtb", out, progress=False)
+    assert out.exists()
+
+
+@pytest.mark.parametrize("snis", ["exact", "tempered"])
+def test_exact_snis_warns_once_when_its_ess_collapses(tmp_path, tiny_prior, tiny_preset, snis):
+    """Exploration s_e = 2 against a step std of 0.7 (T = 10): the exact weights rest on about one
+    trajectory. --snis exact warns (once, over two exploring steps); tempered never does."""
+    import warnings
+
+    from rtbcli.errors import RtbcliWarning
+
+    preset = tiny_preset.updated("finetune", steps=3, batch_size=32, exploration=2.0, snis=snis)
+    log = tmp_path / "log.jsonl"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune(load_checkpoint(tiny_prior), preset, "tiny", "reinforce-kl", tmp_path / "x.safetensors", progress=False,
+                 log_path=log, log_every=1)
+    ours = [w for w in caught if issubclass(w.category, RtbcliWarning)]
+    ess = [json.loads(line)["weights_ess"] for line in log.read_text().splitlines()]
+    if snis == "exact":
+        assert ess[0] < 5 and ess[1] < 5 and ess[2] == pytest.approx(32)  # the last step does not explore: uniform
+        assert len(ours) == 1 and "effective sample size fell to" in str(ours[0].message)
+    else:
+        assert ess[0] > 5 and ess[2] == pytest.approx(32)
+        assert ours == []
