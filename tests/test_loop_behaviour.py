@@ -26,6 +26,8 @@ from rtbcli.tasks import Task
 
 F64 = torch.float64
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Recorder:
     """Records every rollout of a run (its s_e^2, trajectories, and the policy's weights then) and
@@ -245,7 +247,7 @@ LEARN = {
 
 
 @pytest.fixture(scope="module")
-def learn_task(tmp_path_factory):
+def learn_task(tmp_path_factory, one_thread):
     """A 3-mode 1-D prior (pretrained for 300 tiny steps) and a reward keeping 2 modes, weights 1:3."""
     preset = Preset.model_validate(LEARN)
     out = tmp_path_factory.mktemp("learn") / "prior.safetensors"

@@ -109,6 +109,7 @@ def test_trajectory_loss_is_the_bridge_trajectory_nll(float64, reference):
     assert traj[-1].abs().max() > 3  # data points, not the bridge's start
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_ema_saves_the_averaged_weights(tmp_path, tiny_preset):
     """pretrain.ema = 0.9 saves e_k = 0.9 e_{k-1} + 0.1 theta_k (e_0 = the initial weights), not theta_k;
     the trained weights theta_k are those of a run without EMA stopped at step k (constant lr)."""

@@ -15,6 +15,8 @@ from rtbcli.pretrain import pretrain
 from rtbcli.targets import CELL_MASS, tilted_target
 from rtbcli.tasks import Task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def log_gauss(x: torch.Tensor, mean, var: float) -> torch.Tensor:
     """log N(x; mean, var I), written out."""
