@@ -35,12 +35,16 @@ def _start_distributed(device: str):
 
 
 def resume_out(start, out: Path | None) -> Path:
-    """Where a resumed run writes: --out, or the file the interrupted run was writing."""
+    """Where a resumed run writes: --out, or the file the interrupted run was writing.
+
+    That file is beside its partial checkpoint: its recorded path may be relative to another
+    working folder, so only its name is taken.
+    """
     if out is not None:
         return out
     if is_partial(start.path):
         recorded = json.loads(start.meta.get("run", "{}")).get("out")
-        return Path(recorded) if recorded else final_of(start.path)
+        return start.path.with_name(Path(recorded).name) if recorded else final_of(start.path)
     raise InputError(f"'{start.path}' is a finished run: give --out for the extended run (the original is kept)")
 
 

@@ -49,7 +49,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler
 from .state import load_state, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, new_run_id, read_log_until
+from .training import RunPaths, StopSignals, earlier_log, new_run_id
 
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
 PROBE_N = 256  # prior samples the reward is checked on before a run
@@ -188,7 +188,8 @@ def check_resumable(start: Checkpoint, algo: str, preset: Preset, device: torch.
     if start.kind != "finetuned":
         raise InputError(f"--resume needs a finetuned checkpoint; '{start.path}' is a prior: start a run with --prior")
     state = load_state(start.path, "finetune")
-    if state.meta.get("run_id") != start.meta.get("run_id") or state.step != start.step:
+    # a warm-started run's checkpoints number their steps on from the checkpoint it started from
+    if state.meta.get("run_id") != start.meta.get("run_id") or state.step + int(state.meta.get("step_offset", 0)) != start.step:
         raise InputError(f"the state file beside '{start.path}' belongs to another run or step: resume from the checkpoint it was saved with")
     if state.meta["algo"] != algo:
         raise InputError(f"'{start.path}' is a {state.meta['algo']} run: resume it with --algo {state.meta['algo']} (or start a new "
@@ -228,6 +229,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     alpha = 1.0 / beta
     task = Task(preset).to(device)
     prior, policy, init, prior_sha, prior_path, offset = starting_point(start, algo, beta, device, dtype)
+    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}
     prior.requires_grad_(False)
     check_reward_output(task.reward if task.has_reward else task.log_reward,
                         prior.sample(PROBE_N, 0.0, make_generator(seed + 7919, device))[-1])
@@ -256,10 +258,11 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
         from .state import restore_optimizer
         restore_optimizer(opt, state.tensors, state.adam_groups)
         gen.set_state(state.generator_state("rollout"))
-        first, run_id, offset = state.step, state.meta["run_id"], 0
+        first, run_id = state.step, state.meta["run_id"]
+        offset, warm = int(state.meta.get("step_offset", 0)), json.loads(state.meta.get("warm_start", "{}"))
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
         prior_sha, prior_path = start.meta.get("prior_sha256", ""), start.meta.get("prior_path", "")
-        log_lines = read_log_until(Path(state.meta.get("log", "")), first) if state.meta.get("log") else []
+        log_lines = earlier_log(state, start.path)
         explore = obj.explores and not on_policy
     paths = RunPaths(Path(out))
     main = dist.is_main
@@ -276,7 +279,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     def meta(step: int, **extra) -> dict:
         run = {"command": "finetune", "device": device.type, "seed": seed, "on_policy": on_policy, "prior_path": prior_path,
                "steps": cfg.steps, "run_id": run_id, "processes": dist.world, "out": str(paths.out),
-               **({"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}), **extra}
+               **warm, **extra}
         m = base_metadata("finetuned", preset, preset_ref, offset + step, seed, run)
         m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_sha, prior_path=prior_path, run_id=run_id)
         if preset.reward is not None:
@@ -296,7 +299,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
         state_meta = {"kind": "finetune", "run_id": run_id, "step": step, "planned_steps": cfg.steps, "algo": algo, "seed": seed,
                       "on_policy": on_policy, "device": device.type, "config": preset.model_dump_json(), "preset": preset_ref,
                       "exploration_schedule": json.dumps({"s0": cfg.exploration, "hold": cfg.exploration_hold, "end": cfg.exploration_end}),
-                      "log": str(log_to) if log_to else ""}
+                      "log": str(log_to) if log_to else "", "step_offset": offset, "warm_start": json.dumps(warm)}
         save_state(RunPaths(path).state, params=params, opt=opt, generators={"rollout": gen}, meta=state_meta)
 
     log = JsonlLog(log_path if main else None, preamble=log_lines)

@@ -45,7 +45,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import load_state, restore_optimizer, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, new_run_id, read_log_until
+from .training import RunPaths, StopSignals, earlier_log, new_run_id
 
 
 @dataclass
@@ -180,7 +180,7 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
         gen.set_state(state.generator_state("data"))
         check_gen.set_state(state.generator_state("check"))
         first, run_id, seed = state.step, state.meta["run_id"], int(state.meta["seed"])
-        log_lines = read_log_until(Path(state.meta.get("log", "")), first) if state.meta.get("log") else []
+        log_lines = earlier_log(state, resume_from.path)
     paths, main, shard = RunPaths(Path(out)), dist.is_main, (dist.rank, dist.world)
     data_lp = float(task.data_log_prob(samples_for_check(task.data, 20_000, seed + 2)).mean()) if task.data_is_exact else None
 

@@ -116,6 +116,16 @@ class StopSignals:
         return SIGNAL_NAMES.get(self.requested, "a signal")
 
 
+def earlier_log(state, checkpoint: Path) -> list[str]:
+    """The log records of a resumed run up to its step: from the log its state names, looked for
+    first beside the checkpoint (where the commands write it, wherever the folder has moved)."""
+    recorded = state.meta.get("log", "")
+    if not recorded:
+        return []
+    beside = Path(checkpoint).with_name(Path(recorded).name)
+    return read_log_until(beside if beside.exists() else Path(recorded), state.step)
+
+
 def read_log_until(path: Path, step: int) -> list[str]:
     """The records of an earlier part of the run (steps <= `step`), to continue its log."""
     if not Path(path).exists():
