@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from .config import Preset
-from .errors import EXIT_RUN, InputError, RtbcliError, RtbcliWarning
+from .errors import EXIT_RUN, EXIT_SIGINT, InputError, RtbcliError, RtbcliWarning
 
 # Results on stdout; when it is not a terminal (pipes, logs, CI) tables get 120 columns, not 80.
 out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -52,8 +52,8 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except RtbcliError as e:
             raise fail(str(e), e.exit_code) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C before a run's loop, or a second signal during it
+            raise fail(str(e) or "interrupted", getattr(e, "exit_code", EXIT_SIGINT)) from None
         except typer.Exit:
             raise
         except Exception as e:  # a bug or an environment failure: still one line, exit 1

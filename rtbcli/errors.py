@@ -44,5 +44,15 @@ class Interrupted(RtbcliError):
         self.exit_code = exit_code
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: raised from the signal handler wherever the run is, after which it
+    saves nothing more. A KeyboardInterrupt, like Python's own Ctrl-C, so that no `except
+    Exception` on the way (a reward's error handling, a file reader's) swallows it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class RtbcliWarning(UserWarning):
     """Something a user should know that does not stop the command (printed as `rtbcli: warning: ...`)."""

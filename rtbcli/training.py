@@ -12,8 +12,8 @@ Files of a run writing `X.safetensors` (all written atomically):
 
 Signals: the first SIGINT or SIGTERM asks the loop to stop after the step in progress; it saves
 that step (checkpoint and state) and exits with 130 (SIGINT) or 143 (SIGTERM). A second signal
-stops at once: whatever file was being written is left as it was (writes go to a temporary
-name that is removed).
+stops at once (`StoppedAtOnce`, raised wherever the run is): whatever file was being written is
+left as it was (writes go to a temporary name that is removed).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Interrupted
+from .errors import StoppedAtOnce
 from .state import state_path
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -105,7 +105,7 @@ class StopSignals:
         if self.requested is None:
             self.requested = signum
             return
-        raise Interrupted(f"stopped at once by a second {SIGNAL_NAMES.get(signum, signum)}: nothing more was saved", 128 + signum)
+        raise StoppedAtOnce(f"stopped at once by a second {SIGNAL_NAMES.get(signum, signum)}: nothing more was saved", 128 + signum)
 
     @property
     def exit_code(self) -> int:
