@@ -14,7 +14,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import time
 import warnings
 from enum import Enum
 from typing import get_args
@@ -24,7 +26,11 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from .config import Preset
-from .errors import EXIT_RUN, EXIT_SIGINT, InputError, RtbcliError, RtbcliWarning
+from .errors import EXIT_RUN, EXIT_SIGINT, InputError, Interrupted, RtbcliError, RtbcliWarning
+
+# How long a rank other than 0 waits for rank 0 to report an error they share: rank 0 raises it at
+# about the same time (bad input, a diverged loss, a lost peer), or just after the barrier of a stop.
+RANK_ZERO_GRACE_S, AFTER_STOP_GRACE_S = 5.0, 0.5
 
 # Results on stdout; when it is not a terminal (pipes, logs, CI) tables get 120 columns, not 80.
 out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -43,6 +49,11 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
         print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
 
 
+def not_rank_zero() -> bool:
+    """A process of a multi-process job other than rank 0 (torchrun sets RANK and WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+
+
 def handle_errors(fn):
     """Turn library errors into one line on stderr and their exit code; never a traceback."""
 
@@ -51,6 +62,12 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RtbcliError as e:
+            if e.every_rank and not_rank_zero():
+                # Rank 0 raised it too and reports it. Exiting first would let torchrun stop rank 0
+                # before it prints, so wait: torchrun ends this process as soon as rank 0 exits.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(AFTER_STOP_GRACE_S if isinstance(e, Interrupted) else RANK_ZERO_GRACE_S)
+                raise typer.Exit(e.exit_code) from None
             raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt as e:  # Ctrl-C before a run's loop, or a second signal during it
             raise fail(str(e) or "interrupted", getattr(e, "exit_code", EXIT_SIGINT)) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,16 @@ def _start_distributed(device: str):
     from .distributed import init
 
     return init(resolve_device(device))
+
+
+def _leave(dist) -> None:
+    """Leave the job. From here a process of a multi-process job only reports and exits: the
+    SIGTERM that torchrun sends every process once one has failed must not cut its message short."""
+    from . import distributed
+
+    if dist.active:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    distributed.shutdown(dist)
 
 
 def resume_out(start, out: Path | None) -> Path:
@@ -68,7 +79,6 @@ def pretrain(
     """Pretrain a prior diffusion sampler on data (bridge maximum likelihood)."""
     from .checkpoint import load_checkpoint
     from .data import data_preset
-    from .distributed import shutdown
     from .pretrain import pretrain as run_pretrain
 
     if sum(x is not None for x in (preset, data, resume)) > 1:
@@ -94,7 +104,7 @@ def pretrain(
         r = run_pretrain(p, ref, out, seed=seed or 0, device=dev, log_path=out.with_suffix(".jsonl"), progress=not quiet,
                          resume_from=start, save_every=save_every, dist=dist)
     finally:
-        shutdown(dist)
+        _leave(dist)
     if not dist.is_main:
         return
     res = {"checkpoint": str(r.out), "log": str(r.log), "preset": ref, "steps": r.steps, "resumed_at": r.first_step or None,
@@ -142,7 +152,6 @@ def finetune(
 ):
     """Fine-tune a prior so that its samples follow p_prior(x) r(x)^beta."""
     from .checkpoint import load_checkpoint
-    from .distributed import shutdown
     from .evaluate import with_reward
     from .finetune import finetune as run_finetune
     from .suites import check_suite
@@ -181,7 +190,7 @@ def finetune(
         r = run_finetune(start, p, ref, algo_name, out, seed=seed or 0, device=dev, on_policy=on_policy, log_path=out.with_suffix(".jsonl"),
                          progress=not quiet, resume=is_resume, save_every=save_every, dist=dist)
     finally:
-        shutdown(dist)
+        _leave(dist)
     if not dist.is_main:
         return
     res = {"checkpoint": str(r.out), "log": str(r.log), "algo": r.algo, "beta": p.beta, "alpha": 1 / p.beta, "steps": r.steps,

@@ -17,18 +17,24 @@ process. The run is the same run at any N:
 
 Control messages (a stop request after SIGINT/SIGTERM) go over a CPU (gloo) group, so that no
 collective on the training device ever syncs with the host inside the loop.
+
+Failures: a process that fails exits (with its own one-line message); the others notice at their
+next collective, whose connection to it is closed, and stop with `PeerFailed`; torchrun stops
+whatever is left. No process waits on one that is gone.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
 
-from .errors import InputError
+from .errors import InputError, PeerFailed
 
 
 @dataclass
@@ -61,6 +67,17 @@ class Dist:
         b = batch // self.world
         return slice(self.rank * b, (self.rank + 1) * b)
 
+    @contextmanager
+    def _collective(self):
+        """A collective operation; its failure means that another process is gone (`PeerFailed`)."""
+        try:
+            yield
+        except RuntimeError as e:  # gloo and nccl raise RuntimeError (DistBackendError) when a peer is gone
+            first = (str(e).strip().splitlines() or [""])[0]
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:120]  # without gloo's source location
+            raise PeerFailed(f"process {self.rank} of {self.world} stopped: another process of the job failed or was killed "
+                             f"(its own message or torchrun's report says why; here: {cause})") from e
+
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's tensor along the last dimension, in rank order.
 
@@ -69,7 +86,8 @@ class Dist:
         if not self.active:
             return local
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        tdist.all_gather(parts, local.detach().contiguous())
+        with self._collective():
+            tdist.all_gather(parts, local.detach().contiguous())
         parts[self.rank] = local
         return torch.cat(parts, dim=-1)
 
@@ -79,23 +97,37 @@ class Dist:
             return
         grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        tdist.all_reduce(flat)
+        with self._collective():
+            tdist.all_reduce(flat)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over all ranks (a new tensor)."""
+        t = t.detach().clone()
+        if self.active:
+            with self._collective():
+                tdist.all_reduce(t)
+        return t
+
     def any(self, flag: bool) -> bool:
-        """True on every rank when any rank says True (host-side, over the control group)."""
+        """True on every rank when any rank says True (host-side, over the control group).
+
+        A single process returns the flag itself: no collective, no tensor.
+        """
         if not self.active:
             return flag
         t = torch.tensor([int(flag)], dtype=torch.int32)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.control)
+        with self._collective():
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
     def barrier(self) -> None:
         if self.active:
-            tdist.barrier(group=self.control)
+            with self._collective():
+                tdist.barrier(group=self.control)
 
 
 def launched() -> bool:
@@ -129,5 +161,9 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def shutdown(dist: Dist) -> None:
+    """Leave the job; after a failure elsewhere the group may already be broken, which is no error here."""
     if dist.active and tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            tdist.destroy_process_group()
+        except RuntimeError:
+            pass

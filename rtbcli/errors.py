@@ -11,6 +11,10 @@
 
 `InputError` is bad input: the CLI prints its one-line message and exits with code 2. `RunError`
 is a failure while running: exit code 1. Library users catch them like any exception.
+
+Under torchrun every process runs the same command; an error that every process raises alike
+(`every_rank`: bad input, a diverged loss, a stop on a signal, a lost peer) is reported by rank 0
+alone, so that a job prints it once.
 """
 
 from __future__ import annotations
@@ -22,12 +26,19 @@ class RtbcliError(Exception):
     """Base class; `exit_code` is what the CLI exits with."""
 
     exit_code = EXIT_RUN
+    every_rank = False  # raised alike by every process of a job (see the module docstring)
+
+    def __init__(self, message: str = "", *, every_rank: bool | None = None):
+        super().__init__(message)
+        if every_rank is not None:
+            self.every_rank = every_rank
 
 
 class InputError(RtbcliError, ValueError):
     """Bad input: the message names the problem and what to do about it."""
 
     exit_code = EXIT_INPUT
+    every_rank = True  # every process reads the same command line and files
 
 
 class RunError(RtbcliError, RuntimeError):
@@ -36,8 +47,16 @@ class RunError(RtbcliError, RuntimeError):
     exit_code = EXIT_RUN
 
 
+class PeerFailed(RunError):
+    """Another process of a torchrun job failed or was killed, so a collective operation failed here."""
+
+    every_rank = True
+
+
 class Interrupted(RtbcliError):
     """A run stopped by a signal after saving its state; the exit code is 128 + the signal number."""
+
+    every_rank = True  # the processes of a job agree on the stop before saving
 
     def __init__(self, message: str, exit_code: int = EXIT_SIGINT):
         super().__init__(message)

@@ -313,12 +313,15 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     step_seconds: list[float] = []
     warned = False
 
-    def diverged(reason: str) -> RunError:
-        if main:
-            save_checkpoint(paths.last_good, last_good, meta(last_good_step, status="diverged", diverged_at=step))
+    def diverged(reason: str, every_rank: bool = True) -> RunError:
+        """The error for a failed run; rank 0 keeps the last good state. `every_rank`: every process saw it."""
+        advice = "try a lower --lr or --lr-logz" + (" or fix the reward" if "reward" in reason else "")
         log.close()
-        return RunError(f"{reason} by step {step}: the last good state (step {last_good_step}) is in {paths.last_good}; "
-                        f"try a lower --lr or --lr-logz" + (" or fix the reward" if "reward" in reason else ""))
+        if not main:  # a failure of this process alone (the reward raised here): rank 0 does not know the cause
+            return RunError(f"{reason} by step {step} in process {dist.rank} of {dist.world}: {advice}", every_rank=every_rank)
+        save_checkpoint(paths.last_good, last_good, meta(last_good_step, status="diverged", diverged_at=step))
+        return RunError(f"{reason} by step {step}: the last good state (step {last_good_step}) is in {paths.last_good}; {advice}",
+                        every_rank=every_rank)
 
     def check_finite() -> None:
         """At logging time (a host sync): stop on the first non-finite reward or loss, naming which came first."""
@@ -355,7 +358,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 opt.step()
                 step = it + 1
                 bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step, bad)
-                bad_reward = torch.where((bad_reward == 0) & ~torch.isfinite(log_r).all(), step, bad_reward)
+                bad_reward = torch.where((bad_reward == 0) & ~torch.isfinite(batch.log_r).all(), step, bad_reward)  # global: every rank agrees
                 step_seconds.append(time.perf_counter() - t_step)
                 bar.advance(job)
                 if step % log_every == 0 or step == cfg.steps:
@@ -395,8 +398,8 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 if save_every and step % save_every == 0 and step < cfg.steps:
                     save(paths.partial, step, "running", paths.partial_log)
                     log.snapshot(paths.partial_log if main else None)
-    except RewardFailed as e:
-        raise diverged(str(e)) from None
+    except RewardFailed as e:  # raised in this process only
+        raise diverged(str(e), every_rank=False) from None
     check_finite()
     seconds = timer.elapsed
     med = statistics.median(step_seconds) if step_seconds else 0.0

@@ -221,13 +221,10 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
             step_seconds.append(time.perf_counter() - t_step)
             bar.advance(job)
             if step % log_every == 0 or step == cfg.steps:
-                loss_t = loss.detach().clone()  # the host syncs of the loop, at logging time only
-                if dist.active:
-                    torch.distributed.all_reduce(loss_t)
-                loss_v = loss_t.item()
-                if not math.isfinite(loss_v):
+                loss_v = dist.sum(loss).item()  # the global loss; the host syncs of the loop, at logging time only
+                if not math.isfinite(loss_v):  # the same on every rank
                     log.close()
-                    raise RunError(f"pretraining diverged at step {step} (loss {loss_v}): nothing was saved; lower --lr")
+                    raise RunError(f"pretraining diverged at step {step} (loss {loss_v}): nothing was saved; lower --lr", every_rank=True)
                 elbo = bridge_elbo(kept, task, 256, check_gen) if main else float("nan")
                 rate = (step - first) / timer.elapsed
                 log.write(step=step, loss=loss_v, elbo=elbo, data_log_prob=data_lp, lr=lr, steps_per_s=rate, seconds=timer.elapsed)
