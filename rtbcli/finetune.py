@@ -49,7 +49,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler
 from .state import load_state, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, earlier_log, new_run_id
+from .training import RunPaths, StopSignals, earlier_log, new_run_id, resume_command
 
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
 PROBE_N = 256  # prior samples the reward is checked on before a run
@@ -392,9 +392,10 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                     check_finite()
                     save(paths.partial, step, "interrupted", paths.partial_log)
                     log.snapshot(paths.partial_log if main else None)
+                    log.discard()  # the partial log holds its records
                     dist.barrier()
                     raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
-                                      f"`rtbcli finetune --resume {paths.partial}`", signals.exit_code)
+                                      f"`{resume_command('finetune', paths.partial, preset, device)}`", signals.exit_code)
                 if save_every and step % save_every == 0 and step < cfg.steps:
                     save(paths.partial, step, "running", paths.partial_log)
                     log.snapshot(paths.partial_log if main else None)

@@ -45,7 +45,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import load_state, restore_optimizer, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, earlier_log, new_run_id
+from .training import RunPaths, StopSignals, earlier_log, new_run_id, resume_command
 
 
 @dataclass
@@ -233,9 +233,10 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
             if step < cfg.steps and dist.any(signals.requested is not None):
                 save(paths.partial, step, "interrupted", paths.partial_log, loss_v, elbo)
                 log.snapshot(paths.partial_log if main else None)
+                log.discard()  # the partial log holds its records
                 dist.barrier()
                 raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
-                                  f"`rtbcli pretrain --resume {paths.partial}`", signals.exit_code)
+                                  f"`{resume_command('pretrain', paths.partial, preset, device)}`", signals.exit_code)
             if save_every and step % save_every == 0 and step < cfg.steps:
                 save(paths.partial, step, "running", paths.partial_log, loss_v, elbo)
                 log.snapshot(paths.partial_log if main else None)

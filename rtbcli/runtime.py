@@ -143,6 +143,12 @@ class JsonlLog:
             self._fh.close()
             self._fh = None
 
+    def discard(self) -> None:
+        """Close and remove the log in progress (a stopped run whose records `snapshot` kept)."""
+        self.close()
+        if self.part:
+            self.part.unlink(missing_ok=True)
+
     def commit(self) -> None:
         self.close()
         if self.part:

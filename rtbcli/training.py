@@ -19,11 +19,14 @@ left as it was (writes go to a temporary name that is removed).
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .errors import StoppedAtOnce
 from .state import state_path
@@ -114,6 +117,21 @@ class StopSignals:
     @property
     def name(self) -> str:
         return SIGNAL_NAMES.get(self.requested, "a signal")
+
+
+def resume_command(command: str, partial: Path, preset, device) -> str:
+    """The command that continues a stopped run: its Python reward named again (a checkpoint never
+    imports one by itself), and the device when `auto` would pick another."""
+    from .config import PythonRewardSpec
+    from .rewards import is_trusted
+
+    words = ["rtbcli", command, "--resume", str(partial)]
+    reward = getattr(preset, "reward", None)
+    if isinstance(reward, PythonRewardSpec) and not is_trusted(reward.function):
+        words += ["--reward", reward.function]
+    if device.type == "cpu" and torch.cuda.is_available():
+        words += ["--device", "cpu"]
+    return shlex.join(words)
 
 
 def earlier_log(state, checkpoint: Path) -> list[str]:
