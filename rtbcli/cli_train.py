@@ -99,6 +99,7 @@ def pretrain(
     p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
     out = out or Path("prior.safetensors")
     check_writable(out, "--out")
+    positive_or_zero("--save-every", save_every)
     dist, dev = _start_distributed(device)
     try:
         r = run_pretrain(p, ref, out, seed=seed or 0, device=dev, log_path=out.with_suffix(".jsonl"), progress=not quiet,
@@ -183,6 +184,7 @@ def finetune(
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
     check_writable(out, "--out")
+    positive_or_zero("--save-every", save_every)
     if out.resolve() == Path(start_path).resolve():
         raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
     dist, dev = _start_distributed(device)
@@ -209,6 +211,11 @@ def finetune(
 finetune.__doc__ += examples("rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
                              "rtbcli finetune --prior moons-prior.safetensors --reward favour.py:log_reward --steps 1000 --out moons-rtb.safetensors",
                              "rtbcli finetune --resume rtb.partial.safetensors")
+
+
+def positive_or_zero(name: str, value: int) -> None:
+    if value < 0:
+        raise InputError(f"{name} must be 0 (off) or a positive number of steps (got {value})")
 
 
 def resolve_beta(beta: float | None, alpha: float | None) -> float | None:
