@@ -68,7 +68,8 @@ class FinetuneResult:
     loss: float
     log_z: float | None  # learned log Z (rtb) or V(s0) / alpha (trust-pcl)
     mean_log_r: float
-    step_seconds: list[float]  # wall time of every step of this session (host clock), for benchmarks
+    step_seconds: list[float]  # wall time of every step of this session (host clock, with its logging), for benchmarks;
+    # on CUDA a step's kernels may still run after it unless it logged (a host sync): log every step to time CUDA steps
 
     @property
     def median_step_s(self) -> float:
@@ -359,7 +360,6 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 step = it + 1
                 bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step, bad)
                 bad_reward = torch.where((bad_reward == 0) & ~torch.isfinite(batch.log_r).all(), step, bad_reward)  # global: every rank agrees
-                step_seconds.append(time.perf_counter() - t_step)
                 bar.advance(job)
                 if step % log_every == 0 or step == cfg.steps:
                     # the only host syncs of the loop, at logging time
@@ -388,6 +388,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                                           RtbcliWarning, stacklevel=2)
                     log.write(**rec)
                     bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.4g}  {shown}E[log r] {mean_log_r:.3f}")
+                step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
                 if step < cfg.steps and dist.any(signals.requested is not None):
                     check_finite()
                     save(paths.partial, step, "interrupted", paths.partial_log)

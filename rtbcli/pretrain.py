@@ -59,7 +59,8 @@ class PretrainResult:
     loss: float
     elbo: float
     data_log_prob: float | None  # E_data log p_data(x), where the data density is known
-    step_seconds: list[float]  # wall time of every step of this session (host clock), for benchmarks
+    step_seconds: list[float]  # wall time of every step of this session (host clock, with its logging), for benchmarks;
+    # on CUDA a step's kernels may still run after it unless it logged (a host sync): log every step to time CUDA steps
 
 
 def learning_rate(step: int, cfg: PretrainSpec) -> float:
@@ -218,7 +219,6 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), sampler.parameters()):
                         pe.lerp_(p, 1.0 - cfg.ema)
-            step_seconds.append(time.perf_counter() - t_step)
             bar.advance(job)
             if step % log_every == 0 or step == cfg.steps:
                 loss_v = dist.sum(loss).item()  # the global loss; the host syncs of the loop, at logging time only
@@ -230,6 +230,7 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
                 log.write(step=step, loss=loss_v, elbo=elbo, data_log_prob=data_lp, lr=lr, steps_per_s=rate, seconds=timer.elapsed)
                 status = f"loss {loss_v:.3f}  elbo {elbo:.3f}" + (f" (data {data_lp:.3f})" if data_lp is not None else "")
                 bar.update(job, rate=f"{rate:.1f} it/s", status=status)
+            step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
             if step < cfg.steps and dist.any(signals.requested is not None):
                 save(paths.partial, step, "interrupted", paths.partial_log, loss_v, elbo)
                 log.snapshot(paths.partial_log if main else None)
