@@ -1,0 +1,344 @@
+"""Never lose a run: stop (a signal at a fixed step, or at a random moment) and --resume ends
+bit-identical to the run left alone; a second signal stops at once; bad resumes are one-line errors.
+
+Bit-identity holds on one CPU thread (`one_thread`; the subprocesses get OMP_NUM_THREADS=1).
+Runs go through the command line's entry point (`rtbcli.cli.run`) in this process, except the
+random-moment ones, which are real processes sent a real SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import rtbcli.pretrain
+import rtbcli.state
+from rtbcli.cli import run
+from conftest import to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"pretrain": 150}  # planned steps of each run here (logs every 100 steps), and of fine-tuning (every 50)
+N = 80
+K = {"pretrain": 103, "finetune": 53}  # the fixed stops: after the first record of the log
+TIMING = {"steps_per_s", "seconds"}  # the only log fields that may differ between the two runs
+
+REWARD = '''
+import os, signal, time
+
+calls = 0
+
+
+def log_reward(x):
+    """A smooth reward that, at its call number STOP_AT (0: never), sends this process STOP_SIGNALS,
+    and takes at least REWARD_SLEEP_S seconds (which changes no number)."""
+    global calls
+    calls += 1
+    time.sleep(float(os.environ.get("REWARD_SLEEP_S", "0")))
+    if calls == int(os.environ.get("STOP_AT", "0")):
+        for name in os.environ.get("STOP_SIGNALS", "SIGINT").split(","):
+            os.kill(os.getpid(), getattr(signal, name))
+    return -(x - 3.0).pow(2).sum(-1) / 20
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def no_stop(monkeypatch):
+    monkeypatch.setenv("STOP_AT", "0")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_preset, tiny_prior):
+    d = tmp_path_factory.mktemp("resume")
+    (d / "reward.py").write_text(REWARD)
+    (d / "tiny.toml").write_text(to_toml(tiny_preset.updated("pretrain", batch_size=8).model_dump()))
+    return {"dir": d, "reward": f"{d / 'reward.py'}:log_reward", "preset": d / "tiny.toml", "prior": tiny_prior}
+
+
+def command(files, what: str, out) -> list[str]:
+    """The rtbcli command of a run of STEPS steps: `what` is pretrain or an objective."""
+    if what == "pretrain":
+        return ["pretrain", "--preset", str(files["preset"]), "--steps", str(STEPS[what]), "--seed", "2", "--out", str(out), "--quiet",
+                "--device", "cpu"]
+    return ["finetune", "--prior", str(files["prior"]), "--reward", files["reward"], "--algo", what, "--steps", str(N),
+            "--batch-size", "8", "--seed", "5", "--out", str(out), "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def left_alone(files):
+    """The runs left alone, one per objective (and pretrain), made when first asked for."""
+    made = {}
+
+    def get(what: str) -> Path:
+        if what not in made:
+            out = files["dir"] / "ref" / f"{what}.safetensors"
+            out.parent.mkdir(exist_ok=True)
+            assert run(command(files, what, out)) == 0
+            made[what] = out
+        return made[what]
+
+    return get
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    """Every tensor of the checkpoint and of its resumable state is bit-identical; so is the log but for timings."""
+    for suffix in (".safetensors", ".state.safetensors"):
+        a = load_file(out.with_name(out.name.removesuffix(".safetensors") + suffix))
+        b = load_file(ref.with_name(ref.name.removesuffix(".safetensors") + suffix))
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, different
+    logs = [[json.loads(line) for line in p.with_suffix(".jsonl").read_text().splitlines()] for p in (out, ref)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+    for a, b in zip(*logs):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def stopped_message(err: str, sig: str, step: int, of: int = N) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rtbcli: error: {sig} at step {step} of {of}: saved to "), err
+    return lines[0]
+
+
+def resume_from_message(line: str) -> int:
+    """Run the resume command that the stop message names (without the leading `rtbcli`)."""
+    words = shlex.split(line.split("`")[1])
+    assert words[:3] in (["rtbcli", "finetune", "--resume"], ["rtbcli", "pretrain", "--resume"])
+    return run(words[1:] + ["--quiet"])
+
+
+@pytest.mark.parametrize("algo, sig", [("rtb", "SIGINT"), ("trust-pcl", "SIGTERM"), ("reinforce-kl", "SIGINT"), ("legacy-rl", "SIGINT")])
+def test_finetune_stopped_at_a_fixed_step_and_resumed_is_the_same_run(algo, sig, files, left_alone, tmp_path, monkeypatch, capsys):
+    """The reward signals the process during step K; the run saves step K and exits 128 + signal;
+    the command its message names continues it, from another working folder, to the same end."""
+    ref = left_alone(algo)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    monkeypatch.setenv("STOP_AT", str(K["finetune"] + 1))  # the reward is called once on prior samples before step 1
+    monkeypatch.setenv("STOP_SIGNALS", sig)
+    capsys.readouterr()
+    assert run(command(files, algo, "x.safetensors")) == 128 + getattr(signal, sig)
+    line = stopped_message(capsys.readouterr().err, sig, K["finetune"])
+    assert f"--reward {files['reward']}" in line  # a checkpoint never imports its reward: the command names it
+    assert sorted(os.listdir(".")) == ["x.partial.jsonl", "x.partial.safetensors", "x.partial.state.safetensors"]
+    assert [json.loads(r)["step"] for r in Path("x.partial.jsonl").read_text().splitlines()] == [50]
+
+    monkeypatch.setenv("STOP_AT", "0")
+    monkeypatch.chdir(tmp_path)
+    assert resume_from_message(line.replace("x.partial", "run/x.partial")) == 0
+    assert sorted(os.listdir("run")) == ["x.jsonl", "x.safetensors", "x.state.safetensors"]  # the partial files are gone
+    assert_same_run(tmp_path / "run" / "x.safetensors", ref)
+
+
+def test_pretrain_stopped_at_a_fixed_step_and_resumed_is_the_same_run(files, left_alone, tmp_path, monkeypatch, capsys):
+    ref = left_alone("pretrain")
+    real = rtbcli.pretrain.learning_rate
+
+    def signalling(step, cfg):  # called at the start of every step (0-indexed)
+        if step == K["pretrain"] - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, cfg)
+
+    monkeypatch.setattr(rtbcli.pretrain, "learning_rate", signalling)
+    out = tmp_path / "p.safetensors"
+    capsys.readouterr()
+    assert run(command(files, "pretrain", out)) == 130
+    line = stopped_message(capsys.readouterr().err, "SIGINT", K["pretrain"], STEPS["pretrain"])
+    monkeypatch.setattr(rtbcli.pretrain, "learning_rate", real)
+    assert resume_from_message(line) == 0
+    assert_same_run(out, ref)
+
+
+def test_a_resumed_run_extends_a_finished_one_and_a_warm_started_run_resumes(files, tmp_path, capsys):
+    """--resume CKPT --steps NEW --out continues a finished run; a warm-started run's checkpoints
+    count their steps on from its start, and its state still matches them."""
+    first, warm, more = (tmp_path / f"{n}.safetensors" for n in ("first", "warm", "more"))
+    cmd = command(files, "rtb", first)
+    cmd[cmd.index("--steps") + 1] = "4"
+    assert run(cmd) == 0
+    assert run(["finetune", "--warm-start", str(first), "--reward", files["reward"], "--steps", "3", "--batch-size", "8",
+                "--out", str(warm), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert run(["finetune", "--resume", str(warm), "--reward", files["reward"], "--steps", "5", "--out", str(more), "--quiet",
+                "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_at"] == 3
+    meta = safe_open(str(more), "pt").metadata()
+    assert meta["step"] == "9" and json.loads(meta["run"])["warm_started_from"] == str(first)
+
+
+# --------------------------------------------------------------------------- a random moment, a real process
+def stop_at_random(cmd: list[str], cwd: Path) -> dict:
+    """Run `rtbcli CMD` in a process of its own; once its loop has started, wait a random moment and send it SIGINT."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STOP_AT": "0", "REWARD_SLEEP_S": "0.003",  # fine-tuning takes over 0.24 s
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [c for c in cmd if c != "--quiet"]  # its progress says when the loop has started
+    p = subprocess.Popen([sys.executable, "-m", "rtbcli", *cmd], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    first = p.stderr.readline()
+    while first and " 0/" not in first:  # the progress line "<loop> 0/N" is printed once the signal handlers are in place
+        first = p.stderr.readline()
+    delay = random.uniform(0.0, 0.12)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    return {"code": p.wait(), "delay": delay, "err": [line for line in rest.splitlines() if line.startswith("rtbcli: error: ")]}
+
+
+RANDOM = ["pretrain", "rtb"]  # the two loops; the objectives' own states are covered by the fixed stops above
+
+
+@pytest.fixture(scope="module", autouse=True)
+def random_stops(files):
+    """The interrupted runs, started with the module (each watched by a thread of its own) to run
+    beside the tests in this process; each test below waits for its own."""
+    jobs = {}
+    for what in RANDOM:
+        folder = files["dir"] / f"random-{what}"
+        folder.mkdir()
+        result = {}
+        thread = threading.Thread(target=lambda r=result, w=what, f=folder: r.update(stop_at_random(command(files, w, "x.safetensors"), f)))
+        thread.start()
+        jobs[what] = (thread, result, folder)
+    yield jobs
+    for thread, _, _ in jobs.values():
+        thread.join(timeout=120)
+
+
+@pytest.mark.parametrize("what", RANDOM)
+def test_sigint_at_a_random_moment_then_resume_is_the_same_run(what, random_stops, left_alone, monkeypatch):
+    thread, result, folder = random_stops[what]
+    thread.join(timeout=120)
+    assert result["code"] == 130, result
+    assert len(result["err"]) == 1 and " saved to x.partial.safetensors; continue with `rtbcli " in result["err"][0], result
+    stopped = int(result["err"][0].split(" at step ")[1].split()[0])
+    assert 0 < stopped < STEPS.get(what, N)
+    state = load_file(folder / "x.partial.state.safetensors")  # loads: complete
+    assert state and no_temp_files(folder)
+    monkeypatch.chdir(folder)
+    assert resume_from_message(result["err"][0].removeprefix("rtbcli: error: ")) == 0
+    assert_same_run(folder / "x.safetensors", left_alone(what))
+
+
+# --------------------------------------------------------------------------- a second signal
+def test_a_second_signal_stops_at_once_even_inside_the_reward(files, tmp_path, monkeypatch, capsys):
+    """Two SIGINTs during the reward call: the second stops the run there (not caught as the reward's own error)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STOP_AT", "5")
+    monkeypatch.setenv("STOP_SIGNALS", "SIGINT,SIGINT")
+    capsys.readouterr()
+    assert run(command(files, "rtb", "x.safetensors")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rtbcli: error: stopped at once by a second SIGINT: nothing more was saved"]
+    assert not [p for p in os.listdir(".") if p.endswith(".safetensors")] and no_temp_files(tmp_path)
+
+
+def test_a_second_signal_while_saving_leaves_no_temporary_file(files, tmp_path, monkeypatch, capsys):
+    """The first SIGTERM stops the run at step 4; a second one arrives while the state file is being written:
+    its temporary file is removed, and the checkpoint written before it cannot be resumed (one-line error)."""
+    real = rtbcli.state.save_file
+
+    def save_then_signal(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        os.kill(os.getpid(), signal.SIGTERM)  # the file is complete under its temporary name
+
+    monkeypatch.setattr(rtbcli.state, "save_file", save_then_signal)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STOP_AT", "5")
+    monkeypatch.setenv("STOP_SIGNALS", "SIGTERM")
+    capsys.readouterr()
+    assert run(command(files, "rtb", "x.safetensors")) == 143
+    assert capsys.readouterr().err.strip() == "rtbcli: error: stopped at once by a second SIGTERM: nothing more was saved"
+    assert no_temp_files(tmp_path) and not Path("x.partial.state.safetensors").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert run(["finetune", "--resume", "x.partial.safetensors", "--reward", files["reward"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no resumable state beside it (x.partial.state.safetensors is missing)" in err[0]
+
+
+# --------------------------------------------------------------------------- bad resumes
+@pytest.fixture(scope="module")
+def finished(files):
+    """A finished 4-step rtb run, and its state file's tensors and metadata."""
+    out = files["dir"] / "finished" / "done.safetensors"
+    out.parent.mkdir()
+    cmd = command(files, "rtb", out)
+    cmd[cmd.index("--steps") + 1] = "4"
+    assert run(cmd) == 0
+    with safe_open(str(out.with_name("done.state.safetensors")), "pt") as f:
+        return out, {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def damaged_copy(finished, folder: Path, **meta) -> Path:
+    """A copy of the finished run whose state's metadata is changed (a key set to None: removed; no changes: no state)."""
+    out, tensors, metadata = finished
+    copy = folder / "copy.safetensors"
+    copy.write_bytes(out.read_bytes())
+    if meta:
+        new = {k: v for k, v in {**metadata, **meta}.items() if v is not None}
+        save_file(tensors, str(folder / "copy.state.safetensors"), metadata=new)
+    return copy
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no state", "has no resumable state beside it (copy.state.safetensors is missing)"),
+    ("format version", "has format version 0, this rtbcli reads 1"),
+    ("another objective", "is a rtb run: resume it with --algo rtb"),
+    ("another preset", "--resume continues a run under its own preset, but the preset given differs ("),
+    ("fewer steps", "the run is at step 4; --steps 3 would end it before that"),
+    ("negative save-every", "--save-every must be 0 (off) or a positive number of steps (got -1)"),
+])
+def test_bad_resume_is_a_one_line_error_and_overwrites_nothing(case, match, files, finished, tmp_path, capsys):
+    copy = damaged_copy(finished, tmp_path, **({} if case == "no state" else {"format_version": "0"} if case == "format version"
+                                               else {"format_version": "1"}))
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"an earlier result")
+    args = ["finetune", "--resume", str(copy), "--reward", files["reward"], "--steps", "6", "--out", str(out), "--quiet"]
+    args += {"another objective": ["--algo", "trust-pcl"], "another preset": ["--preset", str(files["preset"]), "--lr", "0.5"],
+             "fewer steps": ["--steps", "3"], "negative save-every": ["--save-every", "-1"]}.get(case, [])
+    capsys.readouterr()
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rtbcli: error: ") and match in err[0], err
+    assert out.read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["copy.safetensors", "out.safetensors"]
+                                                                + ([] if case == "no state" else ["copy.state.safetensors"]))
+
+
+def test_pretrain_resume_refuses_other_settings_and_finetuned_checkpoints(files, finished, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    cmd = command(files, "pretrain", out)
+    cmd[cmd.index("--steps") + 1] = "3"
+    assert run(cmd) == 0
+    for args, match in ((["--batch-size", "16"], "only --steps (a new total) may be given"),
+                        (["--preset", str(files["preset"])], "give one of --preset, --data and --resume")):
+        capsys.readouterr()
+        assert run(["pretrain", "--resume", str(out), "--steps", "5", "--out", str(tmp_path / "q.safetensors"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+    assert run(["pretrain", "--resume", str(finished[0]), "--steps", "5", "--out", str(tmp_path / "q.safetensors")]) == 2
+    assert "is a finetuned checkpoint, a prior one is needed here" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.safetensors", "p.state.safetensors"]
