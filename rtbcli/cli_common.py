@@ -86,9 +86,10 @@ def field_help(model: type[BaseModel], name: str, extra: str = "") -> str:
     """An option's help: the field's docstring and its default, as the config model declares them."""
     f = model.model_fields[name]
     default = f.default
-    shown = f" [default: {default:,}]" if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000 else (
-        f" [default: {default}]" if default is not None else "")
-    return f"{(f.description or '').strip()}{extra}{shown}"
+    value = f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000 else default
+    shown = f" [default: the preset's; {value} where it says nothing]" if default is not None else ""
+    text = (f.description or "").strip()
+    return f"{text.rstrip('.') if extra else text}{extra}{shown}"
 
 
 def choices(model: type[BaseModel], name: str) -> type[Enum]:

@@ -140,6 +140,8 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, help=field_help(FinetuneSpec, "batch_size")),
     lr: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "lr")),
     lr_logz: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "lr_logz")),
+    lr_schedule: Optional[Schedule] = typer.Option(None, help=field_help(FinetuneSpec, "lr_schedule")),
+    grad_clip: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "grad_clip")),
     exploration: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "exploration")),
     on_policy: bool = typer.Option(False, "--on-policy", help="No exploration; reinforce-kl then uses uniform weights."),
     snis: Optional[Snis] = typer.Option(None, help=field_help(FinetuneSpec, "snis")),
@@ -174,7 +176,7 @@ def finetune(
     p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
-    p = with_overrides(p, "finetune", steps=steps, batch_size=batch_size, lr=lr, lr_logz=lr_logz, exploration=exploration, snis=snis,
+    p = with_overrides(p, "finetune", steps=steps, batch_size=batch_size, lr=lr, lr_logz=lr_logz, lr_schedule=lr_schedule, grad_clip=grad_clip, exploration=exploration, snis=snis,
                        legacy_lambda=legacy_lambda)
     if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
         from .rewards import UnnamedReward

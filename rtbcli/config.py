@@ -219,6 +219,10 @@ class SamplerSpec(Strict):
     """Hidden Linear(hidden, hidden) + GELU blocks after the input sum."""
 
 
+LrSchedule = Literal["constant", "cosine", "wsd"]
+"""constant; cosine to lr_final; or wsd: constant, then linear decay to lr_final (`training.learning_rate`)."""
+
+
 class PretrainSpec(Strict):
     """Maximum-likelihood pretraining on bridge trajectories from the data (see `rtbcli.pretrain`)."""
 
@@ -228,7 +232,7 @@ class PretrainSpec(Strict):
     """Data points per step (the global batch over all processes; `pairs` draws batch_size * T triples: the same network work)."""
     lr: PosFloat = 5e-3
     """Adam learning rate (the peak of the schedule)."""
-    lr_schedule: Literal["constant", "cosine", "wsd"] = "wsd"
+    lr_schedule: LrSchedule = "wsd"
     """constant; cosine to lr_final; or wsd: constant, then linear decay to lr_final."""
     decay_fraction: Fraction = 0.2
     """wsd: the last fraction of the run that decays."""
@@ -251,6 +255,14 @@ class FinetuneSpec(Strict):
     """Adam learning rate of the policy."""
     lr_logz: PosFloat = 0.1
     """Adam learning rate of log Z (trust-pcl: V(s0) uses alpha times it)."""
+    lr_schedule: LrSchedule = "constant"
+    """constant; cosine to lr_final; or wsd: constant, then linear decay to lr_final (log Z's lr follows in proportion)."""
+    decay_fraction: Fraction = 0.2
+    """wsd: the last fraction of the run that decays."""
+    lr_final: NonNegFloat = 0.0
+    """Last policy learning rate of the cosine and wsd schedules."""
+    grad_clip: PosFloat | None = None
+    """Clip the policy gradient's norm (in RTB's units) to this before each Adam step; none by default."""
     exploration: NonNegFloat = 0.5
     """s_e: the behaviour policy adds s_e^2 to each step's variance (off-policy objectives)."""
     exploration_hold: Fraction = 0.1

@@ -28,6 +28,7 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 import warnings
@@ -49,7 +50,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler
 from .state import load_state, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, earlier_log, new_run_id, resume_command
+from .training import RunPaths, StopSignals, earlier_log, learning_rate, new_run_id, resume_command
 
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
 PROBE_N = 256  # prior samples the reward is checked on before a run
@@ -245,6 +246,8 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     groups = [{"params": list(policy.parameters()), "lr": cfg.lr, "eps": ADAM_EPS * scale[0]}]
     if scalar is not None:
         groups.append({"params": [scalar], "lr": cfg.lr_logz * scale[1], "eps": ADAM_EPS * scale[1]})
+    clip = cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf
+    base_lrs = [g["lr"] for g in groups]  # the schedule scales every group's lr alike (trust-pcl stays RTB's twin)
     opt = torch.optim.Adam(groups)
     explore = obj.explores and not on_policy
     hp = HyperParams(beta=beta, temper=float(T) if cfg.snis == "tempered" else 1.0, legacy_lambda=cfg.legacy_lambda)
@@ -339,6 +342,9 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
             for it in range(first, cfg.steps):
                 t_step = time.perf_counter()
                 s_e = exploration_std(it, cfg.steps, cfg.exploration, cfg.exploration_hold, cfg.exploration_end) if explore else 0.0
+                lr_factor = learning_rate(it, cfg) / cfg.lr
+                for group, base in zip(opt.param_groups, base_lrs):
+                    group["lr"] = base * lr_factor
                 # 1. trajectories from the behaviour policy, without gradient, with the policy's activations
                 ro = rollout(policy, ws, s_e * s_e, gen, (dist.rank, dist.world))
                 log_r = task.log_reward(ro.traj[-1])
@@ -356,6 +362,8 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
                 policy_backward(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
                 dist.sum_grads(list(policy.parameters()))
+                # the policy gradient's norm (no host sync); clipped to grad_clip, in RTB's units (trust-pcl's gradient is alpha^2 RTB's)
+                grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), clip) / scale[0]
                 opt.step()
                 step = it + 1
                 bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step, bad)
@@ -368,7 +376,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                     loss_v, mean_log_r = float(loss.detach()), float(batch.log_r.mean())
                     lz = learned_log_z()
                     rate = (step - first) / timer.elapsed
-                    rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, steps_per_s=rate, seconds=timer.elapsed)
+                    rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, lr=cfg.lr * lr_factor, grad_norm=float(grad_norm), steps_per_s=rate, seconds=timer.elapsed)
                     shown = ""
                     if algo == "rtb":
                         rec["log_z"] = lz

@@ -45,7 +45,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import load_state, restore_optimizer, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, earlier_log, new_run_id, resume_command
+from .training import RunPaths, StopSignals, earlier_log, learning_rate, new_run_id, resume_command
 
 
 @dataclass
@@ -61,20 +61,6 @@ class PretrainResult:
     data_log_prob: float | None  # E_data log p_data(x), where the data density is known
     step_seconds: list[float]  # wall time of every step of this session (host clock, with its logging), for benchmarks;
     # on CUDA a step's kernels may still run after it unless it logged (a host sync): log every step to time CUDA steps
-
-
-def learning_rate(step: int, cfg: PretrainSpec) -> float:
-    """lr at (0-indexed) `step`: constant; cosine to lr_final; or wsd (constant, then linear to
-    lr_final over the last `decay_fraction` of the run)."""
-    n = cfg.steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / n))
-    start = n * (1 - cfg.decay_fraction)
-    if step < start:
-        return cfg.lr
-    return cfg.lr + (cfg.lr_final - cfg.lr) * (step - start) / max(n - start, 1)
 
 
 def _share(x: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:

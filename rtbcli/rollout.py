@@ -69,6 +69,7 @@ def step_log_probs(residual: torch.Tensor, var: float) -> torch.Tensor:
     return centred_log_prob(residual, var)
 
 
+@torch.no_grad()  # by hand: no autograd graph through the weights (only the time MLP's, below)
 def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     """Accumulate into the sampler's .grad the gradient of sum_{i,b} g[i, b] * log p(x_{i+1} | x_i).
 

@@ -43,9 +43,11 @@ def test_every_objective_runs_and_writes_a_self_contained_checkpoint(tmp_path, t
     assert r.steps == 4 and r.steps_per_s > 0
 
 
-def test_rtb_and_trust_pcl_train_the_same_sampler(tmp_path, tiny_prior, tiny_preset):
-    """Same seed, default settings (Adam; lr_V = alpha lr_logZ, eps scaled): the same sampler, log Z = V / alpha."""
-    preset = tiny_preset.updated("", beta=0.5).updated("finetune", steps=6)
+@pytest.mark.parametrize("extra", [{}, {"lr_schedule": "cosine", "grad_clip": 0.05}], ids=["defaults", "cosine-clipped"])
+def test_rtb_and_trust_pcl_train_the_same_sampler(tmp_path, tiny_prior, tiny_preset, extra):
+    """Same seed, default settings (Adam; lr_V = alpha lr_logZ, eps scaled): the same sampler, log Z = V / alpha.
+    Also with a schedule and gradient clipping (the threshold is in RTB's units)."""
+    preset = tiny_preset.updated("", beta=0.5).updated("finetune", steps=6, **extra)
     prior = load_checkpoint(tiny_prior)
     cks = {}
     for algo in ("rtb", "trust-pcl"):

@@ -39,6 +39,7 @@ def test_backward_matches_autograd(float64, layers):
     backward(r, g)
     for n, p in s.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12, msg=n)
+        assert not p.grad.requires_grad, n  # plain tensors: no autograd graph kept alive through the weights
     backward(r, g)  # accumulates, like autograd
     for n, p in s.named_parameters():
         torch.testing.assert_close(p.grad, 2 * expected[n], rtol=1e-10, atol=1e-12, msg=n)
