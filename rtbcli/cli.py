@@ -32,7 +32,6 @@ if _CliUsageError is None:  # pragma: no cover - old typer
 
 app = typer.Typer(
     name="rtbcli",
-    help="Fine-tune diffusion samplers toward a reward: RTB, Trust-PCL and KL-regularised REINFORCE.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -49,7 +48,7 @@ def version_callback(value: bool):
 
 @app.callback()
 def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit.")):
-    """rtbcli: pretrain a diffusion prior, fine-tune it toward a reward, evaluate, reproduce the benchmarks.
+    """Fine-tune diffusion samplers toward a reward: RTB, Trust-PCL and KL-regularised REINFORCE.
 
     Exit codes: 0 success; 1 a run failed after it started; 2 bad input (nothing written);
     3 an `evaluate --require` check failed; 130 / 143 stopped by SIGINT / SIGTERM (the last

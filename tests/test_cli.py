@@ -27,6 +27,13 @@ def test_help_exits_zero(cmd):
     assert code == 0 and "Usage" in out
 
 
+def test_top_level_help_lists_every_exit_code():
+    code, out = invoke("--help")
+    text = " ".join(out.split())
+    assert code == 0 and "Exit codes: 0 success; 1 a run failed" in text
+    assert all(f"{c} " in text for c in ("2", "3", "130", "143"))
+
+
 def test_version():
     code, out = invoke("--version")
     assert code == 0 and out.startswith("rtbcli ")
