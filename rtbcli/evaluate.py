@@ -219,5 +219,5 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
                                  make_generator(seed + 2, device))
             sb = _score(policy, None, task, back, finetuned, chunk)
             m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())
-    m.update(suite_of(task).extra_metrics(task, x, target, finetuned, seed))
+    m.update(suite_of(task).extra_metrics(task, x, target, finetuned, seed, lw if finetuned and use_reward else None))
     return Evaluation(m, x, None if y is None else y.float(), target, task, ref)

@@ -49,6 +49,7 @@ REPORT_KEYS: dict[str, str] = {
     "well_mass_max_abs_err_floor": "manywell: the same for exact samples", "well_mass_mean_abs_err_floor": "manywell: the same for exact samples",
     "well_masses": "manywell: left-well mass of each pair", "well_masses_exact": "manywell: exact left-well masses",
     "digit": "digits: the class c", "class_fraction": "digits: fraction classified as c",
+    "class_fraction_target": "digits: the target's own class fraction, by self-normalised importance weights of these samples",
     "class_fraction_real": "digits: the same for held-out real images of c", "diversity": "digits: mean pairwise distance",
     "diversity_real": "digits: the same for real images of c", "nearest_train_distance": "digits: mean distance to the nearest training image",
     "nearest_train_distance_real": "digits: the same for held-out real images",
@@ -148,6 +149,8 @@ def evaluation_table(m: dict) -> Table:
         t.add_section()
     if "class_fraction" in m:
         t.add_row(f"classified as {m['digit']}", pct(m["class_fraction"]), pct(m["class_fraction_real"]) + " (real)")
+        if "class_fraction_target" in m:
+            t.add_row("  the target's own, by importance weights", pct(m["class_fraction_target"]), "")
         t.add_row("diversity (mean pairwise distance)", fmt(m["diversity"]), fmt(m["diversity_real"]) + " (real)")
         t.add_row("nearest training image", fmt(m["nearest_train_distance"]), fmt(m["nearest_train_distance_real"]) + " (real)")
         t.add_section()
@@ -184,7 +187,7 @@ def summary_table(summary: dict) -> Table:
     rows = [summary["prior_row"], *summary["rows"], summary["floor"]]
     have = lambda key: any(r.get(key) is not None for r in rows)
     cols = [("modes", None), ("mode KL", "kl_mode"), ("off-target", "off_target"), ("hist KL", "kl_hist"),
-            ("well err", "well_mass_mean_abs_err"), ("class", "class_fraction"), ("diversity", "diversity"),
+            ("well err", "well_mass_mean_abs_err"), ("class", "class_fraction"), ("class (target, IS)", "class_fraction_target"), ("diversity", "diversity"),
             ("sliced W2", "sw2"), ("MMD^2", "mmd2"), ("log Z", "log_z_learned"), ("log Z (IS)", "log_z_is"),
             ("ELBO", "elbo"), ("EUBO", "eubo"), ("train s", "train_seconds")]
     modes = have("kl_mode")  # the mode metrics say it all; sliced W2, MMD^2 and the EUBO stay in summary.json
@@ -202,7 +205,7 @@ def summary_table(summary: dict) -> Table:
         v = row.get(key)
         if v is None:
             return "-"
-        if key in ("off_target", "class_fraction"):
+        if key in ("off_target", "class_fraction", "class_fraction_target"):
             return f"{100 * v:.1f}%"
         if key == "train_seconds":
             return f"{v:.0f}"

@@ -36,7 +36,8 @@ class Suite:
     def tilted_target(self, task: Task, beta: float) -> Target | None:
         return None
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int) -> dict:
+    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
+                      log_weights: torch.Tensor | None = None) -> dict:
         return {}
 
     def plot_samples(self, path, panels: list[tuple[str, torch.Tensor]], title: str | None = None) -> bool:
@@ -80,7 +81,8 @@ class ManyWellSuite(Suite):
                       log_z=log_z, log_z_exact=True, sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
                       log_density=lambda x: mw.log_prob(x) + log_z, extra={"well_masses": mw.left_well_masses()})
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int) -> dict:
+    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
+                      log_weights: torch.Tensor | None = None) -> dict:
         from .datasets.manywell import well_mass_errors
 
         exact = target.extra.get("well_masses")
@@ -126,13 +128,14 @@ class DigitsSuite(Suite):
             note = f"{ref.shape[0]} of {held.shape[0]} held-out images, accepted with probability r^beta / max r^beta"
         return Target(description=description, method="reference", reference=ref, reference_note=note)
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int) -> dict:
+    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
+                      log_weights: torch.Tensor | None = None) -> dict:
         from .datasets.digits import digits_report
 
         c = self.digit(task)
         if c is None:
             return {}
-        return {"digit": c, **digits_report(x.float(), c)}
+        return {"digit": c, **digits_report(x.float(), c, log_weights)}
 
     def plot_samples(self, path, panels, title=None) -> bool:
         from .datasets.digits import plot_digit_grids

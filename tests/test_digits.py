@@ -173,6 +173,21 @@ def test_class_fraction(sk):
     assert dd.class_fraction(bad, 4) == pytest.approx(dd.class_fraction(x[y == 4][5:], 4) * (len(bad) - 5) / len(bad))
 
 
+def test_class_fraction_of_the_target_by_importance_weights(sk):
+    """Weights 3 : 1 on the class-2 rows against the class-7 rows, as many of each: 3/4 of the weight is on class 2
+    (by the classifier: its few misses are taken into account through the unweighted fractions)."""
+    x, y = dd.digits_data("heldout"), dd.digits_labels("heldout")
+    twos, sevens = x[y == 2][:50], x[y == 7][:50]
+    f2, f7 = dd.class_fraction(twos, 2), dd.class_fraction(sevens, 2)
+    both = torch.cat([twos, sevens])
+    log_w = torch.cat([torch.full((50,), math.log(3.0), dtype=torch.float64), torch.zeros(50, dtype=torch.float64)]) + 7.0  # any constant: self-normalised
+    by_hand = (3 * f2 + f7) / 4
+    assert dd.class_fraction(both, 2, torch.softmax(log_w, 0)) == pytest.approx(by_hand, rel=1e-12)
+    r = dd.digits_report(both, 2, log_w)
+    assert r["class_fraction_target"] == pytest.approx(by_hand, rel=1e-12)
+    assert r["class_fraction"] == pytest.approx((f2 + f7) / 2, rel=1e-12)
+
+
 def test_nearest_train_distance(sk):
     assert dd.nearest_train_distance(dd.digits_data("train")) == 0.0
     assert dd.nearest_train_distance(dd.digits_data("heldout")) > 1.0

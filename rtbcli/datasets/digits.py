@@ -160,8 +160,9 @@ def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def class_fraction(x: torch.Tensor, digit: int) -> float:
-    """Fraction of `x` the shipped classifier labels `digit` (argmax); non-finite rows count as misses."""
+def class_fraction(x: torch.Tensor, digit: int, weights: torch.Tensor | None = None) -> float:
+    """Fraction of `x` the shipped classifier labels `digit` (argmax); non-finite rows count as misses.
+    With `weights` (one per row), the weighted fraction sum_i w_i 1[c_i = digit] / sum_i w_i."""
     from ..rewards.digits import classify
 
     digit = check_digit(digit)
@@ -172,7 +173,9 @@ def class_fraction(x: torch.Tensor, digit: int) -> float:
     hits = torch.zeros(len(x), dtype=torch.bool)
     if finite.any():
         hits[finite] = classify(x[finite].float()) == digit
-    return hits.double().mean().item()
+    if weights is None:
+        return hits.double().mean().item()
+    return float((weights.double() * hits).sum() / weights.double().sum())
 
 
 def mean_pairwise_distance(x: torch.Tensor, max_points: int = 2000, seed: int = 0) -> float:
@@ -198,18 +201,24 @@ def nearest_train_distance(x: torch.Tensor, max_points: int = 2000) -> float:
     return nearest.mean().item()
 
 
-def digits_report(x: torch.Tensor, digit: int) -> dict:
+def digits_report(x: torch.Tensor, digit: int, log_weights: torch.Tensor | None = None) -> dict:
     """Metrics of samples `x` for the target class `digit`, each beside its value for real images.
 
     class_fraction / class_fraction_real: classified as `digit` (real: held-out images of the class);
+    class_fraction_target (with `log_weights`, the importance weights of the rows toward the target):
+    the target's own class fraction by self-normalised importance sampling: the ceiling that a
+    sampler of the target p_prior r^beta reaches, which a prior's ambiguous images keep below 1;
     diversity / diversity_real: mean pairwise distance (real: all images of the class);
     nearest_train_distance / nearest_train_distance_real: distance to the nearest train image
     (real: held-out images of the class, for scale).
     """
     digit = check_digit(digit)
     held = digits_data("heldout", digit)
+    target = {} if log_weights is None else {
+        "class_fraction_target": class_fraction(x, digit, torch.softmax(log_weights.double().nan_to_num(-math.inf), 0))}
     return {
         "class_fraction": class_fraction(x, digit),
+        **target,
         "class_fraction_real": class_fraction(held, digit),
         "diversity": mean_pairwise_distance(x),
         "diversity_real": mean_pairwise_distance(digits_data("all", digit)),

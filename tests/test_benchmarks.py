@@ -1,0 +1,88 @@
+"""The shipped benchmarks beyond 2-D (issue 11), through the command line: each preset's whole
+`rtbcli reproduce --quick` pipeline on a tiny budget from its shipped prior, and their bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+
+from rtbcli.checkpoint import load_checkpoint
+from rtbcli.cli import run
+from rtbcli.config import load_preset
+from rtbcli.datasets import digits as dd
+from rtbcli.reproduce import shipped_prior
+
+from test_cli import assert_one_line_error, error_line
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SUITE_KEYS = {
+    "digits": ("class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "sw2", "mmd2", "log_z_is", "ess"),
+    "manywell32": ("well_mass_mean_abs_err", "well_mass_max_abs_err", "sw2", "mmd2", "log_z_is", "elbo", "eubo"),
+}
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["digits", "manywell32"])
+def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, name):
+    if name == "digits":
+        pytest.importorskip("sklearn")
+    preset, _ = load_preset(name)
+    out = tmp_path / "rep"
+    code = run(["reproduce", "--preset", name, "--quick", "--steps", "2", "--batch-size", "8", "-n", "300", "--out", str(out),
+                "--quiet", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["preset"] == name and summary["quick"] and summary["prior_source"] == "shipped"
+    assert sha(out / "prior.safetensors") == sha(shipped_prior(preset.reproduce.shipped_prior))
+    assert list(dict.fromkeys(r["algo"] for r in summary["rows"])) == list(preset.reproduce.methods)
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    for row in summary["rows"]:
+        ck = load_checkpoint(row["checkpoint"])
+        assert ck.step == 2 and ck.preset.dim == preset.dim and ck.algo == row["algo"]
+        for key in SUITE_KEYS[name]:
+            if key == "class_fraction_target" or row["algo"] != "legacy-rl" or key not in ("log_z_is", "ess"):
+                assert row.get(key) is not None, (row["method"], key)
+    prior = summary["prior_row"]
+    if name == "manywell32":
+        assert prior["log_z_true"] == pytest.approx(0.0, abs=1e-6)  # the tilted target's exact log Z at beta = 1
+        assert summary["floor"]["well_mass_mean_abs_err"] < 0.05
+    else:
+        assert summary["floor"]["class_fraction"] >= 0.9  # the held-out real images of the class
+
+
+def test_reproduce_unknown_preset_is_bad_input(tmp_path, capsys):
+    code, err = error_line(capsys, "reproduce", "--preset", "nope", "--quick", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "unknown preset 'nope': choose one of digits, manywell32, reference")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("digit", ["12", "-1", "3.5", "three"])
+def test_digit_outside_0_to_9_is_bad_input(tmp_path, capsys, digit):
+    pytest.importorskip("sklearn")
+    prior = shipped_prior("prior-digits.safetensors")
+    out = tmp_path / "ft.safetensors"
+    code, err = error_line(capsys, "finetune", "--prior", prior, "--reward-arg", f"digit={digit}", "--steps", "1", "--out", out)
+    assert_one_line_error(code, err, "digit")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    code, err = error_line(capsys, "evaluate", prior, "--reward", "rtbcli.rewards.digits:log_p_class", "--reward-arg", f"digit={digit}")
+    assert_one_line_error(code, err, "digit")
+
+
+def test_digits_without_scikit_learn_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    dd._load.cache_clear()
+    try:
+        code, err = error_line(capsys, "reproduce", "--preset", "digits", "--quick", "--steps", "1", "--out", tmp_path / "o")
+    finally:
+        dd._load.cache_clear()
+    assert_one_line_error(code, err, 'the digits benchmark needs scikit-learn: pip install "rtbcli[digits]"')
+    assert not (tmp_path / "o").exists()
