@@ -213,5 +213,6 @@ def summary_table(summary: dict) -> Table:
 
     for i, row in enumerate(rows):
         style = "dim" if i == 0 else ("italic" if i == len(rows) - 1 else None)
-        t.add_row(escape(row["method"]), *[cell(row, key) for _, key in cols], style=style)
+        cells = ["diverged", *["-"] * (len(cols) - 1)] if row.get("diverged") else [cell(row, key) for _, key in cols]
+        t.add_row(escape(row["method"]), *cells, style=style)
     return t

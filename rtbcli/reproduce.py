@@ -29,7 +29,7 @@ from rich.console import Console
 from . import __version__
 from .checkpoint import load_checkpoint
 from .config import Preset, load_preset
-from .errors import InputError
+from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
 from .plots import plot_panels
@@ -148,10 +148,17 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     for k, m in enumerate(chosen, start=2):
         say(k, f"{m.label}: {budget.finetune_steps:,} steps, batch {budget.batch_size}, lr {ft_preset.finetune.lr:g}")
         ck_path = out / f"{m.name}.safetensors"
-        r = finetune(prior_ck, ft_preset, ref, m.algo, ck_path, seed=seed, device=device, on_policy=m.on_policy,
-                     log_path=out / f"{m.name}.jsonl", progress=progress, save_every=0)
-        rows.append({"method": m.name, "label": m.label, "algo": m.algo, "on_policy": m.on_policy, "checkpoint": str(ck_path),
-                     "train_seconds": round(r.seconds, 1), "median_step_s": round(r.median_step_s, 4)})
+        row = {"method": m.name, "label": m.label, "algo": m.algo, "on_policy": m.on_policy}
+        try:
+            r = finetune(prior_ck, ft_preset, ref, m.algo, ck_path, seed=seed, device=device, on_policy=m.on_policy,
+                         log_path=out / f"{m.name}.jsonl", progress=progress, save_every=0)
+        except PeerFailed:
+            raise
+        except RunError as e:  # a method that diverges is a result of the comparison, not the end of it
+            say(k, f"{m.label} diverged: {e}")
+            rows.append({**row, "checkpoint": None, "diverged": str(e)})
+            continue
+        rows.append({**row, "checkpoint": str(ck_path), "train_seconds": round(r.seconds, 1), "median_step_s": round(r.median_step_s, 4)})
 
     # 3. evaluation of everything on the same n and seed
     say(n_stages, f"evaluating {len(chosen) + 1} samplers on n = {budget.eval_n:,} (and the target's samples)")
@@ -163,6 +170,8 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
         panels.append(("target (reference)" if ev_prior.target.method == "reference" else "target (exact)", reference.float()))
     subtitles = [subtitle(prior_row)] + ([""] if reference is not None else [])
     for row in rows:
+        if row["checkpoint"] is None:
+            continue
         ev = evaluate(load_checkpoint(row["checkpoint"]), budget.eval_n, seed, device)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))

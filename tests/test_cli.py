@@ -209,6 +209,22 @@ def test_reproduce_end_to_end(tmp_path, tiny_prior, tiny_preset_file):
     assert code == 0 and json.loads(text)["rows"][0]["method"] == "rtb"
 
 
+def test_reproduce_reports_a_diverged_method_and_goes_on(tmp_path, tiny_prior, tiny_preset_file, monkeypatch):
+    """A method whose loss turns NaN is a row marked diverged (with the reason in summary.json); the others are scored."""
+    from rtbcli import objectives
+    real = objectives.legacy_rl_loss
+    monkeypatch.setattr(objectives, "legacy_rl_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    out = tmp_path / "rep"
+    code, text = invoke("reproduce", "--preset", tiny_preset_file, "--prior", tiny_prior, "--steps", 3, "--batch-size", 8,
+                        "--n", 100, "--out", out, "--quiet")
+    assert code == 0, text
+    legacy_line = next(line for line in text.splitlines() if "legacy-rl" in line)
+    assert "diverged" in legacy_line
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert "non-finite" in rows["legacy-rl"]["diverged"] and rows["legacy-rl"]["checkpoint"] is None
+    assert all(r.get("diverged") is None and r["kl_mode"] is not None for m, r in rows.items() if m != "legacy-rl")
+
+
 def test_reproduce_bad_input(tmp_path, tiny_prior, capsys):
     out = tmp_path / "rep"
     out.mkdir()
