@@ -36,7 +36,8 @@ REPORT_KEYS: dict[str, str] = {
     "sw2": "sliced Wasserstein-2 distance to the reference samples", "sw2_floor": "the same between two halves of the reference",
     "mmd2": "unbiased MMD^2 (RBF kernel, median bandwidth) to the reference", "mmd2_floor": "the same between two halves of the reference",
     "n_compared": "sample size of each side of sw2/mmd2", "n_reference": "reference samples available",
-    "n_dropped_nonfinite": "model samples dropped as non-finite", "reference": "what the reference samples are",
+    "n_dropped_nonfinite": "model samples dropped as non-finite",
+    "n_far": "model samples outside the reference's bounding box widened by its width on every side (diverged trajectories)", "reference": "what the reference samples are",
     # tier 3
     "mode_coverage": "target modes with q_k >= p_k / 4", "n_target_modes": "target modes", "kl_mode": "mode-weight KL",
     "off_target": "mass outside the target modes' cells", "kl_hist": "histogram KL (2-D)", "floor": "the exact sampler's values",
@@ -142,6 +143,8 @@ def evaluation_table(m: dict) -> Table:
     if "sw2" in m:
         t.add_row(f"sliced W2 (n = {m['n_compared']:,})", fmt(m["sw2"]), fmt(m["sw2_floor"]))
         t.add_row("MMD^2", fmt(m["mmd2"]), fmt(m["mmd2_floor"]))
+        if m.get("n_far"):
+            t.add_row("samples far outside the reference (diverged)", f"{m['n_far']:,}", "")
         t.add_section()
     if "well_mass_mean_abs_err" in m:
         t.add_row("left-well mass error, mean over pairs", fmt(m["well_mass_mean_abs_err"]), fmt(m["well_mass_mean_abs_err_floor"]))
@@ -188,11 +191,11 @@ def summary_table(summary: dict) -> Table:
     have = lambda key: any(r.get(key) is not None for r in rows)
     cols = [("modes", None), ("mode KL", "kl_mode"), ("off-target", "off_target"), ("hist KL", "kl_hist"),
             ("well err", "well_mass_mean_abs_err"), ("class", "class_fraction"), ("class (target, IS)", "class_fraction_target"), ("diversity", "diversity"),
-            ("sliced W2", "sw2"), ("MMD^2", "mmd2"), ("log Z", "log_z_learned"), ("log Z (IS)", "log_z_is"),
+            ("sliced W2", "sw2"), ("MMD^2", "mmd2"), ("far", "n_far"), ("log Z", "log_z_learned"), ("log Z (IS)", "log_z_is"),
             ("ELBO", "elbo"), ("EUBO", "eubo"), ("train s", "train_seconds")]
     modes = have("kl_mode")  # the mode metrics say it all; sliced W2, MMD^2 and the EUBO stay in summary.json
     cols = [(name, key) for name, key in cols if (key is None and have("mode_coverage")) or (key is not None and have(key))
-            and not (modes and key in ("sw2", "mmd2", "eubo"))]
+            and not (modes and key in ("sw2", "mmd2", "eubo")) and (key != "n_far" or any(r.get("n_far") for r in rows))]
     t = Table(title=escape(f"reproduce {summary['preset']} ({'quick' if summary['quick'] else 'full'}; n = {summary['eval_n']:,}, "
                            f"seed {summary['seed']})"), title_justify="left")
     t.add_column("method", no_wrap=True)
@@ -207,7 +210,7 @@ def summary_table(summary: dict) -> Table:
             return "-"
         if key in ("off_target", "class_fraction", "class_fraction_target"):
             return f"{100 * v:.1f}%"
-        if key == "train_seconds":
+        if key in ("train_seconds", "n_far"):
             return f"{v:.0f}"
         return f"{v:.4f}" if key in ("kl_mode", "well_mass_mean_abs_err", "mmd2") else f"{v:.3f}"
 

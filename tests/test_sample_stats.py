@@ -16,7 +16,7 @@ import torch
 
 from rtbcli.metrics import median_bandwidth, mmd2_rbf, reference_comparison, sliced_w2
 
-KEYS = {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_reference", "n_dropped_nonfinite"}
+KEYS = {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}
 
 
 def gaussian(n, d, seed, shift=0.0):
@@ -205,6 +205,24 @@ def test_fixed_seed_is_repeatable_and_independent_of_the_global_rng():
     torch.manual_seed(8)
     assert (sliced_w2(x, ref, seed=1), mmd2_rbf(x, ref, max_points=300, seed=1)) == a
     assert sliced_w2(x[:5], ref[:5], seed=1) != sliced_w2(x[:5], ref[:5], seed=2)  # directions follow the seed
+
+
+def test_far_rows_are_counted_and_weigh_on_sliced_w2_not_mmd():
+    """Reference in [0, 1]^2: the box widened by its width on every side is [-1, 2]^2; rows at 1.9 are inside,
+    rows at 2.1 (in one coordinate) and at -50 are outside. One diverged row in 300 moves SW2 by far more than MMD^2."""
+    ref = torch.rand(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = torch.rand(300, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lo, hi = ref.min(0).values, ref.max(0).values
+    edge = x.clone()
+    edge[0] = hi + 0.9 * (hi - lo)
+    edge[1, 0] = float(hi[0] + 1.1 * (hi[0] - lo[0]))
+    edge[2, 1] = -50.0
+    assert reference_comparison(x, ref)["n_far"] == 0 and reference_comparison(edge, ref)["n_far"] == 2
+    far = x.clone()
+    far[7] = torch.tensor([1e3, -1e3], dtype=torch.float64)
+    clean, dirty = reference_comparison(x, ref, seed=2), reference_comparison(far, ref, seed=2)
+    assert dirty["n_far"] == 1
+    assert dirty["sw2"] > 10 * clean["sw2"] and abs(dirty["mmd2"] - clean["mmd2"]) < 0.01
 
 
 # ------------------------------------------------------------ non-finite rows and errors
