@@ -287,8 +287,7 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     (all with the same seed, so model and floor use the same projection directions; each MMD^2 uses its own
     median bandwidth). A sampler indistinguishable from the target scores near its floor. With fewer than
     2 finite model rows the four statistics are NaN. n_far counts the finite model rows outside the
-    reference's bounding box widened by its own width on every side (three times the box): diverged
-    trajectories, which weigh on sliced-W2 as their squared distance and hardly on MMD^2. Returns
+    reference's bounding box widened on every side by its largest width: diverged trajectories, which weigh on sliced-W2 as their squared distance and hardly on MMD^2. Returns
     {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}.
     """
     x, ref = _check_pair(samples, reference, require_finite=False)
@@ -304,7 +303,7 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     a, b = ref[perm[:half]], ref[perm[half:2 * half]]
     m = min(x.shape[0], half)
     lo, hi = ref.min(dim=0).values, ref.max(dim=0).values
-    width = hi - lo
+    width = float((hi - lo).max())  # the largest: a coordinate constant in the reference (a blank pixel) has none
     n_far = int(((x < lo - width) | (x > hi + width)).any(dim=1).sum())
     out = {"n_compared": m, "n_reference": r, "n_dropped_nonfinite": n_dropped, "n_far": n_far}
     if m < 2:

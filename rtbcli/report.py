@@ -37,7 +37,7 @@ REPORT_KEYS: dict[str, str] = {
     "mmd2": "unbiased MMD^2 (RBF kernel, median bandwidth) to the reference", "mmd2_floor": "the same between two halves of the reference",
     "n_compared": "sample size of each side of sw2/mmd2", "n_reference": "reference samples available",
     "n_dropped_nonfinite": "model samples dropped as non-finite",
-    "n_far": "model samples outside the reference's bounding box widened by its width on every side (diverged trajectories)", "reference": "what the reference samples are",
+    "n_far": "model samples outside the reference's bounding box widened on every side by its largest width (diverged trajectories)", "reference": "what the reference samples are",
     # tier 3
     "mode_coverage": "target modes with q_k >= p_k / 4", "n_target_modes": "target modes", "kl_mode": "mode-weight KL",
     "off_target": "mass outside the target modes' cells", "kl_hist": "histogram KL (2-D)", "floor": "the exact sampler's values",

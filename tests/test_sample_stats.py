@@ -208,16 +208,20 @@ def test_fixed_seed_is_repeatable_and_independent_of_the_global_rng():
 
 
 def test_far_rows_are_counted_and_weigh_on_sliced_w2_not_mmd():
-    """Reference in [0, 1]^2: the box widened by its width on every side is [-1, 2]^2; rows at 1.9 are inside,
-    rows at 2.1 (in one coordinate) and at -50 are outside. One diverged row in 300 moves SW2 by far more than MMD^2."""
-    ref = torch.rand(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    x = torch.rand(300, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    """Reference in about [0, 1] x [0, 0.5]: the box is widened on every side by its largest width (about 1), also in
+    the narrow coordinate, and a coordinate constant in the reference widens by that too (a blank pixel: no false
+    alarms). One diverged row in 300 moves SW2 by far more than MMD^2."""
+    ref = torch.rand(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.tensor([1.0, 0.5], dtype=torch.float64)
+    x = torch.rand(300, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.5
     lo, hi = ref.min(0).values, ref.max(0).values
+    w = float(hi[0] - lo[0])  # the largest width
     edge = x.clone()
-    edge[0] = hi + 0.9 * (hi - lo)
-    edge[1, 0] = float(hi[0] + 1.1 * (hi[0] - lo[0]))
-    edge[2, 1] = -50.0
+    edge[0] = hi + 0.9 * w  # inside in both coordinates (the narrow one widens by w too)
+    edge[1, 0] = float(hi[0]) + 1.1 * w
+    edge[2, 1] = float(lo[1]) - 1.1 * w
     assert reference_comparison(x, ref)["n_far"] == 0 and reference_comparison(edge, ref)["n_far"] == 2
+    blank = torch.cat([ref, torch.zeros(400, 1, dtype=torch.float64)], 1)  # a coordinate constant in the reference
+    assert reference_comparison(torch.cat([x, torch.full((300, 1), 0.3, dtype=torch.float64)], 1), blank)["n_far"] == 0
     far = x.clone()
     far[7] = torch.tensor([1e3, -1e3], dtype=torch.float64)
     clean, dirty = reference_comparison(x, ref, seed=2), reference_comparison(far, ref, seed=2)
