@@ -51,8 +51,8 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, name)
             if key == "class_fraction_target" or row["algo"] != "legacy-rl" or key not in ("log_z_is", "ess"):
                 assert row.get(key) is not None, (row["method"], key)
     prior = summary["prior_row"]
-    # a few samples far out (the digits prior draws about 1 in 200 with a pixel beyond 3 on the [-1, 1] scale), not all
-    assert all(0 <= r["n_far"] <= 0.02 * 300 for r in [prior, *summary["rows"]])
+    # a few samples far out (the digits prior draws 1-3% with a pixel beyond +-3 on the [-1, 1] scale), not all of them
+    assert all(0 <= r["n_far"] <= 0.05 * 300 for r in [prior, *summary["rows"]])
     if name == "manywell32":
         assert prior["log_z_true"] == pytest.approx(0.0, abs=1e-6)  # the tilted target's exact log Z at beta = 1
         assert summary["floor"]["well_mass_mean_abs_err"] < 0.05
