@@ -294,7 +294,8 @@ class EvalSpec(Strict):
     hist_bin: PosFloat = 0.5
     """... in square bins of this width, plus one outside cell."""
     reference: str | None = None
-    """Reference samples of the target (a data file) for the sliced-W2 and MMD comparisons; relative to the preset file."""
+    """Reference samples of the fine-tuning target p_data r^beta (a data file) for the sliced-W2 and MMD comparisons of
+    finetuned checkpoints (a prior is compared with its own data); relative to the preset file."""
 
     _reference = field_validator("reference")(resolve_path)
 

@@ -114,10 +114,12 @@ def _score(policy, prior, task: Task, traj: torch.Tensor, want_reward: bool, chu
     return {k: torch.cat(v).cpu() if v else None for k, v in out.items()}
 
 
-def _reference(arg, ck: Checkpoint, target: Target) -> tuple[torch.Tensor | None, str]:
+def _reference(arg, ck: Checkpoint, target: Target, tilted: bool) -> tuple[torch.Tensor | None, str]:
+    """Reference samples: given ones; else the preset's `evaluate.reference`, which samples the tilted target
+    (a prior scored against its own data keeps the data's); else the target's own."""
     if isinstance(arg, torch.Tensor):
         return arg.double().cpu(), f"{arg.shape[0]:,} given reference samples"
-    path = arg or ck.preset.evaluate.reference
+    path = arg or (ck.preset.evaluate.reference if tilted else None)
     if path is not None:
         rows, _ = load_array(path)
         if rows.shape[1] != ck.preset.dim:
@@ -186,7 +188,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
 
     # tier 2: reference samples
-    ref, note = _reference(reference, ck, target)
+    ref, note = _reference(reference, ck, target, finetuned)
     if ref is None and y is not None:
         ref, note = y, f"{n:,} exact target samples"
     if ref is not None:

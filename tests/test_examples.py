@@ -53,6 +53,8 @@ def test_mixture10d_example(tmp_path, capsys, monkeypatch):
     subprocess.run([sys.executable, "make_data.py"], check=True, capture_output=True)
     assert np.load("data.npy").shape == np.load("target.npy").shape == (20_000, 10)
     rtbcli(capsys, "pretrain", "--preset", "task.toml", "--steps", 3, "--out", "prior.safetensors")
+    ev = rtbcli(capsys, "evaluate", "prior.safetensors", "-n", 400)  # a prior is compared with its data, not target.npy
+    assert ev["reference"] == "the 20,000 data rows" and ev["n_reference"] == 20_000
     for algo in ("rtb", "trust-pcl", "reinforce-kl"):
         rtbcli(capsys, "finetune", "--prior", "prior.safetensors", "--algo", algo, "--preset", "task.toml", "--steps", 2,
                "--batch-size", 16, "--out", f"{algo}.safetensors")
