@@ -69,6 +69,16 @@ def step_log_probs(residual: torch.Tensor, var: float) -> torch.Tensor:
     return centred_log_prob(residual, var)
 
 
+def _sum_over_trajectories(g: torch.Tensor, T: int, n: int) -> torch.Tensor:
+    """sum over all T*n rows of g: per trajectory in g's dtype, then over trajectories in float64.
+
+    Each trajectory's partial sum is the same whichever process holds it, and the float64 sum of
+    the partials is exact to float32 precision, so the split of the batch over processes changes
+    the result by one float32 rounding of each process's share at most.
+    """
+    return g.reshape(T, n, -1).sum(0).sum(0, dtype=torch.float64).to(g.dtype)
+
+
 @torch.no_grad()  # by hand: no autograd graph through the weights (only the time MLP's, below)
 def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     """Accumulate into the sampler's .grad the gradient of sum_{i,b} g[i, b] * log p(x_{i+1} | x_i).
@@ -80,6 +90,12 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
         a_0 = W_s x + b_s + time(t)
 
     and through the time MLP (T rows) by autograd.
+
+    The biases' gradients are sums over trajectories of per-trajectory sums, accumulated in
+    float64 (`_sum_over_trajectories`): a bias of a unit that is nearly off gets a gradient of
+    order Adam's eps from the cancellation of many terms, where a float32 sum's rounding, which
+    depends on how the batch is split over processes, would change Adam's step by up to
+    lr * rounding / (4 eps).
     """
     s = ro.sampler
     net = s.net
@@ -90,7 +106,7 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     g_f = (grad_step_lpf[..., None] * ro.residual * (s.dt / s.step_var)).reshape(-1, d)  # dL/df, (T*n, d)
     post = ro.post.reshape(len(hidden) + 1, T * n, H)
     pre = ro.pre.reshape(len(hidden) + 1, T * n, H)
-    grads: dict[torch.Tensor, torch.Tensor] = {out.weight: g_f.t() @ post[-1], out.bias: g_f.sum(0)}
+    grads: dict[torch.Tensor, torch.Tensor] = {out.weight: g_f.t() @ post[-1], out.bias: _sum_over_trajectories(g_f, T, n)}
     g_h = g_f @ out.weight
     for k in range(len(hidden), -1, -1):
         g_a = torch.ops.aten.gelu_backward(g_h, pre[k])
@@ -98,12 +114,12 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
             break
         layer = hidden[k - 1]
         grads[layer.weight] = g_a.t() @ post[k - 1]
-        grads[layer.bias] = g_a.sum(0)
+        grads[layer.bias] = _sum_over_trajectories(g_a, T, n)
         g_h = g_a @ layer.weight
     x = ro.traj[:-1].reshape(-1, d)
     grads[net.state.weight] = (x.t() @ g_a).t()  # x.T @ g: the fast layout for small d
     g_temb = g_a.reshape(T, n, H).sum(1)
-    grads[net.state.bias] = g_temb.sum(0)
+    grads[net.state.bias] = _sum_over_trajectories(g_a, T, n)
     for p, g in grads.items():
         p.grad = g if p.grad is None else p.grad + g
     with torch.enable_grad():
