@@ -88,6 +88,14 @@ class Checkpoint:
             raise InputError(f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged")
         return float(t.reshape(()))
 
+    def learned_log_z(self) -> float | None:
+        """log Z as the objective learned it (log Z, or V(s0) / alpha), None where it learns no scalar."""
+        from .objectives import OBJECTIVES
+
+        obj = OBJECTIVES.get(self.algo or "")
+        value = self.scalar(obj.scalar) if obj is not None and obj.scalar is not None else None
+        return None if value is None else obj.log_z(value, float(self.meta.get("alpha", 1.0)))
+
 
 def sampler_tensors(sampler: DiffusionSampler, prefix: str) -> dict[str, torch.Tensor]:
     """The sampler's state under `prefix.`, as contiguous float32 CPU tensors."""

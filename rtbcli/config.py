@@ -22,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       field_validator, model_validator)
 
 from .errors import InputError
+from .objectives import METHODS
 
 try:
     import tomllib
@@ -303,8 +304,7 @@ class EvalSpec(Strict):
 class ReproduceSpec(Strict):
     """What `rtbcli reproduce` runs for this task (the full run uses the finetune and evaluate budgets)."""
 
-    methods: list[Literal["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]] = Field(
-        default_factory=lambda: ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"])
+    methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
     """The methods compared, each fine-tuned from the same prior and seed."""
     shipped_prior: str | None = None
     """A prior in rtbcli/data, made by `rtbcli pretrain` with this preset: --quick starts from it."""

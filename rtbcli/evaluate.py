@@ -33,6 +33,7 @@ from .config import Preset, PythonRewardSpec
 from .data import load_array
 from .errors import InputError
 from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, reference_comparison, sample_metrics
+from .objectives import OBJECTIVES
 from .rewards import UnnamedReward, check_reward_output, parse_reference
 from .runtime import make_generator
 from .sampler import bridge_log_prob, bridge_sample
@@ -177,12 +178,10 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
         lw = s["lpp"] + beta * s["log_r"] - s["lpf"]
         m["elbo_prior"], m["log_z_is"], m["ess"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
         m["path_kl"] = float((s["lpf"] - s["lpp"]).mean())
-    if ck.algo == "rtb":
-        m["log_z_learned"] = ck.scalar("log_z")
-    elif ck.algo == "trust-pcl":
-        alpha = float(ck.meta["alpha"])
-        m["v_soft_s0"], m["alpha"] = ck.scalar("v_soft_s0"), alpha
-        m["log_z_learned"] = m["v_soft_s0"] / alpha
+    if ck.learned_log_z() is not None:
+        m["log_z_learned"] = ck.learned_log_z()
+        if OBJECTIVES[ck.algo].scalar != "log_z":  # trust-pcl's V(s0) = alpha log Z, beside its alpha
+            m[OBJECTIVES[ck.algo].scalar], m["alpha"] = ck.scalar(OBJECTIVES[ck.algo].scalar), float(ck.meta["alpha"])
 
     # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
     y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None

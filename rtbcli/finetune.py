@@ -174,14 +174,8 @@ def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
         prior, policy = start.sampler("policy", device, dtype), start.sampler("policy", device, dtype)
         return prior, policy, 0.0, start.sha256, str(start.path), 0
     prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
-    log_z = start.scalar("log_z")
-    if log_z is None and start.scalar("v_soft_s0") is not None:
-        log_z = start.scalar("v_soft_s0") / float(start.meta["alpha"])
-    scalar = OBJECTIVES[algo].scalar
-    if log_z is None or scalar is None:
-        init = 0.0
-    else:
-        init = log_z if scalar == "log_z" else log_z / beta  # V(s0) = alpha log Z
+    log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
+    init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
     return prior, policy, init, start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
 
 
@@ -242,7 +236,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     # Trust-PCL's loss is alpha^2 times RTB's, so its gradients are alpha^2 (policy) and alpha (V)
     # times RTB's. Adam's step m / (sqrt(v) + eps) ignores that scale except through eps, so eps
     # is scaled along with it and V's lr is alpha lr_logz: trust-pcl then takes exactly RTB's steps.
-    scale = (alpha * alpha, alpha) if algo == "trust-pcl" else (1.0, 1.0)
+    scale = obj.gradient_scales(alpha)
     groups = [{"params": list(policy.parameters()), "lr": cfg.lr, "eps": ADAM_EPS * scale[0]}]
     if scalar is not None:
         groups.append({"params": [scalar], "lr": cfg.lr_logz * scale[1], "eps": ADAM_EPS * scale[1]})
@@ -274,8 +268,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     def learned_log_z() -> float | None:
         if scalar is None:
             return None
-        value = float(scalar.detach())
-        return value if algo == "rtb" else value / alpha
+        return obj.log_z(float(scalar.detach()), alpha)
 
     def snapshot() -> dict:
         return {k: v.clone() for k, v in finetuned_tensors(policy, prior, algo, scalar).items()}
@@ -352,7 +345,7 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 with torch.no_grad():
                     step_lpp = prior.step_log_probs(ro.traj)
                 step_lpf = step_log_probs(ro.residual, var).requires_grad_()
-                lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if explore and algo == "reinforce-kl" else None
+                lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if explore and obj.weighs_behaviour else None
                 batch = Batch(step_lpf, step_lpp, log_r, lb)
                 if dist.active:  # the global batch: every rank's trajectories, gradients only through this rank's
                     batch = Batch(dist.gather(step_lpf), dist.gather(step_lpp), dist.gather(log_r), None if lb is None else dist.gather(lb))
@@ -378,13 +371,10 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                     rate = (step - first) / timer.elapsed
                     rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, lr=cfg.lr * lr_factor, grad_norm=float(grad_norm), steps_per_s=rate, seconds=timer.elapsed)
                     shown = ""
-                    if algo == "rtb":
-                        rec["log_z"] = lz
-                        shown = f"logZ {lz:.4f}  "
-                    elif algo == "trust-pcl":
+                    if scalar is not None:
                         v = float(scalar.detach())
-                        rec.update(v_soft_s0=v, log_z=lz)
-                        shown = f"V {v:.4f}  "
+                        rec.update({obj.scalar: v, "log_z": lz})
+                        shown = f"{obj.scalar_label} {v:.4f}  "
                     elif batch.lb is not None:  # reinforce-kl off-policy: how many trajectories the weights rest on
                         w = snis_weights(batch.lpf.detach(), batch.lb, hp.temper)
                         rec["weights_ess"] = ess = float(1.0 / w.pow(2).sum())

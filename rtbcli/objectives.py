@@ -131,7 +131,7 @@ class HyperParams:
 
 @dataclass(frozen=True)
 class Objective:
-    """An objective as the training loop, the command line and the checkpoints know it."""
+    """An objective as the training loop, the command line, evaluation and the checkpoints know it."""
 
     name: str
     loss: Callable[[Batch, torch.Tensor | None, HyperParams], torch.Tensor]
@@ -139,6 +139,26 @@ class Objective:
     explores: bool  # off-policy by default: trajectories come from the exploratory behaviour policy
     uses_beta: bool  # the target's beta enters the loss (legacy-rl's fixed point ignores it)
     help: str
+    weighs_behaviour: bool = False  # the loss needs the behaviour policy's log-probability lb (importance weights)
+    scalar_alpha_power: int = 0  # the learned scalar is alpha^k log Z (trust-pcl: V(s0) = alpha log Z, k = 1)
+    loss_alpha_power: int = 0  # the loss is alpha^m times RTB's (trust-pcl: m = 2)
+    scalar_label: str = ""  # how the progress line names the scalar
+
+    def log_z(self, scalar: float, alpha: float) -> float:
+        """log Z from the learned scalar (V(s0) / alpha for trust-pcl)."""
+        return scalar / alpha ** self.scalar_alpha_power
+
+    def scalar_from_log_z(self, log_z: float, alpha: float) -> float:
+        return log_z * alpha ** self.scalar_alpha_power
+
+    def gradient_scales(self, alpha: float) -> tuple[float, float]:
+        """(policy, scalar): how much larger this loss's gradients are than RTB's at the same point.
+
+        L = alpha^m L_RTB, and the scalar is alpha^k log Z, so dL/dphi = alpha^m dL_RTB/dphi and
+        dL/dscalar = alpha^(m - k) dL_RTB/dlog Z (trust-pcl: alpha^2 and alpha).
+        """
+        m, k = self.loss_alpha_power, self.scalar_alpha_power
+        return alpha ** m, alpha ** (m - k)
 
 
 def _rtb(b: Batch, log_z, hp: HyperParams) -> torch.Tensor:
@@ -158,10 +178,31 @@ def _legacy_rl(b: Batch, _, hp: HyperParams) -> torch.Tensor:
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("rtb", _rtb, "log_z", True, True, "Relative Trajectory Balance, learns log Z"),
-    Objective("trust-pcl", _trust_pcl, "v_soft_s0", True, True, "Trust-PCL: alpha^2 x RTB's loss, learns V(s0) = alpha log Z"),
+    Objective("rtb", _rtb, "log_z", True, True, "Relative Trajectory Balance, learns log Z", scalar_label="logZ"),
+    Objective("trust-pcl", _trust_pcl, "v_soft_s0", True, True, "Trust-PCL: alpha^2 x RTB's loss, learns V(s0) = alpha log Z",
+              scalar_alpha_power=1, loss_alpha_power=2, scalar_label="V"),
     Objective("reinforce-kl", _reinforce_kl, None, True, True,
-              "REINFORCE with KL, reward log r, self-normalised importance weights off-policy"),
+              "REINFORCE with KL, reward log r, self-normalised importance weights off-policy", weighs_behaviour=True),
     Objective("legacy-rl", _legacy_rl, None, False, False,
               "the RTB paper's RL baseline (reward r, on-policy; mis-specified on purpose)"),
+)}
+DEFAULT_OBJECTIVE = "rtb"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method as `rtbcli reproduce` compares it: an objective, on- or off-policy."""
+
+    name: str  # row label and file stem
+    algo: str  # its objective in OBJECTIVES
+    on_policy: bool
+    label: str  # figure panel title
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rtb", "rtb", False, "RTB"),
+    Method("trust-pcl", "trust-pcl", False, "Trust-PCL"),
+    Method("reinforce-kl", "reinforce-kl", False, "REINFORCE-KL (off-policy)"),
+    Method("reinforce-kl-on-policy", "reinforce-kl", True, "REINFORCE-KL (on-policy)"),
+    Method("legacy-rl", "legacy-rl", True, "RL + KL, reward r (RTB paper)"),
 )}

@@ -32,28 +32,12 @@ from .config import Preset, load_preset
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
+from .objectives import METHODS
 from .plots import plot_panels
 from .pretrain import pretrain
 from .runtime import atomic_write_text
 from .suites import check_suite, suite_of
 from .tasks import Task
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str  # row label and file stem
-    algo: str
-    on_policy: bool
-    label: str  # figure panel title
-
-
-METHODS = {m.name: m for m in (
-    Method("rtb", "rtb", False, "RTB"),
-    Method("trust-pcl", "trust-pcl", False, "Trust-PCL"),
-    Method("reinforce-kl", "reinforce-kl", False, "REINFORCE-KL (off-policy)"),
-    Method("reinforce-kl-on-policy", "reinforce-kl", True, "REINFORCE-KL (on-policy)"),
-    Method("legacy-rl", "legacy-rl", True, "RL + KL, reward r (RTB paper)"),
-)}
 
 
 @dataclass(frozen=True)
