@@ -141,9 +141,9 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     names a checkpoint's Python reward again (or another one); `reference` gives reference
     samples of the target (a data file or an (m, d) tensor).
     """
-    named = reward is not None or bool(reward_kwargs)
-    preset = with_reward(ck.preset, reward, reward_kwargs) if named else ck.preset
-    task, target = target_of(ck, beta, preset, named)
+    # only naming the reward (`reward=`) allows importing it: new kwargs alone change its arguments, not that
+    preset = with_reward(ck.preset, reward, reward_kwargs)
+    task, target = target_of(ck, beta, preset, named=reward is not None)
     finetuned = ck.kind == "finetuned" or beta is not None
     use_reward = task.reward is not None and not isinstance(task.reward, UnnamedReward)
     beta = task.beta if finetuned else None

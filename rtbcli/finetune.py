@@ -50,7 +50,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler
 from .state import load_state, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, earlier_log, learning_rate, new_run_id, resume_command
+from .training import RunPaths, StopSignals, config_differences, earlier_log, learning_rate, new_run_id, resume_command
 
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
 PROBE_N = 256  # prior samples the reward is checked on before a run
@@ -190,11 +190,12 @@ def check_resumable(start: Checkpoint, algo: str, preset: Preset, device: torch.
     if state.meta["algo"] != algo:
         raise InputError(f"'{start.path}' is a {state.meta['algo']} run: resume it with --algo {state.meta['algo']} (or start a new "
                          f"{algo} run from it with --warm-start)")
-    saved = Preset.model_validate(json.loads(state.meta["config"]))
+    saved = state.preset()
     mine = preset.updated("finetune", steps=saved.finetune.steps)
+    if isinstance(saved.reward, PythonRewardSpec) and isinstance(mine.reward, PythonRewardSpec):
+        mine = mine.updated("reward", sha256=saved.reward.sha256)  # the run recorded its file's hash; a changed file only warns
     if saved != mine:
-        a, b = saved.model_dump(), mine.model_dump()
-        diff = ", ".join(k for k in a if a[k] != b[k])
+        diff = ", ".join(config_differences(saved.model_dump(), mine.model_dump()))
         raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
                          f"and other settings except --steps, or start a new run with --warm-start")
     if state.meta.get("device") != device.type:

@@ -45,7 +45,7 @@ from .runtime import JsonlLog, Timer, make_generator, make_progress
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import load_state, restore_optimizer, save_state
 from .tasks import Task
-from .training import RunPaths, StopSignals, earlier_log, learning_rate, new_run_id, resume_command
+from .training import RunPaths, StopSignals, config_differences, earlier_log, learning_rate, new_run_id, resume_command
 
 
 @dataclass
@@ -121,10 +121,11 @@ def check_resumable(checkpoint, preset: Preset, device: torch.device):
     state = load_state(checkpoint.path, "pretrain")
     if state.meta.get("run_id") != checkpoint.meta.get("run_id") or state.step != checkpoint.step:
         raise InputError(f"the state file beside '{checkpoint.path}' belongs to another run or step: resume from the checkpoint it was saved with")
-    saved = Preset.model_validate_json(state.meta["config"])
-    if saved != preset.updated("pretrain", steps=saved.pretrain.steps):
-        raise InputError("--resume continues a run under its own preset, but the preset given differs: leave out --preset and other "
-                         "settings except --steps")
+    saved, mine = state.preset(), preset.updated("pretrain", steps=state.preset().pretrain.steps)
+    if saved != mine:
+        diff = ", ".join(config_differences(saved.model_dump(), mine.model_dump()))
+        raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
+                         f"and other settings except --steps")
     if state.meta.get("device") != device.type:
         raise InputError(f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
                          f"resume with --device {state.meta.get('device')}")

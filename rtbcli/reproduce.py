@@ -28,7 +28,7 @@ from rich.console import Console
 
 from . import __version__
 from .checkpoint import load_checkpoint
-from .config import Preset, load_preset
+from .config import Preset, PythonRewardSpec, load_preset
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
@@ -146,7 +146,9 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
 
     # 3. evaluation of everything on the same n and seed
     say(n_stages, f"evaluating {len(chosen) + 1} samplers on n = {budget.eval_n:,} (and the target's samples)")
-    ev_prior = evaluate(prior_ck, budget.eval_n, seed, device, beta=preset.beta)
+    # the preset names its reward, so the checkpoints' Python reward may be imported (as `evaluate --reward` would)
+    named = {"reward": preset.reward.function, "reward_kwargs": preset.reward.kwargs} if isinstance(preset.reward, PythonRewardSpec) else {}
+    ev_prior = evaluate(prior_ck, budget.eval_n, seed, device, beta=preset.beta, **named)
     prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
     reference = ev_prior.reference
     panels = [("prior", ev_prior.samples)]
@@ -156,7 +158,7 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     for row in rows:
         if row["checkpoint"] is None:
             continue
-        ev = evaluate(load_checkpoint(row["checkpoint"]), budget.eval_n, seed, device)
+        ev = evaluate(load_checkpoint(row["checkpoint"]), budget.eval_n, seed, device, **named)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))
         subtitles.append(subtitle(row))

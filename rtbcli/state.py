@@ -84,6 +84,12 @@ class RunState:
     def adam_groups(self) -> list[dict]:
         return json.loads(self.meta["adam_groups"])
 
+    def preset(self):
+        """The resolved preset the run was started with."""
+        from .config import Preset
+
+        return Preset.model_validate_json(self.meta["config"])
+
 
 def save_state(path: Path, *, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, generators: dict[str, torch.Generator],
                meta: dict[str, str], extra: dict[str, torch.Tensor] | None = None) -> None:
@@ -102,10 +108,12 @@ def save_state(path: Path, *, params: dict[str, torch.Tensor], opt: torch.optim.
 def load_state(checkpoint: Path, kind: str) -> RunState:
     """The resumable state beside `checkpoint`; every problem is an InputError naming the fix."""
     path = state_path(checkpoint)
-    fresh = "--warm-start" if kind == "finetune" else "a new run"
+    fresh = "--warm-start" if kind == "finetune" else "`rtbcli pretrain` without --resume"
     if not path.exists():
+        instead = "to start a new run from the checkpoint instead, use --warm-start" if kind == "finetune" else \
+            "to start over, run `rtbcli pretrain` without --resume"
         raise InputError(f"'{checkpoint}' has no resumable state beside it ({path.name} is missing): resume needs the state "
-                         f"file that the run wrote; to start a new run from the checkpoint instead, use {fresh}")
+                         f"file that the run wrote; {instead}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
@@ -119,4 +127,9 @@ def load_state(checkpoint: Path, kind: str) -> RunState:
                          f"resume it with the rtbcli that wrote it, or start a new run with {fresh}")
     if meta.get("kind") != kind:
         raise InputError(f"state file '{path}' is from a {meta.get('kind')} run, not a {kind} run: use `rtbcli {meta.get('kind')} --resume`")
-    return RunState(tensors, meta, path)
+    state = RunState(tensors, meta, path)
+    try:  # what every resume reads: a damaged or hand-edited file is named here, not half-way through
+        state.step, state.planned_steps, state.adam_groups, state.preset()
+    except (KeyError, ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+        raise InputError(f"state file '{path}' is damaged ({e.__class__.__name__} in its metadata): start a new run with {fresh}") from None
+    return state

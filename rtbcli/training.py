@@ -159,6 +159,18 @@ def read_log_until(path: Path, step: int) -> list[str]:
     return lines
 
 
+def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """'finetune.batch_size 8 vs 200' for every leaf where two dumped presets differ."""
+    out = []
+    for k in saved.keys() | given.keys():
+        a, b = saved.get(k), given.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a} vs {b}" if len(repr(a)) + len(repr(b)) < 60 else f"{prefix}{k}")
+    return sorted(out)
+
+
 def learning_rate(step: int, cfg) -> float:
     """lr at (0-indexed) `step` of a run with `cfg.steps` steps (a PretrainSpec or FinetuneSpec):
     constant; cosine from lr to lr_final; or wsd (constant, then linear to lr_final over the last

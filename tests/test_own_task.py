@@ -210,7 +210,16 @@ def test_checkpoint_records_the_reward_and_never_imports_it_unasked(task_files, 
     assert f"name it again with --reward {ref}" in line
     line = one_line_error(capsys, "finetune", "--warm-start", ft, "--out", task_files / "w.safetensors")
     assert f"--reward {ref}" in line
+    line = one_line_error(capsys, "finetune", "--resume", ft, "--steps", 4, "--out", task_files / "r.safetensors")
+    assert f"--reward {ref}" in line
+    line = one_line_error(capsys, "evaluate", ft, "--n", 100, "--reward-arg", "scale=1")  # new kwargs do not name it
+    assert f"name it again with --reward {ref}" in line
     assert not marker.exists()
+    # a preset that names it is naming it again: resume under the same preset
+    code, out, err = invoke("finetune", "--resume", ft, "--preset", task_files / "task.toml", "--steps", 4, "--batch-size", 8,
+                            "--out", task_files / "r.safetensors", "--quiet")
+    assert code == 0 and marker.exists(), err
+    marker.unlink()
     # named again: it is imported and used, with the recorded kwargs
     code, out, err = invoke("evaluate", ft, "--n", 100, "--reward", ref, "--json")
     assert code == 0, err
@@ -302,3 +311,13 @@ def test_mode_cells_in_other_dimensions_hold_the_same_mass():
         x = t.sample(20_000, torch.Generator().manual_seed(0))
         off = sample_metrics(x, t)["off_target"]
         assert abs(off - (1 - CELL_MASS)) < 4 * (CELL_MASS * (1 - CELL_MASS) / 20_000) ** 0.5 + 1e-3, (d, off)
+
+
+def test_reproduce_on_your_own_preset_imports_the_reward_it_names(task_files):
+    """The preset names its Python reward, so reproduce may import it to score the finetuned checkpoints."""
+    code, out, err = invoke("reproduce", "--preset", task_files / "task.toml", "--pretrain-steps", 2, "--steps", 2,
+                            "--batch-size", 8, "--n", 50, "--out", task_files / "rep", "--quiet", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["method"] for r in rows] == ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]
+    assert all("log_r_mean" in r and "sw2" in r for r in rows if not r.get("diverged")), rows

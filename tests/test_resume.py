@@ -309,11 +309,12 @@ def damaged_copy(finished, folder: Path, **meta) -> Path:
     ("another objective", "is a rtb run: resume it with --algo rtb"),
     ("another preset", "--resume continues a run under its own preset, but the preset given differs ("),
     ("fewer steps", "the run is at step 4; --steps 3 would end it before that"),
+    ("damaged config", "is damaged (ValidationError in its metadata): start a new run with --warm-start"),
     ("negative save-every", "--save-every must be 0 (off) or a positive number of steps (got -1)"),
 ])
 def test_bad_resume_is_a_one_line_error_and_overwrites_nothing(case, match, files, finished, tmp_path, capsys):
     copy = damaged_copy(finished, tmp_path, **({} if case == "no state" else {"format_version": "0"} if case == "format version"
-                                               else {"format_version": "1"}))
+                                               else {"config": "{}"} if case == "damaged config" else {"format_version": "1"}))
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"an earlier result")
     args = ["finetune", "--resume", str(copy), "--reward", files["reward"], "--steps", "6", "--out", str(out), "--quiet"]
