@@ -12,6 +12,7 @@ code is listed in `rtbcli.errors`; nothing on disk is replaced unless the comman
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ import typer
 
 from . import __version__
 from .cli_common import emit_json, examples, handle_errors, out_console, positive, show_warning
+from .config import DEFAULT_PRESET, shipped_presets
 from .errors import EXIT_INPUT, EXIT_SIGINT, RtbcliWarning
 from .runtime import keep_freed_memory, resolve_device
 
@@ -58,8 +60,19 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
     warnings.simplefilter("always", RtbcliWarning)
 
 
+root.__doc__ = inspect.cleandoc(root.__doc__) + examples(  # cleandoc: the appended block has no indentation to strip
+    "rtbcli presets", "rtbcli pretrain --out prior.safetensors", "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
+    "rtbcli reproduce --preset digits --quick")
+
+
+def _shipped_list() -> str:
+    """The shipped presets, the default first: 'reference (the paper's example), digits, manywell32'."""
+    names = sorted(shipped_presets(), key=lambda name: name != DEFAULT_PRESET)
+    return ", ".join(f"{name} (the paper's example)" if name == "reference" else name for name in names)
+
+
 def reproduce(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="The task: reference (the paper's example), digits, manywell32, or a .toml file [default: reference]."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"The task: {_shipped_list()}, or a .toml file [default: {DEFAULT_PRESET}]."),
     quick: bool = typer.Option(False, "--quick", help="Reduced budget (minutes on 2 CPU threads), starting from the preset's shipped prior."),
     prior: Optional[Path] = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
     seed: int = typer.Option(0, help="Random seed for every stage."),

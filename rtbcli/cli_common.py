@@ -4,8 +4,8 @@ Conventions: results go to stdout (a rich table, or one JSON object with --json)
 warnings go to stderr. Exit codes are listed in `rtbcli.errors`.
 
 Options that set a preset field take their help text and default from the pydantic model
-(`field_help`), and choices from its `Literal` type (`choices`), so that a default or a list of
-choices lives in one place.
+(`field_help`, or `field_default` for the default alone), and choices from its `Literal` type
+(`choices`), so that a default or a list of choices lives in one place.
 """
 
 from __future__ import annotations
@@ -82,12 +82,16 @@ def handle_errors(fn):
     return wrapper
 
 
+def field_default(model: type[BaseModel], name: str):
+    """A field's default as the config model declares it, for a help text (20_000 shown as 20,000)."""
+    default = model.model_fields[name].default
+    return f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000 else default
+
+
 def field_help(model: type[BaseModel], name: str, extra: str = "") -> str:
     """An option's help: the field's docstring and its default, as the config model declares them."""
     f = model.model_fields[name]
-    default = f.default
-    value = f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000 else default
-    shown = f" [default: the preset's; {value} where it says nothing]" if default is not None else ""
+    shown = f" [default: the preset's; {field_default(model, name)} where it says nothing]" if f.default is not None else ""
     text = (f.description or "").strip()
     return f"{text.rstrip('.') if extra else text}{extra}{shown}"
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from .cli_common import examples
 from .conversion import PARAM_HINTS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from .errors import InputError
 
@@ -94,3 +95,7 @@ def convert_params(
     if as_json:
         return emit_json(res)
     out_console.print(kv_table(title, [(k, _full(v)) for k, v in rows]))
+
+
+convert_params.__doc__ += examples("rtbcli convert-params --log-z 2 --beta 0.5 --json",
+                                   "rtbcli convert-params rtb.safetensors --to trust-pcl --out as-tpcl.safetensors")

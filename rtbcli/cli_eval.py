@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import emit_json, examples, out_console, parse_kwargs
+from .cli_common import emit_json, examples, field_default, out_console, parse_kwargs
+from .config import EvalSpec
 from .errors import EXIT_REQUIRE, InputError
 from .report import checks_table, evaluation_table, parse_check, run_checks
 from .runtime import check_writable, resolve_device
@@ -23,7 +24,7 @@ def parse_dims(text: str) -> tuple[int, int]:
 
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Any rtbcli checkpoint (prior or finetuned)."),
-    n: Optional[int] = typer.Option(None, "--n", "-n", help="Samples to score [default: the preset's, 20,000]."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help=f"Samples to score [default: the preset's, {field_default(EvalSpec, 'n')}]."),
     seed: int = typer.Option(0, help="Random seed (model samples; exact target samples use seed+1)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     reward: Optional[str] = typer.Option(None, "--reward", help="Name the checkpoint's Python reward again ('rewards.py:function'); loading a checkpoint never imports code."),

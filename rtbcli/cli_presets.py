@@ -13,8 +13,9 @@ from .config import load_preset, shipped_preset_text, shipped_presets
 from .errors import InputError
 from .report import fmt
 
-app = typer.Typer(help="List the shipped presets (tasks with their budgets), show one, or start your own.", invoke_without_command=True,
-                  no_args_is_help=False, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(help="List the shipped presets (tasks with their budgets), show one, or start your own."
+                  + examples("rtbcli presets", "rtbcli presets init mytask.toml --from reference"),
+                  invoke_without_command=True, no_args_is_help=False, add_completion=False, rich_markup_mode=None)
 
 
 @app.callback()
@@ -71,5 +72,5 @@ def init(file: Path = typer.Argument(..., help="The preset file to write (never 
     out_console.print(f"wrote {file}: edit it, then e.g. `rtbcli pretrain --preset {file}`")
 
 
-init.__doc__ += examples("rtbcli presets init mytask.toml", "rtbcli presets init big-batch.toml --from reference")
-show.__doc__ += examples("rtbcli presets show reference", "rtbcli presets show mytask.toml --json")
+init.__doc__ += examples("rtbcli presets init mytask.toml --from reference", "rtbcli presets init mytask.toml")
+show.__doc__ += examples("rtbcli presets show manywell32")

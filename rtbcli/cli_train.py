@@ -16,9 +16,9 @@ from typing import Optional
 import typer
 
 from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
-from .config import FinetuneSpec, PretrainSpec, load_preset
+from .config import DEFAULT_PRESET, FinetuneSpec, PretrainSpec, load_preset
 from .errors import InputError
-from .objectives import OBJECTIVES
+from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from .report import kv_table
 from .runtime import check_writable, resolve_device
 from .training import final_of, is_partial
@@ -61,7 +61,7 @@ def resume_out(start, out: Path | None) -> Path:
 
 # --------------------------------------------------------------------------- pretrain
 def pretrain(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Shipped preset name or path to a .toml file [default: reference]."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Shipped preset name or path to a .toml file [default: {DEFAULT_PRESET}]."),
     data: Optional[Path] = typer.Option(None, "--data", help="Pretrain on the rows of this .npy/.csv/.safetensors file (default sampler settings)."),
     steps: Optional[int] = typer.Option(None, help=field_help(PretrainSpec, "steps")),
     batch_size: Optional[int] = typer.Option(None, help=field_help(PretrainSpec, "batch_size")),
@@ -130,7 +130,7 @@ def finetune(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this finetuned run exactly: its optimiser, schedule and random state."),
     warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start a new run from a finetuned checkpoint (its policy, prior and log Z; fresh optimiser and schedule)."),
     algo: Optional[Algo] = typer.Option(None, "--algo", "-a", case_sensitive=False,
-                                        help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + " [default: rtb]"),
+                                        help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or path [default: the one the prior was pretrained with]."),
     reward: Optional[str] = typer.Option(None, "--reward", help="Your reward: 'path/to/rewards.py:function' or 'package.module:function', returning log r(x)."),
     reward_arg: Optional[list[str]] = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
@@ -172,7 +172,7 @@ def finetune(
             raise InputError("--seed cannot change when resuming: the run continues with its own random state")
         algo_name = algo.value if algo is not None else start.algo
     else:
-        algo_name = algo.value if algo is not None else "rtb"
+        algo_name = algo.value if algo is not None else DEFAULT_OBJECTIVE
     p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
