@@ -25,11 +25,12 @@ from typing import Sequence
 
 import torch
 
+from ..gaussian import LOG_2PI, centred_log_prob
+
 PAIRS = 16
 DIM = 2 * PAIRS
 GRID_HALF_WIDTH = 6.0
 GRID_SPACING = 1e-4
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _log_f1(x: torch.Tensor, tilt: float) -> torch.Tensor:
@@ -118,13 +119,13 @@ class ManyWell:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised log p(x), x (..., dim) -> (...), in float64:
-        sum_j [-x1^4 + 6 x1^2 + (0.5 - t_j) x1 - log Z1(t_j) - 0.5 x2^2 - 0.5 log 2 pi]."""
+        sum_j [-x1^4 + 6 x1^2 + (0.5 - t_j) x1 - log Z1(t_j) + log N(x2_j; 0, 1)]."""
         self._check(x)
         x = x.to(torch.float64)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         t = torch.tensor(self.tilts, dtype=torch.float64, device=x.device)
         log_z = torch.tensor([log_z1(s) for s in self.tilts], dtype=torch.float64, device=x.device)
-        per_pair = _log_f1(x1, 0.0) - t * x1 - log_z - 0.5 * x2**2 - _HALF_LOG_2PI
+        per_pair = _log_f1(x1, 0.0) - t * x1 - log_z + centred_log_prob(x2.unsqueeze(-1), 1.0)
         return per_pair.sum(-1)
 
     def sample(
@@ -155,8 +156,8 @@ class ManyWell:
 
     def log_z_unnormalised(self) -> float:
         """log of the normaliser of prod_j exp(-x1^4 + 6 x1^2 + 0.5 x1 - t_j x1 - 0.5 x2^2):
-        sum_j [log Z1(t_j) + 0.5 log 2 pi]."""
-        return sum(log_z1(t) + _HALF_LOG_2PI for t in self.tilts)
+        sum_j [log Z1(t_j) + 0.5 log 2 pi] (0.5 log 2 pi: the normaliser of N(x2_j; 0, 1))."""
+        return sum(log_z1(t) + 0.5 * LOG_2PI for t in self.tilts)
 
 
 def tilt_log_reward(x: torch.Tensor, pairs: int = 8, c: float = 1.0) -> torch.Tensor:
