@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from rtbcli.cli import app, run
@@ -13,7 +14,19 @@ from conftest import strip_ansi
 
 runner = CliRunner()
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
-COMMANDS = ["presets", "pretrain", "finetune", "sample", "evaluate", "convert-params"]
+
+
+def command_paths() -> list[list[str]]:
+    """Every command and subcommand of the app, walked from click's groups ([] is `rtbcli` itself)."""
+    def walk(cmd, path):
+        yield path
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            yield from walk(sub, path + [name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+COMMANDS = command_paths()
 
 
 def invoke(*args):
@@ -21,10 +34,24 @@ def invoke(*args):
     return r.exit_code, strip_ansi(r.stdout)
 
 
-@pytest.mark.parametrize("cmd", [[]] + [[c] for c in COMMANDS])
-def test_help_exits_zero(cmd):
+def test_the_walk_finds_every_command():
+    names = {" ".join(p) for p in COMMANDS}
+    assert {"", "pretrain", "finetune", "sample", "evaluate", "convert-params", "reproduce", "presets", "presets show",
+            "presets init"} <= names
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda p: " ".join(p) or "rtbcli")
+def test_every_help_page_shows_an_example(cmd):
+    """Each command's --help ends with an Examples block whose lines run that command (unwrapped)."""
     code, out = invoke(*cmd, "--help")
     assert code == 0 and "Usage" in out
+    lines = out.splitlines()
+    assert "  Examples:" in lines, f"`rtbcli {' '.join(cmd)} --help` shows no example"
+    block = lines[lines.index("  Examples:") + 1:]
+    block = [line.strip() for line in block[:next((i for i, line in enumerate(block) if not line.startswith("    ")), len(block))]]
+    prefix = " ".join(["rtbcli", *cmd]) + " " if cmd else "rtbcli "
+    assert block and all(line.startswith("rtbcli ") for line in block), block
+    assert any((line + " ").startswith(prefix) for line in block), (prefix, block)
 
 
 def test_top_level_help_lists_every_exit_code():
@@ -264,7 +291,7 @@ def test_finetune_warm_start_and_resume_cli(tmp_path, tiny_prior, capsys):
         (["finetune", "--resume", first, "--steps", 3], "is a finished run: give --out"),
         (["finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 3, "--out", tmp_path / "x.safetensors"], "resume it with --algo rtb"),
         (["finetune", "--resume", first, "--steps", 2, "--out", tmp_path / "x.safetensors"], "give a larger total"),
-        (["finetune", "--resume", first, "--steps", 3, "--lr", 0.5, "--out", tmp_path / "x.safetensors"], "the preset given differs (finetune)"),
+        (["finetune", "--resume", first, "--steps", 3, "--lr", 0.5, "--out", tmp_path / "x.safetensors"], "the preset given differs (finetune.lr 0.001 vs 0.5)"),
         (["finetune", "--resume", second, "--steps", 5, "--out", tmp_path / "x.safetensors"], "no resumable state"),
         (["finetune", "--warm-start", first, "--out", first], "--out is the finetuned checkpoint it starts from"),
     ]
