@@ -43,6 +43,7 @@ from .tasks import Task
 
 SAMPLE_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+MIN_COMPARED = 4  # reference rows that tier 2 needs: two halves of at least 2 (`metrics.reference_comparison`)
 MAX_FLOATS = 1 << 27  # trajectories are drawn in chunks of at most this many numbers
 
 
@@ -77,13 +78,15 @@ def with_reward(preset: Preset, reward: str | None = None, kwargs: dict | None =
     return Preset.model_validate(data)
 
 
-def target_of(ck: Checkpoint, beta: float | None = None, preset: Preset | None = None, named: bool = False) -> tuple[Task, Target]:
+def target_of(ck: Checkpoint, beta: float | None = None, preset: Preset | None = None, named: bool = False,
+              device: torch.device = torch.device("cpu")) -> tuple[Task, Target]:
     """The checkpoint's task and target: p_data for a prior, p_data r^beta for a finetuned one.
 
     Giving `beta` scores any checkpoint (a prior included) against p_data r^beta. `named`: the
-    user named the reward again, so a Python reward may be imported.
+    user named the reward again, so a Python reward may be imported. The reward is called on `device`.
     """
     task = Task(preset or ck.preset, beta, allow_import=named)
+    task.device = device
     if ck.kind == "finetuned" or beta is not None:
         if task.reward is None:
             raise InputError("scoring against p_data r^beta needs a reward: give --reward path/to/rewards.py:function")
@@ -143,7 +146,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     """
     # only naming the reward (`reward=`) allows importing it: new kwargs alone change its arguments, not that
     preset = with_reward(ck.preset, reward, reward_kwargs)
-    task, target = target_of(ck, beta, preset, named=reward is not None)
+    task, target = target_of(ck, beta, preset, named=reward is not None, device=device)
     finetuned = ck.kind == "finetuned" or beta is not None
     use_reward = task.reward is not None and not isinstance(task.reward, UnnamedReward)
     beta = task.beta if finetuned else None
@@ -190,6 +193,11 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     ref, note = _reference(reference, ck, target, finetuned)
     if ref is None and y is not None:
         ref, note = y, f"{n:,} exact target samples"
+    if ref is not None and int(torch.isfinite(ref).all(dim=1).sum()) < MIN_COMPARED:
+        if reference is not None:  # given by the user
+            raise InputError(f"the reference has {int(torch.isfinite(ref).all(dim=1).sum())} finite rows: sliced-W2 and MMD^2 beside "
+                             f"their floor need at least {MIN_COMPARED} (two halves of 2): give more reference samples")
+        ref, note = None, f"{note}: too few for sliced-W2 and MMD^2 (at least {MIN_COMPARED} rows)"
     if ref is not None:
         m.update(reference_comparison(x, ref, seed=seed))
         m["reference"] = note

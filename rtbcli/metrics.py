@@ -226,8 +226,10 @@ def mmd2_rbf(x, y, max_points: int = 2000, seed: int = 0, bandwidth: float | Non
     MMD^2 = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j) - 2/(nm) sum_{i,j} k(x_i, y_j),
 
     over at most `max_points` rows of each sample (drawn without replacement, seeded). It can be slightly
-    negative. h = `bandwidth`, or if None the median heuristic on the same points (median_bandwidth).
-    Needs at least 2 points in each sample; ValueError if h is not positive (e.g. all points equal).
+    negative. h = `bandwidth`, or if None the median heuristic on the same points (median_bandwidth); where
+    that median is 0 (most points coincide), the median of the nonzero distances, and where every point is
+    the same point, MMD^2 = 0 (k = 1 everywhere). Needs at least 2 points in each sample; ValueError if a
+    given bandwidth is not positive and finite.
     """
     x, y = _mmd_points(x, y, max_points, seed)
     n, m = x.shape[0], y.shape[0]
@@ -235,6 +237,12 @@ def mmd2_rbf(x, y, max_points: int = 2000, seed: int = 0, bandwidth: float | Non
         raise ValueError(f"unbiased MMD^2 needs at least 2 points in each sample, got {n} and {m}")
     dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
     h = _median_from_blocks(dxx, dyy, dxy) if bandwidth is None else float(bandwidth)
+    if bandwidth is None and h == 0:
+        nonzero = torch.cat([dxx.reshape(-1), dyy.reshape(-1), dxy.reshape(-1)])
+        nonzero = nonzero[nonzero > 0]
+        if nonzero.numel() == 0:
+            return 0.0
+        h = float(nonzero.median().sqrt())
     if not (h > 0 and math.isfinite(h)):
         raise ValueError(f"the kernel bandwidth must be positive and finite, got {h}"
                          + (" (median pairwise distance; pass bandwidth=)" if bandwidth is None else ""))

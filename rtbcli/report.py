@@ -140,6 +140,8 @@ def evaluation_table(m: dict) -> Table:
         t.add_row("off-target mass", pct(m.get("off_target")), pct(f.get("off_target")))
         t.add_row("histogram KL", fmt(m.get("kl_hist")), fmt(f.get("kl_hist")))
         t.add_section()
+    if "reference" in m:
+        t.add_row("reference samples", escape(m["reference"]), "")
     if "sw2" in m:
         t.add_row(f"sliced W2 (n = {m['n_compared']:,})", fmt(m["sw2"]), fmt(m["sw2_floor"]))
         t.add_row("MMD^2", fmt(m["mmd2"]), fmt(m["mmd2_floor"]))

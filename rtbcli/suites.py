@@ -124,7 +124,7 @@ class DigitsSuite(Suite):
             note = f"the {ref.shape[0]} held-out real images of class {c} (the target at beta = 1 is p(x | c))"
         else:
             held = digits_data("heldout").double()
-            ref = accepted_rows(held, beta * task.log_reward(held.float()).double())
+            ref = accepted_rows(held, beta * task.log_reward_rows(held))
             note = f"{ref.shape[0]} of {held.shape[0]} held-out images, accepted with probability r^beta / max r^beta"
         return Target(description=description, method="reference", reference=ref, reference_note=note)
 

@@ -161,7 +161,7 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
 def _sir_target(task: Task, description: str, log_density, beta: float, pool: int = 200_000, seed: int = 12345) -> Target:
     g = torch.Generator().manual_seed(seed)
     xs = task.data.sample(pool, g, dtype=torch.float64)
-    lw = beta * task.log_reward(xs).double()
+    lw = beta * task.log_reward_rows(xs)
     log_z = float(torch.logsumexp(lw, 0) - math.log(pool))
     probs = torch.softmax(lw, 0)
 
@@ -192,7 +192,7 @@ def _rows_target(task: Task, description: str, beta: float | None) -> Target:
     if beta is None:
         return Target(description=description, method="reference", reference=rows,
                       reference_note=f"the {rows.shape[0]:,} data rows")
-    kept = accepted_rows(rows, beta * task.log_reward(rows).double())
+    kept = accepted_rows(rows, beta * task.log_reward_rows(rows))
     if kept.shape[0] < MIN_REFERENCE:
         return Target(description=description, method="reference",
                       reference_note=f"only {kept.shape[0]} data rows accepted with probability r^beta / max r^beta: no reference")
@@ -229,7 +229,7 @@ def tilted_target(task: Task, beta: float) -> Target:
 
     def log_density(x: torch.Tensor) -> torch.Tensor:
         x = x.double()
-        return task.data_log_prob(x) + beta * task.log_reward(x).double()
+        return task.data_log_prob(x) + beta * task.log_reward_rows(x).to(x.device)
 
     if task.reward_mixture is not None and task.reward_type == "mixture_ratio" and abs(beta - 1.0) < 1e-12:
         t = _exact_target(task, task.reward_mixture, description, 0.0)

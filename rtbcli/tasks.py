@@ -62,6 +62,7 @@ class Task:
         self.beta = float(preset.beta if beta is None else beta)
         self.data = data_source(preset.prior_data)
         self.reward = build_reward(preset.reward, self.data, allow_import)
+        self.device = torch.device("cpu")  # where the reward is called (`to`, or evaluate's --device)
 
     @property
     def dim(self) -> int:
@@ -94,6 +95,7 @@ class Task:
         self.data = self.data.to(device)
         if isinstance(self.reward, MixtureReward):
             self.reward = self.reward.to(device)
+        self.device = torch.device(device)
         return self
 
     def data_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +109,11 @@ class Task:
         if self.reward is None:
             raise InputError(f"preset '{self.preset.name}' names no reward: give --reward path/to/rewards.py:function, or a preset with a [reward] table")
         return self.reward(x)
+
+    def log_reward_rows(self, rows: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
+        """log r on many points (data rows, a grid), called as a run calls it: in chunks, in float32
+        on the task's device; returned as CPU float64."""
+        return torch.cat([self.log_reward(p.to(self.device, torch.float32)).double().cpu() for p in rows.split(chunk)])
 
     def grid_log_target(self, centres: torch.Tensor, beta: float, chunk: int = 250_000) -> torch.Tensor:
         """log p_data + beta log r on the 2-D grid centres x centres, flattened row-major.
@@ -125,5 +132,5 @@ class Task:
             return (log_p + beta * log_r).reshape(-1)
         gx, gy = torch.meshgrid(centres.double(), centres.double(), indexing="ij")
         pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
-        parts = [self.data_log_prob(p) + beta * self.log_reward(p).double() for p in pts.split(chunk)]
+        parts = [self.data_log_prob(p) + beta * self.log_reward_rows(p) for p in pts.split(chunk)]
         return torch.cat(parts)

@@ -321,3 +321,39 @@ def test_reproduce_on_your_own_preset_imports_the_reward_it_names(task_files):
     rows = json.loads(out)["rows"]
     assert [r["method"] for r in rows] == ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]
     assert all("log_r_mean" in r and "sw2" in r for r in rows if not r.get("diverged")), rows
+
+
+def test_a_reference_too_small_for_the_floor(tmp_path, tiny_prior, capsys):
+    """3 rows cannot make two halves of 2: given with --reference it is bad input; as a prior's own data
+    (a 3-row data file) tier 2 is left out with the reason, and the other tiers are still reported."""
+    np.save(tmp_path / "three.npy", rows(3))
+    line = one_line_error(capsys, "evaluate", tiny_prior, "--n", 50, "--reference", tmp_path / "three.npy")
+    assert "the reference has 3 finite rows" in line and "at least 4" in line
+    prior = tmp_path / "p3.safetensors"
+    assert invoke("pretrain", "--data", tmp_path / "three.npy", "--out", prior, *TINY)[0] == 0
+    code, out, err = invoke("evaluate", prior, "--n", 50, "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert "sw2" not in m and "too few for sliced-W2 and MMD^2" in m["reference"]
+
+
+def test_a_point_mass_reference_has_a_zero_mmd_floor(tmp_path, tiny_prior):
+    np.save(tmp_path / "same.npy", np.ones((40, 2), dtype=np.float32))
+    code, out, err = invoke("evaluate", tiny_prior, "--n", 50, "--reference", tmp_path / "same.npy", "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["mmd2_floor"] == 0.0 and m["sw2_floor"] == 0.0 and m["mmd2"] > 0 and m["sw2"] > 0
+
+
+def test_the_reward_is_called_as_a_run_calls_it(task_files):
+    """float32 on the run's device, also when evaluate builds the reference from the data rows (CPU here)."""
+    log = task_files / "calls.txt"
+    (task_files / "rewards.py").write_text(REWARD.replace("def log_reward(x, scale=1.0, centre=2.0):\n",
+                                                          f"def log_reward(x, scale=1.0, centre=2.0):\n    open({str(log)!r}, 'a').write(f'{{x.dtype}} {{x.device}}\\n')\n"))
+    prior, ft = task_files / "prior.safetensors", task_files / "ft.safetensors"
+    assert invoke("pretrain", "--preset", task_files / "task.toml", "--out", prior, *TINY)[0] == 0
+    assert invoke("finetune", "--prior", prior, "--preset", task_files / "task.toml", "--out", ft, *TINY)[0] == 0
+    code, out, err = invoke("evaluate", ft, "--n", 100, "--reward", f"{task_files / 'rewards.py'}:log_reward", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert "accepted with probability" in json.loads(out)["reference"]
+    assert set(log.read_text().splitlines()) == {"torch.float32 cpu"}

@@ -135,10 +135,16 @@ def test_mmd2_subsamples_to_max_points():
     assert any(math.isclose(h3, c, rel_tol=1e-12) for c in pooled_medians)
 
 
-def test_mmd2_zero_bandwidth_is_an_error():
+def test_mmd2_degenerate_median_bandwidth():
+    """One point mass on both sides: MMD^2 = 0 whatever h; mostly coinciding points: the median of the
+    nonzero distances (here all equal to 1) stands in for a zero median; a given bandwidth of 0 is an error."""
     x = torch.zeros(4, 2, dtype=torch.float64)
+    assert mmd2_rbf(x, x) == 0.0
+    y = x.clone()
+    y[0, 0] = 1.0
+    assert mmd2_rbf(x, y) == pytest.approx(mmd2_rbf(x, y, bandwidth=1.0), abs=0)
     with pytest.raises(ValueError, match="bandwidth"):
-        mmd2_rbf(x, x)
+        mmd2_rbf(x, y, bandwidth=0.0)
 
 
 # ------------------------------------------------------------ behaviour on Gaussian samples
