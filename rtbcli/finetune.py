@@ -46,7 +46,7 @@ from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
 from .rewards import PythonReward, RewardFailed, check_reward_output
 from .rollout import Workspace, rollout, step_log_probs
 from .rollout import backward as policy_backward
-from .runtime import JsonlLog, Timer, make_generator, make_progress
+from .runtime import JsonlLog, Timer, atomic_group, make_generator, make_progress
 from .sampler import DiffusionSampler
 from .state import load_state, save_state
 from .tasks import Task
@@ -390,21 +390,24 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
                 if step < cfg.steps and dist.any(signals.requested is not None):
                     check_finite()
-                    save(paths.partial, step, "interrupted", paths.partial_log)
-                    log.snapshot(paths.partial_log if main else None)
+                    with atomic_group():  # checkpoint, state and log of one step, put in place together
+                        save(paths.partial, step, "interrupted", paths.partial_log)
+                        log.snapshot(paths.partial_log if main else None)
                     log.discard()  # the partial log holds its records
                     dist.barrier()
                     raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
                                       f"`{resume_command('finetune', paths.partial, preset, device)}`", signals.exit_code)
                 if save_every and step % save_every == 0 and step < cfg.steps:
-                    save(paths.partial, step, "running", paths.partial_log)
-                    log.snapshot(paths.partial_log if main else None)
+                    with atomic_group():  # checkpoint, state and log of one step, put in place together
+                        save(paths.partial, step, "running", paths.partial_log)
+                        log.snapshot(paths.partial_log if main else None)
     except RewardFailed as e:  # raised in this process only
         raise diverged(str(e), every_rank=False) from None
     check_finite()
     seconds = timer.elapsed
     med = statistics.median(step_seconds) if step_seconds else 0.0
-    save(paths.out, cfg.steps, "finished", log_path)
+    with atomic_group():  # the checkpoint and its state together
+        save(paths.out, cfg.steps, "finished", log_path)
     if main:
         log.commit()
         paths.remove_partial()

@@ -41,7 +41,7 @@ from .config import Preset, PretrainSpec
 from .data import samples_for_check, scale_advice
 from .distributed import Dist
 from .errors import InputError, Interrupted, RtbcliWarning, RunError
-from .runtime import JsonlLog, Timer, make_generator, make_progress
+from .runtime import JsonlLog, Timer, atomic_group, make_generator, make_progress
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import load_state, restore_optimizer, save_state
 from .tasks import Task
@@ -219,17 +219,20 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
                 bar.update(job, rate=f"{rate:.1f} it/s", status=status)
             step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
             if step < cfg.steps and dist.any(signals.requested is not None):
-                save(paths.partial, step, "interrupted", paths.partial_log, loss_v, elbo)
-                log.snapshot(paths.partial_log if main else None)
+                with atomic_group():  # checkpoint, state and log of one step, put in place together
+                    save(paths.partial, step, "interrupted", paths.partial_log, loss_v, elbo)
+                    log.snapshot(paths.partial_log if main else None)
                 log.discard()  # the partial log holds its records
                 dist.barrier()
                 raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
                                   f"`{resume_command('pretrain', paths.partial, preset, device)}`", signals.exit_code)
             if save_every and step % save_every == 0 and step < cfg.steps:
-                save(paths.partial, step, "running", paths.partial_log, loss_v, elbo)
-                log.snapshot(paths.partial_log if main else None)
+                with atomic_group():  # checkpoint, state and log of one step, put in place together
+                    save(paths.partial, step, "running", paths.partial_log, loss_v, elbo)
+                    log.snapshot(paths.partial_log if main else None)
     seconds = timer.elapsed
-    save(paths.out, cfg.steps, "finished", log_path, loss_v, elbo)
+    with atomic_group():  # the checkpoint and its state together
+        save(paths.out, cfg.steps, "finished", log_path, loss_v, elbo)
     if main:
         log.commit()
         paths.remove_partial()

@@ -6,6 +6,7 @@ import ctypes
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -89,19 +90,60 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+_group: list[tuple[Path, Path]] | None = None  # (temporary, final) renames deferred to the end of an `atomic_group`
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces `path` atomically, else it is removed."""
+    """Yield a temporary path to write; on success it replaces `path` atomically, else it is removed.
+
+    Inside an `atomic_group` the rename waits for the group's end.
+    """
     path = Path(path)
     tmp = temp_path(path)
+    done = False
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it (some writers use 0600)
-        os.replace(tmp, path)
+        if _group is not None:
+            _group.append((tmp, path))
+            done = True
+        else:
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if not done:
+            tmp.unlink(missing_ok=True)
+
+
+_STOP_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)}
+
+
+@contextmanager
+def atomic_group() -> Iterator[None]:
+    """The files written inside (by `atomic_path`) replace their targets together: all of them once the
+    block has succeeded, or none. SIGINT/SIGTERM are held back during the renames alone (microseconds;
+    delivered right after), so that a signal never leaves a checkpoint beside another step's state."""
+    global _group
+    outer, _group = _group, []
+    mine = _group
+    try:
+        yield
+        block = hasattr(signal, "pthread_sigmask")
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if block else None
+        try:
+            while mine:
+                tmp, path = mine[0]
+                os.replace(tmp, path)
+                mine.pop(0)
+        finally:
+            if block:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    finally:
+        for tmp, _ in mine:
+            tmp.unlink(missing_ok=True)
+        _group = outer
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -291,6 +291,7 @@ def test_finetune_warm_start_and_resume_cli(tmp_path, tiny_prior, capsys):
         (["finetune", "--resume", first, "--steps", 3], "is a finished run: give --out"),
         (["finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 3, "--out", tmp_path / "x.safetensors"], "resume it with --algo rtb"),
         (["finetune", "--resume", first, "--steps", 2, "--out", tmp_path / "x.safetensors"], "give a larger total"),
+        (["finetune", "--resume", first, "--steps", 3, "--on-policy", "--out", tmp_path / "x.safetensors"], "--on-policy cannot change when resuming"),
         (["finetune", "--resume", first, "--steps", 3, "--lr", 0.5, "--out", tmp_path / "x.safetensors"], "the preset given differs (finetune.lr 0.001 vs 0.5)"),
         (["finetune", "--resume", second, "--steps", 5, "--out", tmp_path / "x.safetensors"], "no resumable state"),
         (["finetune", "--warm-start", first, "--out", first], "--out is the finetuned checkpoint it starts from"),

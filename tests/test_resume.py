@@ -207,7 +207,7 @@ def stop_at_random(cmd: list[str], cwd: Path) -> dict:
     return {"code": p.wait(), "delay": delay, "err": [line for line in rest.splitlines() if line.startswith("rtbcli: error: ")]}
 
 
-RANDOM = ["pretrain", "rtb"]  # the two loops; the objectives' own states are covered by the fixed stops above
+RANDOM = ["pretrain", "rtb", "trust-pcl", "reinforce-kl", "legacy-rl"]  # pretrain and every objective, as for the fixed stops above
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -255,28 +255,33 @@ def test_a_second_signal_stops_at_once_even_inside_the_reward(files, tmp_path, m
     assert not [p for p in os.listdir(".") if p.endswith(".safetensors")] and no_temp_files(tmp_path)
 
 
-def test_a_second_signal_while_saving_leaves_no_temporary_file(files, tmp_path, monkeypatch, capsys):
-    """The first SIGTERM stops the run at step 4; a second one arrives while the state file is being written:
-    its temporary file is removed, and the checkpoint written before it cannot be resumed (one-line error)."""
-    real = rtbcli.state.save_file
+def test_a_second_signal_while_saving_keeps_the_last_whole_save(files, tmp_path, monkeypatch, capsys, left_alone):
+    """--save-every 2 saves step 2; the first SIGTERM stops the run at step 4, and a second one arrives while
+    that step's state file is being written (after its checkpoint): nothing of step 4 is put in place, no
+    temporary file is left, and step 2's checkpoint, state and log, still together, resume to the same run."""
+    real, calls = rtbcli.state.save_file, {"n": 0}
 
     def save_then_signal(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
-        os.kill(os.getpid(), signal.SIGTERM)  # the file is complete under its temporary name
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 4's state, complete under its temporary name
+            os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(rtbcli.state, "save_file", save_then_signal)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("STOP_AT", "5")
+    monkeypatch.setenv("STOP_AT", "5")  # the reward's 5th call (the 1st checks it before the run) is in step 4
     monkeypatch.setenv("STOP_SIGNALS", "SIGTERM")
     capsys.readouterr()
-    assert run(command(files, "rtb", "x.safetensors")) == 143
+    assert run([*command(files, "rtb", "x.safetensors"), "--save-every", "2"]) == 143
     assert capsys.readouterr().err.strip() == "rtbcli: error: stopped at once by a second SIGTERM: nothing more was saved"
-    assert no_temp_files(tmp_path) and not Path("x.partial.state.safetensors").exists()
+    assert calls["n"] == 2 and no_temp_files(tmp_path)
+    assert sorted(os.listdir(".")) == ["x.jsonl.part", "x.partial.jsonl", "x.partial.safetensors", "x.partial.state.safetensors"]
+    assert load_file("x.partial.safetensors") and rtbcli.state.load_state(Path("x.partial.safetensors"), "finetune").step == 2
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
-    assert run(["finetune", "--resume", "x.partial.safetensors", "--reward", files["reward"]]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "has no resumable state beside it (x.partial.state.safetensors is missing)" in err[0]
+    monkeypatch.setenv("STOP_AT", "0")
+    assert run(["finetune", "--resume", "x.partial.safetensors", "--reward", files["reward"], "--quiet"]) == 0
+    assert_same_run(tmp_path / "x.safetensors", left_alone("rtb"))
 
 
 # --------------------------------------------------------------------------- bad resumes
