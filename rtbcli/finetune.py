@@ -309,7 +309,9 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     loss_v, mean_log_r = float("nan"), float("nan")
     step = first
     step_seconds: list[float] = []
-    warned = False
+    watch_ess = obj.weighs_behaviour and explore and hp.temper == 1.0  # --snis exact warns once if its weights collapse
+    low_ess = torch.full((), math.inf, device=device)
+    low_step = torch.zeros((), dtype=torch.long, device=device)
 
     def diverged(reason: str, every_rank: bool = True) -> RunError:
         """The error for a failed run; rank 0 keeps the last good state. `every_rank`: every process saw it."""
@@ -362,6 +364,10 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                 step = it + 1
                 bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step, bad)
                 bad_reward = torch.where((bad_reward == 0) & ~torch.isfinite(batch.log_r).all(), step, bad_reward)  # global: every rank agrees
+                if watch_ess and batch.lb is not None:  # exact SNIS: the smallest ESS since the last logging, and its step
+                    ess_t = 1.0 / snis_weights(batch.lpf.detach(), batch.lb, 1.0).pow(2).sum()
+                    low_step = torch.where(ess_t < low_ess, step, low_step)
+                    low_ess = torch.minimum(low_ess, ess_t)
                 bar.advance(job)
                 if step % log_every == 0 or step == cfg.steps:
                     # the only host syncs of the loop, at logging time
@@ -380,11 +386,11 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
                         w = snis_weights(batch.lpf.detach(), batch.lb, hp.temper)
                         rec["weights_ess"] = ess = float(1.0 / w.pow(2).sum())
                         shown = f"ESS {ess:.1f}  "
-                        if hp.temper == 1.0 and ess < ESS_WARN and not warned:
-                            warned = True
-                            warnings.warn(f"the exact SNIS weights' effective sample size fell to {ess:.1f} of {cfg.batch_size} at step {step}: "
-                                          f"the gradient rests on a few trajectories; use --snis tempered or a smaller --exploration",
-                                          RtbcliWarning, stacklevel=2)
+                    if watch_ess and float(low_ess) < ESS_WARN:
+                        watch_ess = False  # warned once
+                        warnings.warn(f"the exact SNIS weights' effective sample size fell to {float(low_ess):.1f} of {cfg.batch_size} at step "
+                                      f"{int(low_step)}: the gradient rests on a few trajectories; use --snis tempered or a smaller --exploration",
+                                      RtbcliWarning, stacklevel=2)
                     log.write(**rec)
                     bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.4g}  {shown}E[log r] {mean_log_r:.3f}")
                 step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync

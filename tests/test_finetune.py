@@ -235,6 +235,12 @@ def test_exact_snis_warns_once_when_its_ess_collapses(tmp_path, tiny_prior, tiny
         warnings.simplefilter("always")
         finetune(load_checkpoint(tiny_prior), preset, "tiny", "reinforce-kl", tmp_path / "x.safetensors", progress=False,
                  log_path=log, log_every=1)
+    with warnings.catch_warnings(record=True) as unlogged:  # logging only at the last step, which does not explore
+        warnings.simplefilter("always")
+        finetune(load_checkpoint(tiny_prior), preset, "tiny", "reinforce-kl", tmp_path / "y.safetensors", progress=False,
+                 log_every=1000)
+    assert [str(w.message) for w in unlogged if issubclass(w.category, RtbcliWarning)] == [str(w.message) for w in caught
+                                                                                           if issubclass(w.category, RtbcliWarning)]
     ours = [w for w in caught if issubclass(w.category, RtbcliWarning)]
     ess = [json.loads(line)["weights_ess"] for line in log.read_text().splitlines()]
     if snis == "exact":
