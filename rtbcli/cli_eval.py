@@ -59,8 +59,18 @@ def evaluate(
 
         label = f"{ck.algo} finetuned" if ck.kind == "finetuned" else "prior"
         title = f"{checkpoint.name}: {label} checkpoint"
-        panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
-        if not suite_of(ev.task).plot_samples(plot, panels, title=title):
+        suite = suite_of(ev.task)
+        if suite.own_figure:  # e.g. image grids: the samples, the reference, and a finetuned sampler's frozen prior
+            import torch
+
+            from .sampling import draw_samples
+
+            panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
+            if ck.kind == "finetuned":
+                prior_x = draw_samples(ck, suite.figure_samples, seed, resolve_device(device), which="prior")
+                panels.append(("its prior (no fine-tuning)", torch.from_numpy(prior_x)))
+            suite.plot_samples(plot, panels, title=title)
+        else:
             plot_evaluation(plot, ev.samples, ev.target, m, title=title, dims=pair, reference=ev.reference)
         m["plot"] = str(plot)
     results = run_checks(checks, m)

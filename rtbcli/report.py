@@ -192,12 +192,12 @@ def summary_table(summary: dict) -> Table:
     rows = [summary["prior_row"], *summary["rows"], summary["floor"]]
     have = lambda key: any(r.get(key) is not None for r in rows)
     cols = [("modes", None), ("mode KL", "kl_mode"), ("off-target", "off_target"), ("hist KL", "kl_hist"),
-            ("well err", "well_mass_mean_abs_err"), ("class", "class_fraction"), ("class (target, IS)", "class_fraction_target"), ("diversity", "diversity"),
+            ("well err", "well_mass_mean_abs_err"), ("well err max", "well_mass_max_abs_err"), ("class", "class_fraction"), ("class (target, IS)", "class_fraction_target"), ("diversity", "diversity"),
             ("sliced W2", "sw2"), ("MMD^2", "mmd2"), ("far", "n_far"), ("log Z", "log_z_learned"), ("log Z (IS)", "log_z_is"),
-            ("ELBO", "elbo"), ("EUBO", "eubo"), ("train s", "train_seconds")]
-    modes = have("kl_mode")  # the mode metrics say it all; sliced W2, MMD^2 and the EUBO stay in summary.json
+            ("log Z_data (IS)", "log_z_is_data"), ("ELBO", "elbo"), ("EUBO", "eubo"), ("train s", "train_seconds")]
+    modes = have("kl_mode")  # the mode metrics say it all; sliced W2, MMD^2, the EUBO and log Z_data stay in summary.json
     cols = [(name, key) for name, key in cols if (key is None and have("mode_coverage")) or (key is not None and have(key))
-            and not (modes and key in ("sw2", "mmd2", "eubo")) and (key != "n_far" or any(r.get("n_far") for r in rows))]
+            and not (modes and key in ("sw2", "mmd2", "eubo", "log_z_is_data")) and (key != "n_far" or any(r.get("n_far") for r in rows))]
     t = Table(title=escape(f"reproduce {summary['preset']} ({'quick' if summary['quick'] else 'full'}; n = {summary['eval_n']:,}, "
                            f"seed {summary['seed']})"), title_justify="left")
     t.add_column("method", no_wrap=True)
@@ -214,7 +214,7 @@ def summary_table(summary: dict) -> Table:
             return f"{100 * v:.1f}%"
         if key in ("train_seconds", "n_far"):
             return f"{v:.0f}"
-        return f"{v:.4f}" if key in ("kl_mode", "well_mass_mean_abs_err", "mmd2") else f"{v:.3f}"
+        return f"{v:.4f}" if key in ("kl_mode", "well_mass_mean_abs_err", "well_mass_max_abs_err", "mmd2") else f"{v:.3f}"
 
     for i, row in enumerate(rows):
         style = "dim" if i == 0 else ("italic" if i == len(rows) - 1 else None)

@@ -40,6 +40,9 @@ class Suite:
                       log_weights: torch.Tensor | None = None) -> dict:
         return {}
 
+    own_figure = False  # plot_samples draws the suite's own figure
+    figure_samples = 0  # samples a panel of it shows
+
     def plot_samples(self, path, panels: list[tuple[str, torch.Tensor]], title: str | None = None) -> bool:
         """Draw a figure of sample panels the suite's own way; False: use the generic scatter plots."""
         return False
@@ -137,10 +140,12 @@ class DigitsSuite(Suite):
             return {}
         return {"digit": c, **digits_report(x.float(), c, log_weights)}
 
+    own_figure, figure_samples = True, 64  # an 8 x 8 grid of images per panel
+
     def plot_samples(self, path, panels, title=None) -> bool:
         from .datasets.digits import plot_digit_grids
 
-        plot_digit_grids(path, panels, title=title)
+        plot_digit_grids(path, panels, title=title, n=self.figure_samples)
         return True
 
 

@@ -30,7 +30,7 @@ def sha(path) -> str:
 
 
 @pytest.mark.parametrize("name", ["digits", "manywell32"])
-def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, name):
+def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monkeypatch, name):
     if name == "digits":
         pytest.importorskip("sklearn")
     preset, _ = load_preset(name)
@@ -58,6 +58,13 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, name)
         assert summary["floor"]["well_mass_mean_abs_err"] < 0.05
     else:
         assert summary["floor"]["class_fraction"] >= 0.9  # the held-out real images of the class
+        # evaluate --plot: the samples, the real images of the class and the frozen prior, as image grids
+        drawn = []
+        monkeypatch.setattr(dd, "plot_digit_grids", lambda path, panels, title=None, n=64: drawn.append([(t, x.shape) for t, x in panels]))
+        assert run(["evaluate", str(out / "rtb.safetensors"), "-n", "100", "--plot", str(tmp_path / "ev.png"), "--json"]) == 0
+        capsys.readouterr()
+        (samples, real, prior_grid), = drawn
+        assert samples[1] == (100, 64) and real[0] == "reference" and prior_grid == ("its prior (no fine-tuning)", (64, 64))
 
 
 def test_reproduce_unknown_preset_is_bad_input(tmp_path, capsys):
@@ -88,3 +95,21 @@ def test_digits_without_scikit_learn_names_the_extra(tmp_path, capsys, monkeypat
         dd._load.cache_clear()
     assert_one_line_error(code, err, 'the digits benchmark needs scikit-learn: pip install "rtbcli[digits]"')
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["reference", "digits", "manywell32"])
+def test_shipped_priors_carry_their_preset(name):
+    """Each shipped prior was made by `rtbcli pretrain` under its preset, to the recorded number of steps, fits the
+    preset (data and sampler), and hands on the preset's current fine-tuning settings to a `finetune --prior` without
+    --preset (`python scripts/refresh_prior_config.py NAME` brings them up to date after a preset changes)."""
+    from rtbcli.finetune import check_compatible
+
+    preset, _ = load_preset(name)
+    ck = load_checkpoint(shipped_prior(preset.reproduce.shipped_prior))
+    run_meta = json.loads(ck.meta["run"])
+    assert ck.kind == "prior" and ck.meta["preset"] == name and run_meta["command"] == "pretrain"
+    assert ck.step == run_meta.get("steps", ck.step) == ck.preset.pretrain.steps and ck.meta["seed"] == "0"  # (older runs: no "steps")
+    check_compatible(ck, preset)
+    for section in ("finetune", "evaluate", "reproduce"):
+        assert getattr(ck.preset, section) == getattr(preset, section), section
+    assert (ck.preset.beta, ck.preset.reward) == (preset.beta, preset.reward)
