@@ -172,6 +172,12 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_preset_file, ti
             assert not torch.equal(one["policy.net.body.5.weight"], load_file(tiny_prior)["policy.net.body.5.weight"])
         run_meta = json.loads(safe_open(str(tmp_path / "two" / f"{n}.safetensors"), "pt").metadata()["run"])
         assert run_meta["processes"] == 2
+        # the logged metrics are the global batch's, not rank 0's share
+        logs = [[json.loads(line) for line in (tmp_path / w / f"{n}.jsonl").read_text().splitlines()] for w in ("one", "two")]
+        for a, b in zip(*logs, strict=True):
+            for key in ("loss", "mean_log_r", "elbo"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (n, key)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
