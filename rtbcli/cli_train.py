@@ -89,9 +89,6 @@ def pretrain(
         p, ref = start.preset, start.meta.get("preset", "")
         if seed is not None and seed != start.meta_int("seed"):
             raise InputError("--seed cannot change when resuming: the run continues with its own random state")
-        if on_policy and not json.loads(start.meta.get("run", "{}")).get("on_policy", False):
-            raise InputError("--on-policy cannot change when resuming: the run continues with its own exploration schedule; "
-                             "start a new run with --warm-start --on-policy")
         seed, out = start.meta_int("seed"), resume_out(start, out)
         if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
             raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
