@@ -228,7 +228,7 @@ def _draw_coordinates(ax, samples, reference) -> None:
     ax.set_ylabel("mean ± std", fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(axis="y", lw=0.4, alpha=0.5)
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars fill the axes
 
 
 def plot_evaluation(path: str | Path, samples: np.ndarray | torch.Tensor, target: Target, metrics: dict,
