@@ -28,7 +28,7 @@ from rtbcli.checkpoint import load_checkpoint
 from rtbcli.config import load_preset
 from rtbcli.finetune import finetune
 from rtbcli.pretrain import pretrain
-from rtbcli.runtime import resolve_device
+from rtbcli.runtime import keep_freed_memory, resolve_device
 from rtbcli.sampler import DiffusionSampler, gaussian_log_prob
 from rtbcli.tasks import Task
 
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the command line's entry point does (`rtbcli.cli.main`)
     device = resolve_device(args.device)
     preset, _ = load_preset("reference")
     prior_path = args.prior or Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
