@@ -181,10 +181,12 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
         lw = s["lpp"] + beta * s["log_r"] - s["lpf"]
         m["elbo_prior"], m["log_z_is"], m["ess"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
         m["path_kl"] = float((s["lpf"] - s["lpp"]).mean())
-    if ck.learned_log_z() is not None:
-        m["log_z_learned"] = ck.learned_log_z()
-        if OBJECTIVES[ck.algo].scalar != "log_z":  # trust-pcl's V(s0) = alpha log Z, beside its alpha
-            m[OBJECTIVES[ck.algo].scalar], m["alpha"] = ck.scalar(OBJECTIVES[ck.algo].scalar), float(ck.meta["alpha"])
+    log_z = ck.learned_log_z()
+    if log_z is not None:
+        m["log_z_learned"] = log_z
+        obj = OBJECTIVES[ck.algo]
+        if obj.scalar_alpha_power:  # trust-pcl's V(s0) = alpha log Z, beside its alpha
+            m[obj.scalar], m["alpha"] = ck.scalar(obj.scalar), float(ck.meta["alpha"])
 
     # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
     y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
@@ -193,10 +195,11 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     ref, note = _reference(reference, ck, target, finetuned)
     if ref is None and y is not None:
         ref, note = y, f"{n:,} exact target samples"
-    if ref is not None and int(torch.isfinite(ref).all(dim=1).sum()) < MIN_COMPARED:
+    finite_rows = 0 if ref is None else int(torch.isfinite(ref).all(dim=1).sum())
+    if ref is not None and finite_rows < MIN_COMPARED:
         if reference is not None:  # given by the user
-            raise InputError(f"the reference has {int(torch.isfinite(ref).all(dim=1).sum())} finite rows: sliced-W2 and MMD^2 beside "
-                             f"their floor need at least {MIN_COMPARED} (two halves of 2): give more reference samples")
+            raise InputError(f"the reference has {finite_rows} finite rows: sliced-W2 and MMD^2 beside their floor need at least "
+                             f"{MIN_COMPARED} (two halves of 2): give more reference samples")
         ref, note = None, f"{note}: too few for sliced-W2 and MMD^2 (at least {MIN_COMPARED} rows)"
     if ref is not None:
         m.update(reference_comparison(x, ref, seed=seed))

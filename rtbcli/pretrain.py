@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import base_metadata, sampler_tensors, save_checkpoint
-from .config import Preset, PretrainSpec
+from .config import Preset
 from .data import samples_for_check, scale_advice
 from .distributed import Dist
 from .errors import InputError, Interrupted, RtbcliWarning, RunError

@@ -10,9 +10,8 @@ import torch
 from rtbcli.objectives import (legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights,
                                trust_pcl_loss)
 from rtbcli.config import load_preset
-from rtbcli.sampler import DiffusionSampler
 from rtbcli.tasks import Task
-from test_sampler import perturbed, seeded
+from test_sampler import seeded
 
 
 # ------------------------------------------------------------------ hand-computed values
