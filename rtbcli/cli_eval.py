@@ -50,7 +50,8 @@ def evaluate(
     ck = load_checkpoint(checkpoint)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
-    ev = run_evaluate(ck, n or ck.preset.evaluate.n, seed, resolve_device(device), reward=reward, reward_kwargs=parse_kwargs(reward_arg),
+    dev = resolve_device(device)
+    ev = run_evaluate(ck, n or ck.preset.evaluate.n, seed, dev, reward=reward, reward_kwargs=parse_kwargs(reward_arg),
                       reference=reference)
     m = ev.metrics
     if plot is not None:
@@ -67,7 +68,7 @@ def evaluate(
 
             panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
             if ck.kind == "finetuned":
-                prior_x = draw_samples(ck, suite.figure_samples, seed, resolve_device(device), which="prior")
+                prior_x = draw_samples(ck, suite.figure_samples, seed, dev, which="prior")
                 panels.append(("its prior (no fine-tuning)", torch.from_numpy(prior_x)))
             suite.plot_samples(plot, panels, title=title)
         else:

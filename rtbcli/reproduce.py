@@ -165,7 +165,10 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     floor = floor_row(ev_prior.metrics, ev_prior.target.method)
     figure = out / "figure.png"
     suptitle = f"{preset.name}: {preset.description}; {'quick' if quick else 'full'} run, seed {seed}"
-    if not suite_of(ev_prior.task).plot_samples(figure, panels, title=suptitle):
+    suite = suite_of(ev_prior.task)
+    if suite.own_figure:
+        suite.plot_samples(figure, panels, title=suptitle)
+    else:
         plot_panels(figure, panels, ev_prior.target, subtitles=subtitles, suptitle=suptitle, reference=reference)
     summary = {
         "command": "reproduce", "quick": quick, "seed": seed, "device": device.type, "rtbcli_version": __version__,

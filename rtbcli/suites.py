@@ -40,12 +40,12 @@ class Suite:
                       log_weights: torch.Tensor | None = None) -> dict:
         return {}
 
-    own_figure = False  # plot_samples draws the suite's own figure
-    figure_samples = 0  # samples a panel of it shows
+    own_figure = False  # the suite draws sample panels its own way (`plot_samples`), not as scatter plots
+    figure_samples = 0  # samples a panel of that figure shows
 
-    def plot_samples(self, path, panels: list[tuple[str, torch.Tensor]], title: str | None = None) -> bool:
-        """Draw a figure of sample panels the suite's own way; False: use the generic scatter plots."""
-        return False
+    def plot_samples(self, path, panels: list[tuple[str, torch.Tensor]], title: str | None = None) -> None:
+        """Draw a figure of sample panels the suite's own way (only where `own_figure`)."""
+        raise NotImplementedError
 
 
 def _reward_kwargs(task: Task, function: str) -> dict | None:
@@ -142,11 +142,10 @@ class DigitsSuite(Suite):
 
     own_figure, figure_samples = True, 64  # an 8 x 8 grid of images per panel
 
-    def plot_samples(self, path, panels, title=None) -> bool:
+    def plot_samples(self, path, panels, title=None) -> None:
         from .datasets.digits import plot_digit_grids
 
         plot_digit_grids(path, panels, title=title, n=self.figure_samples)
-        return True
 
 
 def suite_of(task: Task) -> Suite:
