@@ -16,7 +16,6 @@ Tensors: `policy.*` (the sampler's own network, for every kind); finetuned check
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import Preset, preset_from_json
 from .errors import InputError
+from .hashing import sha256_file
 from .runtime import atomic_path
 from .sampler import DiffusionSampler
 
@@ -124,14 +124,6 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
         raise ValueError(f"checkpoint kind must be one of {KINDS}")
     with atomic_path(Path(path)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: Path | str, expect_kind: str | None = None) -> Checkpoint:

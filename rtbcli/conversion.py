@@ -32,7 +32,8 @@ from typing import Union
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, sha256_file
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .hashing import sha256_file
 from .errors import InputError
 from .objectives import OBJECTIVES
 from .runtime import check_writable

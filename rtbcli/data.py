@@ -12,7 +12,6 @@ Three kinds, one interface (`dim`, `sample(n, generator, dtype, device)`, `to(de
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from .config import DATA_SUFFIXES, DataFileSpec, DatasetSpec, MixtureSpec, Preset
 from .errors import InputError, RtbcliWarning
 from .gaussian import gaussian_log_prob
+from .hashing import sha256_file
 
 
 # ----------------------------------------------------------------------------- Gaussian mixtures
@@ -165,14 +165,6 @@ def load_array(path: str | Path) -> tuple[torch.Tensor, str]:
         raise InputError(f"data file '{p}' is a directory: give a file")
     st = p.stat()
     return _load_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_data(preset: Preset, label: str = "") -> Preset:

@@ -62,11 +62,6 @@ class Dist:
                              f"use a multiple of {self.world}, e.g. {batch + self.world - batch % self.world}")
         return batch // self.world
 
-    def share(self, batch: int) -> slice:
-        """The slice of a global batch (along its batch dimension) that this rank keeps."""
-        b = batch // self.world
-        return slice(self.rank * b, (self.rank + 1) * b)
-
     @contextmanager
     def _collective(self):
         """A collective operation; its failure means that another process is gone (`PeerFailed`)."""

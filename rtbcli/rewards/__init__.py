@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import InputError, RtbcliWarning, RunError
+from ..hashing import sha256_file
 
 TRUSTED_PREFIX = "rtbcli.rewards."  # rewards that ship with rtbcli
 
@@ -54,8 +55,6 @@ def is_trusted(ref: str) -> bool:
     return parse_reference(ref)[0] is None and ref.startswith(TRUSTED_PREFIX)
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def import_function(ref: str) -> tuple[Callable, str | None]:
@@ -78,7 +77,7 @@ def import_function(ref: str) -> tuple[Callable, str | None]:
         finally:
             sys.path.remove(str(p.resolve().parent))
         sys.modules[name] = module
-        where, sha = f"file '{path}'", file_sha256(p)
+        where, sha = f"file '{path}'", sha256_file(p)
     else:
         modname = ref.rsplit(":", 1)[0]
         added = os.getcwd() not in sys.path
@@ -97,7 +96,7 @@ def import_function(ref: str) -> tuple[Callable, str | None]:
             if added:
                 sys.path.remove(os.getcwd())
         src = getattr(module, "__file__", None)
-        where, sha = f"module '{modname}'", (file_sha256(src) if src and Path(src).is_file() else None)
+        where, sha = f"module '{modname}'", (sha256_file(src) if src and Path(src).is_file() else None)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
