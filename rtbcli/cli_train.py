@@ -29,9 +29,10 @@ DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
 SAVE_HELP = "Save a resumable checkpoint (X.partial.safetensors) every N steps; 0: only at the end and on SIGINT/SIGTERM."
 
 
-def _start_distributed(device: str):
-    from .distributed import init
+def _start_distributed(device: str, batch_size: int):
+    from .distributed import check_batch_before_joining, init
 
+    check_batch_before_joining(batch_size)
     return init(resolve_device(device))
 
 
@@ -100,7 +101,7 @@ def pretrain(
     out = out or Path("prior.safetensors")
     check_writable(out, "--out")
     positive_or_zero("--save-every", save_every)
-    dist, dev = _start_distributed(device)
+    dist, dev = _start_distributed(device, p.pretrain.batch_size)
     try:
         r = run_pretrain(p, ref, out, seed=seed or 0, device=dev, log_path=out.with_suffix(".jsonl"), progress=not quiet,
                          resume_from=start, save_every=save_every, dist=dist)
@@ -192,7 +193,7 @@ def finetune(
     positive_or_zero("--save-every", save_every)
     if out.resolve() == Path(start_path).resolve():
         raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
-    dist, dev = _start_distributed(device)
+    dist, dev = _start_distributed(device, p.finetune.batch_size)
     try:
         r = run_finetune(start, p, ref, algo_name, out, seed=seed or 0, device=dev, on_policy=on_policy, log_path=out.with_suffix(".jsonl"),
                          progress=not quiet, resume=is_resume, save_every=save_every, dist=dist)

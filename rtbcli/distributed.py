@@ -120,6 +120,7 @@ class Dist:
         return bool(t.item())
 
     def barrier(self) -> None:
+        """Wait for every rank (over the control group: gloo on the CPU, no device sync)."""
         if self.active:
             with self._collective():
                 tdist.barrier(group=self.control)
@@ -152,7 +153,21 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
     control = tdist.new_group(backend="gloo") if device.type == "cuda" else None
-    return Dist(rank, world, local_rank, local_world, control), device
+    dist = Dist(rank, world, local_rank, local_world, control)
+    # A rank leaves its group only after every rank has finished connecting to it: a process
+    # that failed right after joining (bad input found after the group formed, a reward that
+    # raises at once) would otherwise close its sockets while a slower rank is still connecting,
+    # and that rank would report gloo's "connectFullMesh failed" instead of the cause.
+    dist.barrier()
+    return dist, device
+
+
+def check_batch_before_joining(batch: int, what: str = "--batch-size") -> None:
+    """The batch check that every rank can make from torchrun's environment alone, before the
+    process group forms: each rank then fails with the same one-line error and none of them waits
+    on a group that another has already left."""
+    if launched():
+        Dist(world=int(os.environ["WORLD_SIZE"])).check_batch(batch, what)
 
 
 def shutdown(dist: Dist) -> None:
