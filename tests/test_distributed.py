@@ -240,3 +240,21 @@ def test_cuda_with_fewer_gpus_than_local_processes_is_bad_input(monkeypatch, tin
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("rtbcli: error: --device cuda with 2 processes"), err
     assert not torch.distributed.is_initialized() and os.listdir(tmp_path) == []
+
+
+def test_the_batch_is_checked_before_the_processes_connect(monkeypatch, tiny_prior, tmp_path, capsys):
+    """Every rank finds a batch it cannot share from torchrun's environment alone, before joining a
+    process group (simulated: a group is never formed), so no rank leaves a group that another is
+    still connecting to."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the process group was formed before the batch was checked")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", never)
+    for cmd in (["finetune", "--prior", str(tiny_prior)], ["pretrain"]):
+        code = run([*cmd, "--batch-size", "7", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.safetensors"), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err == ["rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"]
+    assert os.listdir(tmp_path) == []
