@@ -1,0 +1,79 @@
+"""The metrics of Sendera et al. 2024, Table 1 (docs/maths.md#energy-mode).
+
+On K trajectories tau of the sampler (on-policy, K = 2,000 in the paper), the log-weights
+
+    lw = log pi(x_T) + log p_B(tau | x_T) - log p_F(tau)
+
+(p_B the Brownian bridge, leaving out its point-mass step to x_0; `rtbcli.sampler.bridge_log_prob`)
+give E[exp(lw)] = Z and E[lw] <= log Z, hence
+
+    delta_log_z    = |log Z - mean(lw)|                (the ELBO's gap)
+    delta_log_z_rw = |log Z - log mean exp(lw)|        (the importance-weighted estimate's error)
+    eubo           = mean(lw) over exact samples x ~ pi with tau ~ p_B(. | x)   (>= log Z)
+
+and W2 is the exact optimal-transport distance between model and exact samples:
+w2_exact(x, y) = sqrt(min_coupling mean |x_i - y_j|^2) (POT's emd2, uniform weights, squared
+Euclidean cost), as the paper's code computes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+
+
+def log_weights(log_pi: torch.Tensor, lpb: torch.Tensor, lpf: torch.Tensor) -> torch.Tensor:
+    """lw = log pi(x_T) + log p_B(tau | x_T) - log p_F(tau), elementwise, (K,)."""
+    return log_pi + lpb - lpf
+
+
+def elbo(lw: torch.Tensor) -> float:
+    """mean(lw) in float64 (<= log Z on sampler trajectories)."""
+    return float(lw.to(torch.float64).mean())
+
+
+def log_z_rw(lw: torch.Tensor) -> float:
+    """log mean exp(lw) in float64 (the importance-weighted estimate of log Z)."""
+    lw = lw.to(torch.float64)
+    return float(torch.logsumexp(lw, 0) - math.log(lw.numel()))
+
+
+def delta_log_z(lw: torch.Tensor, log_z: float) -> float:
+    """|log Z - mean(lw)|."""
+    return abs(log_z - elbo(lw))
+
+
+def delta_log_z_rw(lw: torch.Tensor, log_z: float) -> float:
+    """|log Z - log mean exp(lw)|."""
+    return abs(log_z - log_z_rw(lw))
+
+
+def eubo(lw_target: torch.Tensor) -> float:
+    """mean(lw) over exact target samples with bridge trajectories (>= log Z)."""
+    return elbo(lw_target)
+
+
+def _ot():
+    try:
+        import ot  # POT, an optional dependency
+    except ImportError:
+        raise InputError("W2 needs the POT package: pip install 'rtbcli[pot]' (or pip install POT)") from None
+    return ot
+
+
+def w2_exact(x: torch.Tensor, y: torch.Tensor, max_iter: int = 10_000_000) -> float:
+    """Exact 2-Wasserstein distance between the empirical laws of x (n, d) and y (m, d):
+    sqrt(ot.emd2(1/n, 1/m, C)), C_ij = |x_i - y_j|^2, in float64 on the CPU."""
+    ot = _ot()
+    x, y = torch.as_tensor(x).detach(), torch.as_tensor(y).detach()
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not len(x) or not len(y):
+        raise InputError(f"W2 needs two non-empty sample sets of the same dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.to("cpu", torch.float64), y.to("cpu", torch.float64)
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return math.inf
+    cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
+    a, b = ot.unif(len(x)), ot.unif(len(y))
+    return math.sqrt(max(float(ot.emd2(a, b, cost, numItermax=max_iter)), 0.0))
