@@ -51,6 +51,10 @@ def test_chains_move_and_the_chain_is_kept():
     res = mala(x0, log_gauss, steps=20, burn_in=5, keep_chain=True, generator=gen(3))
     assert res.chain.shape == (15, 500, 2) and res.chain_log_pi.shape == (15, 500)
     assert torch.equal(res.chain[-1], res.x)
+    # a state changes exactly where a proposal was accepted
+    moved = (res.chain[1:] != res.chain[:-1]).any(-1)
+    assert torch.equal(moved, res.chain_accepted[1:])
+    assert abs(float(res.chain_accepted.double().mean()) - float(res.acceptance)) < 1e-12
     assert float((res.x != x0).any(1).double().mean()) > 0.9
 
 
@@ -85,6 +89,10 @@ def test_adaptation_rule_by_hand():
     res = mala(torch.zeros(10, 3, dtype=torch.float64), wall, steps=12, burn_in=2, step_size=0.1, generator=gen(7))
     assert float(res.step_size) == pytest.approx(0.1 * 0.99**11, rel=1e-12)
     assert float(res.acceptance) == 0.0 and torch.equal(res.x, torch.zeros(10, 3, dtype=torch.float64))
+    # the paper's Algorithm 2 as written: factors 1.1 / 0.9 on each iteration's rate
+    res = mala(torch.zeros(10, 3, dtype=torch.float64), flat, steps=12, burn_in=2, step_size=0.01, adapt_factor=0.1,
+               adapt_every=1, generator=gen(6))
+    assert float(res.step_size) == pytest.approx(0.01 * 1.1**11, rel=1e-12)
     # frozen after burn-in: eta_0 1.01^(burn_in - 1)
     res = mala(torch.zeros(10, 3, dtype=torch.float64), flat, steps=12, burn_in=4, step_size=0.1,
                adapt_after_burn_in=False, generator=gen(6))

@@ -17,6 +17,11 @@ eta (1 - f) otherwise (f = 0.01); the acceptance rate is measured over all chain
 iterations since the previous measurement, every `adapt_every` = 5 iterations (and after the
 first). The first `burn_in` iterations are burn-in; the states after it are the search's output.
 
+The paper's Algorithm 2 (Appendix E.1) states the same rule with f_increase = 1.1, f_decrease = 0.9,
+the rate of each single iteration and eta_0 = 0.01: `adapt_factor=0.1, adapt_every=1,
+step_size=0.01` reproduces it. The defaults follow the code and the Table 1 command line
+(README: `--ld_step 0.1 --ld_schedule`).
+
 Differences from the paper's code, on purpose: the output is the chains' states (the final
 states, and optionally every post-burn-in state, rejected proposals repeating the current state),
 not the variable-size set of accepted proposals, so that no shape depends on a random count and
@@ -48,6 +53,8 @@ class MalaResult:
     acceptance: torch.Tensor  # () the acceptance rate over the post-burn-in iterations (all chains)
     chain: torch.Tensor | None = None  # (steps - burn_in, B, d) the post-burn-in states, if kept
     chain_log_pi: torch.Tensor | None = None  # (steps - burn_in, B)
+    chain_accepted: torch.Tensor | None = None  # (steps - burn_in, B) bool: the proposal was accepted at that
+    # iteration; chain[chain_accepted] is the paper code's output set (a host sync: its size is random)
 
 
 def log_density_and_grad(log_density: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -88,7 +95,7 @@ def mala(x: torch.Tensor, log_density: Callable[[torch.Tensor], torch.Tensor], s
     window = torch.zeros((), dtype=x.dtype, device=x.device)  # accepted proposals since the last measurement
     count = 0  # proposals since the last measurement (a Python int)
     post = torch.zeros((), dtype=x.dtype, device=x.device)
-    chain, chain_lp = [], []
+    chain, chain_lp, chain_acc = [], [], []
     for i in range(steps):
         if adapt and i > 0 and (adapt_after_burn_in or i < burn_in):
             eta = torch.where(rate > target_acceptance, eta * (1 + adapt_factor), eta * (1 - adapt_factor))
@@ -112,5 +119,6 @@ def mala(x: torch.Tensor, log_density: Callable[[torch.Tensor], torch.Tensor], s
             if keep_chain:
                 chain.append(x)
                 chain_lp.append(lp)
-    return MalaResult(x, lp, eta, post / (steps - burn_in),
-                      torch.stack(chain) if keep_chain else None, torch.stack(chain_lp) if keep_chain else None)
+                chain_acc.append(acc)
+    stack = (lambda v: torch.stack(v)) if keep_chain else (lambda v: None)
+    return MalaResult(x, lp, eta, post / (steps - burn_in), stack(chain), stack(chain_lp), stack(chain_acc))
