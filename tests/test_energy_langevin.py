@@ -7,7 +7,13 @@ import math
 import torch
 from torch import nn
 
-from rtbcli.energy import LangevinDriftNet, LangevinSampler, LangevinScale, clipped_grad, get_target
+from rtbcli.energy import (
+    LangevinDriftNet,
+    LangevinSampler,
+    LangevinScale,
+    clipped_grad,
+    get_target,
+)
 from rtbcli.sampler import DriftNet
 
 C = 0.7  # log pi(x) = -C |x|^2 / 2: grad log pi = -C x

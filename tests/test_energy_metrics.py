@@ -9,8 +9,17 @@ import math
 import pytest
 import torch
 
-from rtbcli.energy import (BrownianPrior, backward_trajectories, delta_log_z, delta_log_z_rw, elbo, eubo, log_weights,
-                           log_z_rw, w2_exact)
+from rtbcli.energy import (
+    BrownianPrior,
+    backward_trajectories,
+    delta_log_z,
+    delta_log_z_rw,
+    elbo,
+    eubo,
+    log_weights,
+    log_z_rw,
+    w2_exact,
+)
 from rtbcli.errors import InputError
 from rtbcli.gaussian import centred_log_prob
 from rtbcli.sampler import bridge_log_prob

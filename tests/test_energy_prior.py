@@ -107,3 +107,20 @@ def test_prior_samples_weighted_by_the_reward_are_pi():
 def test_derived_reward_refuses_bad_sigma2():
     with pytest.raises(InputError):
         EnergyReward(lambda x: centred_log_prob(x, 1.0), 0.0)
+
+
+def test_rtb_with_the_brownian_prior_is_trajectory_balance():
+    # RTB's residual log Z + lpf - lpp - log r equals TB's log Z + lpf - log p_B(tau | x_T) - log pi(x_T)
+    from rtbcli.objectives import rtb_loss
+
+    t = get_target("funnel")
+    p = BrownianPrior(10, steps=25, sigma2=t.sigma2).double()
+    pol = p.fresh_policy(hidden=16, time_features=8)
+    for prm in pol.net.parameters():
+        torch.nn.init.normal_(prm, std=0.1)
+    traj = pol.sample(16, 0.0, gen(8))
+    lpf = pol.log_prob(traj)
+    log_r = energy_log_reward(t.log_density, p)(traj[-1])
+    tb = 0.5 * (0.3 + lpf - bridge_log_prob(traj, p.sigma2) - t.log_density(traj[-1])).pow(2).mean()
+    rtb = rtb_loss(torch.tensor(0.3, dtype=torch.float64), lpf, p.log_prob(traj), log_r, 1.0)
+    assert abs(float(rtb.detach()) - float(tb.detach())) < 1e-9 * max(1.0, float(tb.detach()))

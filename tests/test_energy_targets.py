@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rtbcli.datasets import manywell as mw
-from rtbcli.energy import ENERGY_TARGETS, Funnel, GMM25, ManyWellEnergy, get_target
+from rtbcli.energy import ENERGY_TARGETS, GMM25, Funnel, ManyWellEnergy, get_target
 from rtbcli.errors import InputError
 
 

@@ -15,13 +15,49 @@ Library pieces, each with its maths in its docstring and in docs/maths.md#energy
 from .buffer import ReplayBuffer, backward_trajectories, rank_weights
 from .langevin import LangevinDriftNet, LangevinSampler, LangevinScale, clipped_grad
 from .local_search import MalaResult, mala
-from .metrics import delta_log_z, delta_log_z_rw, elbo, eubo, log_weights, log_z_rw, w2_exact
+from .metrics import (
+    delta_log_z,
+    delta_log_z_rw,
+    elbo,
+    eubo,
+    log_weights,
+    log_z_rw,
+    w2_exact,
+)
 from .prior import BrownianPrior, EnergyReward, energy_log_reward
-from .targets import ENERGY_TARGETS, EnergyTarget, Funnel, GMM25, ManyWellEnergy, get_target
+from .targets import (
+    ENERGY_TARGETS,
+    GMM25,
+    EnergyTarget,
+    Funnel,
+    ManyWellEnergy,
+    get_target,
+)
 
 __all__ = [
-    "BrownianPrior", "ENERGY_TARGETS", "EnergyReward", "EnergyTarget", "Funnel", "GMM25", "LangevinDriftNet",
-    "LangevinSampler", "LangevinScale", "MalaResult", "ManyWellEnergy", "ReplayBuffer", "backward_trajectories",
-    "clipped_grad", "delta_log_z", "delta_log_z_rw", "elbo", "energy_log_reward", "eubo", "get_target", "log_weights",
-    "log_z_rw", "mala", "rank_weights", "w2_exact",
+    "ENERGY_TARGETS",
+    "GMM25",
+    "BrownianPrior",
+    "EnergyReward",
+    "EnergyTarget",
+    "Funnel",
+    "LangevinDriftNet",
+    "LangevinSampler",
+    "LangevinScale",
+    "MalaResult",
+    "ManyWellEnergy",
+    "ReplayBuffer",
+    "backward_trajectories",
+    "clipped_grad",
+    "delta_log_z",
+    "delta_log_z_rw",
+    "elbo",
+    "energy_log_reward",
+    "eubo",
+    "get_target",
+    "log_weights",
+    "log_z_rw",
+    "mala",
+    "rank_weights",
+    "w2_exact",
 ]

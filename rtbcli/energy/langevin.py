@@ -18,7 +18,7 @@ works) whose forward takes the times as well: forward(x, temb, t). `LangevinSamp
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -34,8 +34,8 @@ grad log pi comes from autograd; a log-density without a gradient is refused wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

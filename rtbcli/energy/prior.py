@@ -18,7 +18,7 @@ normaliser is log Z = log integral pi, and RTB's loss is TB's with the bridge as
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
