@@ -15,7 +15,9 @@ reinforce-kl.
 
 Everything lives in tensors on the buffer's device. `add` and `sample` never copy to the host
 (the sizes they need are Python ints known from the shapes); the rank order is recomputed lazily
-by one sort after an `add`. `state_dict` / `load_state_dict` save and restore the buffer exactly
+by one sort of the N states at the first `sample` after an `add` (as the paper's code re-ranks on
+every add; about 0.25 s for N = 600,000 on 2 CPU threads, negligible on a GPU), and the cumulative
+rank weights are cached, since they depend on N alone. `state_dict` / `load_state_dict` save and restore the buffer exactly
 (tensors only, for safetensors).
 """
 
@@ -48,6 +50,7 @@ class ReplayBuffer:
         self.size = 0  # states held (a Python int: known without a sync)
         self.head = 0  # the slot the next state goes to; when full, the oldest state's slot
         self._order: torch.Tensor | None = None  # slots by decreasing log r, cached until the next add
+        self._cdf: torch.Tensor | None = None  # cumulative rank weights for the current size (they depend on it alone)
 
     def __len__(self) -> int:
         return self.size
@@ -105,7 +108,9 @@ class ReplayBuffer:
         """
         if self.size == 0:
             raise InputError("the replay buffer is empty: add states before sampling")
-        cdf = torch.cumsum(rank_weights(self.size, self.rank_k, device=self.device), 0)
+        if self._cdf is None or self._cdf.numel() != self.size:
+            self._cdf = torch.cumsum(rank_weights(self.size, self.rank_k, device=self.device), 0)
+        cdf = self._cdf
         u = torch.rand(batch, generator=generator, dtype=torch.float64, device=self.device) * cdf[-1]
         pos = torch.searchsorted(cdf, u, right=True).clamp_(max=self.size - 1)
         idx = self.order()[pos]
