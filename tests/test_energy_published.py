@@ -50,3 +50,15 @@ def test_mcmc_rows_only_on_request():
     assert best_row("gmm25", "delta_log_z", amortized_only=False)[0] == "GGNS"
     with pytest.raises(InputError):
         best_row("lgcp", "w2")
+
+
+def test_the_recorded_exact_sampler_floor_is_reproduced():
+    # one of the five recorded pairs, recomputed: W2 of 2,000 vs 2,000 exact ManyWell samples
+    import torch
+
+    from rtbcli.energy import w2_exact
+
+    floor = load_table1()["exact_sampler_w2_floor"]["manywell"]
+    t = get_target("manywell")
+    w2 = w2_exact(t.sample(2000, torch.Generator().manual_seed(0)), t.sample(2000, torch.Generator().manual_seed(100)))
+    assert abs(w2 - floor[0]) < 4 * floor[1]
