@@ -102,3 +102,34 @@ def test_log_weights_vanish_when_the_sampler_is_the_target():
     x = torch.randn(64, 3, generator=gen(6), dtype=torch.float64) * math.sqrt(sigma2)  # exact target samples
     tb = backward_trajectories(x, 30, sigma2, gen(7))
     assert abs(eubo(log_weights(log_pi(x), bridge_log_prob(tb, sigma2), p.log_prob(tb))) - c) < 1e-10
+
+
+def test_table_metrics_of_an_exact_sampler_and_the_sandwich():
+    from rtbcli.energy import EnergyTarget, get_target, table_metrics
+
+    class Scaled(EnergyTarget):  # pi = e^0.7 N(0, 2 I) in d = 2: the Brownian prior of variance 2 samples it
+        name, dim, sigma2 = "scaled", 2, 2.0
+
+        def log_density(self, x):
+            return centred_log_prob(x, 2.0) + 0.7
+
+        @property
+        def log_z(self):
+            return 0.7
+
+        def _draw(self, n, generator):
+            return math.sqrt(2.0) * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+
+    pol = BrownianPrior(2, steps=20, sigma2=2.0).double().fresh_policy(hidden=8, time_features=4)
+    m = table_metrics(pol, Scaled(), k=300, generator=gen(8))
+    assert m["log_z_true"] == 0.7 and m["k"] == 300
+    assert m["delta_log_z"] < 1e-9 and m["delta_log_z_rw"] < 1e-9 and abs(m["eubo"] - 0.7) < 1e-9
+    assert m["w2"] < 0.8  # two samplings of the same law (about 0.5 at n = 300, variance 2)
+    # a sampler far from the target: ELBO < log Z < EUBO, by wide margins
+    t = get_target("gmm25")
+    pol = BrownianPrior(2, steps=20, sigma2=5.0).double().fresh_policy(hidden=8, time_features=4)
+    m = table_metrics(pol, t, k=300, generator=gen(9), stratified_reference=True)
+    assert m["elbo"] < -0.5 and m["eubo"] > 0.5 and m["delta_log_z"] == pytest.approx(-m["elbo"], abs=1e-12)
+    assert m["w2"] > 2.0
+    with pytest.raises(InputError, match="stratified"):
+        table_metrics(pol, Scaled(), k=10, generator=gen(1), stratified_reference=True)

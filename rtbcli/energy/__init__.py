@@ -22,6 +22,7 @@ from .metrics import (
     eubo,
     log_weights,
     log_z_rw,
+    table_metrics,
     w2_exact,
 )
 from .prior import BrownianPrior, EnergyReward, energy_log_reward
@@ -59,5 +60,6 @@ __all__ = [
     "log_z_rw",
     "mala",
     "rank_weights",
+    "table_metrics",
     "w2_exact",
 ]

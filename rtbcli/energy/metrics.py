@@ -77,3 +77,35 @@ def w2_exact(x: torch.Tensor, y: torch.Tensor, max_iter: int = 10_000_000) -> fl
     cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
     a, b = ot.unif(len(x)), ot.unif(len(y))
     return math.sqrt(max(float(ot.emd2(a, b, cost, numItermax=max_iter)), 0.0))
+
+
+@torch.no_grad()
+def table_metrics(sampler, target, k: int = 2000, generator: torch.Generator | None = None,
+                  stratified_reference: bool = False, with_w2: bool = True) -> dict[str, float]:
+    """Table 1's numbers for a sampler of `target` (an `EnergyTarget`), from K on-policy trajectories.
+
+    `sampler` has the `DiffusionSampler` interface (`sample(n, extra_var, generator)`, `log_prob`,
+    `steps`, `sigma2`) and its backward process is the bridge with the sampler's sigma2. Returns
+    log_z_true, elbo (mean lw), log_z_rw (log mean exp lw), delta_log_z, delta_log_z_rw, eubo (K exact
+    samples with bridge trajectories) and, if `with_w2`, w2 between the K terminal states and K exact
+    samples (`stratified_reference`: gmm25's equal-count draw, as the paper-era code). Everything in
+    float64 Python numbers; reads back to the host, so call it at evaluation time, not per step.
+    """
+    from ..sampler import bridge_log_prob, bridge_sample
+
+    if stratified_reference and not hasattr(target, "sample_stratified"):
+        raise InputError(f"the {getattr(target, 'name', 'given')} target has no stratified sampler: drop stratified_reference")
+    traj = sampler.sample(k, 0.0, generator)
+    x = traj[-1]
+    lw = log_weights(target.log_density(x), bridge_log_prob(traj, sampler.sigma2), sampler.log_prob(traj))
+    ref_dtype, ref_device = x.dtype, x.device
+    exact = target.sample(k, generator, dtype=ref_dtype).to(ref_device)
+    back = bridge_sample(exact, sampler.steps, sampler.sigma2, generator)
+    lw_t = log_weights(target.log_density(exact), bridge_log_prob(back, sampler.sigma2), sampler.log_prob(back))
+    log_z = float(target.log_z)
+    out = {"k": float(k), "log_z_true": log_z, "elbo": elbo(lw), "log_z_rw": log_z_rw(lw),
+           "delta_log_z": delta_log_z(lw, log_z), "delta_log_z_rw": delta_log_z_rw(lw, log_z), "eubo": eubo(lw_t)}
+    if with_w2:
+        ref = target.sample_stratified(k, generator, dtype=ref_dtype) if stratified_reference else exact
+        out["w2"] = w2_exact(x, ref)
+    return out
