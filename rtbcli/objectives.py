@@ -94,6 +94,24 @@ def legacy_rl_loss(lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, la
     return (-adv * lpf + lam * (lpf - lpp).pow(2)).mean()
 
 
+def vargrad_loss(lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, beta: float) -> torch.Tensor:
+    """VarGrad (Richter et al. 2020; the "tb-avg" of Sendera et al. 2024): RTB with no learned scalar.
+
+        d_i      = lpf_i - lpp_i - beta * log_r_i
+        log Zhat = mean_i (lpp_i + beta * log_r_i - lpf_i) = -mean_i d_i       (under stop-gradient)
+        L        = mean_i 1/2 (log Zhat + d_i)^2 = 1/2 * (1/B) sum_i (d_i - mean_j d_j)^2
+
+    i.e. half the (biased, 1/B) batch variance of d, which is RTB's loss at log Z = log Zhat.
+    Its gradient is mean_i (d_i - mean_j d_j) grad d_i, RTB's policy gradient at log Z = log Zhat;
+    stopping the gradient through log Zhat changes nothing, since the extra term
+    -grad(mean d) * mean_i (d_i - mean_j d_j) is identically 0. log Zhat is detached here (the
+    cheaper graph), and with B = 1 the loss and its gradient are 0.
+    """
+    d = lpf - lpp - beta * log_r
+    log_z_hat = -d.detach().mean()
+    return 0.5 * (log_z_hat + d).pow(2).mean()
+
+
 # ----------------------------------------------------------------------------- the registry
 @dataclass
 class Batch:
@@ -177,6 +195,10 @@ def _legacy_rl(b: Batch, _, hp: HyperParams) -> torch.Tensor:
     return legacy_rl_loss(b.lpf, b.lpp, b.log_r, hp.legacy_lambda)
 
 
+def _vargrad(b: Batch, _, hp: HyperParams) -> torch.Tensor:
+    return vargrad_loss(b.lpf, b.lpp, b.log_r, hp.beta)
+
+
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("rtb", _rtb, "log_z", True, True, "Relative Trajectory Balance, learns log Z", scalar_label="logZ"),
     Objective("trust-pcl", _trust_pcl, "v_soft_s0", True, True, "Trust-PCL: alpha^2 x RTB's loss, learns V(s0) = alpha log Z",
@@ -185,6 +207,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               "REINFORCE with KL, reward log r, self-normalised importance weights off-policy", weighs_behaviour=True),
     Objective("legacy-rl", _legacy_rl, None, False, False,
               "the RTB paper's RL baseline (reward r, on-policy; mis-specified on purpose)"),
+    Objective("vargrad", _vargrad, None, True, True,
+              "VarGrad: RTB with log Z replaced by its batch estimate (half the batch variance of lpf - lpp - beta log r)"),
 )}
 DEFAULT_OBJECTIVE = "rtb"
 

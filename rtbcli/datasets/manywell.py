@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..gaussian import LOG_2PI, centred_log_prob
+from ..gaussian import LOG_2PI
 
 PAIRS = 16
 DIM = 2 * PAIRS
@@ -36,6 +36,21 @@ GRID_SPACING = 1e-4
 def _log_f1(x: torch.Tensor, tilt: float) -> torch.Tensor:
     """Unnormalised 1-D log density of x1: -x^4 + 6 x^2 + (0.5 - tilt) x."""
     return -x**4 + 6 * x**2 + (0.5 - tilt) * x
+
+
+def log_density(x: torch.Tensor) -> torch.Tensor:
+    """The unnormalised ManyWell log-density, the one definition in rtbcli (the data of the
+    `manywell32` preset and the `manywell` energy target of `rtbcli.energy` both call it):
+
+        log pi(x) = sum_j [-x1_j^4 + 6 x1_j^2 + 0.5 x1_j - 0.5 x2_j^2],   x1_j = x[..., 2j], x2_j = x[..., 2j+1]
+
+    x (..., 2 * pairs) -> (...), in x's dtype and on x's device, differentiable. Its normaliser
+    is `ManyWell(pairs).log_z_unnormalised()` (164.6957 for 16 pairs).
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"ManyWell needs an even number of coordinates, got shape {tuple(x.shape)}")
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return (_log_f1(x1, 0.0) - 0.5 * x2 * x2).sum(-1)
 
 
 @lru_cache(maxsize=64)
@@ -119,14 +134,11 @@ class ManyWell:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised log p(x), x (..., dim) -> (...), in float64:
-        sum_j [-x1^4 + 6 x1^2 + (0.5 - t_j) x1 - log Z1(t_j) + log N(x2_j; 0, 1)]."""
+        log_density(x) - sum_j t_j x1_j - sum_j [log Z1(t_j) + 0.5 log 2 pi]."""
         self._check(x)
         x = x.to(torch.float64)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
         t = torch.tensor(self.tilts, dtype=torch.float64, device=x.device)
-        log_z = torch.tensor([log_z1(s) for s in self.tilts], dtype=torch.float64, device=x.device)
-        per_pair = _log_f1(x1, 0.0) - t * x1 - log_z + centred_log_prob(x2.unsqueeze(-1), 1.0)
-        return per_pair.sum(-1)
+        return log_density(x) - (t * x[..., 0::2]).sum(-1) - self.log_z_unnormalised()
 
     def sample(
         self,
