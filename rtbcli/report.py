@@ -35,6 +35,7 @@ REPORT_KEYS: dict[str, str] = {
     # tier 2
     "sw2": "sliced Wasserstein-2 distance to the reference samples", "sw2_floor": "the same between two halves of the reference",
     "mmd2": "unbiased MMD^2 (RBF kernel, median bandwidth) to the reference", "mmd2_floor": "the same between two halves of the reference",
+    "mmd_bandwidth": "the one kernel bandwidth of mmd2 and mmd2_floor: the median pairwise distance of the reference",
     "n_compared": "sample size of each side of sw2/mmd2", "n_reference": "reference samples available",
     "n_dropped_nonfinite": "model samples dropped as non-finite",
     "n_far": "model samples outside the reference's bounding box widened on every side by its largest width (diverged trajectories)", "reference": "what the reference samples are",
