@@ -92,7 +92,7 @@ def evaluate(
 
 evaluate.__doc__ += examples("rtbcli evaluate rtb.safetensors --plot rtb.png",
                              "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
-                             "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess > 0.1'")
+                             "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'")
 
 
 def sample(

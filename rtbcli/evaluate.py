@@ -179,7 +179,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
             m[f"log_r_q{round(100 * p):02d}"] = v
     if finetuned and use_reward:
         lw = s["lpp"] + beta * s["log_r"] - s["lpf"]
-        m["elbo_prior"], m["log_z_is"], m["ess"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
+        m["elbo_prior"], m["log_z_is"], m["ess_fraction"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
         m["path_kl"] = float((s["lpf"] - s["lpp"]).mean())
     log_z = ck.learned_log_z()
     if log_z is not None:
@@ -222,7 +222,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
         tilt = beta * s["log_r"] if finetuned else 0.0
         lw_data = s["log_data"] + tilt + s["lpb"] - s["lpf"]
         if not finetuned:
-            m["log_z_is"], m["ess"] = log_mean_exp(lw_data), effective_sample_size(lw_data)
+            m["log_z_is"], m["ess_fraction"] = log_mean_exp(lw_data), effective_sample_size(lw_data)
         m["log_z_is_data"] = log_mean_exp(lw_data)
         m["log_z_true"] = target.log_z if target.log_z_exact else None
         m["elbo"] = float(lw_data.mean())

@@ -28,7 +28,7 @@ REPORT_KEYS: dict[str, str] = {
     "log_r_q50": "median log r", "log_r_q75": "75% quantile of log r", "log_r_q95": "95% quantile of log r",
     "elbo_prior": "mean(lpp + beta log r - lpf) <= log Z relative to the learned prior",
     "log_z_is": "log Z by importance sampling (relative to the prior; for a prior checkpoint, to the data)",
-    "ess": "effective sample size fraction of those importance weights, in (0, 1]",
+    "ess_fraction": "effective sample size fraction of those importance weights, in (0, 1]",
     "path_kl": "mean(lpf - lpp): the path KL to the prior, >= the KL between the marginals",
     "log_z_learned": "learned log Z (rtb) or V(s0) / alpha (trust-pcl)", "v_soft_s0": "learned V(s0) (trust-pcl)",
     "alpha": "alpha = 1 / beta (trust-pcl)",
@@ -167,7 +167,7 @@ def evaluation_table(m: dict) -> Table:
     if "log_z_learned" in m:
         t.add_row("log Z learned", fmt(m["log_z_learned"]), "")
     if "elbo_prior" in m:
-        t.add_row("log Z_prior, importance-weighted (ESS)", f"{fmt(m['log_z_is'])} ({100 * m['ess']:.1f}%)", "")
+        t.add_row("log Z_prior, importance-weighted (ESS)", f"{fmt(m['log_z_is'])} ({100 * m['ess_fraction']:.1f}%)", "")
         t.add_row("ELBO vs learned prior", fmt(m["elbo_prior"]), "")
         t.add_row("path KL to the prior", fmt(m["path_kl"]), "")
     if "elbo" in m:
@@ -175,7 +175,7 @@ def evaluation_table(m: dict) -> Table:
         t.add_row("log Z_data, importance-weighted", fmt(m["log_z_is_data"]), "")
         t.add_row("ELBO <= log Z_data <= EUBO", f"{fmt(m['elbo'])} <= . <= {fmt(m.get('eubo'))}", "")
         if m["kind"] == "prior":
-            t.add_row("ESS of the weights", f"{100 * m['ess']:.1f}%", "")
+            t.add_row("ESS of the weights", f"{100 * m['ess_fraction']:.1f}%", "")
     return t
 
 

@@ -182,7 +182,7 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     return summary
 
 
-ROW_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist", "log_z_learned", "log_z_is", "ess", "elbo", "eubo",
+ROW_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist", "log_z_learned", "log_z_is", "ess_fraction", "elbo", "eubo",
             "elbo_prior", "path_kl", "log_r_mean", "sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_far", "well_mass_mean_abs_err",
             "well_mass_max_abs_err", "class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "log_z_true",
             "log_z_is_data")
