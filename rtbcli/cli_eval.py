@@ -10,6 +10,7 @@ import typer
 from .cli_common import emit_json, examples, field_default, out_console, parse_kwargs
 from .config import EvalSpec
 from .errors import EXIT_REQUIRE, InputError
+from .metric_registry import requirable
 from .report import checks_table, evaluation_table, parse_check, run_checks
 from .runtime import check_writable, resolve_device
 
@@ -32,7 +33,7 @@ def evaluate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: samples over the target (or two coordinates and the marginals), per-mode weights."),
     dims: str = typer.Option("0,1", "--dims", help="The two coordinates a plot of a task with d != 2 shows."),
-    require: Optional[list[str]] = typer.Option(None, "--require", help=f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}."),
+    require: Optional[list[str]] = typer.Option(None, "--require", help=f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. KEY: {', '.join(requirable())}."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
 ):
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""

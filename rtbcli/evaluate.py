@@ -2,7 +2,7 @@
 
 The target of a prior checkpoint is its preset's prior data; the target of a finetuned one is
 p_data(x) r(x)^beta / Z with the *data* distribution, so a poor prior shows in the numbers.
-Each tier is reported when it applies (`rtbcli.report.REPORT_KEYS` lists every key):
+Each tier is reported when it applies (`rtbcli.metric_registry.METRICS` lists every key):
 
 1. always (where there is a reward): the mean and quantiles of log r over the samples; for a
    finetuned sampler the importance weights relative to its prior, lw = lpp + beta log r - lpf:
@@ -32,6 +32,7 @@ from .checkpoint import Checkpoint
 from .config import Preset, PythonRewardSpec
 from .data import load_array
 from .errors import InputError
+from .metric_registry import floor_keys
 from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, reference_comparison, sample_metrics
 from .objectives import OBJECTIVES
 from .rewards import UnnamedReward, check_reward_output, parse_reference
@@ -41,7 +42,6 @@ from .suites import suite_of
 from .targets import Target, prior_target, tilted_target
 from .tasks import Task
 
-SAMPLE_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MIN_COMPARED = 4  # reference rows that tier 2 needs: two halves of at least 2 (`metrics.reference_comparison`)
 MAX_FLOATS = 1 << 27  # trajectories are drawn in chunks of at most this many numbers
@@ -211,7 +211,7 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     if target.cell_masses is not None or target.bin_masses is not None:
         m.update(sample_metrics(x, target))
         if y is not None:
-            m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in SAMPLE_KEYS}
+            m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in floor_keys()}
         freq = per_mode_frequencies(x, target)
         if freq is not None and target.cell_masses is not None:
             modes = [{"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .metric_registry import floor_keys
+
 
 def cell_index(x: torch.Tensor, means: torch.Tensor, radius: float) -> torch.Tensor:
     """Cell of each sample: k in [0, K) for mode k, K for "elsewhere" (also non-finite samples)."""
@@ -103,7 +105,7 @@ def sample_metrics(x: torch.Tensor, target) -> dict:
 
     Values a target cannot support (no exact cells, or not 2-D for the histogram) are None.
     """
-    out = {"mode_coverage": None, "n_target_modes": None, "kl_mode": None, "off_target": None, "kl_hist": None}
+    out = dict.fromkeys(floor_keys())  # the mode metrics: the registry's keys with an exact-sampler floor
     if target.cell_masses is not None:
         k = target.cell_means.shape[0]
         counts = torch.bincount(cell_index(x, target.cell_means, target.radius), minlength=k + 1)

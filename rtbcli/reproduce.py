@@ -32,6 +32,7 @@ from .config import Preset, PythonRewardSpec, load_preset
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
+from .metric_registry import floor_of, row_keys, with_floor
 from .objectives import METHODS
 from .plots import plot_panels
 from .pretrain import pretrain
@@ -182,23 +183,16 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     return summary
 
 
-ROW_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist", "log_z_learned", "log_z_is", "ess_fraction", "elbo", "eubo",
-            "elbo_prior", "path_kl", "log_r_mean", "sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_far", "well_mass_mean_abs_err",
-            "well_mass_max_abs_err", "class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "log_z_true",
-            "log_z_is_data")
-
-
 def metrics_of(m: dict) -> dict:
-    return {k: m.get(k) for k in ROW_KEYS}
+    """A summary row's metrics: the registry's row keys of an evaluation report."""
+    return {k: m.get(k) for k in row_keys()}
 
 
 def floor_row(m: dict, method: str) -> dict:
-    """What a sampler of the target itself scores: the exact sampler, or the reference against itself."""
-    row = {"method": "exact sampler (floor)" if method != "reference" else "reference (floor)", **m.get("floor", {})}
-    row.update(sw2=m.get("sw2_floor"), mmd2=m.get("mmd2_floor"), well_mass_mean_abs_err=m.get("well_mass_mean_abs_err_floor"),
-               well_mass_max_abs_err=m.get("well_mass_max_abs_err_floor"), class_fraction=m.get("class_fraction_real"),
-               diversity=m.get("diversity_real"), nearest_train_distance=m.get("nearest_train_distance_real"))
-    return row
+    """What a sampler of the target itself scores: the exact sampler, or the reference against itself; each metric's
+    floor where the registry says it lives."""
+    return {"method": "exact sampler (floor)" if method != "reference" else "reference (floor)",
+            **{x.key: floor_of(m, x.key) for x in with_floor()}}
 
 
 def subtitle(row: dict) -> str:

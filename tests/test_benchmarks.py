@@ -113,3 +113,23 @@ def test_shipped_priors_carry_their_preset(name):
     for section in ("finetune", "evaluate", "reproduce"):
         assert getattr(ck.preset, section) == getattr(preset, section), section
     assert (ck.preset.beta, ck.preset.reward) == (preset.beta, preset.reward)
+
+
+def test_summary_table_markdown_reads_the_registry():
+    """benchmarks/summary_table.py prints the columns and formats `rtbcli reproduce` prints: the registry's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "summary_table.py"
+    spec = importlib.util.spec_from_file_location("summary_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = {"mode_coverage": 9, "n_target_modes": 9, "kl_mode": 0.01234, "off_target": 0.0712, "kl_hist": 0.0751, "sw2": 0.5,
+           "log_z_learned": 0.0213, "log_z_is": 0.0187, "elbo": -0.1, "eubo": 0.2}
+    summary = {"prior_row": {"method": "prior (no fine-tuning)", **row}, "rows": [{"method": "rtb", **row, "train_seconds": 61.4},
+               {"method": "legacy-rl", "diverged": "non-finite loss"}], "floor": {"method": "exact sampler (floor)", "kl_mode": 0.0006}}
+    lines = mod.markdown(summary).splitlines()
+    assert lines[0] == "| method | modes | mode KL | off-target | hist KL | log Z | log Z (IS) | ELBO | train s |"  # sw2, eubo: json only
+    assert lines[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.021 | 0.019 | -0.100 | 61 |"
+    assert lines[4] == "| legacy-rl | diverged | - | - | - | - | - | - | - |"
+    assert lines[5].startswith("| exact sampler (floor) | - | 0.0006 | - |")

@@ -210,3 +210,20 @@ def test_importance_weights_of_a_policy_with_a_constant_drift(tmp_path, tiny_pre
     assert m["elbo_prior"] == pytest.approx(beta * exact["mean_log_r"] - exact["path_kl"], abs=0.05)
     assert m["log_z_is"] == pytest.approx(math.log(exact["z"]), abs=5 * math.sqrt(rel_var / N_IS))
     assert m["ess_fraction"] == pytest.approx(1 / (1 + rel_var), rel=0.03)
+
+
+def test_every_reported_key_is_in_the_registry(shipped):
+    """The registry is the one list: every key an evaluation writes is there, the floor holds exactly its floor keys,
+    --require accepts the number keys and floor.KEY, and the old 'ess' names its new key."""
+    from rtbcli import metric_registry as reg
+    from rtbcli.errors import InputError
+    from rtbcli.report import parse_check
+
+    m = evaluate(shipped, n=400, seed=0, beta=1.0).metrics
+    assert set(m) <= set(reg.METRICS), set(m) - set(reg.METRICS)
+    assert tuple(m["floor"]) == reg.floor_keys() == ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
+    for key in ("ess_fraction", "mmd2_floor", "floor.kl_mode", "well_mass_max_abs_err_floor", "mmd_bandwidth"):
+        assert parse_check(f"{key} < 1").key == key
+    for key, hint in (("ess", "renamed 'ess_fraction'"), ("floor", "not a number"), ("cells", "not a number"), ("floor.sw2", "not a number")):
+        with pytest.raises(InputError, match=hint):
+            parse_check(f"{key} > 0")
