@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from .cli_common import examples
-from .conversion import PARAM_HINTS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
+from .conversion import PARAM_HINTS, TARGETS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from .errors import InputError
 
 RTB_PAIR = ("--log-z", "--beta")
@@ -22,9 +22,8 @@ TPCL_PAIR = ("--alpha", "--v-soft-s0")
 USAGE = "give --log-z with --beta, --alpha with --v-soft-s0, or a checkpoint with --to and --out"
 
 
-class Target(str, Enum):
-    rtb = "rtb"
-    trust_pcl = "trust-pcl"
+# --to: the objectives of the registry that learn a scalar (conversion.TARGETS)
+Target = Enum("Target", {name.replace("-", "_"): name for name in TARGETS}, type=str)
 
 
 def _full(v: float) -> str:
@@ -34,8 +33,8 @@ def _full(v: float) -> str:
 
 
 def convert_params(
-    checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint from `rtbcli finetune --algo rtb` or `--algo trust-pcl` to convert."),
-    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help="With a checkpoint: the parametrisation to write, rtb or trust-pcl."),
+    checkpoint: Optional[Path] = typer.Argument(None, help=f"A checkpoint from `rtbcli finetune --algo {' or --algo '.join(TARGETS)}` to convert."),
+    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help=f"With a checkpoint: the parametrisation to write, {' or '.join(TARGETS)}."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With a checkpoint: the converted checkpoint to write (atomically; never the input)."),
     log_z: Optional[float] = typer.Option(None, "--log-z", help="RTB log Z, to convert with --beta."),
     beta: Optional[float] = typer.Option(None, "--beta", help="RTB inverse temperature beta > 0, to convert with --log-z."),
@@ -45,6 +44,7 @@ def convert_params(
 ):
     """Convert RTB (log Z, beta) <-> Trust-PCL (alpha = 1/beta, V_soft(s0) = alpha log Z), numbers or a checkpoint."""
     from .cli_common import emit_json, out_console
+    from .objectives import OBJECTIVES
     from .report import kv_table
     from .runtime import check_writable
 
@@ -64,7 +64,7 @@ def convert_params(
         out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
             ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
             ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
-            ("log_z", _full(r["log_z"])), ("v_soft_s0", _full(r["v_soft_s0"])),
+            *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
             ("weights copied unchanged", r["tensors_copied"])]))
         out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
         return
