@@ -44,30 +44,13 @@ def convert_params(
 ):
     """Convert RTB (log Z, beta) <-> Trust-PCL (alpha = 1/beta, V_soft(s0) = alpha log Z), numbers or a checkpoint."""
     from .cli_common import emit_json, out_console
-    from .objectives import OBJECTIVES
     from .report import kv_table
-    from .runtime import check_writable
 
     given = {name: v for name, v in zip(RTB_PAIR + TPCL_PAIR, (log_z, beta, alpha, v_soft_s0)) if v is not None}
     if checkpoint is not None:
         if given:
             raise InputError(f"{' and '.join(given)} cannot be combined with a checkpoint: convert either numbers or a checkpoint")
-        if to is None or out is None:
-            missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
-            raise InputError(f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors")
-        if out.resolve() == checkpoint.resolve():
-            raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
-        check_writable(out, "--out")
-        r = convert_checkpoint(checkpoint, to.value, out)
-        if as_json:
-            return emit_json(r)
-        out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
-            ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
-            ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
-            *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
-            ("weights copied unchanged", r["tensors_copied"])]))
-        out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
-        return
+        return _convert_file(checkpoint, to, out, as_json)
 
     if to is not None or out is not None:
         raise InputError("--to and --out are for converting a checkpoint: give the checkpoint as the first argument")
@@ -95,6 +78,30 @@ def convert_params(
     if as_json:
         return emit_json(res)
     out_console.print(kv_table(title, [(k, _full(v)) for k, v in rows]))
+
+
+def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
+    """convert-params CHECKPOINT --to OBJECTIVE --out FILE."""
+    from .cli_common import emit_json, out_console
+    from .objectives import OBJECTIVES
+    from .report import kv_table
+    from .runtime import check_writable
+
+    if to is None or out is None:
+        missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
+        raise InputError(f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors")
+    if out.resolve() == checkpoint.resolve():
+        raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
+    check_writable(out, "--out")
+    r = convert_checkpoint(checkpoint, to.value, out)
+    if as_json:
+        return emit_json(r)
+    out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
+        ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
+        ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
+        *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
+        ("weights copied unchanged", r["tensors_copied"])]))
+    out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
 
 
 convert_params.__doc__ += examples("rtbcli convert-params --log-z 2 --beta 0.5 --json",

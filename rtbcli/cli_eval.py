@@ -56,24 +56,7 @@ def evaluate(
                       reference=reference)
     m = ev.metrics
     if plot is not None:
-        from .plots import plot_evaluation
-        from .suites import suite_of
-
-        label = f"{ck.algo} finetuned" if ck.kind == "finetuned" else "prior"
-        title = f"{checkpoint.name}: {label} checkpoint"
-        suite = suite_of(ev.task)
-        if suite.own_figure:  # e.g. image grids: the samples, the reference, and a finetuned sampler's frozen prior
-            import torch
-
-            from .sampling import draw_samples
-
-            panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
-            if ck.kind == "finetuned":
-                prior_x = draw_samples(ck, suite.figure_samples, seed, dev, which="prior")
-                panels.append(("its prior (no fine-tuning)", torch.from_numpy(prior_x)))
-            suite.plot_samples(plot, panels, title=title)
-        else:
-            plot_evaluation(plot, ev.samples, ev.target, m, title=title, dims=pair, reference=ev.reference)
+        _plot(plot, checkpoint, ck, ev, seed, dev, pair)
         m["plot"] = str(plot)
     results = run_checks(checks, m)
     if results:
@@ -89,6 +72,29 @@ def evaluate(
         import sys
         print(f"rtbcli: {len(failed)} required check(s) failed: {'; '.join(failed)}", file=sys.stderr)
         raise typer.Exit(EXIT_REQUIRE)
+
+
+def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int, int]) -> None:
+    """`--plot`: the suite's own figure (e.g. image grids), or samples over the target with per-mode weights."""
+    from .plots import plot_evaluation
+    from .suites import suite_of
+
+    label = f"{ck.algo} finetuned" if ck.kind == "finetuned" else "prior"
+    title = f"{checkpoint.name}: {label} checkpoint"
+    suite = suite_of(ev.task)
+    if not suite.own_figure:
+        plot_evaluation(plot, ev.samples, ev.target, ev.metrics, title=title, dims=pair, reference=ev.reference)
+        return
+    import torch
+
+    from .sampling import draw_samples
+
+    # the samples, the reference, and a finetuned sampler's frozen prior
+    panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
+    if ck.kind == "finetuned":
+        prior_x = draw_samples(ck, suite.figure_samples, seed, dev, which="prior")
+        panels.append(("its prior (no fine-tuning)", torch.from_numpy(prior_x)))
+    suite.plot_samples(plot, panels, title=title)
 
 
 evaluate.__doc__ += examples("rtbcli evaluate rtb.safetensors --plot rtb.png",
