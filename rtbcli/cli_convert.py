@@ -19,6 +19,8 @@ from .errors import InputError
 
 RTB_PAIR = ("--log-z", "--beta")
 TPCL_PAIR = ("--alpha", "--v-soft-s0")
+CHECKPOINT_HELP = f"A checkpoint from `rtbcli finetune --algo {' or --algo '.join(TARGETS)}` to convert."
+TO_HELP = f"With a checkpoint: the parametrisation to write, {' or '.join(TARGETS)}."
 USAGE = "give --log-z with --beta, --alpha with --v-soft-s0, or a checkpoint with --to and --out"
 
 
@@ -33,8 +35,8 @@ def _full(v: float) -> str:
 
 
 def convert_params(
-    checkpoint: Optional[Path] = typer.Argument(None, help=f"A checkpoint from `rtbcli finetune --algo {' or --algo '.join(TARGETS)}` to convert."),
-    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help=f"With a checkpoint: the parametrisation to write, {' or '.join(TARGETS)}."),
+    checkpoint: Optional[Path] = typer.Argument(None, help=CHECKPOINT_HELP),
+    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help=TO_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With a checkpoint: the converted checkpoint to write (atomically; never the input)."),
     log_z: Optional[float] = typer.Option(None, "--log-z", help="RTB log Z, to convert with --beta."),
     beta: Optional[float] = typer.Option(None, "--beta", help="RTB inverse temperature beta > 0, to convert with --log-z."),

@@ -14,6 +14,9 @@ from .metric_registry import requirable
 from .report import checks_table, evaluation_table, parse_check, run_checks
 from .runtime import check_writable, resolve_device
 
+REQUIRE_HELP = (f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. "
+                f"KEY: {', '.join(requirable())}.")  # the metric registry's number keys and floor.KEY
+
 
 def parse_dims(text: str) -> tuple[int, int]:
     try:
@@ -33,7 +36,7 @@ def evaluate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: samples over the target (or two coordinates and the marginals), per-mode weights."),
     dims: str = typer.Option("0,1", "--dims", help="The two coordinates a plot of a task with d != 2 shows."),
-    require: Optional[list[str]] = typer.Option(None, "--require", help=f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. KEY: {', '.join(requirable())}."),
+    require: Optional[list[str]] = typer.Option(None, "--require", help=REQUIRE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
 ):
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""

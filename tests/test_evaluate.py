@@ -227,3 +227,13 @@ def test_every_reported_key_is_in_the_registry(shipped):
     for key, hint in (("ess", "renamed 'ess_fraction'"), ("floor", "not a number"), ("cells", "not a number"), ("floor.sw2", "not a number")):
         with pytest.raises(InputError, match=hint):
             parse_check(f"{key} > 0")
+
+
+def test_require_help_lists_the_registry_keys(capsys):
+    from rtbcli import metric_registry as reg
+    from rtbcli.cli import run
+
+    assert run(["evaluate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("ess_fraction", "mmd_bandwidth", "floor.kl_hist", "well_mass_mean_abs_err"):
+        assert key in reg.requirable() and key in text
