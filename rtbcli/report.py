@@ -151,11 +151,11 @@ def checks_table(results: list[dict]) -> Table:
     return t
 
 
-def summary_columns(rows: list[dict]) -> list[str]:
-    """The registry's summary columns that some row has (with mode metrics, those kept to summary.json left out;
-    the far-sample count only where some row has far samples)."""
+def summary_columns(rows: list[dict], every: bool = False) -> list[str]:
+    """The registry's summary columns that some row has (with mode metrics, those kept to summary.json left out unless
+    `every`; the far-sample count only where some row has far samples)."""
     have = lambda key: any(r.get(key) is not None for r in rows)
-    modes = have("kl_mode")
+    modes = have("kl_mode") and not every
     return [k for k in reg.SUMMARY_COLUMNS if have(k) and not (modes and k in reg.BESIDE_MODES_ONLY_IN_JSON)
             and (k != "n_far" or any(r.get("n_far") for r in rows))]
 

@@ -133,3 +133,6 @@ def test_summary_table_markdown_reads_the_registry():
     assert lines[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.021 | 0.019 | -0.100 | 61 |"
     assert lines[4] == "| legacy-rl | diverged | - | - | - | - | - | - | - |"
     assert lines[5].startswith("| exact sampler (floor) | - | 0.0006 | - |")
+    every = mod.markdown(summary, every=True).splitlines()
+    assert every[0] == ("| method | modes | mode KL | off-target | hist KL | sliced W2 | log Z | log Z (IS) | ELBO | EUBO | train s |")
+    assert every[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.500 | 0.021 | 0.019 | -0.100 | 0.200 | 61 |"
