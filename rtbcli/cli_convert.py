@@ -14,17 +14,18 @@ from typing import Optional
 import typer
 
 from .cli_common import examples
-from .conversion import PARAM_HINTS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
+from .conversion import PARAM_HINTS, TARGETS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from .errors import InputError
 
 RTB_PAIR = ("--log-z", "--beta")
 TPCL_PAIR = ("--alpha", "--v-soft-s0")
+CHECKPOINT_HELP = f"A checkpoint from `rtbcli finetune --algo {' or --algo '.join(TARGETS)}` to convert."
+TO_HELP = f"With a checkpoint: the parametrisation to write, {' or '.join(TARGETS)}."
 USAGE = "give --log-z with --beta, --alpha with --v-soft-s0, or a checkpoint with --to and --out"
 
 
-class Target(str, Enum):
-    rtb = "rtb"
-    trust_pcl = "trust-pcl"
+# --to: the objectives of the registry that learn a scalar (conversion.TARGETS)
+Target = Enum("Target", {name.replace("-", "_"): name for name in TARGETS}, type=str)
 
 
 def _full(v: float) -> str:
@@ -34,8 +35,8 @@ def _full(v: float) -> str:
 
 
 def convert_params(
-    checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint from `rtbcli finetune --algo rtb` or `--algo trust-pcl` to convert."),
-    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help="With a checkpoint: the parametrisation to write, rtb or trust-pcl."),
+    checkpoint: Optional[Path] = typer.Argument(None, help=CHECKPOINT_HELP),
+    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help=TO_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With a checkpoint: the converted checkpoint to write (atomically; never the input)."),
     log_z: Optional[float] = typer.Option(None, "--log-z", help="RTB log Z, to convert with --beta."),
     beta: Optional[float] = typer.Option(None, "--beta", help="RTB inverse temperature beta > 0, to convert with --log-z."),
@@ -46,28 +47,12 @@ def convert_params(
     """Convert RTB (log Z, beta) <-> Trust-PCL (alpha = 1/beta, V_soft(s0) = alpha log Z), numbers or a checkpoint."""
     from .cli_common import emit_json, out_console
     from .report import kv_table
-    from .runtime import check_writable
 
     given = {name: v for name, v in zip(RTB_PAIR + TPCL_PAIR, (log_z, beta, alpha, v_soft_s0)) if v is not None}
     if checkpoint is not None:
         if given:
             raise InputError(f"{' and '.join(given)} cannot be combined with a checkpoint: convert either numbers or a checkpoint")
-        if to is None or out is None:
-            missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
-            raise InputError(f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors")
-        if out.resolve() == checkpoint.resolve():
-            raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
-        check_writable(out, "--out")
-        r = convert_checkpoint(checkpoint, to.value, out)
-        if as_json:
-            return emit_json(r)
-        out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
-            ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
-            ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
-            ("log_z", _full(r["log_z"])), ("v_soft_s0", _full(r["v_soft_s0"])),
-            ("weights copied unchanged", r["tensors_copied"])]))
-        out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
-        return
+        return _convert_file(checkpoint, to, out, as_json)
 
     if to is not None or out is not None:
         raise InputError("--to and --out are for converting a checkpoint: give the checkpoint as the first argument")
@@ -95,6 +80,30 @@ def convert_params(
     if as_json:
         return emit_json(res)
     out_console.print(kv_table(title, [(k, _full(v)) for k, v in rows]))
+
+
+def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
+    """convert-params CHECKPOINT --to OBJECTIVE --out FILE."""
+    from .cli_common import emit_json, out_console
+    from .objectives import OBJECTIVES
+    from .report import kv_table
+    from .runtime import check_writable
+
+    if to is None or out is None:
+        missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
+        raise InputError(f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors")
+    if out.resolve() == checkpoint.resolve():
+        raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
+    check_writable(out, "--out")
+    r = convert_checkpoint(checkpoint, to.value, out)
+    if as_json:
+        return emit_json(r)
+    out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
+        ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
+        ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
+        *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
+        ("weights copied unchanged", r["tensors_copied"])]))
+    out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
 
 
 convert_params.__doc__ += examples("rtbcli convert-params --log-z 2 --beta 0.5 --json",

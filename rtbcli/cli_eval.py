@@ -10,8 +10,12 @@ import typer
 from .cli_common import emit_json, examples, field_default, out_console, parse_kwargs
 from .config import EvalSpec
 from .errors import EXIT_REQUIRE, InputError
+from .metric_registry import requirable
 from .report import checks_table, evaluation_table, parse_check, run_checks
 from .runtime import check_writable, resolve_device
+
+REQUIRE_HELP = (f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. "
+                f"KEY: {', '.join(requirable())}.")  # the metric registry's number keys and floor.KEY
 
 
 def parse_dims(text: str) -> tuple[int, int]:
@@ -32,7 +36,7 @@ def evaluate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: samples over the target (or two coordinates and the marginals), per-mode weights."),
     dims: str = typer.Option("0,1", "--dims", help="The two coordinates a plot of a task with d != 2 shows."),
-    require: Optional[list[str]] = typer.Option(None, "--require", help=f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}."),
+    require: Optional[list[str]] = typer.Option(None, "--require", help=REQUIRE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
 ):
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""
@@ -55,24 +59,7 @@ def evaluate(
                       reference=reference)
     m = ev.metrics
     if plot is not None:
-        from .plots import plot_evaluation
-        from .suites import suite_of
-
-        label = f"{ck.algo} finetuned" if ck.kind == "finetuned" else "prior"
-        title = f"{checkpoint.name}: {label} checkpoint"
-        suite = suite_of(ev.task)
-        if suite.own_figure:  # e.g. image grids: the samples, the reference, and a finetuned sampler's frozen prior
-            import torch
-
-            from .sampling import draw_samples
-
-            panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
-            if ck.kind == "finetuned":
-                prior_x = draw_samples(ck, suite.figure_samples, seed, dev, which="prior")
-                panels.append(("its prior (no fine-tuning)", torch.from_numpy(prior_x)))
-            suite.plot_samples(plot, panels, title=title)
-        else:
-            plot_evaluation(plot, ev.samples, ev.target, m, title=title, dims=pair, reference=ev.reference)
+        _plot(plot, checkpoint, ck, ev, seed, dev, pair)
         m["plot"] = str(plot)
     results = run_checks(checks, m)
     if results:
@@ -90,9 +77,32 @@ def evaluate(
         raise typer.Exit(EXIT_REQUIRE)
 
 
+def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int, int]) -> None:
+    """`--plot`: the suite's own figure (e.g. image grids), or samples over the target with per-mode weights."""
+    from .plots import plot_evaluation
+    from .suites import suite_of
+
+    label = f"{ck.algo} finetuned" if ck.kind == "finetuned" else "prior"
+    title = f"{checkpoint.name}: {label} checkpoint"
+    suite = suite_of(ev.task)
+    if not suite.own_figure:
+        plot_evaluation(plot, ev.samples, ev.target, ev.metrics, title=title, dims=pair, reference=ev.reference)
+        return
+    import torch
+
+    from .sampling import draw_samples
+
+    # the samples, the reference, and a finetuned sampler's frozen prior
+    panels = [(title, ev.samples)] + ([("reference", ev.reference.float())] if ev.reference is not None else [])
+    if ck.kind == "finetuned":
+        prior_x = draw_samples(ck, suite.figure_samples, seed, dev, which="prior")
+        panels.append(("its prior (no fine-tuning)", torch.from_numpy(prior_x)))
+    suite.plot_samples(plot, panels, title=title)
+
+
 evaluate.__doc__ += examples("rtbcli evaluate rtb.safetensors --plot rtb.png",
                              "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
-                             "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess > 0.1'")
+                             "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'")
 
 
 def sample(

@@ -39,7 +39,8 @@ from .objectives import OBJECTIVES
 from .runtime import check_writable
 
 Number = Union[float, torch.Tensor]
-TARGETS = ("rtb", "trust-pcl")
+# the objectives that learn a scalar (log Z, or alpha^k log Z), from the objective registry: any two convert into each other
+TARGETS = tuple(name for name, o in OBJECTIVES.items() if o.scalar is not None)
 
 PARAM_HINTS = {  # the fix named in each invalid-value message
     "beta": "beta is the inverse temperature of the target p_prior * r^beta; give beta > 0",
@@ -126,6 +127,16 @@ def trust_pcl_to_rtb_params(alpha: Number, v_soft_s0: Number) -> dict[str, Numbe
     return _convert(v_soft_s0, "v_soft_s0", alpha, "alpha", ("beta", "log_z"))
 
 
+def convert_scalar(value: float, src: str, to: str, beta: float) -> float:
+    """The learned scalar of objective `src` as objective `to` learns it, in float64, through log Z: each objective's
+    scalar is alpha^k log Z with its own k (Objective.scalar_alpha_power; rtb k = 0, trust-pcl k = 1), alpha = 1/beta.
+    The division and the product are by powers of beta, so rtb -> trust-pcl is V = log Z / beta, exactly as
+    `rtb_to_trust_pcl_params` computes it."""
+    k_src, k_to = OBJECTIVES[src].scalar_alpha_power, OBJECTIVES[to].scalar_alpha_power
+    log_z = value * beta ** k_src if k_src else value  # log Z = scalar / alpha^k
+    return log_z / beta ** k_to if k_to else log_z  # scalar' = alpha^k' log Z
+
+
 def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
     """Rewrite the fine-tuned rtb / trust-pcl checkpoint `src` in the other parametrisation, as `out`.
 
@@ -145,30 +156,27 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
 
     src, out, to = Path(src), Path(out), str(getattr(to, "value", to))  # `to` may be a str Enum
     if to not in TARGETS:
-        raise InputError(f"cannot convert to '{to}': choose rtb or trust-pcl")
+        raise InputError(f"cannot convert to '{to}': choose {' or '.join(TARGETS)}")
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise InputError(f"the output '{out}' is the input checkpoint itself: choose another file name (the input is never changed)")
     ck = load_checkpoint(src)
     if ck.kind != "finetuned":
         raise InputError(f"checkpoint '{src}' is a {ck.kind} checkpoint, which has no log Z or V_soft(s0): "
-                         "give one written by `rtbcli finetune --algo rtb` or `--algo trust-pcl`")
+                         f"give one written by `rtbcli finetune --algo {' or --algo '.join(TARGETS)}`")
     algo = ck.algo
     if algo not in TARGETS:
         raise InputError(f"checkpoint '{src}' was fine-tuned with '{algo}', which learns no log Z or V_soft(s0): "
-                         "only rtb and trust-pcl checkpoints can be converted")
+                         f"only {' and '.join(TARGETS)} checkpoints can be converted")
     if algo == to:
-        other = "rtb" if to == "trust-pcl" else "trust-pcl"
-        raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert (--to {other} converts the other way)")
+        others = " or ".join(f"--to {name}" for name in TARGETS if name != to)
+        raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert ({others} converts the other way)")
     src_name, dst_name = OBJECTIVES[algo].scalar, OBJECTIVES[to].scalar
     if src_name not in ck.tensors or ck.tensors[src_name].numel() != 1 or dst_name in ck.tensors:
         raise InputError(f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged")
     beta = _checkpoint_beta(ck)
     value = ck.scalar(src_name)
     check_param(f"the checkpoint's {src_name}", value, positive=False, fix=f"checkpoint '{src}' is damaged")
-    if algo == "rtb":
-        new_value = rtb_to_trust_pcl_params(value, beta)["v_soft_s0"]
-    else:
-        new_value = trust_pcl_to_rtb_params(1.0 / beta, value)["log_z"]
+    new_value = convert_scalar(value, algo, to, beta)
     scalar = torch.tensor(new_value, dtype=torch.float64).to(torch.float32)  # rounded once; see the float32 caveat
     check_param(dst_name, scalar, positive=False, fix=f"{new_value!r} overflows the float32 of a checkpoint")
     check_writable(out, "output")
@@ -181,9 +189,9 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
         "algo": algo, "path": str(src), "sha256": ck.sha256, src_name: value, "rtbcli_version": __version__,
         "converted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, sort_keys=True))
     save_checkpoint(out, tensors, meta)
-    scalars = {src_name: value, dst_name: float(scalar)}  # as stored in the two files
-    return {"checkpoint": str(out), "source": str(src), "from": algo, "to": to, "beta": beta, "alpha": alpha,
-            "log_z": scalars["log_z"], "v_soft_s0": scalars["v_soft_s0"],
+    stored = {src_name: value, dst_name: float(scalar)}  # as stored in the two files, in the registry's order
+    scalars = {OBJECTIVES[n].scalar: stored[OBJECTIVES[n].scalar] for n in TARGETS if n in (algo, to)}
+    return {"checkpoint": str(out), "source": str(src), "from": algo, "to": to, "beta": beta, "alpha": alpha, **scalars,
             "tensors_copied": len(tensors) - 1, "source_sha256": ck.sha256, "sha256": sha256_file(out)}
 
 

@@ -2,7 +2,7 @@
 
 The target of a prior checkpoint is its preset's prior data; the target of a finetuned one is
 p_data(x) r(x)^beta / Z with the *data* distribution, so a poor prior shows in the numbers.
-Each tier is reported when it applies (`rtbcli.report.REPORT_KEYS` lists every key):
+Each tier is reported when it applies (`rtbcli.metric_registry.METRICS` lists every key):
 
 1. always (where there is a reward): the mean and quantiles of log r over the samples; for a
    finetuned sampler the importance weights relative to its prior, lw = lpp + beta log r - lpf:
@@ -32,6 +32,7 @@ from .checkpoint import Checkpoint
 from .config import Preset, PythonRewardSpec
 from .data import load_array
 from .errors import InputError
+from .metric_registry import floor_keys
 from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, reference_comparison, sample_metrics
 from .objectives import OBJECTIVES
 from .rewards import UnnamedReward, check_reward_output, parse_reference
@@ -41,7 +42,6 @@ from .suites import suite_of
 from .targets import Target, prior_target, tilted_target
 from .tasks import Task
 
-SAMPLE_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MIN_COMPARED = 4  # reference rows that tier 2 needs: two halves of at least 2 (`metrics.reference_comparison`)
 MAX_FLOATS = 1 << 27  # trajectories are drawn in chunks of at most this many numbers
@@ -133,6 +133,24 @@ def _reference(arg, ck: Checkpoint, target: Target, tilted: bool) -> tuple[torch
     return target.reference, target.reference_note
 
 
+@dataclass
+class _Run:
+    """What every tier reads: the task, its target, the two samplers and the per-trajectory scores."""
+
+    ck: Checkpoint
+    task: Task
+    target: Target
+    policy: object
+    finetuned: bool  # scored against p_data r^beta (a finetuned checkpoint, or a prior given beta)
+    use_reward: bool  # the reward may be called
+    beta: float | None
+    n: int
+    seed: int
+    device: torch.device
+    chunk: int
+    scores: dict | None = None  # lpf, lpp, lpb, log_r, log_data per trajectory (CPU float64)
+
+
 @torch.no_grad()
 def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.device = torch.device("cpu"), chunk: int = 2_500,
              beta: float | None = None, reward: str | None = None, reward_kwargs: dict | None = None,
@@ -149,52 +167,70 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     task, target = target_of(ck, beta, preset, named=reward is not None, device=device)
     finetuned = ck.kind == "finetuned" or beta is not None
     use_reward = task.reward is not None and not isinstance(task.reward, UnnamedReward)
-    beta = task.beta if finetuned else None
-    policy = ck.sampler("policy", device)
-    prior = None  # the reference of the importance weights: the frozen prior, or a prior itself
-    if finetuned:
-        prior = ck.sampler("prior", device) if ck.kind == "finetuned" else policy
-    gen = make_generator(seed, device)
-    if use_reward:
-        check_reward_output(task.reward, policy.sample(min(n, 256), 0.0, make_generator(seed + 7919, device))[-1],
-                            "samples of the checkpoint")
+    run = _Run(ck, task, target, ck.sampler("policy", device), finetuned, use_reward, task.beta if finetuned else None,
+               n, seed, device, chunk)
+    x = _sample_and_score(run)
+    m = {"checkpoint": str(ck.path), "kind": ck.kind, "algo": ck.algo, "preset": ck.meta.get("preset"), "suite": suite_of(task).name,
+         "dim": task.dim, "n": n, "seed": seed, "step": ck.step, "beta": run.beta, "target": target.description,
+         "target_method": target.method}
+    lw = _importance_weights(run, m)
+    # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
+    y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
+    ref = _reference_comparison(run, m, x, y, reference)
+    _mode_metrics(run, m, x, y)
+    _data_log_z(run, m, y)
+    m.update(suite_of(task).extra_metrics(task, x, target, finetuned, seed, lw))
+    return Evaluation(m, x, None if y is None else y.float(), target, task, ref)
 
+
+def _sample_and_score(run: _Run) -> torch.Tensor:
+    """Draw run.n trajectories of the policy in chunks, keep their x_T (CPU float32) and set run.scores."""
+    prior = None  # the reference of the importance weights: the frozen prior, or a prior itself
+    if run.finetuned:
+        prior = run.ck.sampler("prior", run.device) if run.ck.kind == "finetuned" else run.policy
+    policy, gen = run.policy, make_generator(run.seed, run.device)
+    if run.use_reward:
+        check_reward_output(run.task.reward, policy.sample(min(run.n, 256), 0.0, make_generator(run.seed + 7919, run.device))[-1],
+                            "samples of the checkpoint")
     parts, xs = [], []
-    for size in _chunks(n, policy.steps, policy.dim):
+    for size in _chunks(run.n, policy.steps, policy.dim):
         traj = policy.sample(size, 0.0, gen)
         xs.append(traj[-1].float().cpu())
-        parts.append(_score(policy, prior, task, traj, use_reward, chunk))
+        parts.append(_score(policy, prior, run.task, traj, run.use_reward, run.chunk))
         del traj
-    s = {k: (torch.cat([p[k] for p in parts]) if parts[0][k] is not None else None) for k in parts[0]}
-    x = torch.cat(xs)
+    run.scores = {k: (torch.cat([p[k] for p in parts]) if parts[0][k] is not None else None) for k in parts[0]}
+    return torch.cat(xs)
 
-    m = {"checkpoint": str(ck.path), "kind": ck.kind, "algo": ck.algo, "preset": ck.meta.get("preset"), "suite": suite_of(task).name,
-         "dim": task.dim, "n": n, "seed": seed, "step": ck.step, "beta": beta, "target": target.description, "target_method": target.method}
-    # tier 1: the reward, and the importance weights relative to the prior
-    if use_reward:
+
+def _importance_weights(run: _Run, m: dict) -> torch.Tensor | None:
+    """Tier 1: log r's mean and quantiles; lw = lpp + beta log r - lpf relative to the prior (elbo_prior, log_z_is,
+    ess_fraction, path_kl); the learned scalar. Returns lw where it applies."""
+    s, lw = run.scores, None
+    if run.use_reward:
         lr = s["log_r"]
         m["log_r_mean"] = float(lr.mean())
         q = torch.quantile(lr[torch.isfinite(lr)], torch.tensor(QUANTILES, dtype=torch.float64)) if torch.isfinite(lr).any() else None
         for p, v in zip(QUANTILES, q.tolist() if q is not None else [math.nan] * len(QUANTILES)):
             m[f"log_r_q{round(100 * p):02d}"] = v
-    if finetuned and use_reward:
-        lw = s["lpp"] + beta * s["log_r"] - s["lpf"]
-        m["elbo_prior"], m["log_z_is"], m["ess"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
+    if run.finetuned and run.use_reward:
+        lw = s["lpp"] + run.beta * s["log_r"] - s["lpf"]
+        m["elbo_prior"], m["log_z_is"], m["ess_fraction"] = float(lw.mean()), log_mean_exp(lw), effective_sample_size(lw)
         m["path_kl"] = float((s["lpf"] - s["lpp"]).mean())
-    log_z = ck.learned_log_z()
+    log_z = run.ck.learned_log_z()
     if log_z is not None:
         m["log_z_learned"] = log_z
-        obj = OBJECTIVES[ck.algo]
-        if obj.scalar_alpha_power:  # trust-pcl's V(s0) = alpha log Z, beside its alpha
-            m[obj.scalar], m["alpha"] = ck.scalar(obj.scalar), float(ck.meta["alpha"])
+        obj = OBJECTIVES[run.ck.algo]
+        if obj.scalar_alpha_power:  # a scalar other than log Z itself (trust-pcl's V(s0) = alpha log Z), beside its alpha
+            m[obj.scalar], m["alpha"] = run.ck.scalar(obj.scalar), float(run.ck.meta["alpha"])
+    return lw
 
-    # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
-    y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
 
-    # tier 2: reference samples
-    ref, note = _reference(reference, ck, target, finetuned)
+def _reference_comparison(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None, reference) -> torch.Tensor | None:
+    """Tier 2: sliced-W2 and MMD^2 beside their floor against the reference samples (given, the preset's, the target's,
+    or the exact target samples y). Returns the reference used."""
+    ref, note = _reference(reference, run.ck, run.target, run.finetuned)
     if ref is None and y is not None:
-        ref, note = y, f"{n:,} exact target samples"
+        ref, note = y, f"{run.n:,} exact target samples"
     finite_rows = 0 if ref is None else int(torch.isfinite(ref).all(dim=1).sum())
     if ref is not None and finite_rows < MIN_COMPARED:
         if reference is not None:  # given by the user
@@ -202,34 +238,45 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
                              f"{MIN_COMPARED} (two halves of 2): give more reference samples")
         ref, note = None, f"{note}: too few for sliced-W2 and MMD^2 (at least {MIN_COMPARED} rows)"
     if ref is not None:
-        m.update(reference_comparison(x, ref, seed=seed))
+        m.update(reference_comparison(x, ref, seed=run.seed))
+    if ref is not None or note:
         m["reference"] = note
-    elif note:
-        m["reference"] = note
+    return ref
 
-    # tier 3: exact mode metrics, log Z and its sandwich
-    if target.cell_masses is not None or target.bin_masses is not None:
-        m.update(sample_metrics(x, target))
-        if y is not None:
-            m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in SAMPLE_KEYS}
-        freq = per_mode_frequencies(x, target)
-        if freq is not None and target.cell_masses is not None:
-            modes = [{"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}
-                     for mu, p, f in zip(target.cell_means.tolist(), target.cell_masses[:-1], freq[:-1])]
-            m["cells"] = {"radius": target.radius, "modes": modes,
-                          "elsewhere": {"target_mass": round(float(target.cell_masses[-1]), 6), "frequency": round(float(freq[-1]), 6)}}
-    if task.data_is_exact and (use_reward or not finetuned):
-        tilt = beta * s["log_r"] if finetuned else 0.0
-        lw_data = s["log_data"] + tilt + s["lpb"] - s["lpf"]
-        if not finetuned:
-            m["log_z_is"], m["ess"] = log_mean_exp(lw_data), effective_sample_size(lw_data)
-        m["log_z_is_data"] = log_mean_exp(lw_data)
-        m["log_z_true"] = target.log_z if target.log_z_exact else None
-        m["elbo"] = float(lw_data.mean())
-        if y is not None:
-            back = bridge_sample(y.to(device=device, dtype=policy.net.state.weight.dtype), policy.steps, policy.sigma2,
-                                 make_generator(seed + 2, device))
-            sb = _score(policy, None, task, back, finetuned, chunk)
-            m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())
-    m.update(suite_of(task).extra_metrics(task, x, target, finetuned, seed, lw if finetuned and use_reward else None))
-    return Evaluation(m, x, None if y is None else y.float(), target, task, ref)
+
+def _mode_metrics(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    """Tier 3: mode coverage, mode-weight KL, off-target mass and histogram KL, beside the exact sampler's (`floor`), and
+    the per-mode frequencies (`cells`)."""
+    target = run.target
+    if target.cell_masses is None and target.bin_masses is None:
+        return
+    m.update(sample_metrics(x, target))
+    if y is not None:
+        m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in floor_keys()}
+    freq = per_mode_frequencies(x, target)
+    if freq is not None and target.cell_masses is not None:
+        modes = [{"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}
+                 for mu, p, f in zip(target.cell_means.tolist(), target.cell_masses[:-1], freq[:-1])]
+        m["cells"] = {"radius": target.radius, "modes": modes,
+                      "elsewhere": {"target_mass": round(float(target.cell_masses[-1]), 6), "frequency": round(float(freq[-1]), 6)}}
+
+
+def _data_log_z(run: _Run, m: dict, y: torch.Tensor | None) -> None:
+    """Tier 3: log Z_data by importance sampling against the data density, the ELBO and (over exact target samples with
+    bridge trajectories) the EUBO; for a prior, log_z_is and ess_fraction are these data-relative ones."""
+    s, task, finetuned, beta = run.scores, run.task, run.finetuned, run.beta
+    if not task.data_is_exact or not (run.use_reward or not finetuned):
+        return
+    tilt = beta * s["log_r"] if finetuned else 0.0
+    lw_data = s["log_data"] + tilt + s["lpb"] - s["lpf"]
+    if not finetuned:
+        m["log_z_is"], m["ess_fraction"] = log_mean_exp(lw_data), effective_sample_size(lw_data)
+    m["log_z_is_data"] = log_mean_exp(lw_data)
+    m["log_z_true"] = run.target.log_z if run.target.log_z_exact else None
+    m["elbo"] = float(lw_data.mean())
+    if y is not None:
+        policy = run.policy
+        back = bridge_sample(y.to(device=run.device, dtype=policy.net.state.weight.dtype), policy.steps, policy.sigma2,
+                             make_generator(run.seed + 2, run.device))
+        sb = _score(policy, None, task, back, finetuned, run.chunk)
+        m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())

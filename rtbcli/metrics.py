@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .metric_registry import floor_keys
+
 
 def cell_index(x: torch.Tensor, means: torch.Tensor, radius: float) -> torch.Tensor:
     """Cell of each sample: k in [0, K) for mode k, K for "elsewhere" (also non-finite samples)."""
@@ -103,7 +105,7 @@ def sample_metrics(x: torch.Tensor, target) -> dict:
 
     Values a target cannot support (no exact cells, or not 2-D for the histogram) are None.
     """
-    out = {"mode_coverage": None, "n_target_modes": None, "kl_mode": None, "off_target": None, "kl_hist": None}
+    out = dict.fromkeys(floor_keys())  # the mode metrics: the registry's keys with an exact-sampler floor
     if target.cell_masses is not None:
         k = target.cell_means.shape[0]
         counts = torch.bincount(cell_index(x, target.cell_means, target.radius), minlength=k + 1)
@@ -175,7 +177,8 @@ def _subsample(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _median(v: torch.Tensor) -> float:
-    """The median of a 1-D tensor: the middle value, or the mean of the two middle values."""
+    """The median of a 1-D tensor, as statistics.median defines it: the middle value, or the mean of the two
+    middle values. The one median of this module (torch's `median()` is the lower middle value instead)."""
     k = v.numel()
     lo = v.kthvalue((k + 1) // 2).values
     if k % 2:
@@ -190,8 +193,25 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
 
 
+def _pairs(d2: torch.Tensor) -> torch.Tensor:
+    """The entries i < j of a square matrix of one sample's squared distances: its distinct pairs."""
+    n = d2.shape[0]
+    return d2[torch.ones(n, n, dtype=torch.bool).triu_(1)]
+
+
+def _median_distance(*sq: torch.Tensor) -> float:
+    """The median of the distances whose squares are `sq` (concatenated); where that median is 0 (most pairs
+    coincide), the median of the nonzero ones; 0.0 if every distance is 0 (or there is none)."""
+    v = torch.cat([t.reshape(-1) for t in sq])
+    h = _median(v.sqrt()) if v.numel() else 0.0
+    if h == 0:
+        nonzero = v[v > 0]
+        h = _median(nonzero.sqrt()) if nonzero.numel() else 0.0
+    return h
+
+
 def _mmd_points(x, y, max_points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The points MMD and its median bandwidth use: at most max_points of each sample."""
+    """The points MMD uses: at most max_points of each sample."""
     x, y = _check_pair(x, y)
     if max_points < 2:
         raise ValueError("max_points must be at least 2")
@@ -199,36 +219,36 @@ def _mmd_points(x, y, max_points: int, seed: int) -> tuple[torch.Tensor, torch.T
     return _subsample(x, max_points, gen), _subsample(y, max_points, gen)
 
 
-def _median_from_blocks(dxx: torch.Tensor, dyy: torch.Tensor, dxy: torch.Tensor) -> float:
-    """Median distance over the distinct pairs of the pooled points, from squared-distance blocks."""
-    n, m = dxx.shape[0], dyy.shape[0]
-    v = torch.cat([dxx[torch.ones(n, n, dtype=torch.bool).triu_(1)], dyy[torch.ones(m, m, dtype=torch.bool).triu_(1)],
-                   dxy.reshape(-1)])
-    if v.numel() == 0:
-        raise ValueError("the median bandwidth needs at least 2 points")
-    return _median(v.sqrt_())
+MMD_MAX_POINTS = 2000  # rows of each sample MMD^2 uses, and of the reference its bandwidth uses
 
 
-def median_bandwidth(x, y, max_points: int = 2000, seed: int = 0) -> float:
-    """Median heuristic: the median of ||z_i - z_j|| over the distinct pairs i < j of the pooled points.
+def median_bandwidth(reference, max_points: int = MMD_MAX_POINTS, seed: int = 0) -> float:
+    """The MMD kernel bandwidth h: the median of ||y_i - y_j|| over the distinct pairs i < j of the reference's
+    rows (at most `max_points` of them, drawn without replacement by a torch.Generator seeded with `seed`).
 
-    The pooled points are at most `max_points` rows of each of x and y, drawn without replacement by a
-    torch.Generator seeded with `seed` -- the same points mmd2_rbf(x, y, max_points, seed) uses. For an
-    even number of pairs the median is the mean of the two middle distances.
+    The median is statistics.median's (for an even number of pairs, the mean of the two middle distances).
+    Where it is 0 (most reference rows coincide), the median of the nonzero distances; 0.0 when every row is
+    the same point (then no bandwidth follows from the reference alone). Needs 2 finite rows.
     """
-    x, y = _mmd_points(x, y, max_points, seed)
-    return _median_from_blocks(_sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y))
+    y = _as_samples(reference, "reference")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("reference has non-finite values; drop those rows first")
+    if max_points < 2 or y.shape[0] < 2:
+        raise ValueError("the median bandwidth needs at least 2 reference rows (and max_points >= 2)")
+    y = _subsample(y, max_points, torch.Generator().manual_seed(seed))
+    return _median_distance(_pairs(_sq_dists(y, y)))
 
 
-def mmd2_rbf(x, y, max_points: int = 2000, seed: int = 0, bandwidth: float | None = None) -> float:
-    """Unbiased MMD^2 between samples x and y with the Gaussian kernel k(a, b) = exp(-||a - b||^2 / (2 h^2)).
+def mmd2_rbf(x, y, max_points: int = MMD_MAX_POINTS, seed: int = 0, bandwidth: float | None = None) -> float:
+    """Unbiased MMD^2 between samples x and reference samples y with the Gaussian kernel
+    k(a, b) = exp(-||a - b||^2 / (2 h^2)):
 
     MMD^2 = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j) - 2/(nm) sum_{i,j} k(x_i, y_j),
 
     over at most `max_points` rows of each sample (drawn without replacement, seeded). It can be slightly
-    negative. h = `bandwidth`, or if None the median heuristic on the same points (median_bandwidth); where
-    that median is 0 (most points coincide), the median of the nonzero distances, and where every point is
-    the same point, MMD^2 = 0 (k = 1 everywhere). Needs at least 2 points in each sample; ValueError if a
+    negative. h = `bandwidth`, or if None the median distance of the y rows used (`median_bandwidth`'s rule);
+    where y is one point repeated, the median of the nonzero pooled distances stands in, and where every point
+    is the same point MMD^2 = 0 (k = 1 everywhere). Needs at least 2 points in each sample; ValueError if a
     given bandwidth is not positive and finite.
     """
     x, y = _mmd_points(x, y, max_points, seed)
@@ -236,16 +256,14 @@ def mmd2_rbf(x, y, max_points: int = 2000, seed: int = 0, bandwidth: float | Non
     if n < 2 or m < 2:
         raise ValueError(f"unbiased MMD^2 needs at least 2 points in each sample, got {n} and {m}")
     dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
-    h = _median_from_blocks(dxx, dyy, dxy) if bandwidth is None else float(bandwidth)
-    if bandwidth is None and h == 0:
-        nonzero = torch.cat([dxx.reshape(-1), dyy.reshape(-1), dxy.reshape(-1)])
-        nonzero = nonzero[nonzero > 0]
-        if nonzero.numel() == 0:
+    if bandwidth is None:
+        h = _median_distance(_pairs(dyy)) or _median_distance(_pairs(dxx), _pairs(dyy), dxy)
+        if h == 0:
             return 0.0
-        h = float(nonzero.median().sqrt())
-    if not (h > 0 and math.isfinite(h)):
-        raise ValueError(f"the kernel bandwidth must be positive and finite, got {h}"
-                         + (" (median pairwise distance; pass bandwidth=)" if bandwidth is None else ""))
+    else:
+        h = float(bandwidth)
+        if not (h > 0 and math.isfinite(h)):
+            raise ValueError(f"the kernel bandwidth must be positive and finite, got {h}")
     c = -1.0 / (2.0 * h * h)
 
     def off_diagonal_sum(d2: torch.Tensor) -> torch.Tensor:
@@ -281,6 +299,27 @@ def sliced_w2(x, y, n_proj: int = 256, seed: int = 0) -> float:
     return float((px - py).square().mean().sqrt())
 
 
+def _mmd_beside_floor(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: float, seed: int) -> tuple[float, float, float]:
+    """(mmd2, mmd2_floor, h): MMD^2(x, a) and MMD^2(b, a), both with the one bandwidth h of the reference.
+
+    h = 0 means the reference is one point repeated: the floor is then exactly 0 under any kernel, and the
+    model's MMD^2 takes the median of its nonzero pooled distances (`mmd2_rbf`'s rule), reported as h.
+    """
+    if h == 0:
+        xs, as_ = _mmd_points(x, a, MMD_MAX_POINTS, seed)
+        h = _median_distance(_pairs(_sq_dists(xs, xs)), _pairs(_sq_dists(as_, as_)), _sq_dists(xs, as_))
+        if h == 0:  # every point is the same point
+            return 0.0, 0.0, 0.0
+    return mmd2_rbf(x, a, seed=seed, bandwidth=h), mmd2_rbf(b, a, seed=seed, bandwidth=h), h
+
+
+def _far_rows(x: torch.Tensor, ref: torch.Tensor) -> int:
+    """Rows of x outside the reference's bounding box widened on every side by its largest width."""
+    lo, hi = ref.min(dim=0).values, ref.max(dim=0).values
+    width = float((hi - lo).max())  # the largest: a coordinate constant in the reference (a blank pixel) has none
+    return int(((x < lo - width) | (x > hi + width)).any(dim=1).sum())
+
+
 def reference_comparison(samples, reference, seed: int = 0) -> dict:
     """SW2 and MMD^2 of samples against reference samples, each next to its floor.
 
@@ -290,13 +329,15 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     seeded subsample X of m model rows:
 
       sw2 = sliced_w2(X, A[:m]),      sw2_floor = sliced_w2(B[:m], A[:m]),
-      mmd2 = mmd2_rbf(X, A[:m]),      mmd2_floor = mmd2_rbf(B[:m], A[:m])
+      mmd2 = mmd2_rbf(X, A[:m], h),   mmd2_floor = mmd2_rbf(B[:m], A[:m], h)
 
-    (all with the same seed, so model and floor use the same projection directions; each MMD^2 uses its own
-    median bandwidth). A sampler indistinguishable from the target scores near its floor. With fewer than
-    2 finite model rows the four statistics are NaN. n_far counts the finite model rows outside the
-    reference's bounding box widened on every side by its largest width: diverged trajectories, which weigh on sliced-W2 as their squared distance and hardly on MMD^2. Returns
-    {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}.
+    all with the same seed, so model and floor use the same projection directions, and one kernel bandwidth
+    h = median_bandwidth(reference, 2000, seed) (the median pairwise distance of at most 2,000 reference rows)
+    for both MMD^2, so that the two compare; h is reported as mmd_bandwidth. A sampler indistinguishable from the
+    target scores near its floor. With fewer than 2 finite model rows the four statistics are NaN. n_far counts
+    the finite model rows outside the reference's bounding box widened on every side by its largest width:
+    diverged trajectories, which weigh on sliced-W2 as their squared distance and hardly on MMD^2. Returns
+    {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}.
     """
     x, ref = _check_pair(samples, reference, require_finite=False)
     finite = torch.isfinite(x).all(dim=1)
@@ -310,13 +351,11 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     perm = torch.randperm(r, generator=gen)
     a, b = ref[perm[:half]], ref[perm[half:2 * half]]
     m = min(x.shape[0], half)
-    lo, hi = ref.min(dim=0).values, ref.max(dim=0).values
-    width = float((hi - lo).max())  # the largest: a coordinate constant in the reference (a blank pixel) has none
-    n_far = int(((x < lo - width) | (x > hi + width)).any(dim=1).sum())
-    out = {"n_compared": m, "n_reference": r, "n_dropped_nonfinite": n_dropped, "n_far": n_far}
+    out = {"n_compared": m, "n_reference": r, "n_dropped_nonfinite": n_dropped, "n_far": _far_rows(x, ref)}
     if m < 2:
         nan = float("nan")
-        return {"sw2": nan, "sw2_floor": nan, "mmd2": nan, "mmd2_floor": nan, **out}
+        return {"sw2": nan, "sw2_floor": nan, "mmd2": nan, "mmd2_floor": nan, "mmd_bandwidth": nan, **out}
     x, a, b = _subsample(x, m, gen), a[:m], b[:m]
+    mmd2, mmd2_floor, h = _mmd_beside_floor(x, a, b, median_bandwidth(ref, MMD_MAX_POINTS, seed), seed)
     return {"sw2": sliced_w2(x, a, seed=seed), "sw2_floor": sliced_w2(b, a, seed=seed),
-            "mmd2": mmd2_rbf(x, a, seed=seed), "mmd2_floor": mmd2_rbf(b, a, seed=seed), **out}
+            "mmd2": mmd2, "mmd2_floor": mmd2_floor, "mmd_bandwidth": h, **out}

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
 from .errors import InputError
+from .metric_registry import HEADLINE, METRICS, floor_of, format_value
 from .runtime import atomic_path, check_writable
 from .targets import Target
 
@@ -92,16 +93,17 @@ def _fmt(v, pattern: str = "{:.3g}") -> str:
 
 
 def _headline(m: dict) -> str:
-    """'coverage 9/9 · mode KL 0.004 · off-target 0.3% · hist KL 0.05', or the reference distances, or nothing."""
+    """'modes 9/9 · mode KL 0.004 · off-target 0.3% · hist KL 0.05', then the reference distances beside their floor
+    (the registry's headline metrics present in the report), or nothing."""
     parts = []
-    if m.get("kl_mode") is not None or m.get("mode_coverage") is not None:
-        cov, k = m.get("mode_coverage"), m.get("n_target_modes")
-        off = m.get("off_target")
-        parts += [f"coverage {_fmt(cov, '{}')}/{_fmt(k, '{}')}" if cov is not None else "coverage n/a", f"mode KL {_fmt(m.get('kl_mode'))}",
-                  f"off-target {_fmt(None if off is None else 100 * off, '{:.1f}%')}", f"hist KL {_fmt(m.get('kl_hist'))}"]
-    if m.get("sw2") is not None:
-        parts += [f"sliced W2 {_fmt(m['sw2'])} (floor {_fmt(m.get('sw2_floor'))})", f"MMD² {_fmt(m.get('mmd2'))} (floor {_fmt(m.get('mmd2_floor'))})"]
-    return " · ".join(parts)
+    for key in HEADLINE:
+        x = METRICS[key]
+        if m.get(key) is None and not (key in m and x.floor is not None and x.floor.startswith("floor.")):
+            continue  # a mode metric the task has but could not compute shows as n/a, others only where present
+        v = "n/a" if m.get(key) is None else format_value(key, m[key], report=m)
+        floor = "" if x.floor is None or x.floor.startswith("floor.") else f" (floor {_fmt(floor_of(m, key))})"
+        parts.append(f"{x.short} {v}{floor}")
+    return " · ".join(parts).replace("MMD^2", "MMD²")
 
 
 def _label(mu: list[float], k: int) -> str:

@@ -32,6 +32,7 @@ from .config import Preset, PythonRewardSpec, load_preset
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
+from .metric_registry import floor_of, row_keys, with_floor
 from .objectives import METHODS
 from .plots import plot_panels
 from .pretrain import pretrain
@@ -82,6 +83,27 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise InputError(f"--out '{out}' is not writable: choose another folder")
 
 
+@dataclass
+class _Plan:
+    """One `reproduce` run as its stages read it."""
+
+    preset: Preset
+    ref: str
+    budget: Budget
+    out: Path
+    methods: list
+    quick: bool
+    seed: int
+    device: torch.device
+    progress: bool
+    console: Console
+    prior_path: Path | None
+    use_shipped: bool
+
+    def say(self, k: int, text: str) -> None:
+        self.console.print(f"[bold cyan][{k}/{len(self.methods) + 2}][/] {text}")
+
+
 def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick: bool = False, seed: int = 0,
               device: torch.device = torch.device("cpu"), overwrite: bool = False, progress: bool = True,
               console: Console | None = None, budget: Budget | None = None, preset_ref: str | None = None,
@@ -91,114 +113,119 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     `preset_ref` names the task (default: the reference task); `budget` overrides the quick or full
     budget; `methods` the preset's list of methods.
     """
-    console = console or Console(stderr=True)
     preset, ref = load_preset(preset_ref)
     if preset.reward is None:
         raise InputError(f"preset '{ref}' names no reward: reproduce compares fine-tuning methods, give a preset with a [reward]")
     check_suite(Task(preset, allow_import=False))
     budget = budget or budget_for(preset, quick)
-    out = Path(out) if out is not None else default_out(ref, quick)
-    chosen = [METHODS[m] for m in (methods or preset.reproduce.methods)]
-    shipped = preset.reproduce.shipped_prior
     use_shipped = quick and prior_path is None and budget.pretrain_steps is None
-    if use_shipped and shipped is None:
+    if use_shipped and preset.reproduce.shipped_prior is None:
         raise InputError(f"--quick starts from a shipped prior, and preset '{ref}' has none: give --prior or --pretrain-steps")
-    prior_ck = load_checkpoint(prior_path, expect_kind="prior") if prior_path is not None else None
-    if prior_ck is not None:
-        check_compatible(prior_ck, preset)
-    prepare_out(out, overwrite)
+    given = load_checkpoint(prior_path, expect_kind="prior") if prior_path is not None else None
+    if given is not None:
+        check_compatible(given, preset)
+    plan = _Plan(preset, ref, budget, Path(out) if out is not None else default_out(ref, quick),
+                 [METHODS[m] for m in (methods or preset.reproduce.methods)], quick, seed, device, progress,
+                 console or Console(stderr=True), prior_path, use_shipped)
+    prepare_out(plan.out, overwrite)
     started, t_start = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
-    n_stages = len(chosen) + 2
-    say = lambda k, text: console.print(f"[bold cyan][{k}/{n_stages}][/] {text}")
-
-    # 1. the prior
-    prior_file = out / "prior.safetensors"
-    if prior_ck is None and use_shipped:
-        say(1, f"prior: the shipped prior ({shipped})")
-        shutil.copyfile(shipped_prior(shipped), prior_file)
-    elif prior_ck is None:
-        p = preset if budget.pretrain_steps is None else preset.updated("pretrain", steps=budget.pretrain_steps)
-        say(1, f"prior: pretraining {p.pretrain.steps:,} steps, batch {p.pretrain.batch_size}")
-        pretrain(p, ref, prior_file, seed=seed, device=device, log_path=out / "prior.jsonl", progress=progress)
-    else:
-        say(1, f"prior: {prior_path}")
-        shutil.copyfile(prior_path, prior_file)
-    prior_ck = load_checkpoint(prior_file)
-    check_compatible(prior_ck, preset)
-    ft_preset: Preset = preset.updated("finetune", steps=budget.finetune_steps, batch_size=budget.batch_size, lr=budget.lr)
-
-    # 2. every method, from the same prior and seed
-    rows = []
-    for k, m in enumerate(chosen, start=2):
-        say(k, f"{m.label}: {budget.finetune_steps:,} steps, batch {budget.batch_size}, lr {ft_preset.finetune.lr:g}")
-        ck_path = out / f"{m.name}.safetensors"
-        row = {"method": m.name, "label": m.label, "algo": m.algo, "on_policy": m.on_policy}
-        try:
-            r = finetune(prior_ck, ft_preset, ref, m.algo, ck_path, seed=seed, device=device, on_policy=m.on_policy,
-                         log_path=out / f"{m.name}.jsonl", progress=progress, save_every=0)
-        except PeerFailed:
-            raise
-        except RunError as e:  # a method that diverges is a result of the comparison, not the end of it
-            say(k, f"{m.label} diverged: {e}")
-            rows.append({**row, "checkpoint": None, "diverged": str(e)})
-            continue
-        rows.append({**row, "checkpoint": str(ck_path), "train_seconds": round(r.seconds, 1), "median_step_s": round(r.median_step_s, 4)})
-
-    # 3. evaluation of everything on the same n and seed
-    say(n_stages, f"evaluating {len(chosen) + 1} samplers on n = {budget.eval_n:,} (and the target's samples)")
-    # the preset names its reward, so the checkpoints' Python reward may be imported (as `evaluate --reward` would)
-    named = {"reward": preset.reward.function, "reward_kwargs": preset.reward.kwargs} if isinstance(preset.reward, PythonRewardSpec) else {}
-    ev_prior = evaluate(prior_ck, budget.eval_n, seed, device, beta=preset.beta, **named)
-    prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
-    reference = ev_prior.reference
-    panels = [("prior", ev_prior.samples)]
-    if reference is not None:
-        panels.append(("target (reference)" if ev_prior.target.method == "reference" else "target (exact)", reference.float()))
-    subtitles = [subtitle(prior_row)] + ([""] if reference is not None else [])
-    for row in rows:
-        if row["checkpoint"] is None:
-            continue
-        ev = evaluate(load_checkpoint(row["checkpoint"]), budget.eval_n, seed, device, **named)
-        row.update(metrics_of(ev.metrics))
-        panels.append((row["label"], ev.samples))
-        subtitles.append(subtitle(row))
-    floor = floor_row(ev_prior.metrics, ev_prior.target.method)
-    figure = out / "figure.png"
-    suptitle = f"{preset.name}: {preset.description}; {'quick' if quick else 'full'} run, seed {seed}"
-    suite = suite_of(ev_prior.task)
-    if suite.own_figure:
-        suite.plot_samples(figure, panels, title=suptitle)
-    else:
-        plot_panels(figure, panels, ev_prior.target, subtitles=subtitles, suptitle=suptitle, reference=reference)
+    prior_ck = _prior_stage(plan)
+    rows = _finetune_stage(plan, prior_ck)
+    prior_row, floor, figure = _evaluate_stage(plan, prior_ck, rows)
     summary = {
         "command": "reproduce", "quick": quick, "seed": seed, "device": device.type, "rtbcli_version": __version__,
         "torch_version": torch.__version__, "machine": {"python": platform.python_version(), "platform": platform.platform(),
                                                          "torch_threads": torch.get_num_threads()},
         "started": started.isoformat(timespec="seconds"), "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "preset": ref, "budget": budget.__dict__, "prior": str(prior_file), "prior_source": str(prior_path or ("shipped" if use_shipped else "pretrained")),
-        "eval_n": budget.eval_n, "rows": rows, "prior_row": prior_row, "floor": floor, "figure": str(figure), "out": str(out),
+        "preset": ref, "budget": budget.__dict__, "prior": str(plan.out / "prior.safetensors"),
+        "prior_source": str(prior_path or ("shipped" if use_shipped else "pretrained")),
+        "eval_n": budget.eval_n, "rows": rows, "prior_row": prior_row, "floor": floor, "figure": str(figure), "out": str(plan.out),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-ROW_KEYS = ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist", "log_z_learned", "log_z_is", "ess", "elbo", "eubo",
-            "elbo_prior", "path_kl", "log_r_mean", "sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_far", "well_mass_mean_abs_err",
-            "well_mass_max_abs_err", "class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "log_z_true",
-            "log_z_is_data")
+def _prior_stage(plan: _Plan):
+    """Stage 1: the prior (copied from --prior or the shipped one, or pretrained) as out/prior.safetensors."""
+    prior_file, preset = plan.out / "prior.safetensors", plan.preset
+    if plan.prior_path is None and plan.use_shipped:
+        plan.say(1, f"prior: the shipped prior ({preset.reproduce.shipped_prior})")
+        shutil.copyfile(shipped_prior(preset.reproduce.shipped_prior), prior_file)
+    elif plan.prior_path is None:
+        p = preset if plan.budget.pretrain_steps is None else preset.updated("pretrain", steps=plan.budget.pretrain_steps)
+        plan.say(1, f"prior: pretraining {p.pretrain.steps:,} steps, batch {p.pretrain.batch_size}")
+        pretrain(p, plan.ref, prior_file, seed=plan.seed, device=plan.device, log_path=plan.out / "prior.jsonl", progress=plan.progress)
+    else:
+        plan.say(1, f"prior: {plan.prior_path}")
+        shutil.copyfile(plan.prior_path, prior_file)
+    prior_ck = load_checkpoint(prior_file)
+    check_compatible(prior_ck, preset)
+    return prior_ck
+
+
+def _finetune_stage(plan: _Plan, prior_ck) -> list[dict]:
+    """Stage 2: every method from the same prior and seed; a method that diverges is a row saying so."""
+    b = plan.budget
+    ft_preset: Preset = plan.preset.updated("finetune", steps=b.finetune_steps, batch_size=b.batch_size, lr=b.lr)
+    rows = []
+    for k, m in enumerate(plan.methods, start=2):
+        plan.say(k, f"{m.label}: {b.finetune_steps:,} steps, batch {b.batch_size}, lr {ft_preset.finetune.lr:g}")
+        ck_path = plan.out / f"{m.name}.safetensors"
+        row = {"method": m.name, "label": m.label, "algo": m.algo, "on_policy": m.on_policy}
+        try:
+            r = finetune(prior_ck, ft_preset, plan.ref, m.algo, ck_path, seed=plan.seed, device=plan.device, on_policy=m.on_policy,
+                         log_path=plan.out / f"{m.name}.jsonl", progress=plan.progress, save_every=0)
+        except PeerFailed:
+            raise
+        except RunError as e:  # a method that diverges is a result of the comparison, not the end of it
+            plan.say(k, f"{m.label} diverged: {e}")
+            rows.append({**row, "checkpoint": None, "diverged": str(e)})
+            continue
+        rows.append({**row, "checkpoint": str(ck_path), "train_seconds": round(r.seconds, 1), "median_step_s": round(r.median_step_s, 4)})
+    return rows
+
+
+def _evaluate_stage(plan: _Plan, prior_ck, rows: list[dict]) -> tuple[dict, dict, Path]:
+    """Stage 3: every sampler (and the prior, against the target) on the same n and seed; the figure. Fills the rows'
+    metrics; returns the prior's row, the floor row and the figure's path."""
+    n, seed, device, preset = plan.budget.eval_n, plan.seed, plan.device, plan.preset
+    plan.say(len(plan.methods) + 2, f"evaluating {len(plan.methods) + 1} samplers on n = {n:,} (and the target's samples)")
+    # the preset names its reward, so the checkpoints' Python reward may be imported (as `evaluate --reward` would)
+    named = {"reward": preset.reward.function, "reward_kwargs": preset.reward.kwargs} if isinstance(preset.reward, PythonRewardSpec) else {}
+    ev_prior = evaluate(prior_ck, n, seed, device, beta=preset.beta, **named)
+    prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
+    reference = ev_prior.reference
+    panels, subtitles = [("prior", ev_prior.samples)], [subtitle(prior_row)]
+    if reference is not None:
+        panels.append(("target (reference)" if ev_prior.target.method == "reference" else "target (exact)", reference.float()))
+        subtitles.append("")
+    for row in rows:
+        if row["checkpoint"] is None:
+            continue
+        ev = evaluate(load_checkpoint(row["checkpoint"]), n, seed, device, **named)
+        row.update(metrics_of(ev.metrics))
+        panels.append((row["label"], ev.samples))
+        subtitles.append(subtitle(row))
+    figure = plan.out / "figure.png"
+    suptitle = f"{preset.name}: {preset.description}; {'quick' if plan.quick else 'full'} run, seed {seed}"
+    suite = suite_of(ev_prior.task)
+    if suite.own_figure:
+        suite.plot_samples(figure, panels, title=suptitle)
+    else:
+        plot_panels(figure, panels, ev_prior.target, subtitles=subtitles, suptitle=suptitle, reference=reference)
+    return prior_row, floor_row(ev_prior.metrics, ev_prior.target.method), figure
 
 
 def metrics_of(m: dict) -> dict:
-    return {k: m.get(k) for k in ROW_KEYS}
+    """A summary row's metrics: the registry's row keys of an evaluation report."""
+    return {k: m.get(k) for k in row_keys()}
 
 
 def floor_row(m: dict, method: str) -> dict:
-    """What a sampler of the target itself scores: the exact sampler, or the reference against itself."""
-    row = {"method": "exact sampler (floor)" if method != "reference" else "reference (floor)", **m.get("floor", {})}
-    row.update(sw2=m.get("sw2_floor"), mmd2=m.get("mmd2_floor"), well_mass_mean_abs_err=m.get("well_mass_mean_abs_err_floor"),
-               well_mass_max_abs_err=m.get("well_mass_max_abs_err_floor"), class_fraction=m.get("class_fraction_real"),
-               diversity=m.get("diversity_real"), nearest_train_distance=m.get("nearest_train_distance_real"))
-    return row
+    """What a sampler of the target itself scores: the exact sampler, or the reference against itself; each metric's
+    floor where the registry says it lives."""
+    return {"method": "exact sampler (floor)" if method != "reference" else "reference (floor)",
+            **{x.key: floor_of(m, x.key) for x in with_floor()}}
 
 
 def subtitle(row: dict) -> str:

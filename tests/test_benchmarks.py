@@ -20,7 +20,7 @@ from test_cli import assert_one_line_error, error_line
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUITE_KEYS = {
-    "digits": ("class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "sw2", "mmd2", "log_z_is", "ess"),
+    "digits": ("class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "sw2", "mmd2", "log_z_is", "ess_fraction"),
     "manywell32": ("well_mass_mean_abs_err", "well_mass_max_abs_err", "sw2", "mmd2", "log_z_is", "elbo", "eubo"),
 }
 
@@ -48,7 +48,7 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monke
         ck = load_checkpoint(row["checkpoint"])
         assert ck.step == 2 and ck.preset.dim == preset.dim and ck.algo == row["algo"]
         for key in SUITE_KEYS[name]:
-            if key == "class_fraction_target" or row["algo"] != "legacy-rl" or key not in ("log_z_is", "ess"):
+            if key == "class_fraction_target" or row["algo"] != "legacy-rl" or key not in ("log_z_is", "ess_fraction"):
                 assert row.get(key) is not None, (row["method"], key)
     prior = summary["prior_row"]
     # a few samples far out (the digits prior draws 1-3% with a pixel beyond +-3 on the [-1, 1] scale), not all of them
@@ -113,3 +113,26 @@ def test_shipped_priors_carry_their_preset(name):
     for section in ("finetune", "evaluate", "reproduce"):
         assert getattr(ck.preset, section) == getattr(preset, section), section
     assert (ck.preset.beta, ck.preset.reward) == (preset.beta, preset.reward)
+
+
+def test_summary_table_markdown_reads_the_registry():
+    """benchmarks/summary_table.py prints the columns and formats `rtbcli reproduce` prints: the registry's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "summary_table.py"
+    spec = importlib.util.spec_from_file_location("summary_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = {"mode_coverage": 9, "n_target_modes": 9, "kl_mode": 0.01234, "off_target": 0.0712, "kl_hist": 0.0751, "sw2": 0.5,
+           "log_z_learned": 0.0213, "log_z_is": 0.0187, "elbo": -0.1, "eubo": 0.2}
+    summary = {"prior_row": {"method": "prior (no fine-tuning)", **row}, "rows": [{"method": "rtb", **row, "train_seconds": 61.4},
+               {"method": "legacy-rl", "diverged": "non-finite loss"}], "floor": {"method": "exact sampler (floor)", "kl_mode": 0.0006}}
+    lines = mod.markdown(summary).splitlines()
+    assert lines[0] == "| method | modes | mode KL | off-target | hist KL | log Z | log Z (IS) | ELBO | train s |"  # sw2, eubo: json only
+    assert lines[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.021 | 0.019 | -0.100 | 61 |"
+    assert lines[4] == "| legacy-rl | diverged | - | - | - | - | - | - | - |"
+    assert lines[5].startswith("| exact sampler (floor) | - | 0.0006 | - |")
+    every = mod.markdown(summary, every=True).splitlines()
+    assert every[0] == ("| method | modes | mode KL | off-target | hist KL | sliced W2 | log Z | log Z (IS) | ELBO | EUBO | train s |")
+    assert every[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.500 | 0.021 | 0.019 | -0.100 | 0.200 | 61 |"

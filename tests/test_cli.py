@@ -103,7 +103,7 @@ def test_pretrain_sample_evaluate_smoke(tmp_path, tiny_preset_file, capsys):
     assert code == 0, out
     m = json.loads(out)
     for key in ("mode_coverage", "n_target_modes", "kl_mode", "kl_hist", "off_target", "floor", "log_z_is", "cells",
-                "log_z_true", "elbo", "eubo", "ess", "n", "checkpoint", "kind", "algo", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
+                "log_z_true", "elbo", "eubo", "ess_fraction", "n", "checkpoint", "kind", "algo", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
         assert key in m, key
     assert "log_z_learned" not in m and "elbo_prior" not in m  # a prior learns no log Z and has no prior of its own
     assert m["n"] == 300 and m["kind"] == "prior" and m["n_target_modes"] == 25 and m["log_z_true"] == 0.0

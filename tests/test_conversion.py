@@ -414,3 +414,19 @@ def test_cli_errors(capsys, rtb_ck, tmp_path, args, needle):
     assert code == 2 and out == ""
     assert err.startswith("rtbcli: error:") and err.count("\n") == 1 and needle in err, err
     assert rtb_ck.read_bytes() == before and not (tmp_path / "out.safetensors").exists()
+
+
+def test_conversion_reads_the_objective_registry():
+    """The convertible objectives are the registry's objectives with a learned scalar, and the scalar map is the
+    registry's alpha^k log Z; rtb -> trust-pcl stays exactly rtb_to_trust_pcl_params (V = log Z / beta)."""
+    from rtbcli.conversion import TARGETS, convert_scalar
+    from rtbcli.objectives import OBJECTIVES
+
+    assert TARGETS == tuple(n for n, o in OBJECTIVES.items() if o.scalar is not None) and {"rtb", "trust-pcl"} <= set(TARGETS)
+    for beta in (0.3, 0.5, 2.0):
+        for a in TARGETS:
+            for b in TARGETS:
+                want = OBJECTIVES[b].scalar_from_log_z(OBJECTIVES[a].log_z(1.7, 1 / beta), 1 / beta)
+                assert convert_scalar(1.7, a, b, beta) == pytest.approx(want, rel=1e-15)
+        assert convert_scalar(0.7, "rtb", "trust-pcl", beta) == rtb_to_trust_pcl_params(0.7, beta)["v_soft_s0"]
+        assert convert_scalar(4.0, "trust-pcl", "rtb", beta) == pytest.approx(trust_pcl_to_rtb_params(1 / beta, 4.0)["log_z"], rel=1e-15)

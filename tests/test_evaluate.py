@@ -90,10 +90,10 @@ def test_sandwich_is_exact_for_brownian_motion(tmp_path, tiny_preset):
     assert m["log_z_true"] == 0.0
     for key in ("elbo", "log_z_is", "log_z_is_data", "eubo"):
         assert m[key] == pytest.approx(0.0, abs=1e-5), key
-    assert m["ess"] == pytest.approx(1.0, abs=1e-9)
+    assert m["ess_fraction"] == pytest.approx(1.0, abs=1e-9)
     # the same check tells a sampler with a drift apart
     w = evaluate(zero_drift_prior(tmp_path, preset, perturb=1.0), n=1000, seed=0).metrics
-    assert w["elbo"] < -5e-3 and w["eubo"] > 5e-3 and w["ess"] < 0.99
+    assert w["elbo"] < -5e-3 and w["eubo"] > 5e-3 and w["ess_fraction"] < 0.99
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -121,3 +121,119 @@ def test_learned_log_z_after_one_adam_step(tmp_path):
         assert m["log_z_learned"] == pytest.approx(expected, rel=1e-5), algo
         if algo == "trust-pcl":
             assert m["alpha"] == 2.0 and m["v_soft_s0"] == pytest.approx(2 * expected, rel=1e-5)
+
+
+# ------------------------------------------------------------ importance weights against exact values
+REWARD_Q = {"means": [[2.0, 0.0], [-1.0, -2.0]], "variance": 1.5, "weights": [0.6, 0.4]}
+
+
+def reward_quadrature(sigma2: float, beta: float, drift=(0.0, 0.0), spacing: float = 0.02, half: float = 16.0) -> dict:
+    """Exact numbers, by quadrature on a 2-D grid in float64, written out independently of rtbcli, for a prior
+    ending at p = N(0, sigma2 I), a policy ending at q = N(drift, sigma2 I) and log r = log REWARD_Q:
+    mean_log_r = E_q[log r], z = E_p[r^beta] (so log Z = log z), w2 = E_q[w^2] with the weights w = (p / q) r^beta
+    (whose mean is z), and the path KL of a constant drift c: |c|^2 / (2 sigma2)."""
+    c = np.arange(-half, half + spacing / 2, spacing)
+    gx, gy = np.meshgrid(c, c, indexing="ij")
+    r = np.zeros_like(gx)
+    var = REWARD_Q["variance"]
+    for (mx, my), w in zip(REWARD_Q["means"], REWARD_Q["weights"]):
+        r += w * np.exp(-((gx - mx) ** 2 + (gy - my) ** 2) / (2 * var)) / (2 * math.pi * var)
+    gauss = lambda mx, my: np.exp(-((gx - mx) ** 2 + (gy - my) ** 2) / (2 * sigma2)) / (2 * math.pi * sigma2) * spacing ** 2
+    p, q = gauss(0.0, 0.0), gauss(*drift)
+    assert abs(p.sum() - 1) < 1e-9 and abs(q.sum() - 1) < 1e-9  # the grid holds both Gaussians
+    return {"mean_log_r": float((q * np.log(r)).sum()), "z": float((p * r ** beta).sum()),
+            "w2": float((p * p / q * r ** (2 * beta)).sum()), "path_kl": (drift[0] ** 2 + drift[1] ** 2) / (2 * sigma2)}
+
+
+def finetuned_checkpoint(tmp_path, preset, beta: float, drift=(0.0, 0.0)):
+    """A 'finetuned' rtb checkpoint over a zero-drift prior (which ends at N(0, sigma2 I) exactly) whose policy has the
+    constant drift f = `drift` (the last layer's bias; its weight is 0), so it ends at N(drift, sigma2 I) exactly."""
+    from rtbcli.checkpoint import base_metadata, sampler_tensors, save_checkpoint
+    from rtbcli.config import Preset
+    from rtbcli.sampler import DiffusionSampler
+
+    data = preset.model_dump()
+    data.update(beta=beta, reward={"type": "mixture", "mixture": REWARD_Q})
+    data["prior_data"] = {"means": [[0.0, 0.0]], "variance": preset.sampler.sigma2}
+    p = Preset.model_validate(data)
+    prior, policy = DiffusionSampler.from_spec(p.dim, p.sampler), DiffusionSampler.from_spec(p.dim, p.sampler)
+    policy.load_state_dict(prior.state_dict())
+    last = policy.net.body[-1]
+    assert float(last.weight.detach().abs().max()) == 0 and float(last.bias.detach().abs().max()) == 0  # zero drift
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor(drift))
+    meta = base_metadata("finetuned", p, "constant-drift", 0, 0, {})
+    meta.update(algo="rtb", beta=repr(beta), alpha=repr(1 / beta), prior_sha256="", prior_path="")
+    tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior"), "log_z": torch.tensor(0.0)}
+    path = tmp_path / f"ft-{beta}-{drift[0]}-{drift[1]}.safetensors"
+    save_checkpoint(path, tensors, meta)
+    return load_checkpoint(path)
+
+
+N_IS = 20_000
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_importance_weights_of_a_policy_equal_to_its_prior(tmp_path, tiny_preset):
+    """policy = prior: lw = beta log r, path_kl = 0 exactly and elbo_prior = beta mean(log r); log Z_IS -> log E_prior[r^beta]
+    and ess_fraction -> E[r^beta]^2 / E[r^(2 beta)], by quadrature under the exact terminal law N(0, sigma2 I).
+    beta = 0.5 and 1 give different numbers, each its own formula's: a sign or beta error fails."""
+    sigma2, got = tiny_preset.sampler.sigma2, {}
+    for beta in (0.5, 1.0):
+        m = evaluate(finetuned_checkpoint(tmp_path, tiny_preset, beta), n=N_IS, seed=0).metrics
+        exact = reward_quadrature(sigma2, beta)
+        rel_var = exact["w2"] / exact["z"] ** 2 - 1  # Var(r^beta) / E[r^beta]^2 under the prior
+        assert m["beta"] == beta and m["path_kl"] == 0.0
+        assert m["elbo_prior"] == pytest.approx(beta * m["log_r_mean"], rel=1e-12)
+        assert m["log_r_mean"] == pytest.approx(exact["mean_log_r"], abs=0.05)  # 5 sd: sd(log r) < 2 here
+        assert m["log_z_is"] == pytest.approx(math.log(exact["z"]), abs=5 * math.sqrt(rel_var / N_IS))
+        assert m["ess_fraction"] == pytest.approx(1 / (1 + rel_var), rel=0.02)
+        got[beta] = (m, exact)
+    (half, e_half), (one, e_one) = got[0.5], got[1.0]
+    assert half["log_r_mean"] == one["log_r_mean"]  # the same samples: only beta differs
+    assert abs(math.log(e_half["z"]) - math.log(e_one["z"])) > 1.0  # far apart next to the tolerances (< 0.04)
+    assert half["elbo_prior"] == pytest.approx(0.5 * one["elbo_prior"], rel=1e-12)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_importance_weights_of_a_policy_with_a_constant_drift(tmp_path, tiny_preset):
+    """policy = prior + a constant drift c: the path KL is |c|^2 / (2 sigma2) exactly, elbo_prior = beta mean(log r) - path_kl
+    on every sample, and log Z_IS still estimates log E_prior[r^beta] (the prior's normaliser, not the policy's), with
+    ess_fraction -> E_q[w]^2 / E_q[w^2]. A sign error in path_kl or lw fails."""
+    sigma2, beta, drift = tiny_preset.sampler.sigma2, 0.5, (1.0, -0.5)
+    m = evaluate(finetuned_checkpoint(tmp_path, tiny_preset, beta, drift), n=N_IS, seed=0).metrics
+    exact = reward_quadrature(sigma2, beta, drift)
+    rel_var = exact["w2"] / exact["z"] ** 2 - 1
+    kl_sd = math.sqrt((drift[0] ** 2 + drift[1] ** 2) / sigma2 / N_IS)  # lpf - lpp = c.(noise) / sigma2 + const
+    assert m["path_kl"] == pytest.approx(exact["path_kl"], abs=5 * kl_sd)
+    assert m["elbo_prior"] == pytest.approx(beta * m["log_r_mean"] - m["path_kl"], rel=1e-9)
+    assert m["elbo_prior"] == pytest.approx(beta * exact["mean_log_r"] - exact["path_kl"], abs=0.05)
+    assert m["log_z_is"] == pytest.approx(math.log(exact["z"]), abs=5 * math.sqrt(rel_var / N_IS))
+    assert m["ess_fraction"] == pytest.approx(1 / (1 + rel_var), rel=0.03)
+
+
+def test_every_reported_key_is_in_the_registry(shipped):
+    """The registry is the one list: every key an evaluation writes is there, the floor holds exactly its floor keys,
+    --require accepts the number keys and floor.KEY, and the old 'ess' names its new key."""
+    from rtbcli import metric_registry as reg
+    from rtbcli.errors import InputError
+    from rtbcli.report import parse_check
+
+    m = evaluate(shipped, n=400, seed=0, beta=1.0).metrics
+    assert set(m) <= set(reg.METRICS), set(m) - set(reg.METRICS)
+    assert tuple(m["floor"]) == reg.floor_keys() == ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
+    for key in ("ess_fraction", "mmd2_floor", "floor.kl_mode", "well_mass_max_abs_err_floor", "mmd_bandwidth"):
+        assert parse_check(f"{key} < 1").key == key
+    for key, hint in (("ess", "renamed 'ess_fraction'"), ("floor", "not a number"), ("cells", "not a number"), ("floor.sw2", "not a number")):
+        with pytest.raises(InputError, match=hint):
+            parse_check(f"{key} > 0")
+
+
+def test_require_help_lists_the_registry_keys(capsys):
+    from rtbcli import metric_registry as reg
+    from rtbcli.cli import run
+
+    assert run(["evaluate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("ess_fraction", "mmd_bandwidth", "floor.kl_hist", "well_mass_mean_abs_err"):
+        assert key in reg.requirable() and key in text

@@ -42,7 +42,7 @@ def test_moons_example(tmp_path, capsys, monkeypatch):
     assert ft["steps"] == 3
     ev = rtbcli(capsys, "evaluate", "moons-rtb.safetensors", "--reward", "moons/favour.py:log_reward", "-n", 500, "--plot", "moons.png")
     assert ev["target_method"] == "reference" and "accepted" in ev["reference"]
-    assert {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "log_z_is", "ess", "path_kl", "log_r_mean"} <= set(ev)
+    assert {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "log_z_is", "ess_fraction", "path_kl", "log_r_mean"} <= set(ev)
     assert Path("moons.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -60,4 +60,4 @@ def test_mixture10d_example(tmp_path, capsys, monkeypatch):
                "--batch-size", 16, "--out", f"{algo}.safetensors")
         ev = rtbcli(capsys, "evaluate", f"{algo}.safetensors", "--reward", "rewards.py:keep_modes", "-n", 400)
         assert ev["dim"] == 10 and ev["target_method"] == "reference" and "target.npy" in ev["reference"]
-        assert {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "log_z_is", "ess", "path_kl"} <= set(ev)
+        assert {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "log_z_is", "ess_fraction", "path_kl"} <= set(ev)

@@ -252,14 +252,14 @@ def test_own_data_and_reward_end_to_end_in_d_dimensions(tmp_path, d):
                             "--plot", tmp_path / "ft.png", "--dims", "0,1" if d == 1 else "3,7")
     assert code == 0, err
     m = json.loads(out)
-    for key in ("log_r_mean", "log_r_q05", "log_r_q95", "log_z_is", "ess", "elbo_prior", "path_kl", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
+    for key in ("log_r_mean", "log_r_q05", "log_r_q95", "log_z_is", "ess_fraction", "elbo_prior", "path_kl", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
         assert key in m and m[key] is not None, key
     assert "accepted with probability r^beta" in m["reference"] and m["n_compared"] <= 200
 
 
 # ----------------------------------------------------------------------------- smoke checks and templates
 def test_require_checks_print_each_value_and_fail_with_their_own_code(tmp_path, tiny_prior, capsys):
-    code, out, err = invoke("evaluate", tiny_prior, "--n", 200, "--require", "n_target_modes == 25", "--require", "ess > 0")
+    code, out, err = invoke("evaluate", tiny_prior, "--n", 200, "--require", "n_target_modes == 25", "--require", "ess_fraction > 0")
     assert code == 0, err
     assert "required checks" in out and "n_target_modes == 25" in out and "pass" in out
     code, out, err = invoke("evaluate", tiny_prior, "--n", 200, "--json", "--require", "kl_mode < 0", "--require", "floor.kl_mode >= 0")

@@ -154,3 +154,17 @@ def test_missing_folder_is_an_input_error(tmp_path, target):
     x = _samples(target)
     with pytest.raises(InputError):
         plot_panels(tmp_path / "nope" / "p.png", [("x", x)], target)
+
+
+def test_headline_reads_the_registry():
+    """The figure's headline: the registry's headline metrics present in the report, each distance beside its floor;
+    a mode metric the task has but could not compute shows as n/a."""
+    from rtbcli.plots import _headline
+
+    m = {"mode_coverage": 9, "n_target_modes": 9, "kl_mode": 0.01234, "off_target": 0.0712, "kl_hist": None,
+         "sw2": 1.0, "sw2_floor": 0.1, "mmd2": 0.2, "mmd2_floor": 0.0}
+    assert _headline(m) == ("modes 9/9 · mode KL 0.01234 · off-target 7.12% · hist KL n/a · sliced W2 1 (floor 0.1) · "
+                            "MMD² 0.2 (floor 0)")
+    assert _headline({"sw2": 0.5, "sw2_floor": 0.25, "mmd2": 0.001, "mmd2_floor": -0.0002}) == \
+        "sliced W2 0.5 (floor 0.25) · MMD² 0.001 (floor -0.0002)"
+    assert _headline({"kind": "prior"}) == ""

@@ -16,7 +16,7 @@ import torch
 
 from rtbcli.metrics import median_bandwidth, mmd2_rbf, reference_comparison, sliced_w2
 
-KEYS = {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}
+KEYS = {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}
 
 
 def gaussian(n, d, seed, shift=0.0):
@@ -45,8 +45,9 @@ def mmd2_loops(xs, ys, h: float) -> float:
     return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
 
 
-def median_loops(xs, ys) -> float:
-    z = list(xs) + list(ys)
+def median_loops(*samples) -> float:
+    """statistics.median of the distances over the distinct pairs of the pooled points."""
+    z = [p for sample in samples for p in sample]
     return statistics.median(dist(z[i], z[j]) for i in range(len(z)) for j in range(i + 1, len(z)))
 
 
@@ -113,13 +114,17 @@ def test_mmd2_matches_double_loops_with_a_given_bandwidth():
 
 
 def test_median_bandwidth_and_default_mmd2_match_loops():
+    """h is the median distance over the reference's own pairs (y), not the pooled points."""
     x, y = torch.tensor(X5, dtype=torch.float64), torch.tensor(Y4, dtype=torch.float64)
-    # 9 pooled points, 36 pairs: the median is the mean of the two middle distances
-    h = median_loops(X5, Y4)
-    assert median_bandwidth(x, y) == pytest.approx(h, rel=1e-12)
-    assert mmd2_rbf(x, y) == pytest.approx(mmd2_loops(X5, Y4, h), rel=1e-12)
-    # 6 pooled points, 15 pairs: the middle distance
-    assert median_bandwidth(x[:3], y[:3]) == pytest.approx(median_loops(X5[:3], Y4[:3]), rel=1e-12)
+    # 5 reference points, 10 pairs: the median is the mean of the two middle distances
+    h = median_loops(X5)
+    assert median_bandwidth(x) == pytest.approx(h, rel=1e-12)
+    assert mmd2_rbf(y, x) == pytest.approx(mmd2_loops(Y4, X5, h), rel=1e-12)
+    assert h != pytest.approx(median_loops(X5, Y4), rel=1e-3)  # the pooled median would be another number
+    # 4 reference points, 6 pairs; 3 points, 3 pairs: the middle distance
+    assert median_bandwidth(y) == pytest.approx(median_loops(Y4), rel=1e-12)
+    assert mmd2_rbf(x, y) == pytest.approx(mmd2_loops(X5, Y4, median_loops(Y4)), rel=1e-12)
+    assert median_bandwidth(y[:3]) == pytest.approx(median_loops(Y4[:3]), rel=1e-12)
 
 
 def test_mmd2_subsamples_to_max_points():
@@ -128,21 +133,34 @@ def test_mmd2_subsamples_to_max_points():
     got = mmd2_rbf(x, y, max_points=3, bandwidth=1.0)
     assert any(math.isclose(got, c, rel_tol=1e-12) for c in candidates)
     assert not math.isclose(got, mmd2_loops(X5, Y4, 1.0), rel_tol=1e-6)
-    # the median bandwidth is taken over the same points the MMD uses
-    h3 = median_bandwidth(x, y, max_points=3, seed=4)
-    assert mmd2_rbf(x, y, max_points=3, seed=4) == pytest.approx(mmd2_rbf(x, y, max_points=3, seed=4, bandwidth=h3), rel=1e-12)
-    pooled_medians = [median_loops(xs, ys) for xs in itertools.combinations(X5, 3) for ys in itertools.combinations(Y4, 3)]
-    assert any(math.isclose(h3, c, rel_tol=1e-12) for c in pooled_medians)
+    # the default bandwidth is the median over the reference rows the MMD uses
+    got = mmd2_rbf(x, y, max_points=3, seed=4)
+    assert any(math.isclose(got, mmd2_loops(xs, ys, median_loops(ys)), rel_tol=1e-12)
+               for xs in itertools.combinations(X5, 3) for ys in itertools.combinations(Y4, 3))
+    h3 = median_bandwidth(y, max_points=3, seed=4)
+    assert any(math.isclose(h3, median_loops(ys), rel_tol=1e-12) for ys in itertools.combinations(Y4, 3))
+
+
+def test_one_median_definition_the_mean_of_the_two_middle_values():
+    """statistics.median's median everywhere (torch's `median()` would give the lower middle value), also where most
+    distances are 0 and the median of the nonzero ones stands in."""
+    u = torch.zeros(4, 2, dtype=torch.float64)
+    u[:, 0] = torch.tensor([0.0, 0.0, 1.0, 3.0])  # pair distances 0, 1, 1, 3, 3, 2: sorted 0 1 1 2 3 3 -> (1 + 2) / 2
+    assert median_bandwidth(u) == 1.5 == median_loops(u.tolist())
+    z = torch.zeros(8, 2, dtype=torch.float64)
+    z[6, 0], z[7, 0] = 1.0, 4.0  # 15 zero pairs of 28: median 0; the 13 nonzero: 6 of 1, one of 3, 6 of 4 -> 3
+    assert median_bandwidth(z) == 3.0
 
 
 def test_mmd2_degenerate_median_bandwidth():
-    """One point mass on both sides: MMD^2 = 0 whatever h; mostly coinciding points: the median of the
-    nonzero distances (here all equal to 1) stands in for a zero median; a given bandwidth of 0 is an error."""
+    """A point-mass reference has no bandwidth of its own: the median of the nonzero pooled distances (here all 1)
+    stands in; every point the same point: MMD^2 = 0 whatever h; a given bandwidth of 0 is an error."""
     x = torch.zeros(4, 2, dtype=torch.float64)
+    assert median_bandwidth(x) == 0.0
     assert mmd2_rbf(x, x) == 0.0
     y = x.clone()
     y[0, 0] = 1.0
-    assert mmd2_rbf(x, y) == pytest.approx(mmd2_rbf(x, y, bandwidth=1.0), abs=0)
+    assert mmd2_rbf(y, x) == pytest.approx(mmd2_rbf(y, x, bandwidth=1.0), abs=0)
     with pytest.raises(ValueError, match="bandwidth"):
         mmd2_rbf(x, y, bandwidth=0.0)
 
@@ -177,6 +195,8 @@ def test_reference_comparison_on_an_enumerable_case():
     out = reference_comparison(torch.tensor(model)[:, None], torch.tensor(ref)[:, None], seed=2)
     assert (out["n_compared"], out["n_reference"], out["n_dropped_nonfinite"]) == (3, 6, 0)
     pt = lambda v: [(t,) for t in v]
+    h = median_loops(pt(ref))  # one bandwidth, the median over the 15 pairs of the whole reference, for both MMD^2
+    assert out["mmd_bandwidth"] == pytest.approx(h, rel=1e-12)
     found = False
     for ia in itertools.combinations(range(6), 3):
         a = [ref[i] for i in ia]
@@ -185,10 +205,30 @@ def test_reference_comparison_on_an_enumerable_case():
             xs = list(xs)
             if all(math.isclose(out[k], v, rel_tol=1e-9) for k, v in [
                     ("sw2", w2_1d(xs, a)), ("sw2_floor", w2_1d(b, a)),
-                    ("mmd2", mmd2_loops(pt(xs), pt(a), median_loops(pt(xs), pt(a)))),
-                    ("mmd2_floor", mmd2_loops(pt(b), pt(a), median_loops(pt(b), pt(a))))]):
+                    ("mmd2", mmd2_loops(pt(xs), pt(a), h)), ("mmd2_floor", mmd2_loops(pt(b), pt(a), h))]):
                 found = True
     assert found, out
+
+
+def test_model_and_floor_share_the_reference_bandwidth():
+    """A model far from the reference would widen a pooled median bandwidth: MMD^2 and its floor must both use the
+    median distance of the reference rows (at most 2,000 of them), so that the two numbers compare."""
+    ref, far = gaussian(600, 3, 0), gaussian(300, 3, 1, shift=6.0)
+    out = reference_comparison(far, ref, seed=3)
+    h = median_bandwidth(ref, seed=3)
+    assert out["mmd_bandwidth"] == h
+    assert h == pytest.approx(statistics.median(torch.pdist(ref).tolist()), rel=1e-12)  # 600 rows: all of them
+    gen = torch.Generator().manual_seed(3)
+    perm = torch.randperm(600, generator=gen)
+    a, b = ref[perm[:300]], ref[perm[300:600]]
+    x = far[torch.randperm(300, generator=gen)]  # m = 300 = n: the subsample is a permutation, which MMD ignores
+    assert out["mmd2"] == pytest.approx(mmd2_rbf(x, a, bandwidth=h, seed=3), rel=1e-12)
+    assert out["mmd2_floor"] == pytest.approx(mmd2_rbf(b, a, bandwidth=h, seed=3), rel=1e-12)
+    assert out["mmd2"] != pytest.approx(mmd2_rbf(x, a, bandwidth=median_bandwidth(torch.cat([x, a])), seed=3), rel=1e-3)
+    # more than 2,000 reference rows: the median is over a seeded subsample of 2,000
+    big = gaussian(2500, 2, 4)
+    sub = big[torch.randperm(2500, generator=torch.Generator().manual_seed(0))[:2000]]
+    assert median_bandwidth(big) == pytest.approx(statistics.median(torch.pdist(sub).tolist()), rel=1e-12)
 
 
 def test_sizes_compared():
@@ -273,7 +313,7 @@ def test_reference_too_small():
 
 def test_dimension_mismatch_and_bad_shapes():
     x, y = gaussian(20, 2, 0), gaussian(20, 3, 1)
-    for f in (sliced_w2, mmd2_rbf, median_bandwidth, reference_comparison):
+    for f in (sliced_w2, mmd2_rbf, reference_comparison):
         with pytest.raises(ValueError, match="dimension mismatch"):
             f(x, y)
     with pytest.raises(ValueError, match="2-D"):
