@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rtbcli.checkpoint import load_checkpoint
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.finetune import finetune
 from rtbcli.pretrain import pretrain
 from rtbcli.runtime import keep_freed_memory, resolve_device

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import emit_json, examples, handle_errors, out_console
-from .config import load_preset, shipped_preset_text, shipped_presets
+from .presets_loader import load_preset, shipped_preset_text, shipped_presets
 from .errors import InputError
 from .report import fmt
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from .config import DATA_SUFFIXES, DataFileSpec, DatasetSpec, MixtureSpec, Preset
+from .config import DATA_SUFFIXES, DataFileSpec, DatasetSpec, MixtureSpec, Preset, describe_validation_error
 from .errors import InputError, RtbcliWarning
 from .gaussian import gaussian_log_prob
 from .hashing import sha256_file
@@ -185,13 +186,8 @@ def resolve_data(preset: Preset, label: str = "") -> Preset:
                       RtbcliWarning, stacklevel=2)
     try:
         return preset.updated("prior_data", dim=rows.shape[1], sha256=sha)
-    except Exception as e:  # the reward's dimension disagrees with the file's
-        from pydantic import ValidationError
-
-        if isinstance(e, ValidationError):
-            from .config import describe_validation_error
-            raise InputError(describe_validation_error(e, f"preset {label or preset.name}") + f" (data file '{spec.path}')") from None
-        raise
+    except ValidationError as e:  # the reward's dimension disagrees with the file's
+        raise InputError(describe_validation_error(e, f"preset {label or preset.name}") + f" (data file '{spec.path}')") from None
 
 
 def data_preset(path: str | Path) -> Preset:

@@ -11,7 +11,7 @@ import pytest
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import run
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.datasets import digits as dd
 from rtbcli.reproduce import shipped_prior
 

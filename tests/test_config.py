@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtbcli.config import load_preset, shipped_presets
+from rtbcli.presets_loader import load_preset, shipped_presets
 from rtbcli.errors import InputError
 from rtbcli.tasks import Task
 from conftest import to_toml

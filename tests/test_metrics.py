@@ -18,7 +18,7 @@ N = 20_000
 
 @pytest.fixture(scope="module")
 def task():
-    from rtbcli.config import load_preset
+    from rtbcli.presets_loader import load_preset
     return Task(load_preset("reference")[0])
 
 

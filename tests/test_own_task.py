@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import strip_ansi
 from rtbcli.cli import app, run
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.data import load_array
 from rtbcli.hashing import sha256_file
 from rtbcli.errors import InputError

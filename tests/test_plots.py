@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.errors import InputError
 from rtbcli.metrics import per_mode_frequencies, sample_metrics
 from rtbcli.plots import plot_evaluation, plot_panels
