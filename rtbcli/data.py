@@ -23,6 +23,8 @@ import torch
 from pydantic import ValidationError
 
 from .config import DATA_SUFFIXES, DataFileSpec, DatasetSpec, MixtureSpec, Preset, describe_validation_error
+from .datasets.digits import SCALE, SHIFT, load_digits_pixels, split_indices
+from .datasets.manywell import ManyWell
 from .errors import InputError, RtbcliWarning
 from .gaussian import gaussian_log_prob
 from .hashing import sha256_file
@@ -216,8 +218,6 @@ def dataset_source(spec: DatasetSpec):
     """A shipped dataset, scaled as the preset says."""
     scale, shift = spec.scaling
     if spec.dataset == "digits":
-        from .datasets.digits import SCALE, SHIFT, load_digits_pixels, split_indices
-
         if (scale, shift) != (SCALE, SHIFT):
             warnings.warn(f"digits scaled by {scale:g}, shifted by {shift:g}: the shipped classifier reward and the held-out reference "
                           f"images use {SCALE:g} and {SHIFT:g}", RtbcliWarning, stacklevel=2)
@@ -229,8 +229,6 @@ def dataset_source(spec: DatasetSpec):
     if spec.dataset == "manywell32":
         if (scale, shift) != (1.0, 0.0):
             raise InputError("manywell32 is used in its own units: leave prior_data.scale and shift out (or 1 and 0)")
-        from .datasets.manywell import ManyWell
-
         return ManyWell()
     raise InputError(f"unknown dataset '{spec.dataset}'")
 

@@ -18,6 +18,9 @@ How well it is known depends on the task (`Target.method`):
   the data rows themselves for a prior; for a finetuned sampler, the rows accepted with
   probability r^beta / max r^beta (exact samples of the target of the empirical data), or what
   a benchmark suite provides (the digits' held-out images of the class).
+
+This module builds the generic targets; a benchmark suite (`rtbcli.suites`) replaces them with
+what it knows, and `rtbcli.suites.prior_target` / `tilted_target` are what evaluation uses.
 """
 
 from __future__ import annotations
@@ -200,13 +203,9 @@ def _rows_target(task: Task, description: str, beta: float | None) -> Target:
                   reference_note=f"{kept.shape[0]:,} of {rows.shape[0]:,} data rows, accepted with probability r^beta / max r^beta")
 
 
-def prior_target(task: Task) -> Target:
-    """The prior data distribution itself (what a prior checkpoint should sample)."""
-    from .suites import suite_of
-
-    special = suite_of(task).prior_target(task)
-    if special is not None:
-        return special
+def generic_prior_target(task: Task) -> Target:
+    """The prior data distribution itself (what a prior checkpoint should sample), from what the
+    task alone says; a benchmark suite may know more (`rtbcli.suites.prior_target`)."""
     description = "p_data (the prior data)"
     if isinstance(task.data, GaussianMixture):
         return _exact_target(task, task.data, description, 0.0)
@@ -216,14 +215,10 @@ def prior_target(task: Task) -> Target:
                   sample=lambda n, g: task.data.sample(n, g, dtype=torch.float64), log_density=task.data.log_prob)
 
 
-def tilted_target(task: Task, beta: float) -> Target:
-    """p_data(x) r(x)^beta / Z: exact where known, else grid (2-D), SIR, or reference rows."""
-    from .suites import suite_of
-
+def generic_tilted_target(task: Task, beta: float) -> Target:
+    """p_data(x) r(x)^beta / Z: exact where known, else grid (2-D), SIR, or reference rows; from
+    what the task alone says (a benchmark suite may know more: `rtbcli.suites.tilted_target`)."""
     description = f"p_data * r^beta (beta = {beta:g})"
-    special = suite_of(task).tilted_target(task, beta)
-    if special is not None:
-        return special
     if not task.data_is_exact:
         return _rows_target(task, description, beta)
 

@@ -299,7 +299,8 @@ def test_mode_cells_in_other_dimensions_hold_the_same_mass():
     """Radius 1.5 holds 97.65% of a 2-D component of variance 0.3; the cells keep that mass in any d."""
     from rtbcli.config import Preset
     from rtbcli.metrics import sample_metrics
-    from rtbcli.targets import CELL_MASS, cell_radius, prior_target, shell_mass
+    from rtbcli.suites import prior_target
+    from rtbcli.targets import CELL_MASS, cell_radius, shell_mass
     for d in (1, 2, 5, 10):
         means = [[0.0] * d, [10.0] + [0.0] * (d - 1)]
         task = Task(Preset(name="m", prior_data={"means": means, "variance": 0.3}))

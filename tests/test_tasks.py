@@ -12,7 +12,8 @@ from rtbcli.config import Preset
 from rtbcli.evaluate import evaluate
 from rtbcli.finetune import finetune
 from rtbcli.pretrain import pretrain
-from rtbcli.targets import CELL_MASS, tilted_target
+from rtbcli.suites import tilted_target
+from rtbcli.targets import CELL_MASS
 from rtbcli.tasks import Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
