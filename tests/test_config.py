@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import pytest
-
-from rtbcli.presets_loader import load_preset, shipped_presets
-from rtbcli.errors import InputError
-from rtbcli.tasks import Task
 from conftest import to_toml
+
+from rtbcli.cli import run
+from rtbcli.config import Preset
+from rtbcli.errors import InputError
+from rtbcli.preset_toml import render_preset
+from rtbcli.presets_loader import load_preset, parse_preset, shipped_presets
+from rtbcli.tasks import Task
+
+NESTED_KWARGS = {
+    "digit": 3, "flag": True, "scale": 1e-5, "far": float("inf"), "empty": [], "none_left": {},
+    "quote": 'say "hi" and it\'s \\ done', "lines": "two\nlines\ttab", "unicode": "r\u00e9compense \u2713",
+    "nested": {"a": [1, 2.5, "x"], "deep": {"q": '"quoted" key value', "rows": [[1, 2], [3, 4]]}},
+    "list_of_tables": [{"k": 1}, {"k": [2, 3], "inner": {"z": "w"}}],
+    "key with spaces": 'and "quotes"',
+}
 
 
 def test_reference_preset_is_the_design_task(reference):
@@ -82,3 +93,34 @@ def test_invalid_toml(tmp_path):
     path.write_text("beta = = 1")
     with pytest.raises(InputError, match="not valid TOML"):
         load_preset(str(path))
+
+
+def nested_preset(base) -> Preset:
+    return Preset.model_validate({"name": "nested", "description": 'a "quoted" description',
+                                  "prior_data": {"path": "data.csv"},
+                                  "reward": {"type": "python", "function": "rewards.py:log_reward", "kwargs": NESTED_KWARGS}},
+                                 context={"base_dir": base})
+
+
+def test_a_preset_with_nested_kwargs_is_written_as_toml_that_reads_back_the_same(tmp_path):
+    preset = nested_preset(tmp_path)
+    text = render_preset(preset, base=tmp_path)
+    assert 'function = "rewards.py:log_reward"' in text  # paths written relative to the file
+    back = parse_preset(text, "rendered", tmp_path)
+    assert back == preset and back.reward.kwargs == NESTED_KWARGS
+
+
+def test_presets_init_from_a_preset_with_nested_kwargs(tmp_path):
+    source = tmp_path / "source.toml"
+    source.write_text(render_preset(nested_preset(tmp_path), base=tmp_path))
+    copy = tmp_path / "sub" / "copy.toml"
+    copy.parent.mkdir()
+    assert run(["presets", "init", str(copy), "--from", str(source)]) == 0
+    assert load_preset(str(copy), resolve=False)[0] == load_preset(str(source), resolve=False)[0] == nested_preset(tmp_path)
+
+
+def test_a_value_toml_cannot_hold_is_an_input_error(tmp_path):
+    preset = Preset.model_validate({"name": "n", "prior_data": {"means": [[0.0]], "variance": 1.0},
+                                    "reward": {"type": "python", "function": "m:f", "kwargs": {"a": {"b": None}}}})
+    with pytest.raises(InputError, match="'reward.kwargs.a.b' is None"):
+        render_preset(preset)
