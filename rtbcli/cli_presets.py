@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from .cli_common import emit_json, examples, handle_errors, out_console
-from .presets_loader import load_preset, shipped_preset_text, shipped_presets
 from .errors import InputError
+from .presets_loader import load_preset, shipped_preset_text, shipped_presets
 from .report import fmt
 
 app = typer.Typer(help="List the shipped presets (tasks with their budgets), show one, or start your own."
@@ -24,7 +24,7 @@ def list_presets(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     """List the shipped presets."""
     if ctx.invoked_subcommand is not None:
         return
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in shipped_presets():
         p, _ = load_preset(name, resolve=False)
         rows.append({"name": name, "description": p.description, "dim": p.prior_data.dim, "beta": p.beta,
@@ -54,7 +54,7 @@ def show(name: str = typer.Argument(..., help="A shipped preset name or a path t
 @app.command("init")
 @handle_errors
 def init(file: Path = typer.Argument(..., help="The preset file to write (never over an existing file)."),
-         from_: Optional[str] = typer.Option(None, "--from", help="Start from this preset (a shipped name or a file) [default: a template for your own data and reward]."),
+         from_: str | None = typer.Option(None, "--from", help="Start from this preset (a shipped name or a file) [default: a template for your own data and reward]."),
          as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object.")):
     """Write a commented preset to edit: every key with what it means and its value."""
     from .preset_toml import own_task_template, render_preset

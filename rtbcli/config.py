@@ -15,10 +15,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InputError
 from .objectives import METHODS
@@ -132,7 +142,7 @@ class DatasetSpec(Strict):
 
 
 def _data_kind(v: Any) -> str | None:
-    if isinstance(v, BaseModel):
+    if isinstance(v, (MixtureSpec, DataFileSpec, DatasetSpec)):
         return v.kind
     if not isinstance(v, dict):
         return None
@@ -143,8 +153,10 @@ def _data_kind(v: Any) -> str | None:
 DATA_KEYS = {"mixture": "means", "file": "path", "dataset": "dataset"}  # the key that names each kind of prior data
 
 
-DataSpec = Annotated[Union[Annotated[MixtureSpec, Tag("mixture")], Annotated[DataFileSpec, Tag("file")],
-                           Annotated[DatasetSpec, Tag("dataset")]], Discriminator(_data_kind)]
+DataSpec = Annotated[
+    Annotated[MixtureSpec, Tag("mixture")] | Annotated[DataFileSpec, Tag("file")] | Annotated[DatasetSpec, Tag("dataset")],
+    Discriminator(_data_kind),
+]
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -193,7 +205,7 @@ class PythonRewardSpec(Strict):
         return None
 
 
-RewardSpec = Annotated[Union[MixtureRewardSpec, PythonRewardSpec], Field(discriminator="type")]
+RewardSpec = Annotated[MixtureRewardSpec | PythonRewardSpec, Field(discriminator="type")]
 
 
 # ----------------------------------------------------------------------------- sampler, budgets

@@ -7,6 +7,7 @@ once so that its dimension and SHA-256 become part of the preset (`rtbcli.data.r
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from .config import DATA_SUFFIXES, Preset, describe_validation_error
 from .data import resolve_data
 from .errors import InputError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:
     import tomli as tomllib
 
 DEFAULT_PRESET = "reference"

@@ -122,7 +122,7 @@ class Task:
         1e-300, far outside every mode, are clamped there, which changes no mass that float64
         can represent); any other reward is evaluated on the grid points in chunks.
         """
-        if isinstance(self.data, GaussianMixture) and isinstance(self.reward, MixtureReward) or self.reward is None or beta == 0:
+        if isinstance(self.data, GaussianMixture) and (isinstance(self.reward, MixtureReward) or self.reward is None or beta == 0):
             tiny = 1e-300
             log_p = self.data.grid_density(centres).clamp_min(tiny).log()
             if self.reward is None or beta == 0:

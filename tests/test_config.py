@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import to_toml
 
+from conftest import to_toml
 from rtbcli.cli import run
 from rtbcli.config import Preset
 from rtbcli.errors import InputError

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from conftest import strip_ansi
 from rtbcli.cli import app, run
-from rtbcli.presets_loader import load_preset
 from rtbcli.data import load_array
-from rtbcli.hashing import sha256_file
 from rtbcli.errors import InputError
+from rtbcli.hashing import sha256_file
+from rtbcli.presets_loader import load_preset
 from rtbcli.tasks import Task
 
 runner = CliRunner()

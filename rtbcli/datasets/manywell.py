@@ -20,8 +20,8 @@ within a grid cell (so they are continuous), and x2 from N(0, 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 

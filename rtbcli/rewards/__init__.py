@@ -19,9 +19,10 @@ import keyword
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -60,6 +61,7 @@ def is_trusted(ref: str) -> bool:
 def import_function(ref: str) -> tuple[Callable, str | None]:
     """The callable a reference names, and the SHA-256 of the file it came from (None if unknown)."""
     path, attr = parse_reference(ref)
+    sha: str | None
     if path is not None:
         p = Path(path)
         if not p.is_file():
