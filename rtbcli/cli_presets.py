@@ -10,8 +10,10 @@ from rich.table import Table
 
 from .cli_common import emit_json, examples, handle_errors, out_console
 from .errors import InputError
+from .preset_toml import own_task_template, render_preset
 from .presets_loader import load_preset, shipped_preset_text, shipped_presets
 from .report import fmt
+from .runtime import atomic_write_text, check_writable
 
 app = typer.Typer(help="List the shipped presets (tasks with their budgets), show one, or start your own."
                   + examples("rtbcli presets", "rtbcli presets init mytask.toml --from reference"),
@@ -57,9 +59,6 @@ def init(file: Path = typer.Argument(..., help="The preset file to write (never 
          from_: str | None = typer.Option(None, "--from", help="Start from this preset (a shipped name or a file) [default: a template for your own data and reward]."),
          as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object.")):
     """Write a commented preset to edit: every key with what it means and its value."""
-    from .preset_toml import own_task_template, render_preset
-    from .runtime import atomic_write_text, check_writable
-
     if file.suffix.lower() != ".toml":
         raise InputError(f"'{file}' must end in .toml")
     if file.exists():
