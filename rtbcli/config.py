@@ -356,14 +356,22 @@ class Preset(Strict):
         rd, dd = (self.reward.dim if self.reward is not None else None), self.prior_data.dim
         if rd is not None and dd is not None and rd != dd:
             raise ValueError(f"reward.mixture has dimension {rd}, prior_data has {dd}")
-        if isinstance(self.reward, MixtureRewardSpec) and self.reward.type == "mixture_ratio" and not isinstance(self.prior_data, MixtureSpec):
-            raise ValueError("a 'mixture_ratio' reward divides by the data density, which needs mixture prior_data: use type = 'mixture' or 'python'")
+        if (
+            isinstance(self.reward, MixtureRewardSpec)
+            and self.reward.type == "mixture_ratio"
+            and not isinstance(self.prior_data, MixtureSpec)
+        ):
+            raise ValueError(
+                "a 'mixture_ratio' reward divides by the data density, which needs mixture prior_data: use type = 'mixture' or 'python'"
+            )
         return self
 
     @property
     def dim(self) -> int:
         if self.prior_data.dim is None:
-            raise InputError(f"preset '{self.name}': the dimension of its data file is not known yet (load the preset with rtbcli.presets_loader.load_preset)")
+            raise InputError(
+                f"preset '{self.name}': the dimension of its data file is not known yet (load the preset with rtbcli.presets_loader.load_preset)"
+            )
         return self.prior_data.dim
 
     def updated(self, section: str, **changes: Any) -> Preset:
@@ -409,4 +417,6 @@ def preset_from_json(data: dict) -> Preset:
     try:
         return Preset.model_validate(data)
     except ValidationError as e:
-        raise InputError(describe_validation_error(e, "checkpoint config") + ": the checkpoint was written by an incompatible rtbcli") from None
+        raise InputError(
+            describe_validation_error(e, "checkpoint config") + ": the checkpoint was written by an incompatible rtbcli"
+        ) from None

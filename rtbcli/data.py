@@ -151,8 +151,10 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> tuple[torch.Tensor, str
         raise InputError(f"data file '{p}' has {arr.shape[0]} row(s) of dimension {arr.shape[1]}: give at least 2 rows")
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
-        raise InputError(f"data file '{p}' has NaN or inf in {int(bad.sum())} of {arr.shape[0]} rows (first: row {int(np.argmax(bad))}): "
-                         f"remove or fix those rows")
+        raise InputError(
+            f"data file '{p}' has NaN or inf in {int(bad.sum())} of {arr.shape[0]} rows (first: row {int(np.argmax(bad))}): "
+            f"remove or fix those rows"
+        )
     rows = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
     return rows, sha256_file(p)
 
@@ -181,11 +183,16 @@ def resolve_data(preset: Preset, label: str = "") -> Preset:
         return preset
     rows, sha = load_array(spec.path)
     if spec.dim is not None and spec.dim != rows.shape[1]:
-        raise InputError(f"data file '{spec.path}' has dimension {rows.shape[1]} but preset {label or preset.name} declares "
-                         f"prior_data.dim = {spec.dim}: fix the file or the preset")
+        raise InputError(
+            f"data file '{spec.path}' has dimension {rows.shape[1]} but preset {label or preset.name} declares "
+            f"prior_data.dim = {spec.dim}: fix the file or the preset"
+        )
     if spec.sha256 is not None and spec.sha256 != sha:
-        warnings.warn(f"data file '{spec.path}' has changed since it was recorded (SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)",
-                      RtbcliWarning, stacklevel=2)
+        warnings.warn(
+            f"data file '{spec.path}' has changed since it was recorded (SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)",
+            RtbcliWarning,
+            stacklevel=2,
+        )
     try:
         return preset.updated("prior_data", dim=rows.shape[1], sha256=sha)
     except ValidationError as e:  # the reward's dimension disagrees with the file's
@@ -219,8 +226,12 @@ def dataset_source(spec: DatasetSpec):
     scale, shift = spec.scaling
     if spec.dataset == "digits":
         if (scale, shift) != (SCALE, SHIFT):
-            warnings.warn(f"digits scaled by {scale:g}, shifted by {shift:g}: the shipped classifier reward and the held-out reference "
-                          f"images use {SCALE:g} and {SHIFT:g}", RtbcliWarning, stacklevel=2)
+            warnings.warn(
+                f"digits scaled by {scale:g}, shifted by {shift:g}: the shipped classifier reward and the held-out reference "
+                f"images use {SCALE:g} and {SHIFT:g}",
+                RtbcliWarning,
+                stacklevel=2,
+            )
         pixels, _ = load_digits_pixels()
         train, held = split_indices()
         idx = {"train": train, "heldout": held, "all": torch.arange(pixels.shape[0])}[spec.split]
@@ -245,8 +256,10 @@ def scale_advice(rows: torch.Tensor, sigma2: float) -> str | None:
     if 0.1 <= ratio <= 1000:
         return None
     fit = ms / 10
-    return (f"the data's mean square per coordinate is {ms:.3g}, {ratio:.3g} times sampler.sigma2 = {sigma2:g}: the sampler fits data "
-            f"best near sigma2 = {fit:.3g} (set sampler.sigma2 in a preset); the data are used in their own units")
+    return (
+        f"the data's mean square per coordinate is {ms:.3g}, {ratio:.3g} times sampler.sigma2 = {sigma2:g}: the sampler fits data "
+        f"best near sigma2 = {fit:.3g} (set sampler.sigma2 in a preset); the data are used in their own units"
+    )
 
 
 def samples_for_check(source, n: int = 20_000, seed: int = 0) -> torch.Tensor:
@@ -255,4 +268,3 @@ def samples_for_check(source, n: int = 20_000, seed: int = 0) -> torch.Tensor:
     if isinstance(source, EmpiricalData) and source.rows.shape[0] <= n:
         return source.rows.cpu()
     return source.sample(n, g, dtype=torch.float64)
-

@@ -21,8 +21,10 @@ from .errors import InputError
 
 RESOLVED = {"dim", "sha256"}  # filled in when a preset is loaded; not for a person to write
 PATH_KEYS = ("path", "reference", "function")  # written relative to the preset file where possible
-HEAD = ("An rtbcli preset: the task (prior data, reward, beta), the sampler and the default budgets.",
-        "Paths are relative to this file. Check it with `rtbcli presets show THIS_FILE`.")
+HEAD = (
+    "An rtbcli preset: the task (prior data, reward, beta), the sampler and the default budgets.",
+    "Paths are relative to this file. Check it with `rtbcli presets show THIS_FILE`.",
+)
 
 
 def _comment_lines(text: str | None) -> list[str]:
@@ -107,6 +109,9 @@ def render_preset(preset: Preset, base: Path | None = None) -> str:
 
 def own_task_template() -> Preset:
     """The starting point for your own data and reward."""
-    return Preset(name="mytask", description="my data and my reward",
-                  prior_data=DataFileSpec(path="data.csv"),
-                  reward=PythonRewardSpec(type="python", function="rewards.py:log_reward"))
+    return Preset(
+        name="mytask",
+        description="my data and my reward",
+        prior_data=DataFileSpec(path="data.csv"),
+        reward=PythonRewardSpec(type="python", function="rewards.py:log_reward"),
+    )

@@ -50,15 +50,21 @@ def load_preset(name_or_path: str | Path | None = None, resolve: bool = True) ->
     ref = str(name_or_path) if name_or_path is not None else DEFAULT_PRESET
     path = Path(ref)
     if looks_like_data_file(ref):
-        raise InputError(f"'{ref}' is a data file, not a preset: use `rtbcli pretrain --data {ref}`, or name it in a preset's "
-                         f"[prior_data] path (see `rtbcli presets init`)")
+        raise InputError(
+            f"'{ref}' is a data file, not a preset: use `rtbcli pretrain --data {ref}`, or name it in a preset's "
+            f"[prior_data] path (see `rtbcli presets init`)"
+        )
     if path.suffix == ".toml" or path.exists() or "/" in ref:
         if not path.is_file():
-            raise InputError(f"preset file '{ref}' not found: give a shipped name ({', '.join(shipped_presets())}) or a path to a .toml file")
+            raise InputError(
+                f"preset file '{ref}' not found: give a shipped name ({', '.join(shipped_presets())}) or a path to a .toml file"
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"preset file '{ref}' cannot be read ({e.__class__.__name__}): check its permissions and that it is a UTF-8 TOML file") from None
+            raise InputError(
+                f"preset file '{ref}' cannot be read ({e.__class__.__name__}): check its permissions and that it is a UTF-8 TOML file"
+            ) from None
         label, base = str(path), path.resolve().parent
     elif ref in shipped_presets():
         text, label, base = shipped_preset_text(ref), f"{ref}.toml (shipped)", None

@@ -42,8 +42,9 @@ class Suite:
     def tilted_target(self, task: Task, beta: float) -> Target:
         return generic_tilted_target(task, beta)
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
-                      log_weights: torch.Tensor | None = None) -> dict:
+    def extra_metrics(
+        self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int, log_weights: torch.Tensor | None = None
+    ) -> dict:
         return {}
 
     own_figure = False  # the suite draws sample panels its own way (`plot_samples`), not as scatter plots
@@ -72,9 +73,15 @@ class ManyWellSuite(Suite):
 
     def prior_target(self, task: Task) -> Target:
         mw = ManyWell()
-        return Target(description="p_data (ManyWell-32)", method="exact", log_z=0.0, log_z_exact=True,
-                      sample=lambda n, g: mw.sample(n, g, dtype=torch.float64), log_density=mw.log_prob,
-                      extra={"well_masses": mw.left_well_masses()})
+        return Target(
+            description="p_data (ManyWell-32)",
+            method="exact",
+            log_z=0.0,
+            log_z_exact=True,
+            sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
+            log_density=mw.log_prob,
+            extra={"well_masses": mw.left_well_masses()},
+        )
 
     def tilted_target(self, task: Task, beta: float) -> Target:
         tilt = self._tilt(task)
@@ -82,21 +89,32 @@ class ManyWellSuite(Suite):
             return super().tilted_target(task, beta)
         pairs, c = tilt
         mw, log_z = manywell_tilted_target(beta, pairs, c)
-        return Target(description=f"ManyWell-32 tilted on {pairs} pairs (c = {c:g}, beta = {beta:g})", method="exact",
-                      log_z=log_z, log_z_exact=True, sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
-                      log_density=lambda x: mw.log_prob(x) + log_z, extra={"well_masses": mw.left_well_masses()})
+        return Target(
+            description=f"ManyWell-32 tilted on {pairs} pairs (c = {c:g}, beta = {beta:g})",
+            method="exact",
+            log_z=log_z,
+            log_z_exact=True,
+            sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
+            log_density=lambda x: mw.log_prob(x) + log_z,
+            extra={"well_masses": mw.left_well_masses()},
+        )
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
-                      log_weights: torch.Tensor | None = None) -> dict:
+    def extra_metrics(
+        self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int, log_weights: torch.Tensor | None = None
+    ) -> dict:
         exact = target.extra.get("well_masses")
         if exact is None or target.sample is None:
             return {}
         m = well_mass_errors(x, exact)
         floor = well_mass_errors(target.sample(x.shape[0], torch.Generator().manual_seed(seed + 3)), exact)
-        return {"well_mass_max_abs_err": m["well_mass_max_abs_err"], "well_mass_mean_abs_err": m["well_mass_mean_abs_err"],
-                "well_mass_max_abs_err_floor": floor["well_mass_max_abs_err"],
-                "well_mass_mean_abs_err_floor": floor["well_mass_mean_abs_err"],
-                "well_masses": [round(v, 6) for v in m["well_masses"]], "well_masses_exact": [round(float(v), 6) for v in exact]}
+        return {
+            "well_mass_max_abs_err": m["well_mass_max_abs_err"],
+            "well_mass_mean_abs_err": m["well_mass_mean_abs_err"],
+            "well_mass_max_abs_err_floor": floor["well_mass_max_abs_err"],
+            "well_mass_mean_abs_err_floor": floor["well_mass_mean_abs_err"],
+            "well_masses": [round(v, 6) for v in m["well_masses"]],
+            "well_masses_exact": [round(float(v), 6) for v in exact],
+        }
 
 
 class DigitsSuite(Suite):
@@ -108,8 +126,12 @@ class DigitsSuite(Suite):
 
     def prior_target(self, task: Task) -> Target:
         held = digits_data("heldout").double()
-        return Target(description="p_data (the digits images)", method="reference", reference=held,
-                      reference_note=f"the {held.shape[0]} held-out images")
+        return Target(
+            description="p_data (the digits images)",
+            method="reference",
+            reference=held,
+            reference_note=f"the {held.shape[0]} held-out images",
+        )
 
     def tilted_target(self, task: Task, beta: float) -> Target:
         c = self.digit(task)
@@ -125,8 +147,9 @@ class DigitsSuite(Suite):
             note = f"{ref.shape[0]} of {held.shape[0]} held-out images, accepted with probability r^beta / max r^beta"
         return Target(description=description, method="reference", reference=ref, reference_note=note)
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
-                      log_weights: torch.Tensor | None = None) -> dict:
+    def extra_metrics(
+        self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int, log_weights: torch.Tensor | None = None
+    ) -> dict:
         c = self.digit(task)
         if c is None:
             return {}

@@ -37,7 +37,7 @@ from .tasks import Task
 
 GRID_SPACING = 0.02
 MODE_THRESHOLD = 1e-3  # a cell is a target mode when its target mass is at least this
-CELL_MASS = 1.0 - math.exp(-1.5 ** 2 / (2 * 0.3))  # 0.9765: what radius 1.5 holds of a 2-D component of variance 0.3
+CELL_MASS = 1.0 - math.exp(-(1.5**2) / (2 * 0.3))  # 0.9765: what radius 1.5 holds of a 2-D component of variance 0.3
 MIN_REFERENCE = 20  # fewer accepted rows than this make no reference
 
 
@@ -122,9 +122,18 @@ def _exact_target(task: Task, mix: GaussianMixture, description: str, log_z: flo
     cells = torch.cat([w * m, torch.tensor([1.0 - m], dtype=torch.float64)])
     bins = mixture_bin_masses(mix.means, mix.weights, mix.std, hist_edges(ev.hist_half_width, ev.hist_bin)) if task.dim == 2 else None
     return Target(
-        description=description, method="exact", cell_means=modes, radius=radius,
-        cell_masses=cells, target_modes=w > 0, mode_weights=w, bin_masses=bins,
-        hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=True,
+        description=description,
+        method="exact",
+        cell_means=modes,
+        radius=radius,
+        cell_masses=cells,
+        target_modes=w > 0,
+        mode_weights=w,
+        bin_masses=bins,
+        hist_half_width=ev.hist_half_width,
+        hist_bin=ev.hist_bin,
+        log_z=log_z,
+        log_z_exact=True,
         sample=lambda n, g: mix.sample(n, g, dtype=torch.float64),
         log_density=lambda x: mix.log_prob(x.double()) + log_z,
     )
@@ -162,10 +171,20 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
         return pts[idx] + jitter
 
     return Target(
-        description=description, method="grid", cell_means=modes, radius=radius,
-        cell_masses=cells, target_modes=target_modes, mode_weights=weights, bin_masses=bins,
-        hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=True,
-        sample=sample, log_density=log_density,
+        description=description,
+        method="grid",
+        cell_means=modes,
+        radius=radius,
+        cell_masses=cells,
+        target_modes=target_modes,
+        mode_weights=weights,
+        bin_masses=bins,
+        hist_half_width=ev.hist_half_width,
+        hist_bin=ev.hist_bin,
+        log_z=log_z,
+        log_z_exact=True,
+        sample=sample,
+        log_density=log_density,
     )
 
 
@@ -182,10 +201,16 @@ def _sir_target(task: Task, description: str, log_density, beta: float, pool: in
     ev = task.preset.evaluate
     mix = task.data if isinstance(task.data, GaussianMixture) else None
     return Target(
-        description=description + f" (SIR from {pool:,} data points)", method="sir",
-        cell_means=mix.means if mix is not None else None, radius=cell_radius(task) if mix is not None else None,
-        hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=False,
-        sample=sample, log_density=log_density,
+        description=description + f" (SIR from {pool:,} data points)",
+        method="sir",
+        cell_means=mix.means if mix is not None else None,
+        radius=cell_radius(task) if mix is not None else None,
+        hist_half_width=ev.hist_half_width,
+        hist_bin=ev.hist_bin,
+        log_z=log_z,
+        log_z_exact=False,
+        sample=sample,
+        log_density=log_density,
     )
 
 
@@ -203,14 +228,20 @@ def _rows_target(task: Task, description: str, beta: float | None) -> Target:
         raise TypeError(f"reference rows need prior data from rows, not {type(task.data).__name__}")
     rows = task.data.rows.cpu()
     if beta is None:
-        return Target(description=description, method="reference", reference=rows,
-                      reference_note=f"the {rows.shape[0]:,} data rows")
+        return Target(description=description, method="reference", reference=rows, reference_note=f"the {rows.shape[0]:,} data rows")
     kept = accepted_rows(rows, beta * task.log_reward_rows(rows))
     if kept.shape[0] < MIN_REFERENCE:
-        return Target(description=description, method="reference",
-                      reference_note=f"only {kept.shape[0]} data rows accepted with probability r^beta / max r^beta: no reference")
-    return Target(description=description, method="reference", reference=kept,
-                  reference_note=f"{kept.shape[0]:,} of {rows.shape[0]:,} data rows, accepted with probability r^beta / max r^beta")
+        return Target(
+            description=description,
+            method="reference",
+            reference_note=f"only {kept.shape[0]} data rows accepted with probability r^beta / max r^beta: no reference",
+        )
+    return Target(
+        description=description,
+        method="reference",
+        reference=kept,
+        reference_note=f"{kept.shape[0]:,} of {rows.shape[0]:,} data rows, accepted with probability r^beta / max r^beta",
+    )
 
 
 def generic_prior_target(task: Task) -> Target:
@@ -223,8 +254,14 @@ def generic_prior_target(task: Task) -> Target:
         return target
     if isinstance(task.data, EmpiricalData):
         return _rows_target(task, description, None)
-    return Target(description=description, method="exact", log_z=0.0, log_z_exact=True,
-                  sample=lambda n, g: task.data.sample(n, g, dtype=torch.float64), log_density=task.data.log_prob)
+    return Target(
+        description=description,
+        method="exact",
+        log_z=0.0,
+        log_z_exact=True,
+        sample=lambda n, g: task.data.sample(n, g, dtype=torch.float64),
+        log_density=task.data.log_prob,
+    )
 
 
 def generic_tilted_target(task: Task, beta: float) -> Target:

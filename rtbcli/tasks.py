@@ -107,7 +107,9 @@ class Task:
     def log_reward(self, x: torch.Tensor) -> torch.Tensor:
         """log r(x), shape x.shape[:-1]."""
         if self.reward is None:
-            raise InputError(f"preset '{self.preset.name}' names no reward: give --reward path/to/rewards.py:function, or a preset with a [reward] table")
+            raise InputError(
+                f"preset '{self.preset.name}' names no reward: give --reward path/to/rewards.py:function, or a preset with a [reward] table"
+            )
         return self.reward(x)
 
     def log_reward_rows(self, rows: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:

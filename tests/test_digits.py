@@ -183,7 +183,9 @@ def test_class_fraction_of_the_target_by_importance_weights(sk):
     twos, sevens = x[y == 2][:50], x[y == 7][:50]
     f2, f7 = dm.class_fraction(twos, 2), dm.class_fraction(sevens, 2)
     both = torch.cat([twos, sevens])
-    log_w = torch.cat([torch.full((50,), math.log(3.0), dtype=torch.float64), torch.zeros(50, dtype=torch.float64)]) + 7.0  # any constant: self-normalised
+    log_w = (
+        torch.cat([torch.full((50,), math.log(3.0), dtype=torch.float64), torch.zeros(50, dtype=torch.float64)]) + 7.0
+    )  # any constant: self-normalised
     by_hand = (3 * f2 + f7) / 4
     assert dm.class_fraction(both, 2, torch.softmax(log_w, 0)) == pytest.approx(by_hand, rel=1e-12)
     r = dm.digits_report(both, 2, log_w)
@@ -199,8 +201,14 @@ def test_nearest_train_distance(sk):
 def test_digits_report(sk):
     held = dd.digits_data("heldout", 2)
     r = dm.digits_report(held, 2)
-    assert set(r) == {"class_fraction", "class_fraction_real", "diversity", "diversity_real",
-                      "nearest_train_distance", "nearest_train_distance_real"}
+    assert set(r) == {
+        "class_fraction",
+        "class_fraction_real",
+        "diversity",
+        "diversity_real",
+        "nearest_train_distance",
+        "nearest_train_distance_real",
+    }
     assert r["class_fraction"] == r["class_fraction_real"] >= 0.9
     assert r["nearest_train_distance"] == r["nearest_train_distance_real"] > 0
     assert r["diversity_real"] == pytest.approx(mean_pairwise_distance(dd.digits_data("all", 2)))

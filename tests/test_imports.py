@@ -26,8 +26,7 @@ def modules() -> dict[str, Path]:
 
 def _type_checking_only(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _imports(tree: ast.AST):
@@ -136,4 +135,5 @@ def test_a_function_level_import_is_an_edge(tmp_path):
 def test_no_import_cycle():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles (modules that import each other, directly or through others): " + "; ".join(
-        " <-> ".join(c) for c in cycles)
+        " <-> ".join(c) for c in cycles
+    )

@@ -78,8 +78,11 @@ def digits_report(x: torch.Tensor, digit: int, log_weights: torch.Tensor | None 
     """
     digit = check_digit(digit)
     held = digits_data("heldout", digit)
-    target = {} if log_weights is None else {
-        "class_fraction_target": class_fraction(x, digit, torch.softmax(log_weights.double().nan_to_num(-math.inf), 0))}
+    target = (
+        {}
+        if log_weights is None
+        else {"class_fraction_target": class_fraction(x, digit, torch.softmax(log_weights.double().nan_to_num(-math.inf), 0))}
+    )
     return {
         "class_fraction": class_fraction(x, digit),
         **target,

@@ -31,12 +31,11 @@ def _mosaic(x: torch.Tensor, n: int) -> np.ma.MaskedArray:
     pix = to_pixels(x).clamp(0.0, PIXEL_MAX).numpy()  # NaN stays NaN: shown as a gap
     for i, img in enumerate(pix):
         r, c = divmod(i, side)
-        out[r * cell:r * cell + 8, c * cell:c * cell + 8] = img.reshape(8, 8)
+        out[r * cell : r * cell + 8, c * cell : c * cell + 8] = img.reshape(8, 8)
     return np.ma.masked_invalid(out)
 
 
-def plot_digit_grids(path: str | Path, panels: list[tuple[str, torch.Tensor]], title: str | None = None,
-                     n: int = 64) -> None:
+def plot_digit_grids(path: str | Path, panels: list[tuple[str, torch.Tensor]], title: str | None = None, n: int = 64) -> None:
     """One panel per (title, images (m, 64) in the scaled space): the first `n` images as 8x8 greyscale pictures.
 
     Ink is dark on white, pixels clipped to 0..16; missing or non-finite images are left blank.
