@@ -39,8 +39,8 @@ PRIOR = ROOT / "rtbcli" / "data" / "prior-reference.safetensors"
 def finetune_steps(batch: int, steps: int, device: torch.device, out: Path, dist=None) -> list[float]:
     """Wall times of `steps` timed steps of rtb (after one untimed) at global batch `batch`."""
     from rtbcli.checkpoint import load_checkpoint
-    from rtbcli.config import load_preset
     from rtbcli.finetune import finetune
+    from rtbcli.presets_loader import load_preset
 
     preset, _ = load_preset("reference")
     preset = preset.updated("finetune", steps=steps + 1, batch_size=batch)
@@ -133,7 +133,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from rtbcli.config import load_preset
+    from rtbcli.presets_loader import load_preset
     from rtbcli.runtime import keep_freed_memory, resolve_device
 
     device = resolve_device(args.device).type

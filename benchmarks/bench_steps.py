@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from rtbcli.checkpoint import load_checkpoint
-from rtbcli.config import load_preset
 from rtbcli.finetune import finetune
+from rtbcli.presets_loader import load_preset
 from rtbcli.pretrain import pretrain
 from rtbcli.runtime import keep_freed_memory, resolve_device
 from rtbcli.sampler import DiffusionSampler, gaussian_log_prob

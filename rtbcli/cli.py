@@ -22,8 +22,8 @@ import typer
 
 from . import __version__
 from .cli_common import emit_json, examples, handle_errors, out_console, positive, show_warning
-from .config import DEFAULT_PRESET, shipped_presets
 from .errors import EXIT_INPUT, EXIT_SIGINT, RtbcliWarning
+from .presets_loader import DEFAULT_PRESET, shipped_presets
 from .runtime import keep_freed_memory, resolve_device
 
 # typer >= 0.26 vendors click and raises its usage errors as typer.TyperException; older typer
@@ -89,7 +89,7 @@ def reproduce(
     """A benchmark in one command: the prior, every method, one table, one figure."""
     from dataclasses import replace
 
-    from .config import load_preset
+    from .presets_loader import load_preset
     from .report import summary_table
     from .reproduce import budget_for, reproduce as run_reproduce
 

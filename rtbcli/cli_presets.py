@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from .cli_common import emit_json, examples, handle_errors, out_console
-from .config import load_preset, shipped_preset_text, shipped_presets
 from .errors import InputError
+from .preset_toml import own_task_template, render_preset
+from .presets_loader import load_preset, shipped_preset_text, shipped_presets
 from .report import fmt
+from .runtime import atomic_write_text, check_writable
 
-app = typer.Typer(help="List the shipped presets (tasks with their budgets), show one, or start your own."
-                  + examples("rtbcli presets", "rtbcli presets init mytask.toml --from reference"),
-                  invoke_without_command=True, no_args_is_help=False, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="List the shipped presets (tasks with their budgets), show one, or start your own."
+    + examples("rtbcli presets", "rtbcli presets init mytask.toml --from reference"),
+    invoke_without_command=True,
+    no_args_is_help=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 
 @app.callback()
@@ -24,11 +31,19 @@ def list_presets(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     """List the shipped presets."""
     if ctx.invoked_subcommand is not None:
         return
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in shipped_presets():
         p, _ = load_preset(name, resolve=False)
-        rows.append({"name": name, "description": p.description, "dim": p.prior_data.dim, "beta": p.beta,
-                     "data": p.prior_data.kind, "reward": None if p.reward is None else p.reward.type})
+        rows.append(
+            {
+                "name": name,
+                "description": p.description,
+                "dim": p.prior_data.dim,
+                "beta": p.beta,
+                "data": p.prior_data.kind,
+                "reward": None if p.reward is None else p.reward.type,
+            }
+        )
     if as_json:
         return emit_json(rows)
     t = Table(title="shipped presets (rtbcli presets show NAME)", title_justify="left")
@@ -41,8 +56,10 @@ def list_presets(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
 
 @app.command("show")
 @handle_errors
-def show(name: str = typer.Argument(..., help="A shipped preset name or a path to a .toml file."),
-         as_json: bool = typer.Option(False, "--json", help="Print the resolved preset (every default filled in) as JSON.")):
+def show(
+    name: str = typer.Argument(..., help="A shipped preset name or a path to a .toml file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved preset (every default filled in) as JSON."),
+):
     """Print a preset: the TOML file (shipped ones with their comments), or its resolved settings as JSON."""
     p, ref = load_preset(name)
     if as_json:
@@ -53,13 +70,14 @@ def show(name: str = typer.Argument(..., help="A shipped preset name or a path t
 
 @app.command("init")
 @handle_errors
-def init(file: Path = typer.Argument(..., help="The preset file to write (never over an existing file)."),
-         from_: Optional[str] = typer.Option(None, "--from", help="Start from this preset (a shipped name or a file) [default: a template for your own data and reward]."),
-         as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object.")):
+def init(
+    file: Path = typer.Argument(..., help="The preset file to write (never over an existing file)."),
+    from_: str | None = typer.Option(
+        None, "--from", help="Start from this preset (a shipped name or a file) [default: a template for your own data and reward]."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
     """Write a commented preset to edit: every key with what it means and its value."""
-    from .preset_toml import own_task_template, render_preset
-    from .runtime import atomic_write_text, check_writable
-
     if file.suffix.lower() != ".toml":
         raise InputError(f"'{file}' must end in .toml")
     if file.exists():

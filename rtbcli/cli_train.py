@@ -16,9 +16,10 @@ from typing import Optional
 import typer
 
 from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
-from .config import DEFAULT_PRESET, FinetuneSpec, PretrainSpec, load_preset
+from .config import FinetuneSpec, PretrainSpec
 from .errors import InputError
 from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from .presets_loader import DEFAULT_PRESET, load_preset
 from .report import kv_table
 from .runtime import check_writable, resolve_device
 from .training import final_of, is_partial

@@ -1,35 +1,39 @@
-"""Validated configuration: presets (tasks with their default budgets) and run options.
+"""The configuration schema: presets (tasks with their default budgets) and run options.
 
 A preset is a TOML file; `Preset` validates it, rejecting unknown keys and wrong types with an
-error that names the key and the file. Shipped presets live in `rtbcli/presets/` and are found
-by name; any other TOML file is found by path. Every field is documented where it is declared
-(the docstring under it), and those docstrings are what `rtbcli presets init` writes as comments
-and what the command line's help texts quote.
+error that names the key and the file. Every field is documented where it is declared (the
+docstring under it), and those docstrings are what `rtbcli presets init` writes as comments and
+what the command line's help texts quote. Reading preset files (shipped ones by name, others by
+path) is `rtbcli.presets_loader`'s job; this module only declares and validates.
 
 Paths inside a preset (`prior_data.path`, a Python reward's file, `evaluate.reference`) are
-relative to the preset file; they are resolved to absolute paths when the preset is loaded, so
-a checkpoint's stored config names them unambiguously.
+relative to the preset file; they are resolved to absolute paths when the preset is validated
+with the file's folder as `base_dir`, so a checkpoint's stored config names them unambiguously.
 """
 
 from __future__ import annotations
 
 import math
-from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InputError
 from .objectives import METHODS
+from .rewards import parse_reference
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-DEFAULT_PRESET = "reference"
 DATA_SUFFIXES = (".npy", ".csv", ".safetensors")
 DATASETS = {"digits": (64, 0.125, -1.0), "manywell32": (32, 1.0, 0.0)}  # shipped datasets: dimension, standard scale and shift
 
@@ -138,7 +142,7 @@ class DatasetSpec(Strict):
 
 
 def _data_kind(v: Any) -> str | None:
-    if isinstance(v, BaseModel):
+    if isinstance(v, (MixtureSpec, DataFileSpec, DatasetSpec)):
         return v.kind
     if not isinstance(v, dict):
         return None
@@ -149,8 +153,10 @@ def _data_kind(v: Any) -> str | None:
 DATA_KEYS = {"mixture": "means", "file": "path", "dataset": "dataset"}  # the key that names each kind of prior data
 
 
-DataSpec = Annotated[Union[Annotated[MixtureSpec, Tag("mixture")], Annotated[DataFileSpec, Tag("file")],
-                           Annotated[DatasetSpec, Tag("dataset")]], Discriminator(_data_kind)]
+DataSpec = Annotated[
+    Annotated[MixtureSpec, Tag("mixture")] | Annotated[DataFileSpec, Tag("file")] | Annotated[DatasetSpec, Tag("dataset")],
+    Discriminator(_data_kind),
+]
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -191,9 +197,7 @@ class PythonRewardSpec(Strict):
     @field_validator("function")
     @classmethod
     def _function(cls, v: str, info: ValidationInfo) -> str:
-        from .rewards import parse_reference  # the one parser of 'file.py:name' / 'module:name'
-
-        path, attr = parse_reference(v)
+        path, attr = parse_reference(v)  # the one parser of 'file.py:name' / 'module:name'
         return f"{resolve_path(path, info)}:{attr}" if path is not None else v
 
     @property
@@ -201,7 +205,7 @@ class PythonRewardSpec(Strict):
         return None
 
 
-RewardSpec = Annotated[Union[MixtureRewardSpec, PythonRewardSpec], Field(discriminator="type")]
+RewardSpec = Annotated[MixtureRewardSpec | PythonRewardSpec, Field(discriminator="type")]
 
 
 # ----------------------------------------------------------------------------- sampler, budgets
@@ -352,14 +356,22 @@ class Preset(Strict):
         rd, dd = (self.reward.dim if self.reward is not None else None), self.prior_data.dim
         if rd is not None and dd is not None and rd != dd:
             raise ValueError(f"reward.mixture has dimension {rd}, prior_data has {dd}")
-        if isinstance(self.reward, MixtureRewardSpec) and self.reward.type == "mixture_ratio" and not isinstance(self.prior_data, MixtureSpec):
-            raise ValueError("a 'mixture_ratio' reward divides by the data density, which needs mixture prior_data: use type = 'mixture' or 'python'")
+        if (
+            isinstance(self.reward, MixtureRewardSpec)
+            and self.reward.type == "mixture_ratio"
+            and not isinstance(self.prior_data, MixtureSpec)
+        ):
+            raise ValueError(
+                "a 'mixture_ratio' reward divides by the data density, which needs mixture prior_data: use type = 'mixture' or 'python'"
+            )
         return self
 
     @property
     def dim(self) -> int:
         if self.prior_data.dim is None:
-            raise InputError(f"preset '{self.name}': the dimension of its data file is not known yet (load the preset with load_preset)")
+            raise InputError(
+                f"preset '{self.name}': the dimension of its data file is not known yet (load the preset with rtbcli.presets_loader.load_preset)"
+            )
         return self.prior_data.dim
 
     def updated(self, section: str, **changes: Any) -> Preset:
@@ -373,16 +385,6 @@ class Preset(Strict):
         else:
             data.update(changes)
         return Preset.model_validate(data)
-
-
-def shipped_presets() -> list[str]:
-    """Names of the presets that ship with rtbcli."""
-    folder = resources.files("rtbcli") / "presets"
-    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
-def shipped_preset_text(name: str) -> str:
-    return (resources.files("rtbcli") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
 
 
 TAGS = {"mixture", "file", "dataset", "python", "mixture_ratio"}
@@ -410,58 +412,11 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     return f"{where}: {what}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def looks_like_data_file(ref: str) -> bool:
-    return Path(ref).suffix.lower() in DATA_SUFFIXES
-
-
-def load_preset(name_or_path: str | Path | None = None, resolve: bool = True) -> tuple[Preset, str]:
-    """Load a preset by shipped name or by path; returns it and the name it was found by.
-
-    Relative paths in the file are taken relative to it. With `resolve` (the default) a data
-    file is read once, so that its dimension and SHA-256 are part of the preset and a bad file
-    is reported now (see `rtbcli.data.resolve_data`). Raises InputError naming the file and the
-    bad key when the preset is invalid.
-    """
-    ref = str(name_or_path) if name_or_path is not None else DEFAULT_PRESET
-    path = Path(ref)
-    if looks_like_data_file(ref):
-        raise InputError(f"'{ref}' is a data file, not a preset: use `rtbcli pretrain --data {ref}`, or name it in a preset's "
-                         f"[prior_data] path (see `rtbcli presets init`)")
-    if path.suffix == ".toml" or path.exists() or "/" in ref:
-        if not path.is_file():
-            raise InputError(f"preset file '{ref}' not found: give a shipped name ({', '.join(shipped_presets())}) or a path to a .toml file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"preset file '{ref}' cannot be read ({e.__class__.__name__}): check its permissions and that it is a UTF-8 TOML file") from None
-        label, base = str(path), path.resolve().parent
-    elif ref in shipped_presets():
-        text, label, base = shipped_preset_text(ref), f"{ref}.toml (shipped)", None
-    else:
-        raise InputError(f"unknown preset '{ref}': choose one of {', '.join(shipped_presets())}, or give a path to a .toml file")
-    preset = parse_preset(text, label, base)
-    if resolve:
-        from .data import resolve_data
-
-        preset = resolve_data(preset, label)
-    return preset, ref
-
-
-def parse_preset(text: str, label: str, base_dir: Path | None = None) -> Preset:
-    """Validate a preset's TOML text; `label` names it in error messages, `base_dir` anchors relative paths."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"preset {label}: not valid TOML ({e})") from None
-    try:
-        return Preset.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as e:
-        raise InputError(describe_validation_error(e, f"preset {label}") + ": fix the file (see `rtbcli presets show reference`)") from None
-
-
 def preset_from_json(data: dict) -> Preset:
     """Rebuild the resolved preset stored in a checkpoint."""
     try:
         return Preset.model_validate(data)
     except ValidationError as e:
-        raise InputError(describe_validation_error(e, "checkpoint config") + ": the checkpoint was written by an incompatible rtbcli") from None
+        raise InputError(
+            describe_validation_error(e, "checkpoint config") + ": the checkpoint was written by an incompatible rtbcli"
+        ) from None

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from .config import DATA_SUFFIXES, DataFileSpec, DatasetSpec, MixtureSpec, Preset
+from .config import DATA_SUFFIXES, DataFileSpec, DatasetSpec, MixtureSpec, Preset, describe_validation_error
+from .datasets.digits import SCALE, SHIFT, load_digits_pixels, split_indices
+from .datasets.manywell import ManyWell
 from .errors import InputError, RtbcliWarning
 from .gaussian import gaussian_log_prob
 from .hashing import sha256_file
@@ -148,8 +151,10 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> tuple[torch.Tensor, str
         raise InputError(f"data file '{p}' has {arr.shape[0]} row(s) of dimension {arr.shape[1]}: give at least 2 rows")
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
-        raise InputError(f"data file '{p}' has NaN or inf in {int(bad.sum())} of {arr.shape[0]} rows (first: row {int(np.argmax(bad))}): "
-                         f"remove or fix those rows")
+        raise InputError(
+            f"data file '{p}' has NaN or inf in {int(bad.sum())} of {arr.shape[0]} rows (first: row {int(np.argmax(bad))}): "
+            f"remove or fix those rows"
+        )
     rows = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
     return rows, sha256_file(p)
 
@@ -178,20 +183,20 @@ def resolve_data(preset: Preset, label: str = "") -> Preset:
         return preset
     rows, sha = load_array(spec.path)
     if spec.dim is not None and spec.dim != rows.shape[1]:
-        raise InputError(f"data file '{spec.path}' has dimension {rows.shape[1]} but preset {label or preset.name} declares "
-                         f"prior_data.dim = {spec.dim}: fix the file or the preset")
+        raise InputError(
+            f"data file '{spec.path}' has dimension {rows.shape[1]} but preset {label or preset.name} declares "
+            f"prior_data.dim = {spec.dim}: fix the file or the preset"
+        )
     if spec.sha256 is not None and spec.sha256 != sha:
-        warnings.warn(f"data file '{spec.path}' has changed since it was recorded (SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)",
-                      RtbcliWarning, stacklevel=2)
+        warnings.warn(
+            f"data file '{spec.path}' has changed since it was recorded (SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)",
+            RtbcliWarning,
+            stacklevel=2,
+        )
     try:
         return preset.updated("prior_data", dim=rows.shape[1], sha256=sha)
-    except Exception as e:  # the reward's dimension disagrees with the file's
-        from pydantic import ValidationError
-
-        if isinstance(e, ValidationError):
-            from .config import describe_validation_error
-            raise InputError(describe_validation_error(e, f"preset {label or preset.name}") + f" (data file '{spec.path}')") from None
-        raise
+    except ValidationError as e:  # the reward's dimension disagrees with the file's
+        raise InputError(describe_validation_error(e, f"preset {label or preset.name}") + f" (data file '{spec.path}')") from None
 
 
 def data_preset(path: str | Path) -> Preset:
@@ -220,11 +225,13 @@ def dataset_source(spec: DatasetSpec):
     """A shipped dataset, scaled as the preset says."""
     scale, shift = spec.scaling
     if spec.dataset == "digits":
-        from .datasets.digits import SCALE, SHIFT, load_digits_pixels, split_indices
-
         if (scale, shift) != (SCALE, SHIFT):
-            warnings.warn(f"digits scaled by {scale:g}, shifted by {shift:g}: the shipped classifier reward and the held-out reference "
-                          f"images use {SCALE:g} and {SHIFT:g}", RtbcliWarning, stacklevel=2)
+            warnings.warn(
+                f"digits scaled by {scale:g}, shifted by {shift:g}: the shipped classifier reward and the held-out reference "
+                f"images use {SCALE:g} and {SHIFT:g}",
+                RtbcliWarning,
+                stacklevel=2,
+            )
         pixels, _ = load_digits_pixels()
         train, held = split_indices()
         idx = {"train": train, "heldout": held, "all": torch.arange(pixels.shape[0])}[spec.split]
@@ -233,8 +240,6 @@ def dataset_source(spec: DatasetSpec):
     if spec.dataset == "manywell32":
         if (scale, shift) != (1.0, 0.0):
             raise InputError("manywell32 is used in its own units: leave prior_data.scale and shift out (or 1 and 0)")
-        from .datasets.manywell import ManyWell
-
         return ManyWell()
     raise InputError(f"unknown dataset '{spec.dataset}'")
 
@@ -251,8 +256,10 @@ def scale_advice(rows: torch.Tensor, sigma2: float) -> str | None:
     if 0.1 <= ratio <= 1000:
         return None
     fit = ms / 10
-    return (f"the data's mean square per coordinate is {ms:.3g}, {ratio:.3g} times sampler.sigma2 = {sigma2:g}: the sampler fits data "
-            f"best near sigma2 = {fit:.3g} (set sampler.sigma2 in a preset); the data are used in their own units")
+    return (
+        f"the data's mean square per coordinate is {ms:.3g}, {ratio:.3g} times sampler.sigma2 = {sigma2:g}: the sampler fits data "
+        f"best near sigma2 = {fit:.3g} (set sampler.sigma2 in a preset); the data are used in their own units"
+    )
 
 
 def samples_for_check(source, n: int = 20_000, seed: int = 0) -> torch.Tensor:
@@ -261,4 +268,3 @@ def samples_for_check(source, n: int = 20_000, seed: int = 0) -> torch.Tensor:
     if isinstance(source, EmpiricalData) and source.rows.shape[0] <= n:
         return source.rows.cpu()
     return source.sample(n, g, dtype=torch.float64)
-

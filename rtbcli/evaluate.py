@@ -38,8 +38,8 @@ from .objectives import OBJECTIVES
 from .rewards import UnnamedReward, check_reward_output, parse_reference
 from .runtime import make_generator
 from .sampler import bridge_log_prob, bridge_sample
-from .suites import suite_of
-from .targets import Target, prior_target, tilted_target
+from .suites import prior_target, suite_of, tilted_target
+from .targets import Target
 from .tasks import Task
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -1,72 +1,56 @@
 """Presets written back as TOML, every key commented with the docstring it is declared with.
 
-`rtbcli presets init FILE` writes one to edit; `render_preset` is also what `presets show --toml`
-prints for a preset that is not a shipped file.
+`rtbcli presets init FILE` writes one to edit. The TOML is built with tomlkit, so any value a
+preset can hold (nested tables and arrays in a Python reward's kwargs, strings with quotes or
+backslashes) is written as valid TOML that reads back to the same preset.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Any
 
+import tomlkit
 from pydantic import BaseModel
+from tomlkit.container import Container
+from tomlkit.items import Table
 
 from .config import DataFileSpec, Preset, PythonRewardSpec
+from .errors import InputError
 
 RESOLVED = {"dim", "sha256"}  # filled in when a preset is loaded; not for a person to write
+PATH_KEYS = ("path", "reference", "function")  # written relative to the preset file where possible
+HEAD = (
+    "An rtbcli preset: the task (prior data, reward, beta), the sampler and the default budgets.",
+    "Paths are relative to this file. Check it with `rtbcli presets show THIS_FILE`.",
+)
 
 
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, list):
-        if v and isinstance(v[0], list):
-            return "[\n" + "".join(f"  {_value(x)},\n" for x in v) + "]"
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    return str(v)
+def _comment_lines(text: str | None) -> list[str]:
+    return [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
 
 
-def _comment(text: str | None) -> list[str]:
-    return [f"# {line.strip()}" for line in (text or "").strip().splitlines() if line.strip()]
+def _comment(where: Container | Table, text: str | None) -> None:
+    for line in _comment_lines(text):
+        where.add(tomlkit.comment(line))
 
 
-def _table(name: str, model: BaseModel, base: Path | None) -> list[str]:
-    lines = [f"[{name}]"] if name else []
-    doc = type(model).__doc__
-    if name and doc:
-        lines[:0] = _comment(doc.strip().splitlines()[0])
-    subtables = []
-    for key, field in type(model).model_fields.items():
-        v = getattr(model, key)
-        if isinstance(v, BaseModel):
-            subtables.append((key, v))
-            continue
-        if isinstance(v, dict):
-            subtables.append((key, v))
-            continue
-        if key in RESOLVED and not isinstance(model, Preset):
-            continue
-        lines += _comment(field.description)
-        if v is None:
-            lines.append(f"# {key} = ...  (not set)")
-            continue
-        if base is not None and isinstance(v, str) and key in ("path", "reference", "function"):
-            v = _relative(v, base)
-        lines.append(f"{key} = {_value(v)}")
-    out = lines
-    for key, sub in subtables:
-        full = f"{name}.{key}" if name else key
-        out.append("")
-        if isinstance(sub, dict):
-            out += _comment(type(model).model_fields[key].description) + [f"[{full}]"] + [f"{k} = {_value(v)}" for k, v in sub.items()]
-        else:
-            out += _table(full, sub, base)
-    return out
+def _value(v: Any, where: str, inline: bool = False) -> Any:
+    """A TOML item for a plain value: a dict a table (an inline one inside an array), an array of
+    arrays (a mixture's means) one row per line."""
+    if v is None:
+        raise InputError(f"preset value '{where}' is None, which TOML cannot write: remove it or give a value")
+    if isinstance(v, dict):
+        table = tomlkit.inline_table() if inline else tomlkit.table()
+        for k, x in v.items():
+            table.append(str(k), _value(x, f"{where}.{k}", inline))
+        return table
+    if isinstance(v, (list, tuple)):
+        array = tomlkit.array()
+        array.extend(_value(x, f"{where}[{i}]", inline=True) for i, x in enumerate(v))
+        return array.multiline(True) if v and isinstance(v[0], (list, tuple)) else array
+    return tomlkit.item(v)
 
 
 def _relative(value: str, base: Path) -> str:
@@ -81,15 +65,53 @@ def _relative(value: str, base: Path) -> str:
     return f"{path}{sep}{attr}"
 
 
+def _fill(where: Container | Table, model: BaseModel, name: str, base: Path | None) -> None:
+    """The model's plain keys (each under its comment), then its tables (each under its model's first doc line)."""
+    fields = type(model).model_fields
+    subtables: list[tuple[str, Any]] = []
+    for key, field in fields.items():
+        v = getattr(model, key)
+        if isinstance(v, (BaseModel, dict)):
+            subtables.append((key, v))
+            continue
+        if key in RESOLVED and not isinstance(model, Preset):
+            continue
+        _comment(where, field.description)
+        if v is None:
+            where.add(tomlkit.comment(f"{key} = ...  (not set)"))
+            continue
+        if base is not None and isinstance(v, str) and key in PATH_KEYS:
+            v = _relative(v, base)
+        where.add(key, _value(v, f"{name}{key}"))
+    for key, sub in subtables:
+        where.add(tomlkit.nl())
+        if isinstance(sub, BaseModel):
+            doc = type(sub).__doc__
+            _comment(where, doc.strip().splitlines()[0] if doc else None)
+            table = tomlkit.table()
+            _fill(table, sub, f"{name}{key}.", base)
+        else:
+            _comment(where, fields[key].description)
+            table = _value(sub, f"{name}{key}")
+        where.add(key, table)
+        table.trivia.indent = ""  # tomlkit puts a blank line before a table; here it goes before the table's comment
+
+
 def render_preset(preset: Preset, base: Path | None = None) -> str:
     """The preset as TOML with a comment above every key; paths relative to `base` where possible."""
-    head = ["# An rtbcli preset: the task (prior data, reward, beta), the sampler and the default budgets.",
-            "# Paths are relative to this file. Check it with `rtbcli presets show THIS_FILE`.", ""]
-    return "\n".join(head + _table("", preset, base)) + "\n"
+    doc = tomlkit.document()
+    for line in HEAD:
+        doc.add(tomlkit.comment(line))
+    doc.add(tomlkit.nl())
+    _fill(doc, preset, "", base)
+    return tomlkit.dumps(doc)
 
 
 def own_task_template() -> Preset:
     """The starting point for your own data and reward."""
-    return Preset(name="mytask", description="my data and my reward",
-                  prior_data=DataFileSpec(path="data.csv"),
-                  reward=PythonRewardSpec(type="python", function="rewards.py:log_reward"))
+    return Preset(
+        name="mytask",
+        description="my data and my reward",
+        prior_data=DataFileSpec(path="data.csv"),
+        reward=PythonRewardSpec(type="python", function="rewards.py:log_reward"),
+    )

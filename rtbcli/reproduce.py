@@ -28,13 +28,14 @@ from rich.console import Console
 
 from . import __version__
 from .checkpoint import load_checkpoint
-from .config import Preset, PythonRewardSpec, load_preset
+from .config import Preset, PythonRewardSpec
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
 from .metric_registry import floor_of, row_keys, with_floor
 from .objectives import METHODS
 from .plots import plot_panels
+from .presets_loader import load_preset
 from .pretrain import pretrain
 from .runtime import atomic_write_text
 from .suites import check_suite, suite_of

@@ -9,7 +9,9 @@ adds, on top of the generic evaluation:
   (of the class c at beta = 1, where the target is p(x | c)), the classifier's class fraction,
   diversity and nearest-training-image distance beside real images', and image-grid figures.
 
-Everything else gets the generic `Suite`, which adds nothing.
+Everything else gets the generic `Suite`, which adds nothing. Suites own their targets:
+`prior_target(task)` and `tilted_target(task, beta)` here are what evaluation compares with (the
+suite's own where it has one, else the generic ones of `rtbcli.targets`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from __future__ import annotations
 import torch
 
 from .config import DatasetSpec, PythonRewardSpec
+from .datasets.digits import check_digit, digits_data
+from .datasets.digits_metrics import digits_report
+from .datasets.manywell import ManyWell, well_mass_errors
+from .datasets.manywell import tilted_target as manywell_tilted_target
 from .errors import InputError
-from .targets import Target, accepted_rows
+from .targets import Target, accepted_rows, generic_prior_target, generic_tilted_target
 from .tasks import Task
 
 MANYWELL_REWARD = "rtbcli.rewards.manywell:tilt"
@@ -26,18 +32,19 @@ DIGITS_REWARD = "rtbcli.rewards.digits:log_p_class"
 
 
 class Suite:
-    """No special knowledge."""
+    """No special knowledge: the generic targets, no extra metrics."""
 
     name = "generic"
 
-    def prior_target(self, task: Task) -> Target | None:
-        return None
+    def prior_target(self, task: Task) -> Target:
+        return generic_prior_target(task)
 
-    def tilted_target(self, task: Task, beta: float) -> Target | None:
-        return None
+    def tilted_target(self, task: Task, beta: float) -> Target:
+        return generic_tilted_target(task, beta)
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
-                      log_weights: torch.Tensor | None = None) -> dict:
+    def extra_metrics(
+        self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int, log_weights: torch.Tensor | None = None
+    ) -> dict:
         return {}
 
     own_figure = False  # the suite draws sample panels its own way (`plot_samples`), not as scatter plots
@@ -64,63 +71,72 @@ class ManyWellSuite(Suite):
             return None
         return int(kw.get("pairs", 8)), float(kw.get("c", 1.0))
 
-    def prior_target(self, task: Task) -> Target | None:
-        from .datasets.manywell import ManyWell
-
+    def prior_target(self, task: Task) -> Target:
         mw = ManyWell()
-        return Target(description="p_data (ManyWell-32)", method="exact", log_z=0.0, log_z_exact=True,
-                      sample=lambda n, g: mw.sample(n, g, dtype=torch.float64), log_density=mw.log_prob,
-                      extra={"well_masses": mw.left_well_masses()})
+        return Target(
+            description="p_data (ManyWell-32)",
+            method="exact",
+            log_z=0.0,
+            log_z_exact=True,
+            sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
+            log_density=mw.log_prob,
+            extra={"well_masses": mw.left_well_masses()},
+        )
 
-    def tilted_target(self, task: Task, beta: float) -> Target | None:
-        from .datasets.manywell import tilted_target
-
+    def tilted_target(self, task: Task, beta: float) -> Target:
         tilt = self._tilt(task)
         if tilt is None:
-            return None
+            return super().tilted_target(task, beta)
         pairs, c = tilt
-        mw, log_z = tilted_target(beta, pairs, c)
-        return Target(description=f"ManyWell-32 tilted on {pairs} pairs (c = {c:g}, beta = {beta:g})", method="exact",
-                      log_z=log_z, log_z_exact=True, sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
-                      log_density=lambda x: mw.log_prob(x) + log_z, extra={"well_masses": mw.left_well_masses()})
+        mw, log_z = manywell_tilted_target(beta, pairs, c)
+        return Target(
+            description=f"ManyWell-32 tilted on {pairs} pairs (c = {c:g}, beta = {beta:g})",
+            method="exact",
+            log_z=log_z,
+            log_z_exact=True,
+            sample=lambda n, g: mw.sample(n, g, dtype=torch.float64),
+            log_density=lambda x: mw.log_prob(x) + log_z,
+            extra={"well_masses": mw.left_well_masses()},
+        )
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
-                      log_weights: torch.Tensor | None = None) -> dict:
-        from .datasets.manywell import well_mass_errors
-
+    def extra_metrics(
+        self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int, log_weights: torch.Tensor | None = None
+    ) -> dict:
         exact = target.extra.get("well_masses")
         if exact is None or target.sample is None:
             return {}
         m = well_mass_errors(x, exact)
         floor = well_mass_errors(target.sample(x.shape[0], torch.Generator().manual_seed(seed + 3)), exact)
-        return {"well_mass_max_abs_err": m["well_mass_max_abs_err"], "well_mass_mean_abs_err": m["well_mass_mean_abs_err"],
-                "well_mass_max_abs_err_floor": floor["well_mass_max_abs_err"],
-                "well_mass_mean_abs_err_floor": floor["well_mass_mean_abs_err"],
-                "well_masses": [round(v, 6) for v in m["well_masses"]], "well_masses_exact": [round(float(v), 6) for v in exact]}
+        return {
+            "well_mass_max_abs_err": m["well_mass_max_abs_err"],
+            "well_mass_mean_abs_err": m["well_mass_mean_abs_err"],
+            "well_mass_max_abs_err_floor": floor["well_mass_max_abs_err"],
+            "well_mass_mean_abs_err_floor": floor["well_mass_mean_abs_err"],
+            "well_masses": [round(v, 6) for v in m["well_masses"]],
+            "well_masses_exact": [round(float(v), 6) for v in exact],
+        }
 
 
 class DigitsSuite(Suite):
     name = "digits"
 
     def digit(self, task: Task) -> int | None:
-        from .datasets.digits import check_digit
-
         kw = _reward_kwargs(task, DIGITS_REWARD)
         return None if kw is None or "digit" not in kw else check_digit(kw["digit"])
 
-    def prior_target(self, task: Task) -> Target | None:
-        from .datasets.digits import digits_data
-
+    def prior_target(self, task: Task) -> Target:
         held = digits_data("heldout").double()
-        return Target(description="p_data (the digits images)", method="reference", reference=held,
-                      reference_note=f"the {held.shape[0]} held-out images")
+        return Target(
+            description="p_data (the digits images)",
+            method="reference",
+            reference=held,
+            reference_note=f"the {held.shape[0]} held-out images",
+        )
 
-    def tilted_target(self, task: Task, beta: float) -> Target | None:
-        from .datasets.digits import digits_data
-
+    def tilted_target(self, task: Task, beta: float) -> Target:
         c = self.digit(task)
         if c is None:
-            return None
+            return super().tilted_target(task, beta)
         description = f"p_data * p(c = {c} | x)^beta (beta = {beta:g})"
         if abs(beta - 1.0) < 1e-12:
             ref = digits_data("heldout", c).double()
@@ -131,10 +147,9 @@ class DigitsSuite(Suite):
             note = f"{ref.shape[0]} of {held.shape[0]} held-out images, accepted with probability r^beta / max r^beta"
         return Target(description=description, method="reference", reference=ref, reference_note=note)
 
-    def extra_metrics(self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int,
-                      log_weights: torch.Tensor | None = None) -> dict:
-        from .datasets.digits import digits_report
-
+    def extra_metrics(
+        self, task: Task, x: torch.Tensor, target: Target, finetuned: bool, seed: int, log_weights: torch.Tensor | None = None
+    ) -> dict:
         c = self.digit(task)
         if c is None:
             return {}
@@ -143,7 +158,7 @@ class DigitsSuite(Suite):
     own_figure, figure_samples = True, 64  # an 8 x 8 grid of images per panel
 
     def plot_samples(self, path, panels, title=None) -> None:
-        from .datasets.digits import plot_digit_grids
+        from .datasets.digits_plots import plot_digit_grids  # matplotlib: imported only to draw
 
         plot_digit_grids(path, panels, title=title, n=self.figure_samples)
 
@@ -156,6 +171,16 @@ def suite_of(task: Task) -> Suite:
         if spec.dataset == "digits":
             return DigitsSuite()
     return Suite()
+
+
+def prior_target(task: Task) -> Target:
+    """The prior data distribution itself (what a prior checkpoint should sample), as the task's suite knows it."""
+    return suite_of(task).prior_target(task)
+
+
+def tilted_target(task: Task, beta: float) -> Target:
+    """p_data(x) r(x)^beta / Z as the task's suite knows it: exact where known, else grid (2-D), SIR, or reference rows."""
+    return suite_of(task).tilted_target(task, beta)
 
 
 def check_suite(task: Task) -> None:

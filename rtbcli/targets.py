@@ -18,13 +18,16 @@ How well it is known depends on the task (`Target.method`):
   the data rows themselves for a prior; for a finetuned sampler, the rows accepted with
   probability r^beta / max r^beta (exact samples of the target of the empirical data), or what
   a benchmark suite provides (the digits' held-out images of the class).
+
+This module builds the generic targets; a benchmark suite (`rtbcli.suites`) replaces them with
+what it knows, and `rtbcli.suites.prior_target` / `tilted_target` are what evaluation uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -34,7 +37,7 @@ from .tasks import Task
 
 GRID_SPACING = 0.02
 MODE_THRESHOLD = 1e-3  # a cell is a target mode when its target mass is at least this
-CELL_MASS = 1.0 - math.exp(-1.5 ** 2 / (2 * 0.3))  # 0.9765: what radius 1.5 holds of a 2-D component of variance 0.3
+CELL_MASS = 1.0 - math.exp(-(1.5**2) / (2 * 0.3))  # 0.9765: what radius 1.5 holds of a 2-D component of variance 0.3
 MIN_REFERENCE = 20  # fewer accepted rows than this make no reference
 
 
@@ -80,7 +83,7 @@ def cell_radius(task: Task) -> float:
     given = task.preset.evaluate.cell_radius
     if given is not None:
         return given
-    var, d = task.data.variance, task.dim
+    var, d = _mixture(task).variance, task.dim
     if d == 2:
         return math.sqrt(-2 * var * math.log(1 - CELL_MASS))
     lo, hi = 0.0, math.sqrt(var) * (math.sqrt(d) + 20)
@@ -88,6 +91,13 @@ def cell_radius(task: Task) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if shell_mass(d, var, mid) < CELL_MASS else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def _mixture(task: Task) -> GaussianMixture:
+    """The task's prior data, which mode cells need to be a mixture."""
+    if not isinstance(task.data, GaussianMixture):
+        raise TypeError(f"mode cells need mixture prior data, not {type(task.data).__name__}")
+    return task.data
 
 
 def _on_modes(mix: GaussianMixture, modes: torch.Tensor, variance: float) -> torch.Tensor | None:
@@ -100,8 +110,9 @@ def _on_modes(mix: GaussianMixture, modes: torch.Tensor, variance: float) -> tor
 
 
 def _exact_target(task: Task, mix: GaussianMixture, description: str, log_z: float) -> Target | None:
-    modes = task.data.means
-    where = _on_modes(mix, modes, task.data.variance)
+    data = _mixture(task)
+    modes = data.means
+    where = _on_modes(mix, modes, data.variance)
     if where is None:
         return None
     ev = task.preset.evaluate
@@ -111,9 +122,18 @@ def _exact_target(task: Task, mix: GaussianMixture, description: str, log_z: flo
     cells = torch.cat([w * m, torch.tensor([1.0 - m], dtype=torch.float64)])
     bins = mixture_bin_masses(mix.means, mix.weights, mix.std, hist_edges(ev.hist_half_width, ev.hist_bin)) if task.dim == 2 else None
     return Target(
-        description=description, method="exact", cell_means=modes, radius=radius,
-        cell_masses=cells, target_modes=w > 0, mode_weights=w, bin_masses=bins,
-        hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=True,
+        description=description,
+        method="exact",
+        cell_means=modes,
+        radius=radius,
+        cell_masses=cells,
+        target_modes=w > 0,
+        mode_weights=w,
+        bin_masses=bins,
+        hist_half_width=ev.hist_half_width,
+        hist_bin=ev.hist_bin,
+        log_z=log_z,
+        log_z_exact=True,
         sample=lambda n, g: mix.sample(n, g, dtype=torch.float64),
         log_density=lambda x: mix.log_prob(x.double()) + log_z,
     )
@@ -121,10 +141,10 @@ def _exact_target(task: Task, mix: GaussianMixture, description: str, log_z: flo
 
 def _grid_target(task: Task, description: str, log_density, beta: float, spacing: float = GRID_SPACING) -> Target:
     ev = task.preset.evaluate
-    mixture = isinstance(task.data, GaussianMixture)
+    mix = task.data if isinstance(task.data, GaussianMixture) else None
     # Box: the histogram range and 8 standard deviations beyond every mode, on a multiple of the
     # bin width so that grid cells tile the histogram bins exactly.
-    reach = max(ev.hist_half_width, float(task.data.means.abs().max()) + 8 * task.data.std) if mixture else ev.hist_half_width
+    reach = max(ev.hist_half_width, float(mix.means.abs().max()) + 8 * mix.std) if mix is not None else ev.hist_half_width
     half = math.ceil(reach / ev.hist_bin) * ev.hist_bin
     n = int(round(2 * half / spacing))
     centres = -half + spacing * (torch.arange(n, dtype=torch.float64) + 0.5)
@@ -136,11 +156,11 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
     nbins = int(round(2 * ev.hist_half_width / ev.hist_bin)) ** 2 + 1
     bins = torch.zeros(nbins, dtype=torch.float64).index_add_(0, bin_index(pts, ev.hist_half_width, ev.hist_bin), mass)
     cells = target_modes = weights = modes = radius = None
-    if mixture:
-        modes, radius = task.data.means, cell_radius(task)
+    if mix is not None:
+        modes, radius = mix.means, cell_radius(task)
         k = modes.shape[0]
         cells = torch.zeros(k + 1, dtype=torch.float64).index_add_(0, cell_index(pts, modes, radius), mass)
-        w = cells[:k] / shell_mass(2, task.data.variance, radius)
+        w = cells[:k] / shell_mass(2, mix.variance, radius)
         target_modes, weights = cells[:k] >= MODE_THRESHOLD, w / w.sum()
     cdf = torch.cumsum(mass, 0)
 
@@ -151,10 +171,20 @@ def _grid_target(task: Task, description: str, log_density, beta: float, spacing
         return pts[idx] + jitter
 
     return Target(
-        description=description, method="grid", cell_means=modes, radius=radius,
-        cell_masses=cells, target_modes=target_modes, mode_weights=weights, bin_masses=bins,
-        hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=True,
-        sample=sample, log_density=log_density,
+        description=description,
+        method="grid",
+        cell_means=modes,
+        radius=radius,
+        cell_masses=cells,
+        target_modes=target_modes,
+        mode_weights=weights,
+        bin_masses=bins,
+        hist_half_width=ev.hist_half_width,
+        hist_bin=ev.hist_bin,
+        log_z=log_z,
+        log_z_exact=True,
+        sample=sample,
+        log_density=log_density,
     )
 
 
@@ -169,12 +199,18 @@ def _sir_target(task: Task, description: str, log_density, beta: float, pool: in
         return xs[torch.multinomial(probs, count, replacement=True, generator=gen)]
 
     ev = task.preset.evaluate
-    mixture = isinstance(task.data, GaussianMixture)
+    mix = task.data if isinstance(task.data, GaussianMixture) else None
     return Target(
-        description=description + f" (SIR from {pool:,} data points)", method="sir",
-        cell_means=task.data.means if mixture else None, radius=cell_radius(task) if mixture else None,
-        hist_half_width=ev.hist_half_width, hist_bin=ev.hist_bin, log_z=log_z, log_z_exact=False,
-        sample=sample, log_density=log_density,
+        description=description + f" (SIR from {pool:,} data points)",
+        method="sir",
+        cell_means=mix.means if mix is not None else None,
+        radius=cell_radius(task) if mix is not None else None,
+        hist_half_width=ev.hist_half_width,
+        hist_bin=ev.hist_bin,
+        log_z=log_z,
+        log_z_exact=False,
+        sample=sample,
+        log_density=log_density,
     )
 
 
@@ -188,42 +224,50 @@ def accepted_rows(rows: torch.Tensor, log_w: torch.Tensor, seed: int = 12345) ->
 
 
 def _rows_target(task: Task, description: str, beta: float | None) -> Target:
+    if not isinstance(task.data, EmpiricalData):
+        raise TypeError(f"reference rows need prior data from rows, not {type(task.data).__name__}")
     rows = task.data.rows.cpu()
     if beta is None:
-        return Target(description=description, method="reference", reference=rows,
-                      reference_note=f"the {rows.shape[0]:,} data rows")
+        return Target(description=description, method="reference", reference=rows, reference_note=f"the {rows.shape[0]:,} data rows")
     kept = accepted_rows(rows, beta * task.log_reward_rows(rows))
     if kept.shape[0] < MIN_REFERENCE:
-        return Target(description=description, method="reference",
-                      reference_note=f"only {kept.shape[0]} data rows accepted with probability r^beta / max r^beta: no reference")
-    return Target(description=description, method="reference", reference=kept,
-                  reference_note=f"{kept.shape[0]:,} of {rows.shape[0]:,} data rows, accepted with probability r^beta / max r^beta")
+        return Target(
+            description=description,
+            method="reference",
+            reference_note=f"only {kept.shape[0]} data rows accepted with probability r^beta / max r^beta: no reference",
+        )
+    return Target(
+        description=description,
+        method="reference",
+        reference=kept,
+        reference_note=f"{kept.shape[0]:,} of {rows.shape[0]:,} data rows, accepted with probability r^beta / max r^beta",
+    )
 
 
-def prior_target(task: Task) -> Target:
-    """The prior data distribution itself (what a prior checkpoint should sample)."""
-    from .suites import suite_of
-
-    special = suite_of(task).prior_target(task)
-    if special is not None:
-        return special
+def generic_prior_target(task: Task) -> Target:
+    """The prior data distribution itself (what a prior checkpoint should sample), from what the
+    task alone says; a benchmark suite may know more (`rtbcli.suites.prior_target`)."""
     description = "p_data (the prior data)"
     if isinstance(task.data, GaussianMixture):
-        return _exact_target(task, task.data, description, 0.0)
+        target = _exact_target(task, task.data, description, 0.0)
+        assert target is not None  # the data's own components sit on its modes
+        return target
     if isinstance(task.data, EmpiricalData):
         return _rows_target(task, description, None)
-    return Target(description=description, method="exact", log_z=0.0, log_z_exact=True,
-                  sample=lambda n, g: task.data.sample(n, g, dtype=torch.float64), log_density=task.data.log_prob)
+    return Target(
+        description=description,
+        method="exact",
+        log_z=0.0,
+        log_z_exact=True,
+        sample=lambda n, g: task.data.sample(n, g, dtype=torch.float64),
+        log_density=task.data.log_prob,
+    )
 
 
-def tilted_target(task: Task, beta: float) -> Target:
-    """p_data(x) r(x)^beta / Z: exact where known, else grid (2-D), SIR, or reference rows."""
-    from .suites import suite_of
-
+def generic_tilted_target(task: Task, beta: float) -> Target:
+    """p_data(x) r(x)^beta / Z: exact where known, else grid (2-D), SIR, or reference rows; from
+    what the task alone says (a benchmark suite may know more: `rtbcli.suites.tilted_target`)."""
     description = f"p_data * r^beta (beta = {beta:g})"
-    special = suite_of(task).tilted_target(task, beta)
-    if special is not None:
-        return special
     if not task.data_is_exact:
         return _rows_target(task, description, beta)
 

@@ -107,7 +107,9 @@ class Task:
     def log_reward(self, x: torch.Tensor) -> torch.Tensor:
         """log r(x), shape x.shape[:-1]."""
         if self.reward is None:
-            raise InputError(f"preset '{self.preset.name}' names no reward: give --reward path/to/rewards.py:function, or a preset with a [reward] table")
+            raise InputError(
+                f"preset '{self.preset.name}' names no reward: give --reward path/to/rewards.py:function, or a preset with a [reward] table"
+            )
         return self.reward(x)
 
     def log_reward_rows(self, rows: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
@@ -122,7 +124,7 @@ class Task:
         1e-300, far outside every mode, are clamped there, which changes no mass that float64
         can represent); any other reward is evaluated on the grid points in chunks.
         """
-        if isinstance(self.data, GaussianMixture) and isinstance(self.reward, MixtureReward) or self.reward is None or beta == 0:
+        if isinstance(self.data, GaussianMixture) and (isinstance(self.reward, MixtureReward) or self.reward is None or beta == 0):
             tiny = 1e-300
             log_p = self.data.grid_density(centres).clamp_min(tiny).log()
             if self.reward is None or beta == 0:

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rtbcli.checkpoint import save_checkpoint
-from rtbcli.config import Preset, load_preset
+from rtbcli.config import Preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.reproduce import shipped_prior
 
 KEEP = ("pretrain", "prior_data", "sampler")  # the sections that made the prior: never rewritten

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtbcli.config import Preset, load_preset
+from rtbcli.config import Preset
+from rtbcli.presets_loader import load_preset
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 

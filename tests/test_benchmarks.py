@@ -11,7 +11,7 @@ import pytest
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import run
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.datasets import digits as dd
 from rtbcli.reproduce import shipped_prior
 
@@ -60,7 +60,7 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monke
         assert summary["floor"]["class_fraction"] >= 0.9  # the held-out real images of the class
         # evaluate --plot: the samples, the real images of the class and the frozen prior, as image grids
         drawn = []
-        monkeypatch.setattr(dd, "plot_digit_grids", lambda path, panels, title=None, n=64: drawn.append([(t, x.shape) for t, x in panels]))
+        monkeypatch.setattr("rtbcli.datasets.digits_plots.plot_digit_grids", lambda path, panels, title=None, n=64: drawn.append([(t, x.shape) for t, x in panels]))
         assert run(["evaluate", str(out / "rtb.safetensors"), "-n", "100", "--plot", str(tmp_path / "ev.png"), "--json"]) == 0
         capsys.readouterr()
         (samples, real, prior_grid), = drawn

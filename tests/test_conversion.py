@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from rtbcli import cli, conversion
 from rtbcli.checkpoint import base_metadata, load_checkpoint, sampler_tensors, save_checkpoint
 from rtbcli.hashing import sha256_file
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.conversion import convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from rtbcli.errors import InputError
 from rtbcli.finetune import finetuned_tensors

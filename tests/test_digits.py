@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from rtbcli.datasets import digits as dd
-from rtbcli.datasets.digits import SCALE, SHIFT, check_digit, mean_pairwise_distance, plot_digit_grids
+from rtbcli.datasets import digits_metrics as dm
+from rtbcli.datasets.digits import SCALE, SHIFT, check_digit
+from rtbcli.datasets.digits_metrics import mean_pairwise_distance
+from rtbcli.datasets.digits_plots import plot_digit_grids
 from rtbcli.errors import InputError
 from rtbcli.rewards.digits import class_log_probs, classifier_metadata, classify, log_p_class
 
@@ -166,11 +169,11 @@ def test_log_p_class_prefers_the_right_class(sk):
 def test_class_fraction(sk):
     x, y = dd.digits_data("heldout"), dd.digits_labels("heldout")
     for c in range(10):
-        assert dd.class_fraction(x[y == c], c) >= 0.9
-        assert dd.class_fraction(x[y != c], c) <= 0.05
+        assert dm.class_fraction(x[y == c], c) >= 0.9
+        assert dm.class_fraction(x[y != c], c) <= 0.05
     bad = x[y == 4].clone()
     bad[:5] = float("nan")  # non-finite samples count as misses
-    assert dd.class_fraction(bad, 4) == pytest.approx(dd.class_fraction(x[y == 4][5:], 4) * (len(bad) - 5) / len(bad))
+    assert dm.class_fraction(bad, 4) == pytest.approx(dm.class_fraction(x[y == 4][5:], 4) * (len(bad) - 5) / len(bad))
 
 
 def test_class_fraction_of_the_target_by_importance_weights(sk):
@@ -178,26 +181,34 @@ def test_class_fraction_of_the_target_by_importance_weights(sk):
     (by the classifier: its few misses are taken into account through the unweighted fractions)."""
     x, y = dd.digits_data("heldout"), dd.digits_labels("heldout")
     twos, sevens = x[y == 2][:50], x[y == 7][:50]
-    f2, f7 = dd.class_fraction(twos, 2), dd.class_fraction(sevens, 2)
+    f2, f7 = dm.class_fraction(twos, 2), dm.class_fraction(sevens, 2)
     both = torch.cat([twos, sevens])
-    log_w = torch.cat([torch.full((50,), math.log(3.0), dtype=torch.float64), torch.zeros(50, dtype=torch.float64)]) + 7.0  # any constant: self-normalised
+    log_w = (
+        torch.cat([torch.full((50,), math.log(3.0), dtype=torch.float64), torch.zeros(50, dtype=torch.float64)]) + 7.0
+    )  # any constant: self-normalised
     by_hand = (3 * f2 + f7) / 4
-    assert dd.class_fraction(both, 2, torch.softmax(log_w, 0)) == pytest.approx(by_hand, rel=1e-12)
-    r = dd.digits_report(both, 2, log_w)
+    assert dm.class_fraction(both, 2, torch.softmax(log_w, 0)) == pytest.approx(by_hand, rel=1e-12)
+    r = dm.digits_report(both, 2, log_w)
     assert r["class_fraction_target"] == pytest.approx(by_hand, rel=1e-12)
     assert r["class_fraction"] == pytest.approx((f2 + f7) / 2, rel=1e-12)
 
 
 def test_nearest_train_distance(sk):
-    assert dd.nearest_train_distance(dd.digits_data("train")) == 0.0
-    assert dd.nearest_train_distance(dd.digits_data("heldout")) > 1.0
+    assert dm.nearest_train_distance(dd.digits_data("train")) == 0.0
+    assert dm.nearest_train_distance(dd.digits_data("heldout")) > 1.0
 
 
 def test_digits_report(sk):
     held = dd.digits_data("heldout", 2)
-    r = dd.digits_report(held, 2)
-    assert set(r) == {"class_fraction", "class_fraction_real", "diversity", "diversity_real",
-                      "nearest_train_distance", "nearest_train_distance_real"}
+    r = dm.digits_report(held, 2)
+    assert set(r) == {
+        "class_fraction",
+        "class_fraction_real",
+        "diversity",
+        "diversity_real",
+        "nearest_train_distance",
+        "nearest_train_distance_real",
+    }
     assert r["class_fraction"] == r["class_fraction_real"] >= 0.9
     assert r["nearest_train_distance"] == r["nearest_train_distance_real"] > 0
     assert r["diversity_real"] == pytest.approx(mean_pairwise_distance(dd.digits_data("all", 2)))

@@ -10,7 +10,7 @@ import torch
 
 from rtbcli.metrics import (bin_index, cell_index, effective_sample_size, hist_edges, histogram_kl, log_mean_exp,
                             mixture_bin_masses, mode_weight_kl, sample_metrics)
-from rtbcli.targets import prior_target, tilted_target
+from rtbcli.suites import prior_target, tilted_target
 from rtbcli.tasks import GaussianMixture, Task
 
 N = 20_000
@@ -18,7 +18,7 @@ N = 20_000
 
 @pytest.fixture(scope="module")
 def task():
-    from rtbcli.config import load_preset
+    from rtbcli.presets_loader import load_preset
     return Task(load_preset("reference")[0])
 
 

@@ -9,7 +9,7 @@ import torch
 
 from rtbcli.objectives import (legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights,
                                trust_pcl_loss)
-from rtbcli.config import load_preset
+from rtbcli.presets_loader import load_preset
 from rtbcli.tasks import Task
 from test_sampler import seeded
 

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from conftest import strip_ansi
 from rtbcli.cli import app, run
-from rtbcli.config import load_preset
 from rtbcli.data import load_array
-from rtbcli.hashing import sha256_file
 from rtbcli.errors import InputError
+from rtbcli.hashing import sha256_file
+from rtbcli.presets_loader import load_preset
 from rtbcli.tasks import Task
 
 runner = CliRunner()
@@ -57,7 +57,8 @@ def task_files(tmp_path):
     (tmp_path / "rewards.py").write_text(REWARD)
     (tmp_path / "task.toml").write_text(
         'name = "mine"\n[prior_data]\npath = "data.npy"\n[reward]\ntype = "python"\nfunction = "rewards.py:log_reward"\n'
-        '[reward.kwargs]\nscale = 0.5\n[sampler]\nsteps = 10\nhidden = 16\ntime_features = 8\n[evaluate]\nn = 200\n')
+        "[reward.kwargs]\nscale = 0.5\n[sampler]\nsteps = 10\nhidden = 16\ntime_features = 8\n[evaluate]\nn = 200\n"
+    )
     return tmp_path
 
 
@@ -86,16 +87,19 @@ def test_a_preset_s_paths_are_relative_to_it(task_files, monkeypatch, tmp_path_f
     torch.testing.assert_close(Task(p).log_reward(x), torch.tensor([0.0, -2.0]))  # -0.5 |x - 2|^2
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "not found"),
-    ("dir", "is a directory"),
-    (b"\x93NUMPY garbage", "cannot be read as .npy"),
-    (np.zeros(5), "shape (5,)"),
-    (np.zeros((0, 2)), "0 row(s)"),
-    (np.zeros((1, 2)), "at least 2 rows"),
-    (np.array([[0.0, 1.0], [np.nan, 1.0]]), "NaN or inf in 1 of 2 rows"),
-    (np.array([["a", "b"], ["c", "d"]]), "holds <U1 values"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "not found"),
+        ("dir", "is a directory"),
+        (b"\x93NUMPY garbage", "cannot be read as .npy"),
+        (np.zeros(5), "shape (5,)"),
+        (np.zeros((0, 2)), "0 row(s)"),
+        (np.zeros((1, 2)), "at least 2 rows"),
+        (np.array([[0.0, 1.0], [np.nan, 1.0]]), "NaN or inf in 1 of 2 rows"),
+        (np.array([["a", "b"], ["c", "d"]]), "holds <U1 values"),
+    ],
+)
 def test_bad_data_files(tmp_path, capsys, content, match):
     path = tmp_path / "bad.npy"
     if isinstance(content, str) and content == "dir":
@@ -117,8 +121,9 @@ def test_bad_data_in_presets(tmp_path, capsys):
     assert "has dimension 3 but preset" in one_line_error(capsys, "pretrain", "--preset", tmp_path / "dim.toml")
     (tmp_path / "both.toml").write_text('name = "x"\n[prior_data]\npath = "d3.npy"\nmeans = [[0.0, 0.0]]\nvariance = 1.0\n')
     assert "has both 'means' and 'path'" in one_line_error(capsys, "pretrain", "--preset", tmp_path / "both.toml")
-    (tmp_path / "rmix.toml").write_text('name = "x"\n[prior_data]\npath = "d3.npy"\n[reward]\ntype = "mixture"\n'
-                                        '[reward.mixture]\nmeans = [[0.0, 0.0]]\nvariance = 1.0\n')
+    (tmp_path / "rmix.toml").write_text(
+        'name = "x"\n[prior_data]\npath = "d3.npy"\n[reward]\ntype = "mixture"\n[reward.mixture]\nmeans = [[0.0, 0.0]]\nvariance = 1.0\n'
+    )
     assert "reward.mixture has dimension 2, prior_data has 3" in one_line_error(capsys, "pretrain", "--preset", tmp_path / "rmix.toml")
     assert "is a data file, not a preset" in one_line_error(capsys, "pretrain", "--preset", tmp_path / "d3.npy")
     assert "must end in" in one_line_error(capsys, "pretrain", "--data", tmp_path / "dim.toml")
@@ -137,6 +142,7 @@ def test_data_far_from_the_sampler_scale_warns_with_a_fitting_sigma2(tmp_path):
 
 def test_pretraining_minibatches_are_rows_fixed_by_the_seed():
     from rtbcli.data import EmpiricalData
+
     data = EmpiricalData(torch.arange(10.0, dtype=torch.float64)[:, None].repeat(1, 2), "ten rows")
     a = data.sample(1000, torch.Generator().manual_seed(3))
     b = data.sample(1000, torch.Generator().manual_seed(3))
@@ -152,38 +158,59 @@ def test_python_reward_from_a_module_with_kwargs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     from rtbcli.evaluate import with_reward
+
     p = with_reward(load_preset("reference")[0], "mypkg.rewards:log_reward", {"scale": 2.0, "centre": 0.0})
     assert p.reward.function == "mypkg.rewards:log_reward" and p.reward.kwargs == {"scale": 2.0, "centre": 0.0}
     torch.testing.assert_close(Task(p).log_reward(torch.tensor([[1.0, 1.0]])), torch.tensor([-4.0]))
 
 
-@pytest.mark.parametrize("source,spec,match", [
-    (None, "missing.py:log_reward", "reward file"),
-    ("raise RuntimeError('boom')\n", "r.py:log_reward", "failed to import (RuntimeError: boom)"),
-    ("x = 1\n", "r.py:log_reward", "has no 'log_reward'"),
-    ("log_reward = 3\n", "r.py:log_reward", "is a int, not a function"),
-    ("def log_reward(x):\n    return x\n", "r.py:log_reward", "returned shape"),
-    ("def log_reward(x):\n    return [0.0] * len(x)\n", "r.py:log_reward", "returned a list, not a torch tensor"),
-    ("import torch\ndef log_reward(x):\n    return torch.log(x[:, 0] * 0)\n", "r.py:log_reward", "NaN or inf"),
-    (None, "no_such_module_xyz:log_reward", "reward module 'no_such_module_xyz' not found"),
-    (None, "r.py", "names no function"),
-])
+@pytest.mark.parametrize(
+    "source,spec,match",
+    [
+        (None, "missing.py:log_reward", "reward file"),
+        ("raise RuntimeError('boom')\n", "r.py:log_reward", "failed to import (RuntimeError: boom)"),
+        ("x = 1\n", "r.py:log_reward", "has no 'log_reward'"),
+        ("log_reward = 3\n", "r.py:log_reward", "is a int, not a function"),
+        ("def log_reward(x):\n    return x\n", "r.py:log_reward", "returned shape"),
+        ("def log_reward(x):\n    return [0.0] * len(x)\n", "r.py:log_reward", "returned a list, not a torch tensor"),
+        ("import torch\ndef log_reward(x):\n    return torch.log(x[:, 0] * 0)\n", "r.py:log_reward", "NaN or inf"),
+        (None, "no_such_module_xyz:log_reward", "reward module 'no_such_module_xyz' not found"),
+        (None, "r.py", "names no function"),
+    ],
+)
 def test_bad_rewards_are_one_line_input_errors(tmp_path, capsys, tiny_prior, source, spec, match):
     if source is not None:
         (tmp_path / "r.py").write_text(source)
     out = tmp_path / "ft.safetensors"
-    line = one_line_error(capsys, "finetune", "--prior", tiny_prior, "--reward", str(tmp_path / spec) if ".py" in spec else spec,
-                          "--out", out, *TINY)
+    line = one_line_error(
+        capsys, "finetune", "--prior", tiny_prior, "--reward", str(tmp_path / spec) if ".py" in spec else spec, "--out", out, *TINY
+    )
     assert match in line
     assert not out.exists() and not (tmp_path / "ft.jsonl").exists()
 
 
 def test_a_reward_that_fails_mid_run_stops_with_exit_1_and_keeps_the_last_good_state(tmp_path, capsys, tiny_prior):
-    (tmp_path / "flaky.py").write_text("import torch\nCALLS = [0]\ndef log_reward(x):\n    CALLS[0] += 1\n"
-                                       "    if CALLS[0] > 5:\n        raise ValueError('sensor offline')\n    return -x.pow(2).sum(-1)\n")
+    (tmp_path / "flaky.py").write_text(
+        "import torch\nCALLS = [0]\ndef log_reward(x):\n    CALLS[0] += 1\n"
+        "    if CALLS[0] > 5:\n        raise ValueError('sensor offline')\n    return -x.pow(2).sum(-1)\n"
+    )
     out = tmp_path / "ft.safetensors"
-    line = one_line_error(capsys, "finetune", "--prior", tiny_prior, "--reward", f"{tmp_path}/flaky.py:log_reward", "--out", out,
-                          "--steps", 20, "--batch-size", 8, "--quiet", code=1)
+    line = one_line_error(
+        capsys,
+        "finetune",
+        "--prior",
+        tiny_prior,
+        "--reward",
+        f"{tmp_path}/flaky.py:log_reward",
+        "--out",
+        out,
+        "--steps",
+        20,
+        "--batch-size",
+        8,
+        "--quiet",
+        code=1,
+    )
     assert "raised ValueError: sensor offline" in line and "last good state" in line
     assert not out.exists() and (tmp_path / "ft.last-good.safetensors").exists()
 
@@ -198,6 +225,7 @@ def test_checkpoint_records_the_reward_and_never_imports_it_unasked(task_files, 
     code, out, err = invoke("finetune", "--prior", prior, "--preset", task_files / "task.toml", "--out", ft, *TINY)
     assert code == 0, err
     from rtbcli.checkpoint import load_checkpoint
+
     ck = load_checkpoint(ft)
     ref = f"{task_files / 'rewards.py'}:log_reward"
     assert ck.meta["reward"] == ref and ck.meta["reward_sha256"] == sha256_file(task_files / "rewards.py")
@@ -216,8 +244,20 @@ def test_checkpoint_records_the_reward_and_never_imports_it_unasked(task_files, 
     assert f"name it again with --reward {ref}" in line
     assert not marker.exists()
     # a preset that names it is naming it again: resume under the same preset
-    code, out, err = invoke("finetune", "--resume", ft, "--preset", task_files / "task.toml", "--steps", 4, "--batch-size", 8,
-                            "--out", task_files / "r.safetensors", "--quiet")
+    code, out, err = invoke(
+        "finetune",
+        "--resume",
+        ft,
+        "--preset",
+        task_files / "task.toml",
+        "--steps",
+        4,
+        "--batch-size",
+        8,
+        "--out",
+        task_files / "r.safetensors",
+        "--quiet",
+    )
     assert code == 0 and marker.exists(), err
     marker.unlink()
     # named again: it is imported and used, with the recorded kwargs
@@ -245,14 +285,50 @@ def test_own_data_and_reward_end_to_end_in_d_dimensions(tmp_path, d):
     assert m["dim"] == d and m["target_method"] == "reference" and m["n_reference"] == 400 and "kl_mode" not in m
     assert (tmp_path / "prior.png").read_bytes()[:4] == b"\x89PNG"
     for algo in ("rtb", "reinforce-kl"):
-        code, out, err = invoke("finetune", "--prior", prior, "--reward", f"{tmp_path}/r.py:log_reward", "--reward-arg", "scale=0.1",
-                                "--algo", algo, "--out", ft, *TINY, "--json")
+        code, out, err = invoke(
+            "finetune",
+            "--prior",
+            prior,
+            "--reward",
+            f"{tmp_path}/r.py:log_reward",
+            "--reward-arg",
+            "scale=0.1",
+            "--algo",
+            algo,
+            "--out",
+            ft,
+            *TINY,
+            "--json",
+        )
         assert code == 0, err
-    code, out, err = invoke("evaluate", ft, "--n", 200, "--reward", f"{tmp_path}/r.py:log_reward", "--json",
-                            "--plot", tmp_path / "ft.png", "--dims", "0,1" if d == 1 else "3,7")
+    code, out, err = invoke(
+        "evaluate",
+        ft,
+        "--n",
+        200,
+        "--reward",
+        f"{tmp_path}/r.py:log_reward",
+        "--json",
+        "--plot",
+        tmp_path / "ft.png",
+        "--dims",
+        "0,1" if d == 1 else "3,7",
+    )
     assert code == 0, err
     m = json.loads(out)
-    for key in ("log_r_mean", "log_r_q05", "log_r_q95", "log_z_is", "ess_fraction", "elbo_prior", "path_kl", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
+    for key in (
+        "log_r_mean",
+        "log_r_q05",
+        "log_r_q95",
+        "log_z_is",
+        "ess_fraction",
+        "elbo_prior",
+        "path_kl",
+        "sw2",
+        "sw2_floor",
+        "mmd2",
+        "mmd2_floor",
+    ):
         assert key in m and m[key] is not None, key
     assert "accepted with probability r^beta" in m["reference"] and m["n_compared"] <= 200
 
@@ -299,7 +375,9 @@ def test_mode_cells_in_other_dimensions_hold_the_same_mass():
     """Radius 1.5 holds 97.65% of a 2-D component of variance 0.3; the cells keep that mass in any d."""
     from rtbcli.config import Preset
     from rtbcli.metrics import sample_metrics
-    from rtbcli.targets import CELL_MASS, cell_radius, prior_target, shell_mass
+    from rtbcli.suites import prior_target
+    from rtbcli.targets import CELL_MASS, cell_radius, shell_mass
+
     for d in (1, 2, 5, 10):
         means = [[0.0] * d, [10.0] + [0.0] * (d - 1)]
         task = Task(Preset(name="m", prior_data={"means": means, "variance": 0.3}))
@@ -315,8 +393,23 @@ def test_mode_cells_in_other_dimensions_hold_the_same_mass():
 
 def test_reproduce_on_your_own_preset_imports_the_reward_it_names(task_files):
     """The preset names its Python reward, so reproduce may import it to score the finetuned checkpoints."""
-    code, out, err = invoke("reproduce", "--preset", task_files / "task.toml", "--pretrain-steps", 2, "--steps", 2,
-                            "--batch-size", 8, "--n", 50, "--out", task_files / "rep", "--quiet", "--json")
+    code, out, err = invoke(
+        "reproduce",
+        "--preset",
+        task_files / "task.toml",
+        "--pretrain-steps",
+        2,
+        "--steps",
+        2,
+        "--batch-size",
+        8,
+        "--n",
+        50,
+        "--out",
+        task_files / "rep",
+        "--quiet",
+        "--json",
+    )
     assert code == 0, err
     rows = json.loads(out)["rows"]
     assert [r["method"] for r in rows] == ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]
@@ -348,8 +441,12 @@ def test_a_point_mass_reference_has_a_zero_mmd_floor(tmp_path, tiny_prior):
 def test_the_reward_is_called_as_a_run_calls_it(task_files):
     """float32 on the run's device, also when evaluate builds the reference from the data rows (CPU here)."""
     log = task_files / "calls.txt"
-    (task_files / "rewards.py").write_text(REWARD.replace("def log_reward(x, scale=1.0, centre=2.0):\n",
-                                                          f"def log_reward(x, scale=1.0, centre=2.0):\n    open({str(log)!r}, 'a').write(f'{{x.dtype}} {{x.device}}\\n')\n"))
+    (task_files / "rewards.py").write_text(
+        REWARD.replace(
+            "def log_reward(x, scale=1.0, centre=2.0):\n",
+            f"def log_reward(x, scale=1.0, centre=2.0):\n    open({str(log)!r}, 'a').write(f'{{x.dtype}} {{x.device}}\\n')\n",
+        )
+    )
     prior, ft = task_files / "prior.safetensors", task_files / "ft.safetensors"
     assert invoke("pretrain", "--preset", task_files / "task.toml", "--out", prior, *TINY)[0] == 0
     assert invoke("finetune", "--prior", prior, "--preset", task_files / "task.toml", "--out", ft, *TINY)[0] == 0

@@ -10,11 +10,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from rtbcli.config import load_preset
 from rtbcli.errors import InputError
 from rtbcli.metrics import per_mode_frequencies, sample_metrics
 from rtbcli.plots import plot_evaluation, plot_panels
-from rtbcli.targets import prior_target, tilted_target
+from rtbcli.presets_loader import load_preset
+from rtbcli.suites import prior_target, tilted_target
 from rtbcli.tasks import Task
 
 N = 300

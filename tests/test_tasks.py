@@ -12,7 +12,8 @@ from rtbcli.config import Preset
 from rtbcli.evaluate import evaluate
 from rtbcli.finetune import finetune
 from rtbcli.pretrain import pretrain
-from rtbcli.targets import CELL_MASS, tilted_target
+from rtbcli.suites import tilted_target
+from rtbcli.targets import CELL_MASS
 from rtbcli.tasks import Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,8 +36,9 @@ DATA3 = {"means": [[-2.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], "varianc
 
 
 def preset3(reward: dict, beta: float = 1.0) -> Preset:
-    return Preset.model_validate({"name": "three-d", "beta": beta, "prior_data": DATA3, "reward": reward,
-                                  "sampler": {"steps": 10, "hidden": 16, "time_features": 8}})
+    return Preset.model_validate(
+        {"name": "three-d", "beta": beta, "prior_data": DATA3, "reward": reward, "sampler": {"steps": 10, "hidden": 16, "time_features": 8}}
+    )
 
 
 # ----------------------------------------------------------------------------- the reward kinds
@@ -62,22 +64,30 @@ def exact_log_z(q_means, q_var: float, q_weights, beta: float) -> float:
     if beta == 1.0:
         qw = torch.tensor(q_weights, dtype=torch.float64)
         qw = qw / qw.sum()
-        terms = [math.log(pw[j]) + math.log(qw[k]) + float(log_gauss(torch.tensor(mu, dtype=torch.float64), nu, pv + q_var))
-                 for j, mu in enumerate(DATA3["means"]) for k, nu in enumerate(q_means)]
+        terms = [
+            math.log(pw[j]) + math.log(qw[k]) + float(log_gauss(torch.tensor(mu, dtype=torch.float64), nu, pv + q_var))
+            for j, mu in enumerate(DATA3["means"])
+            for k, nu in enumerate(q_means)
+        ]
         return float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0))
     assert len(q_means) == 1
     # N(x; nu, s2)^beta = (2 pi s2)^(-d beta / 2) (2 pi s2 / beta)^(d / 2) N(x; nu, s2 / beta)
     log_c = -0.5 * d * beta * math.log(2 * math.pi * q_var) + 0.5 * d * math.log(2 * math.pi * q_var / beta)
-    terms = [math.log(pw[j]) + float(log_gauss(torch.tensor(mu, dtype=torch.float64), q_means[0], pv + q_var / beta))
-             for j, mu in enumerate(DATA3["means"])]
+    terms = [
+        math.log(pw[j]) + float(log_gauss(torch.tensor(mu, dtype=torch.float64), q_means[0], pv + q_var / beta))
+        for j, mu in enumerate(DATA3["means"])
+    ]
     return log_c + float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0))
 
 
-@pytest.mark.parametrize("q,beta", [
-    ({"means": [[2.0, 0.0, 0.0], [0.0, 3.0, 1.0]], "variance": 1.0, "weights": [3, 1]}, 1.0),
-    ({"means": [[1.0, 1.0, 0.0]], "variance": 2.0}, 0.5),
-    ({"means": [[1.0, 1.0, 0.0]], "variance": 2.0}, 2.0),
-])
+@pytest.mark.parametrize(
+    "q,beta",
+    [
+        ({"means": [[2.0, 0.0, 0.0], [0.0, 3.0, 1.0]], "variance": 1.0, "weights": [3, 1]}, 1.0),
+        ({"means": [[1.0, 1.0, 0.0]], "variance": 2.0}, 0.5),
+        ({"means": [[1.0, 1.0, 0.0]], "variance": 2.0}, 2.0),
+    ],
+)
 def test_sir_target_log_z_against_the_exact_value(q, beta):
     task = Task(preset3({"type": "mixture", "mixture": q}, beta))
     t = tilted_target(task, beta)
@@ -102,14 +112,17 @@ def chi2_5_cdf(x: float) -> float:
 
 
 def test_five_dimensional_task_end_to_end(tmp_path):
-    preset = Preset.model_validate({
-        "name": "five-d", "beta": 1.0,
-        "prior_data": {"means": MEANS5, "variance": 0.5},
-        "reward": {"type": "mixture_ratio", "mixture": {"means": MEANS5[:2], "variance": 0.5, "weights": [1, 3]}},
-        "sampler": {"steps": 10, "hidden": 16, "time_features": 8},
-        "pretrain": {"steps": 30, "batch_size": 32, "lr": 1e-2},
-        "finetune": {"steps": 5, "batch_size": 32},
-    })
+    preset = Preset.model_validate(
+        {
+            "name": "five-d",
+            "beta": 1.0,
+            "prior_data": {"means": MEANS5, "variance": 0.5},
+            "reward": {"type": "mixture_ratio", "mixture": {"means": MEANS5[:2], "variance": 0.5, "weights": [1, 3]}},
+            "sampler": {"steps": 10, "hidden": 16, "time_features": 8},
+            "pretrain": {"steps": 30, "batch_size": 32, "lr": 1e-2},
+            "finetune": {"steps": 5, "batch_size": 32},
+        }
+    )
     prior_path, ft_path = tmp_path / "prior.safetensors", tmp_path / "ft.safetensors"
     pretrain(preset, "five-d", prior_path, seed=0, progress=False)
     prior = load_checkpoint(prior_path)

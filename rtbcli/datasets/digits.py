@@ -9,26 +9,21 @@ The split is fixed (stratified, drawn with torch's generator, not scikit-learn's
 classifier was trained on its train part only. scikit-learn is an optional dependency, needed only
 to load the images (`pip install "rtbcli[digits]"`); the reward itself does not need it.
 
+This module holds the images, their split and the constants; the metrics on samples are in
+`rtbcli.datasets.digits_metrics`, the image-grid figures in `rtbcli.datasets.digits_plots`.
+
 >>> x = digits_data("heldout", digit=3)      # (n, 64) float32 in [-1, 1]
->>> digits_report(samples, digit=3)          # class fraction, diversity, memorisation, with real references
->>> plot_digit_grids("digits.png", [("real", x), ("RTB", samples)])
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import numbers
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from ..errors import InputError
-from ..runtime import atomic_path, check_writable
 
 SCALE = 0.125  # x = pixels * SCALE + SHIFT: pixels 0..16 -> x in [-1, 1]
 SHIFT = -1.0
@@ -39,8 +34,6 @@ N_CLASSES = 10
 PIXEL_MAX = 16.0
 SPLITS = ("train", "heldout", "all")
 SKLEARN_MISSING = 'the digits benchmark needs scikit-learn: pip install "rtbcli[digits]"'
-
-DPI = 150
 
 
 def check_digit(digit) -> int:
@@ -115,8 +108,8 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
     return (x - SHIFT) / SCALE
 
 
-def digits_data(split: str = "train", digit: int | None = None) -> torch.Tensor:
-    """Images of `split` ("train", "heldout" or "all"), optionally of one class, as (n, 64) float32 in the scaled space."""
+def digits_data(split: str = "train", digit: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Images of `split` ("train", "heldout" or "all"), optionally of one class, as (n, 64) in the scaled space (float32 unless `dtype`)."""
     if split not in SPLITS:
         raise InputError(f"unknown digits split '{split}': use train, heldout or all")
     pixels, labels = _load()
@@ -126,7 +119,7 @@ def digits_data(split: str = "train", digit: int | None = None) -> torch.Tensor:
         idx = _split()[0 if split == "train" else 1]
     if digit is not None:
         idx = idx[labels[idx] == check_digit(digit)]
-    return to_scaled(pixels[idx]).to(torch.float32)
+    return to_scaled(pixels[idx]).to(dtype)
 
 
 def digits_labels(split: str = "train") -> torch.Tensor:
@@ -137,138 +130,9 @@ def digits_labels(split: str = "train") -> torch.Tensor:
     return labels.clone() if split == "all" else labels[_split()[0 if split == "train" else 1]]
 
 
-# --- metrics, on (n, 64) tensors in the scaled space ---------------------------------------------
-
-
-def _as_images(x: torch.Tensor, what: str = "samples") -> torch.Tensor:
+def as_images(x: torch.Tensor, what: str = "samples") -> torch.Tensor:
+    """`x` checked to be (n, 64) images in the scaled space, as float64 on the CPU; anything else is an InputError."""
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != N_PIXELS:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"{what} must be a tensor of shape (n, {N_PIXELS}) (got {shape})")
     return x.detach().to("cpu", torch.float64)
-
-
-def _subsample(x: torch.Tensor, max_points: int, seed: int) -> torch.Tensor:
-    """At most `max_points` rows: a fixed random subset (in the original order) when there are more."""
-    if len(x) <= max_points:
-        return x
-    g = torch.Generator().manual_seed(seed)
-    return x[torch.randperm(len(x), generator=g)[:max_points].sort().values]
-
-
-def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # the direct difference form, not |a|^2 + |b|^2 - 2ab: identical rows give exactly 0
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def class_fraction(x: torch.Tensor, digit: int, weights: torch.Tensor | None = None) -> float:
-    """Fraction of `x` the shipped classifier labels `digit` (argmax); non-finite rows count as misses.
-    With `weights` (one per row), the weighted fraction sum_i w_i 1[c_i = digit] / sum_i w_i."""
-    from ..rewards.digits import classify
-
-    digit = check_digit(digit)
-    x = _as_images(x)
-    if len(x) == 0:
-        return math.nan
-    finite = torch.isfinite(x).all(dim=1)
-    hits = torch.zeros(len(x), dtype=torch.bool)
-    if finite.any():
-        hits[finite] = classify(x[finite].float()) == digit
-    if weights is None:
-        return hits.double().mean().item()
-    return float((weights.double() * hits).sum() / weights.double().sum())
-
-
-def mean_pairwise_distance(x: torch.Tensor, max_points: int = 2000, seed: int = 0) -> float:
-    """Mean Euclidean distance over distinct pairs of rows (a fixed subsample of `max_points` if more); NaN below 2 rows."""
-    x = _subsample(_as_images(x), max_points, seed)
-    n = len(x)
-    if n < 2:
-        return math.nan
-    d = _cdist(x, x)
-    return (d.sum() / (n * (n - 1))).item()  # the diagonal is exactly 0; each pair is counted twice
-
-
-def nearest_train_distance(x: torch.Tensor, max_points: int = 2000) -> float:
-    """Mean over rows of `x` (a fixed subsample of `max_points` if more) of the distance to the nearest train image.
-
-    Memorised training images show as distances near 0. Needs scikit-learn (the train images).
-    """
-    x = _subsample(_as_images(x), max_points, 0)
-    if len(x) == 0:
-        return math.nan
-    train = to_scaled(_load()[0][_split()[0]])
-    nearest = torch.cat([_cdist(chunk, train).min(dim=1).values for chunk in x.split(500)])
-    return nearest.mean().item()
-
-
-def digits_report(x: torch.Tensor, digit: int, log_weights: torch.Tensor | None = None) -> dict:
-    """Metrics of samples `x` for the target class `digit`, each beside its value for real images.
-
-    class_fraction / class_fraction_real: classified as `digit` (real: held-out images of the class);
-    class_fraction_target (with `log_weights`, the importance weights of the rows toward the target):
-    the target's own class fraction by self-normalised importance sampling: the ceiling that a
-    sampler of the target p_prior r^beta reaches, which a prior's ambiguous images keep below 1;
-    diversity / diversity_real: mean pairwise distance (real: all images of the class);
-    nearest_train_distance / nearest_train_distance_real: distance to the nearest train image
-    (real: held-out images of the class, for scale).
-    """
-    digit = check_digit(digit)
-    held = digits_data("heldout", digit)
-    target = {} if log_weights is None else {
-        "class_fraction_target": class_fraction(x, digit, torch.softmax(log_weights.double().nan_to_num(-math.inf), 0))}
-    return {
-        "class_fraction": class_fraction(x, digit),
-        **target,
-        "class_fraction_real": class_fraction(held, digit),
-        "diversity": mean_pairwise_distance(x),
-        "diversity_real": mean_pairwise_distance(digits_data("all", digit)),
-        "nearest_train_distance": nearest_train_distance(x),
-        "nearest_train_distance_real": nearest_train_distance(held),
-    }
-
-
-# --- figures --------------------------------------------------------------------------------------
-
-
-def _mosaic(x: torch.Tensor, n: int) -> np.ma.MaskedArray:
-    """The first `n` images as pixels clipped to 0..16, tiled in a square grid with 1-pixel gaps (masked)."""
-    x = _as_images(x, "panel images")[:n]
-    side = max(1, math.ceil(math.sqrt(n)))
-    cell = 9  # 8 pixels and a gap
-    out = np.full((side * cell - 1, side * cell - 1), np.nan)
-    pix = to_pixels(x).clamp(0.0, PIXEL_MAX).numpy()  # NaN stays NaN: shown as a gap
-    for i, img in enumerate(pix):
-        r, c = divmod(i, side)
-        out[r * cell:r * cell + 8, c * cell:c * cell + 8] = img.reshape(8, 8)
-    return np.ma.masked_invalid(out)
-
-
-def plot_digit_grids(path: str | Path, panels: list[tuple[str, torch.Tensor]], title: str | None = None,
-                     n: int = 64) -> None:
-    """One panel per (title, images (m, 64) in the scaled space): the first `n` images as 8x8 greyscale pictures.
-
-    Ink is dark on white, pixels clipped to 0..16; missing or non-finite images are left blank.
-    Written atomically as PNG (4 panels per row at most).
-    """
-    if not panels:
-        raise InputError("plot_digit_grids needs at least one (title, images) panel")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise InputError(f"plot_digit_grids: n must be a positive integer (got {n!r})")
-    mosaics = [_mosaic(images, int(n)) for _, images in panels]
-    path = check_writable(Path(path), "plot")
-    nrows = math.ceil(len(panels) / 4)
-    ncols = math.ceil(len(panels) / nrows)
-    fig = Figure(figsize=(3.0 * ncols, 3.15 * nrows + (0.35 if title else 0.0)), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    cmap = matplotlib.colormaps["gray_r"].with_extremes(bad="#dfe6ee")
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i >= len(panels):
-            continue
-        ax.imshow(mosaics[i], cmap=cmap, vmin=0.0, vmax=PIXEL_MAX, interpolation="nearest")
-        ax.set_title(panels[i][0], fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)

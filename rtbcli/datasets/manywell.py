@@ -20,8 +20,8 @@ within a grid cell (so they are continuous), and x2 from N(0, 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ GRID_SPACING = 1e-4
 
 def _log_f1(x: torch.Tensor, tilt: float) -> torch.Tensor:
     """Unnormalised 1-D log density of x1: -x^4 + 6 x^2 + (0.5 - tilt) x."""
-    return -x**4 + 6 * x**2 + (0.5 - tilt) * x
+    return -(x**4) + 6 * x**2 + (0.5 - tilt) * x
 
 
 def log_density(x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +179,7 @@ def tilt_log_reward(x: torch.Tensor, pairs: int = 8, c: float = 1.0) -> torch.Te
     return -c * x[..., 0 : 2 * pairs : 2].sum(-1)
 
 
-def tilted_target(
-    beta: float, pairs: int = 8, c: float = 1.0, total_pairs: int = PAIRS
-) -> tuple[ManyWell, float]:
+def tilted_target(beta: float, pairs: int = 8, c: float = 1.0, total_pairs: int = PAIRS) -> tuple[ManyWell, float]:
     """The exact target p_data * r^beta / Z as a ManyWell with tilts beta*c on the first `pairs`
     pairs, and log Z_data(beta) = log E_data[r^beta] = pairs * [log Z1(beta c) - log Z1(0)].
     """

@@ -19,9 +19,10 @@ import keyword
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -55,11 +56,10 @@ def is_trusted(ref: str) -> bool:
     return parse_reference(ref)[0] is None and ref.startswith(TRUSTED_PREFIX)
 
 
-
-
 def import_function(ref: str) -> tuple[Callable, str | None]:
     """The callable a reference names, and the SHA-256 of the file it came from (None if unknown)."""
     path, attr = parse_reference(ref)
+    sha: str | None
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -87,8 +87,9 @@ def import_function(ref: str) -> tuple[Callable, str | None]:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as e:
             if e.name and modname.startswith(e.name):
-                raise InputError(f"reward module '{modname}' not found: install it, run from its folder, or give a file "
-                                 f"(path/to/rewards.py:{attr})") from None
+                raise InputError(
+                    f"reward module '{modname}' not found: install it, run from its folder, or give a file (path/to/rewards.py:{attr})"
+                ) from None
             raise InputError(f"reward module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
         except (Exception, SystemExit) as e:
             raise InputError(f"reward module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
@@ -132,10 +133,14 @@ class PythonReward:
             except Exception as e:
                 raise RewardFailed(f"the reward '{self.reference}' raised {e.__class__.__name__}: {_first_line(e)}") from None
         if not isinstance(out, torch.Tensor):
-            raise RewardFailed(f"the reward '{self.reference}' returned a {type(out).__name__}, not a torch tensor: return log r(x) as a tensor of shape (B,)")
+            raise RewardFailed(
+                f"the reward '{self.reference}' returned a {type(out).__name__}, not a torch tensor: return log r(x) as a tensor of shape (B,)"
+            )
         if out.shape != x.shape[:-1]:
-            raise RewardFailed(f"the reward '{self.reference}' returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
-                               f"return log r(x) of shape {tuple(x.shape[:-1])}")
+            raise RewardFailed(
+                f"the reward '{self.reference}' returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
+                f"return log r(x) of shape {tuple(x.shape[:-1])}"
+            )
         return out.to(x.dtype)
 
 
@@ -146,8 +151,10 @@ class UnnamedReward:
     reference: str
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        raise InputError(f"this checkpoint was trained with the Python reward '{self.reference}', and loading a checkpoint never "
-                         f"imports code: name it again with --reward {self.reference}")
+        raise InputError(
+            f"this checkpoint was trained with the Python reward '{self.reference}', and loading a checkpoint never "
+            f"imports code: name it again with --reward {self.reference}"
+        )
 
 
 def load_python_reward(spec, *, allow_import: bool = True) -> PythonReward | UnnamedReward:
@@ -156,8 +163,12 @@ def load_python_reward(spec, *, allow_import: bool = True) -> PythonReward | Unn
         return UnnamedReward(spec.function)
     fn, sha = import_function(spec.function)
     if spec.sha256 is not None and sha is not None and sha != spec.sha256:
-        warnings.warn(f"the reward file of '{spec.function}' has changed since the checkpoint recorded it "
-                      f"(SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)", RtbcliWarning, stacklevel=2)
+        warnings.warn(
+            f"the reward file of '{spec.function}' has changed since the checkpoint recorded it "
+            f"(SHA-256 {sha[:12]}... vs {spec.sha256[:12]}...)",
+            RtbcliWarning,
+            stacklevel=2,
+        )
     return PythonReward(spec.function, fn, dict(spec.kwargs), sha)
 
 
@@ -169,6 +180,8 @@ def check_reward_output(reward, x: torch.Tensor, what: str = "samples of the pri
         raise InputError(f"{e} (on {x.shape[0]} {what})") from None
     bad = ~torch.isfinite(out)
     if bool(bad.any()):
-        raise InputError(f"the reward returns NaN or inf on {int(bad.sum())} of {out.numel()} {what}: make log r finite "
-                         f"wherever the prior puts mass (e.g. clamp it)")
+        raise InputError(
+            f"the reward returns NaN or inf on {int(bad.sum())} of {out.numel()} {what}: make log r finite "
+            f"wherever the prior puts mass (e.g. clamp it)"
+        )
     return out

@@ -41,8 +41,10 @@ def _load() -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], dict[str, st
     if meta.get("format") != FORMAT:
         raise RunError(f"{FILE} in the installed rtbcli is not a digits classifier: reinstall rtbcli")
     if float(meta["scale"]) != SCALE or float(meta["shift"]) != SHIFT:
-        raise RunError(f"{FILE} was trained for scale {meta['scale']}, shift {meta['shift']}, "
-                       f"but the digits benchmark uses {SCALE}, {SHIFT}: retrain it")
+        raise RunError(
+            f"{FILE} was trained for scale {meta['scale']}, shift {meta['shift']}, "
+            f"but the digits benchmark uses {SCALE}, {SHIFT}: retrain it"
+        )
     layers = []
     i = 1
     while f"fc{i}.weight" in tensors:
