@@ -93,3 +93,9 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
         ran.append(command)
     assert {skipped(c) for c in left_out} == set(SKIPPED.values()), "a SKIPPED entry matches no README command: remove it"
     assert any("--resume rtb.safetensors" in c for c in ran)  # extending a finished run
+    for block in python_blocks((ROOT / "README.md").read_text(encoding="utf-8")):  # "From Python", on the checkpoints made above
+        exec(compile(block.replace("n=20_000", "n=400"), "README.md", "exec"), {})
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
