@@ -44,15 +44,32 @@ def finetune_steps(batch: int, steps: int, device: torch.device, out: Path, dist
 
     preset, _ = load_preset("reference")
     preset = preset.updated("finetune", steps=steps + 1, batch_size=batch)
-    r = finetune(load_checkpoint(PRIOR), preset, "reference", "rtb", out, device=device, progress=False, save_every=0,
-                 log_every=1 if device.type == "cuda" else 50, dist=dist)
+    r = finetune(
+        load_checkpoint(PRIOR),
+        preset,
+        "reference",
+        "rtb",
+        out,
+        device=device,
+        progress=False,
+        save_every=0,
+        log_every=1 if device.type == "cuda" else 50,
+        dist=dist,
+    )
     return r.step_seconds[1:]
 
 
 def summary(batch: int, processes: int, threads: int | None, times: list[float]) -> dict:
     med = statistics.median(times)
-    return {"batch": batch, "processes": processes, "threads": threads, "steps": len(times), "median_s": med,
-            "p90_s": sorted(times)[round(0.9 * (len(times) - 1))], "samples_per_s": batch / med}
+    return {
+        "batch": batch,
+        "processes": processes,
+        "threads": threads,
+        "steps": len(times),
+        "median_s": med,
+        "p90_s": sorted(times)[round(0.9 * (len(times) - 1))],
+        "samples_per_s": batch / med,
+    }
 
 
 def batch_sweep(args, device: str) -> list[dict]:
@@ -73,13 +90,34 @@ def process_sweep(args, device: str) -> list[dict]:
     rows = []
     for n in args.processes:
         threads = max(1, args.threads // n) if device == "cpu" else None
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1),
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads or 1),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        }
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", "localhost:0", __file__, "--worker", "--device", device, "--proc-batch", str(args.proc_batch),
-                   "--proc-steps", str(args.proc_steps), "--result", str(result)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(n),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "localhost:0",
+                __file__,
+                "--worker",
+                "--device",
+                device,
+                "--proc-batch",
+                str(args.proc_batch),
+                "--proc-steps",
+                str(args.proc_steps),
+                "--result",
+                str(result),
+            ]
             done = subprocess.run(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"the {n}-process run failed:\n{done.stderr[-3000:]}")
@@ -106,13 +144,18 @@ def worker(args) -> None:
 
 
 def table(report: dict) -> str:
-    lines = [f"rtb, reference preset (T = {report['T']}), {report['device']}, {report['cores']} cores, torch {report['torch']}", "",
-             "| processes x threads | global batch | timed steps | median step (ms) | p90 step (ms) | samples/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"rtb, reference preset (T = {report['T']}), {report['device']}, {report['cores']} cores, torch {report['torch']}",
+        "",
+        "| processes x threads | global batch | timed steps | median step (ms) | p90 step (ms) | samples/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in report["batch_sweep"] + report["process_sweep"]:
         who = f"{row['processes']} x {row['threads']}" if row["threads"] else f"{row['processes']} x GPU"
-        lines.append(f"| {who} | {row['batch']:,} | {row['steps']} | {row['median_s'] * 1e3:.1f} | {row['p90_s'] * 1e3:.1f} | "
-                     f"{row['samples_per_s']:,.0f} |")
+        lines.append(
+            f"| {who} | {row['batch']:,} | {row['steps']} | {row['median_s'] * 1e3:.1f} | {row['p90_s'] * 1e3:.1f} | "
+            f"{row['samples_per_s']:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -121,8 +164,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[100, 300, 1000, 3000, 10000])
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per batch size (4 to 20 steps)")
-    ap.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="process counts [default: 1,2 on CPU; 1 ... the number of GPUs on CUDA]")
+    ap.add_argument(
+        "--processes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="process counts [default: 1,2 on CPU; 1 ... the number of GPUs on CUDA]",
+    )
     ap.add_argument("--proc-batch", type=int, default=1000, help="global batch of the process sweep")
     ap.add_argument("--proc-steps", type=int, default=12, help="timed steps per process count")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all [default: every core]")
@@ -148,9 +195,18 @@ def main() -> None:
     rows = batch_sweep(args, device)
     print(f"process sweep ({device}, global batch {args.proc_batch})", file=sys.stderr)
     procs = process_sweep(args, device)
-    report = {"device": device if device == "cpu" else torch.cuda.get_device_name(0), "cores": os.cpu_count(), "torch": torch.__version__,
-              "python": platform.python_version(), "preset": "reference", "algo": "rtb", "T": load_preset("reference")[0].sampler.steps,
-              "batch_sweep": rows, "process_sweep": procs, "seconds": round(time.perf_counter() - started, 1)}
+    report = {
+        "device": device if device == "cpu" else torch.cuda.get_device_name(0),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "preset": "reference",
+        "algo": "rtb",
+        "T": load_preset("reference")[0].sampler.steps,
+        "batch_sweep": rows,
+        "process_sweep": procs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     print(table(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -16,7 +16,6 @@ import inspect
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -61,8 +60,11 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 
 
 root.__doc__ = inspect.cleandoc(root.__doc__) + examples(  # cleandoc: the appended block has no indentation to strip
-    "rtbcli presets", "rtbcli pretrain --out prior.safetensors", "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
-    "rtbcli reproduce --preset digits --quick")
+    "rtbcli presets",
+    "rtbcli pretrain --out prior.safetensors",
+    "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
+    "rtbcli reproduce --preset digits --quick",
+)
 
 
 def _shipped_list() -> str:
@@ -72,17 +74,23 @@ def _shipped_list() -> str:
 
 
 def reproduce(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"The task: {_shipped_list()}, or a .toml file [default: {DEFAULT_PRESET}]."),
-    quick: bool = typer.Option(False, "--quick", help="Reduced budget (minutes on 2 CPU threads), starting from the preset's shipped prior."),
-    prior: Optional[Path] = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help=f"The task: {_shipped_list()}, or a .toml file [default: {DEFAULT_PRESET}]."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Reduced budget (minutes on 2 CPU threads), starting from the preset's shipped prior."
+    ),
+    prior: Path | None = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
     seed: int = typer.Option(0, help="Random seed for every stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for checkpoints, logs, figure.png and summary.json [default: runs/reproduce-PRESET[-quick]]."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for checkpoints, logs, figure.png and summary.json [default: runs/reproduce-PRESET[-quick]]."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow an --out folder that already holds files."),
-    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps per method [default: the preset's; quick: its reproduce.quick_steps]."),
-    batch_size: Optional[int] = typer.Option(None, help="Fine-tuning batch size [default: the preset's; quick: reproduce.quick_batch_size]."),
-    n: Optional[int] = typer.Option(None, "--n", "-n", help="Samples per evaluation [default: the preset's; quick: reproduce.quick_n]."),
-    pretrain_steps: Optional[int] = typer.Option(None, help="Pretraining steps when no --prior is given [default: the preset's]."),
+    steps: int | None = typer.Option(None, help="Fine-tuning steps per method [default: the preset's; quick: its reproduce.quick_steps]."),
+    batch_size: int | None = typer.Option(None, help="Fine-tuning batch size [default: the preset's; quick: reproduce.quick_batch_size]."),
+    n: int | None = typer.Option(None, "--n", "-n", help="Samples per evaluation [default: the preset's; quick: reproduce.quick_n]."),
+    pretrain_steps: int | None = typer.Option(None, help="Pretraining steps when no --prior is given [default: the preset's]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json's content as one JSON object."),
 ):
@@ -91,23 +99,42 @@ def reproduce(
 
     from .presets_loader import load_preset
     from .report import summary_table
-    from .reproduce import budget_for, reproduce as run_reproduce
+    from .reproduce import budget_for
+    from .reproduce import reproduce as run_reproduce
 
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--n", n), ("--pretrain-steps", pretrain_steps)):
         positive(name, v)
     p, _ = load_preset(preset)
-    budget = replace(budget_for(p, quick), **{k: v for k, v in (("finetune_steps", steps), ("batch_size", batch_size), ("eval_n", n),
-                                                                  ("pretrain_steps", pretrain_steps)) if v is not None})
-    summary = run_reproduce(out, prior_path=prior, quick=quick, seed=seed, device=resolve_device(device), overwrite=overwrite,
-                            progress=not quiet, budget=budget, preset_ref=preset)
+    budget = replace(
+        budget_for(p, quick),
+        **{
+            k: v
+            for k, v in (("finetune_steps", steps), ("batch_size", batch_size), ("eval_n", n), ("pretrain_steps", pretrain_steps))
+            if v is not None
+        },
+    )
+    summary = run_reproduce(
+        out,
+        prior_path=prior,
+        quick=quick,
+        seed=seed,
+        device=resolve_device(device),
+        overwrite=overwrite,
+        progress=not quiet,
+        budget=budget,
+        preset_ref=preset,
+    )
     if as_json:
         return emit_json(summary)
     out_console.print(summary_table(summary))
-    out_console.print(f"figure: {summary['figure']}   summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s")
+    out_console.print(
+        f"figure: {summary['figure']}   summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s"
+    )
 
 
-reproduce.__doc__ += examples("rtbcli reproduce --quick", "rtbcli reproduce --preset manywell32 --quick",
-                              "rtbcli reproduce --out runs/full --device cpu")
+reproduce.__doc__ += examples(
+    "rtbcli reproduce --quick", "rtbcli reproduce --preset manywell32 --quick", "rtbcli reproduce --out runs/full --device cpu"
+)
 
 
 def _register() -> None:
@@ -117,8 +144,14 @@ def _register() -> None:
     from .cli_train import finetune, pretrain
 
     app.add_typer(presets_app, name="presets")
-    for name, fn in (("pretrain", pretrain), ("finetune", finetune), ("sample", sample), ("evaluate", evaluate),
-                     ("convert-params", convert_params), ("reproduce", reproduce)):
+    for name, fn in (
+        ("pretrain", pretrain),
+        ("finetune", finetune),
+        ("sample", sample),
+        ("evaluate", evaluate),
+        ("convert-params", convert_params),
+        ("reproduce", reproduce),
+    ):
         app.command(name)(handle_errors(fn))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,13 +34,15 @@ def _full(v: float) -> str:
 
 
 def convert_params(
-    checkpoint: Optional[Path] = typer.Argument(None, help=CHECKPOINT_HELP),
-    to: Optional[Target] = typer.Option(None, "--to", case_sensitive=False, help=TO_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="With a checkpoint: the converted checkpoint to write (atomically; never the input)."),
-    log_z: Optional[float] = typer.Option(None, "--log-z", help="RTB log Z, to convert with --beta."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="RTB inverse temperature beta > 0, to convert with --log-z."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Trust-PCL temperature alpha > 0, to convert with --v-soft-s0."),
-    v_soft_s0: Optional[float] = typer.Option(None, "--v-soft-s0", help="Trust-PCL soft value V_soft(s0), to convert with --alpha."),
+    checkpoint: Path | None = typer.Argument(None, help=CHECKPOINT_HELP),
+    to: Target | None = typer.Option(None, "--to", case_sensitive=False, help=TO_HELP),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="With a checkpoint: the converted checkpoint to write (atomically; never the input)."
+    ),
+    log_z: float | None = typer.Option(None, "--log-z", help="RTB log Z, to convert with --beta."),
+    beta: float | None = typer.Option(None, "--beta", help="RTB inverse temperature beta > 0, to convert with --log-z."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Trust-PCL temperature alpha > 0, to convert with --v-soft-s0."),
+    v_soft_s0: float | None = typer.Option(None, "--v-soft-s0", help="Trust-PCL soft value V_soft(s0), to convert with --alpha."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Convert RTB (log Z, beta) <-> Trust-PCL (alpha = 1/beta, V_soft(s0) = alpha log Z), numbers or a checkpoint."""
@@ -71,12 +72,26 @@ def convert_params(
 
     if pair == RTB_PAIR:
         res = rtb_to_trust_pcl_params(log_z, beta)
-        title, rows = "RTB -> Trust-PCL", [("log_z (given)", log_z), ("beta (given)", beta),
-                                            ("alpha = 1/beta", res["alpha"]), ("v_soft_s0 = alpha log_z", res["v_soft_s0"])]
+        title, rows = (
+            "RTB -> Trust-PCL",
+            [
+                ("log_z (given)", log_z),
+                ("beta (given)", beta),
+                ("alpha = 1/beta", res["alpha"]),
+                ("v_soft_s0 = alpha log_z", res["v_soft_s0"]),
+            ],
+        )
     else:
         res = trust_pcl_to_rtb_params(alpha, v_soft_s0)
-        title, rows = "Trust-PCL -> RTB", [("alpha (given)", alpha), ("v_soft_s0 (given)", v_soft_s0),
-                                            ("beta = 1/alpha", res["beta"]), ("log_z = v_soft_s0 / alpha", res["log_z"])]
+        title, rows = (
+            "Trust-PCL -> RTB",
+            [
+                ("alpha (given)", alpha),
+                ("v_soft_s0 (given)", v_soft_s0),
+                ("beta = 1/alpha", res["beta"]),
+                ("log_z = v_soft_s0 / alpha", res["log_z"]),
+            ],
+        )
     if as_json:
         return emit_json(res)
     out_console.print(kv_table(title, [(k, _full(v)) for k, v in rows]))
@@ -91,20 +106,30 @@ def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
 
     if to is None or out is None:
         missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
-        raise InputError(f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors")
+        raise InputError(
+            f"converting a checkpoint needs {missing}: e.g. rtbcli convert-params {checkpoint} --to trust-pcl --out converted.safetensors"
+        )
     if out.resolve() == checkpoint.resolve():
         raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
     check_writable(out, "--out")
     r = convert_checkpoint(checkpoint, to.value, out)
     if as_json:
         return emit_json(r)
-    out_console.print(kv_table(f"convert-params {r['from']} -> {r['to']}", [
-        ("checkpoint", r["checkpoint"]), ("from", f"{r['source']} ({r['from']})"),
-        ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
-        *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
-        ("weights copied unchanged", r["tensors_copied"])]))
+    out_console.print(
+        kv_table(
+            f"convert-params {r['from']} -> {r['to']}",
+            [
+                ("checkpoint", r["checkpoint"]),
+                ("from", f"{r['source']} ({r['from']})"),
+                ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
+                *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
+                ("weights copied unchanged", r["tensors_copied"]),
+            ],
+        )
+    )
     out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
 
 
-convert_params.__doc__ += examples("rtbcli convert-params --log-z 2 --beta 0.5 --json",
-                                   "rtbcli convert-params rtb.safetensors --to trust-pcl --out as-tpcl.safetensors")
+convert_params.__doc__ += examples(
+    "rtbcli convert-params --log-z 2 --beta 0.5 --json", "rtbcli convert-params rtb.safetensors --to trust-pcl --out as-tpcl.safetensors"
+)

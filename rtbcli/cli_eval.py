@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,8 +13,10 @@ from .metric_registry import requirable
 from .report import checks_table, evaluation_table, parse_check, run_checks
 from .runtime import check_writable, resolve_device
 
-REQUIRE_HELP = (f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. "
-                f"KEY: {', '.join(requirable())}.")  # the metric registry's number keys and floor.KEY
+REQUIRE_HELP = (
+    f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. "
+    f"KEY: {', '.join(requirable())}."
+)  # the metric registry's number keys and floor.KEY
 
 
 def parse_dims(text: str) -> tuple[int, int]:
@@ -28,15 +29,21 @@ def parse_dims(text: str) -> tuple[int, int]:
 
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Any rtbcli checkpoint (prior or finetuned)."),
-    n: Optional[int] = typer.Option(None, "--n", "-n", help=f"Samples to score [default: the preset's, {field_default(EvalSpec, 'n')}]."),
+    n: int | None = typer.Option(None, "--n", "-n", help=f"Samples to score [default: the preset's, {field_default(EvalSpec, 'n')}]."),
     seed: int = typer.Option(0, help="Random seed (model samples; exact target samples use seed+1)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    reward: Optional[str] = typer.Option(None, "--reward", help="Name the checkpoint's Python reward again ('rewards.py:function'); loading a checkpoint never imports code."),
-    reward_arg: Optional[list[str]] = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a PNG: samples over the target (or two coordinates and the marginals), per-mode weights."),
+    reward: str | None = typer.Option(
+        None, "--reward", help="Name the checkpoint's Python reward again ('rewards.py:function'); loading a checkpoint never imports code."
+    ),
+    reward_arg: list[str] | None = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."
+    ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also save a PNG: samples over the target (or two coordinates and the marginals), per-mode weights."
+    ),
     dims: str = typer.Option("0,1", "--dims", help="The two coordinates a plot of a task with d != 2 shows."),
-    require: Optional[list[str]] = typer.Option(None, "--require", help=REQUIRE_HELP),
+    require: list[str] | None = typer.Option(None, "--require", help=REQUIRE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
 ):
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""
@@ -55,8 +62,7 @@ def evaluate(
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
     dev = resolve_device(device)
-    ev = run_evaluate(ck, n or ck.preset.evaluate.n, seed, dev, reward=reward, reward_kwargs=parse_kwargs(reward_arg),
-                      reference=reference)
+    ev = run_evaluate(ck, n or ck.preset.evaluate.n, seed, dev, reward=reward, reward_kwargs=parse_kwargs(reward_arg), reference=reference)
     m = ev.metrics
     if plot is not None:
         _plot(plot, checkpoint, ck, ev, seed, dev, pair)
@@ -73,6 +79,7 @@ def evaluate(
     failed = [f"{r['check']} (got {r['value']})" for r in results if not r["passed"]]
     if failed:
         import sys
+
         print(f"rtbcli: {len(failed)} required check(s) failed: {'; '.join(failed)}", file=sys.stderr)
         raise typer.Exit(EXIT_REQUIRE)
 
@@ -100,9 +107,11 @@ def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int,
     suite.plot_samples(plot, panels, title=title)
 
 
-evaluate.__doc__ += examples("rtbcli evaluate rtb.safetensors --plot rtb.png",
-                             "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
-                             "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'")
+evaluate.__doc__ += examples(
+    "rtbcli evaluate rtb.safetensors --plot rtb.png",
+    "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
+    "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'",
+)
 
 
 def sample(
@@ -131,4 +140,6 @@ def sample(
     out_console.print(f"wrote {n} samples of dimension {x.shape[1]} to {out}")
 
 
-sample.__doc__ += examples("rtbcli sample rtb.safetensors --n 10000 --out samples.npy", "rtbcli sample prior.safetensors --n 500 --out prior.csv")
+sample.__doc__ += examples(
+    "rtbcli sample rtb.safetensors --n 10000 --out samples.npy", "rtbcli sample prior.safetensors --n 500 --out prior.csv"
+)

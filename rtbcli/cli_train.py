@@ -11,7 +11,6 @@ import math
 import signal
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -63,17 +62,23 @@ def resume_out(start, out: Path | None) -> Path:
 
 # --------------------------------------------------------------------------- pretrain
 def pretrain(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Shipped preset name or path to a .toml file [default: {DEFAULT_PRESET}]."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Pretrain on the rows of this .npy/.csv/.safetensors file (default sampler settings)."),
-    steps: Optional[int] = typer.Option(None, help=field_help(PretrainSpec, "steps")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(PretrainSpec, "batch_size")),
-    lr: Optional[float] = typer.Option(None, help=field_help(PretrainSpec, "lr")),
-    lr_schedule: Optional[Schedule] = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
-    estimator: Optional[Estimator] = typer.Option(None, help=field_help(PretrainSpec, "estimator")),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run exactly (X.partial.safetensors, or a finished one with --steps and --out)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and data) [default: 0]."),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help=f"Shipped preset name or path to a .toml file [default: {DEFAULT_PRESET}]."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Pretrain on the rows of this .npy/.csv/.safetensors file (default sampler settings)."
+    ),
+    steps: int | None = typer.Option(None, help=field_help(PretrainSpec, "steps")),
+    batch_size: int | None = typer.Option(None, help=field_help(PretrainSpec, "batch_size")),
+    lr: float | None = typer.Option(None, help=field_help(PretrainSpec, "lr")),
+    lr_schedule: Schedule | None = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
+    estimator: Estimator | None = typer.Option(None, help=field_help(PretrainSpec, "estimator")),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue this run exactly (X.partial.safetensors, or a finished one with --steps and --out)."
+    ),
+    seed: int | None = typer.Option(None, help="Random seed (initialisation and data) [default: 0]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (atomically) [default: prior.safetensors]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Checkpoint to write (atomically) [default: prior.safetensors]."),
     save_every: int = typer.Option(1000, help=SAVE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
@@ -104,53 +109,103 @@ def pretrain(
     positive_or_zero("--save-every", save_every)
     dist, dev = _start_distributed(device, p.pretrain.batch_size)
     try:
-        r = run_pretrain(p, ref, out, seed=seed or 0, device=dev, log_path=out.with_suffix(".jsonl"), progress=not quiet,
-                         resume_from=start, save_every=save_every, dist=dist)
+        r = run_pretrain(
+            p,
+            ref,
+            out,
+            seed=seed or 0,
+            device=dev,
+            log_path=out.with_suffix(".jsonl"),
+            progress=not quiet,
+            resume_from=start,
+            save_every=save_every,
+            dist=dist,
+        )
     finally:
         _leave(dist)
     if not dist.is_main:
         return
-    res = {"checkpoint": str(r.out), "log": str(r.log), "preset": ref, "steps": r.steps, "resumed_at": r.first_step or None,
-           "seconds": round(r.seconds, 2), "steps_per_s": round(r.steps_per_s, 2), "loss": r.loss, "elbo": r.elbo,
-           "data_log_prob": r.data_log_prob, "device": dev.type, "processes": dist.world}
+    res = {
+        "checkpoint": str(r.out),
+        "log": str(r.log),
+        "preset": ref,
+        "steps": r.steps,
+        "resumed_at": r.first_step or None,
+        "seconds": round(r.seconds, 2),
+        "steps_per_s": round(r.steps_per_s, 2),
+        "loss": r.loss,
+        "elbo": r.elbo,
+        "data_log_prob": r.data_log_prob,
+        "device": dev.type,
+        "processes": dist.world,
+    }
     if as_json:
         return emit_json(res)
-    out_console.print(kv_table("pretrain", [("checkpoint", r.out), ("log", r.log), ("preset", ref), ("device", f"{dev.type} x {dist.world}"),
-                                            ("steps", r.steps), ("wall time (s)", r.seconds), ("steps/s", r.steps_per_s),
-                                            ("final loss", r.loss), ("ELBO of log p_theta(x), data", r.elbo),
-                                            ("E_data log p_data(x)", r.data_log_prob)]))
+    out_console.print(
+        kv_table(
+            "pretrain",
+            [
+                ("checkpoint", r.out),
+                ("log", r.log),
+                ("preset", ref),
+                ("device", f"{dev.type} x {dist.world}"),
+                ("steps", r.steps),
+                ("wall time (s)", r.seconds),
+                ("steps/s", r.steps_per_s),
+                ("final loss", r.loss),
+                ("ELBO of log p_theta(x), data", r.elbo),
+                ("E_data log p_data(x)", r.data_log_prob),
+            ],
+        )
+    )
     out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out} --reward rewards.py:log_reward")
 
 
-pretrain.__doc__ += examples("rtbcli pretrain --out prior.safetensors", "rtbcli pretrain --data moons.csv --steps 3000 --out moons-prior.safetensors",
-                             "rtbcli pretrain --resume prior.partial.safetensors")
+pretrain.__doc__ += examples(
+    "rtbcli pretrain --out prior.safetensors",
+    "rtbcli pretrain --data moons.csv --steps 3000 --out moons-prior.safetensors",
+    "rtbcli pretrain --resume prior.partial.safetensors",
+)
 
 
 # --------------------------------------------------------------------------- finetune
 def finetune(
-    prior: Optional[Path] = typer.Option(None, "--prior", help="Start a run from this prior checkpoint (from `rtbcli pretrain`)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this finetuned run exactly: its optimiser, schedule and random state."),
-    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start a new run from a finetuned checkpoint (its policy, prior and log Z; fresh optimiser and schedule)."),
-    algo: Optional[Algo] = typer.Option(None, "--algo", "-a", case_sensitive=False,
-                                        help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or path [default: the one the prior was pretrained with]."),
-    reward: Optional[str] = typer.Option(None, "--reward", help="Your reward: 'path/to/rewards.py:function' or 'package.module:function', returning log r(x)."),
-    reward_arg: Optional[list[str]] = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
-    beta: Optional[float] = typer.Option(None, help="Inverse temperature of the target p_prior r^beta [default: the preset's]."),
-    alpha: Optional[float] = typer.Option(None, help="Trust-PCL temperature alpha = 1/beta (give this or --beta)."),
-    steps: Optional[int] = typer.Option(None, help=field_help(FinetuneSpec, "steps", "; with --resume, the new total")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(FinetuneSpec, "batch_size")),
-    lr: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "lr")),
-    lr_logz: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "lr_logz")),
-    lr_schedule: Optional[Schedule] = typer.Option(None, help=field_help(FinetuneSpec, "lr_schedule")),
-    grad_clip: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "grad_clip")),
-    exploration: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "exploration")),
+    prior: Path | None = typer.Option(None, "--prior", help="Start a run from this prior checkpoint (from `rtbcli pretrain`)."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue this finetuned run exactly: its optimiser, schedule and random state."
+    ),
+    warm_start: Path | None = typer.Option(
+        None,
+        "--warm-start",
+        help="Start a new run from a finetuned checkpoint (its policy, prior and log Z; fresh optimiser and schedule).",
+    ),
+    algo: Algo | None = typer.Option(
+        None,
+        "--algo",
+        "-a",
+        case_sensitive=False,
+        help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]",
+    ),
+    preset: str | None = typer.Option(None, "--preset", "-p", help="Preset name or path [default: the one the prior was pretrained with]."),
+    reward: str | None = typer.Option(
+        None, "--reward", help="Your reward: 'path/to/rewards.py:function' or 'package.module:function', returning log r(x)."
+    ),
+    reward_arg: list[str] | None = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
+    beta: float | None = typer.Option(None, help="Inverse temperature of the target p_prior r^beta [default: the preset's]."),
+    alpha: float | None = typer.Option(None, help="Trust-PCL temperature alpha = 1/beta (give this or --beta)."),
+    steps: int | None = typer.Option(None, help=field_help(FinetuneSpec, "steps", "; with --resume, the new total")),
+    batch_size: int | None = typer.Option(None, help=field_help(FinetuneSpec, "batch_size")),
+    lr: float | None = typer.Option(None, help=field_help(FinetuneSpec, "lr")),
+    lr_logz: float | None = typer.Option(None, help=field_help(FinetuneSpec, "lr_logz")),
+    lr_schedule: Schedule | None = typer.Option(None, help=field_help(FinetuneSpec, "lr_schedule")),
+    grad_clip: float | None = typer.Option(None, help=field_help(FinetuneSpec, "grad_clip")),
+    exploration: float | None = typer.Option(None, help=field_help(FinetuneSpec, "exploration")),
     on_policy: bool = typer.Option(False, "--on-policy", help="No exploration; reinforce-kl then uses uniform weights."),
-    snis: Optional[Snis] = typer.Option(None, help=field_help(FinetuneSpec, "snis")),
-    legacy_lambda: Optional[float] = typer.Option(None, help=field_help(FinetuneSpec, "legacy_lambda")),
-    seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
+    snis: Snis | None = typer.Option(None, help=field_help(FinetuneSpec, "snis")),
+    legacy_lambda: float | None = typer.Option(None, help=field_help(FinetuneSpec, "legacy_lambda")),
+    seed: int | None = typer.Option(None, help="Random seed [default: 0]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: finetuned-ALGO.safetensors]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: finetuned-ALGO.safetensors]."),
     save_every: int = typer.Option(1000, help=SAVE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
@@ -165,29 +220,47 @@ def finetune(
     b = resolve_beta(beta, alpha)
     given = [(n, v) for n, v in (("--prior", prior), ("--resume", resume), ("--warm-start", warm_start)) if v is not None]
     if len(given) != 1:
-        raise InputError("give exactly one of --prior (start from a prior), --resume (continue a run) and --warm-start (a new run from a finetuned checkpoint)")
-    (start_opt, start_path), = given
+        raise InputError(
+            "give exactly one of --prior (start from a prior), --resume (continue a run) and --warm-start (a new run from a finetuned checkpoint)"
+        )
+    ((start_opt, start_path),) = given
     start = load_checkpoint(start_path, expect_kind="prior" if prior is not None else "finetuned")
     is_resume = resume is not None
     if is_resume:
         if seed is not None and seed != start.meta_int("seed"):
             raise InputError("--seed cannot change when resuming: the run continues with its own random state")
         if on_policy and not json.loads(start.meta.get("run", "{}")).get("on_policy", False):
-            raise InputError("--on-policy cannot change when resuming: the run continues with its own exploration schedule; "
-                             "start a new run with --warm-start --on-policy")
+            raise InputError(
+                "--on-policy cannot change when resuming: the run continues with its own exploration schedule; "
+                "start a new run with --warm-start --on-policy"
+            )
         algo_name = algo.value if algo is not None else start.algo
     else:
         algo_name = algo.value if algo is not None else DEFAULT_OBJECTIVE
     p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
-    p = with_overrides(p, "finetune", steps=steps, batch_size=batch_size, lr=lr, lr_logz=lr_logz, lr_schedule=lr_schedule, grad_clip=grad_clip, exploration=exploration, snis=snis,
-                       legacy_lambda=legacy_lambda)
+    p = with_overrides(
+        p,
+        "finetune",
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lr_logz=lr_logz,
+        lr_schedule=lr_schedule,
+        grad_clip=grad_clip,
+        exploration=exploration,
+        snis=snis,
+        legacy_lambda=legacy_lambda,
+    )
     if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
         from .rewards import UnnamedReward
+
         if isinstance(Task(p, allow_import=False).reward, UnnamedReward):
-            raise InputError(f"this checkpoint records the Python reward '{p.reward.function}', and loading a checkpoint never imports "
-                             f"code: name it again with --reward {p.reward.function}")
+            raise InputError(
+                f"this checkpoint records the Python reward '{p.reward.function}', and loading a checkpoint never imports "
+                f"code: name it again with --reward {p.reward.function}"
+            )
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
     check_writable(out, "--out")
@@ -196,28 +269,69 @@ def finetune(
         raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
     dist, dev = _start_distributed(device, p.finetune.batch_size)
     try:
-        r = run_finetune(start, p, ref, algo_name, out, seed=seed or 0, device=dev, on_policy=on_policy, log_path=out.with_suffix(".jsonl"),
-                         progress=not quiet, resume=is_resume, save_every=save_every, dist=dist)
+        r = run_finetune(
+            start,
+            p,
+            ref,
+            algo_name,
+            out,
+            seed=seed or 0,
+            device=dev,
+            on_policy=on_policy,
+            log_path=out.with_suffix(".jsonl"),
+            progress=not quiet,
+            resume=is_resume,
+            save_every=save_every,
+            dist=dist,
+        )
     finally:
         _leave(dist)
     if not dist.is_main:
         return
-    res = {"checkpoint": str(r.out), "log": str(r.log), "algo": r.algo, "beta": p.beta, "alpha": 1 / p.beta, "steps": r.steps,
-           "resumed_at": r.first_step or None, "seconds": round(r.seconds, 2), "steps_per_s": round(r.steps_per_s, 2), "loss": r.loss,
-           "log_z": r.log_z, "mean_log_r": r.mean_log_r, "device": dev.type, "processes": dist.world}
+    res = {
+        "checkpoint": str(r.out),
+        "log": str(r.log),
+        "algo": r.algo,
+        "beta": p.beta,
+        "alpha": 1 / p.beta,
+        "steps": r.steps,
+        "resumed_at": r.first_step or None,
+        "seconds": round(r.seconds, 2),
+        "steps_per_s": round(r.steps_per_s, 2),
+        "loss": r.loss,
+        "log_z": r.log_z,
+        "mean_log_r": r.mean_log_r,
+        "device": dev.type,
+        "processes": dist.world,
+    }
     if as_json:
         return emit_json(res)
-    out_console.print(kv_table(f"finetune {r.algo}", [("checkpoint", r.out), ("log", r.log), ("beta / alpha", f"{p.beta:g} / {1 / p.beta:g}"),
-                                                        ("device", f"{dev.type} x {dist.world}"), ("steps", r.steps),
-                                                        ("wall time (s)", r.seconds), ("steps/s", r.steps_per_s), ("final loss", r.loss),
-                                                        ("learned log Z", r.log_z), ("mean log r (last batch)", r.mean_log_r)]))
+    out_console.print(
+        kv_table(
+            f"finetune {r.algo}",
+            [
+                ("checkpoint", r.out),
+                ("log", r.log),
+                ("beta / alpha", f"{p.beta:g} / {1 / p.beta:g}"),
+                ("device", f"{dev.type} x {dist.world}"),
+                ("steps", r.steps),
+                ("wall time (s)", r.seconds),
+                ("steps/s", r.steps_per_s),
+                ("final loss", r.loss),
+                ("learned log Z", r.log_z),
+                ("mean log r (last batch)", r.mean_log_r),
+            ],
+        )
+    )
     hint = f" --reward {p.reward.function}" if getattr(p.reward, "function", "").startswith(("/", ".")) else ""
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
 
 
-finetune.__doc__ += examples("rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
-                             "rtbcli finetune --prior moons-prior.safetensors --reward favour.py:log_reward --steps 1000 --out moons-rtb.safetensors",
-                             "rtbcli finetune --resume rtb.partial.safetensors")
+finetune.__doc__ += examples(
+    "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
+    "rtbcli finetune --prior moons-prior.safetensors --reward favour.py:log_reward --steps 1000 --out moons-rtb.safetensors",
+    "rtbcli finetune --resume rtb.partial.safetensors",
+)
 
 
 def positive_or_zero(name: str, value: int) -> None:

@@ -28,17 +28,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Union
 
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .hashing import sha256_file
 from .errors import InputError
+from .hashing import sha256_file
 from .objectives import OBJECTIVES
 from .runtime import check_writable
 
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 # the objectives that learn a scalar (log Z, or alpha^k log Z), from the objective registry: any two convert into each other
 TARGETS = tuple(name for name, o in OBJECTIVES.items() if o.scalar is not None)
 
@@ -83,7 +82,9 @@ def _tensors(a: Number, b: Number) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return torch.broadcast_tensors(ta, tb)
     except RuntimeError:
-        raise InputError(f"the two values have shapes {tuple(ta.shape)} and {tuple(tb.shape)}, which do not broadcast: give tensors of compatible shapes") from None
+        raise InputError(
+            f"the two values have shapes {tuple(ta.shape)} and {tuple(tb.shape)}, which do not broadcast: give tensors of compatible shapes"
+        ) from None
 
 
 def _convert(x: Number, x_name: str, s: Number, s_name: str, out_names: tuple[str, str]) -> dict[str, Number]:
@@ -133,8 +134,8 @@ def convert_scalar(value: float, src: str, to: str, beta: float) -> float:
     The division and the product are by powers of beta, so rtb -> trust-pcl is V = log Z / beta, exactly as
     `rtb_to_trust_pcl_params` computes it."""
     k_src, k_to = OBJECTIVES[src].scalar_alpha_power, OBJECTIVES[to].scalar_alpha_power
-    log_z = value * beta ** k_src if k_src else value  # log Z = scalar / alpha^k
-    return log_z / beta ** k_to if k_to else log_z  # scalar' = alpha^k' log Z
+    log_z = value * beta**k_src if k_src else value  # log Z = scalar / alpha^k
+    return log_z / beta**k_to if k_to else log_z  # scalar' = alpha^k' log Z
 
 
 def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
@@ -161,18 +162,24 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
         raise InputError(f"the output '{out}' is the input checkpoint itself: choose another file name (the input is never changed)")
     ck = load_checkpoint(src)
     if ck.kind != "finetuned":
-        raise InputError(f"checkpoint '{src}' is a {ck.kind} checkpoint, which has no log Z or V_soft(s0): "
-                         f"give one written by `rtbcli finetune --algo {' or --algo '.join(TARGETS)}`")
+        raise InputError(
+            f"checkpoint '{src}' is a {ck.kind} checkpoint, which has no log Z or V_soft(s0): "
+            f"give one written by `rtbcli finetune --algo {' or --algo '.join(TARGETS)}`"
+        )
     algo = ck.algo
     if algo not in TARGETS:
-        raise InputError(f"checkpoint '{src}' was fine-tuned with '{algo}', which learns no log Z or V_soft(s0): "
-                         f"only {' and '.join(TARGETS)} checkpoints can be converted")
+        raise InputError(
+            f"checkpoint '{src}' was fine-tuned with '{algo}', which learns no log Z or V_soft(s0): "
+            f"only {' and '.join(TARGETS)} checkpoints can be converted"
+        )
     if algo == to:
         others = " or ".join(f"--to {name}" for name in TARGETS if name != to)
         raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert ({others} converts the other way)")
     src_name, dst_name = OBJECTIVES[algo].scalar, OBJECTIVES[to].scalar
     if src_name not in ck.tensors or ck.tensors[src_name].numel() != 1 or dst_name in ck.tensors:
-        raise InputError(f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged")
+        raise InputError(
+            f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged"
+        )
     beta = _checkpoint_beta(ck)
     value = ck.scalar(src_name)
     check_param(f"the checkpoint's {src_name}", value, positive=False, fix=f"checkpoint '{src}' is damaged")
@@ -185,14 +192,37 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
     tensors[dst_name] = scalar
     alpha = 1.0 / beta
     meta = dict(ck.meta)
-    meta.update(algo=to, beta=repr(beta), alpha=repr(alpha), converted_from=json.dumps({
-        "algo": algo, "path": str(src), "sha256": ck.sha256, src_name: value, "rtbcli_version": __version__,
-        "converted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, sort_keys=True))
+    meta.update(
+        algo=to,
+        beta=repr(beta),
+        alpha=repr(alpha),
+        converted_from=json.dumps(
+            {
+                "algo": algo,
+                "path": str(src),
+                "sha256": ck.sha256,
+                src_name: value,
+                "rtbcli_version": __version__,
+                "converted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+            sort_keys=True,
+        ),
+    )
     save_checkpoint(out, tensors, meta)
     stored = {src_name: value, dst_name: float(scalar)}  # as stored in the two files, in the registry's order
     scalars = {OBJECTIVES[n].scalar: stored[OBJECTIVES[n].scalar] for n in TARGETS if n in (algo, to)}
-    return {"checkpoint": str(out), "source": str(src), "from": algo, "to": to, "beta": beta, "alpha": alpha, **scalars,
-            "tensors_copied": len(tensors) - 1, "source_sha256": ck.sha256, "sha256": sha256_file(out)}
+    return {
+        "checkpoint": str(out),
+        "source": str(src),
+        "from": algo,
+        "to": to,
+        "beta": beta,
+        "alpha": alpha,
+        **scalars,
+        "tensors_copied": len(tensors) - 1,
+        "source_sha256": ck.sha256,
+        "sha256": sha256_file(out),
+    }
 
 
 def _checkpoint_beta(ck: Checkpoint) -> float:
@@ -205,5 +235,7 @@ def _checkpoint_beta(ck: Checkpoint) -> float:
         raise InputError(f"{where} has unreadable beta/alpha metadata: it is damaged") from None
     check_param(f"the beta of {where}", beta, positive=True, fix="it is damaged")
     if not math.isclose(beta, ck.preset.beta, rel_tol=1e-12) or not math.isclose(alpha * beta, 1.0, rel_tol=1e-12):
-        raise InputError(f"{where} has inconsistent beta metadata (beta {beta!r}, alpha {alpha!r}, config beta {ck.preset.beta!r}): it is damaged")
+        raise InputError(
+            f"{where} has inconsistent beta metadata (beta {beta!r}, alpha {alpha!r}, config beta {ck.preset.beta!r}): it is damaged"
+        )
     return beta

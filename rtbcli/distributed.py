@@ -58,8 +58,10 @@ class Dist:
     def check_batch(self, batch: int, what: str = "--batch-size") -> int:
         """This rank's share of a global batch; the batch must divide evenly."""
         if batch % self.world:
-            raise InputError(f"{what} {batch} is not divisible by the number of processes ({self.world}): "
-                             f"use a multiple of {self.world}, e.g. {batch + self.world - batch % self.world}")
+            raise InputError(
+                f"{what} {batch} is not divisible by the number of processes ({self.world}): "
+                f"use a multiple of {self.world}, e.g. {batch + self.world - batch % self.world}"
+            )
         return batch // self.world
 
     @contextmanager
@@ -70,8 +72,10 @@ class Dist:
         except RuntimeError as e:  # gloo and nccl raise RuntimeError (DistBackendError) when a peer is gone
             first = (str(e).strip().splitlines() or [""])[0]
             cause = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:120]  # without gloo's source location
-            raise PeerFailed(f"process {self.rank} of {self.world} stopped: another process of the job failed or was killed "
-                             f"(its own message or torchrun's report says why; here: {cause})") from e
+            raise PeerFailed(
+                f"process {self.rank} of {self.world} stopped: another process of the job failed or was killed "
+                f"(its own message or torchrun's report says why; here: {cause})"
+            ) from e
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's tensor along the last dimension, in rank order.
@@ -96,7 +100,7 @@ class Dist:
             tdist.all_reduce(flat)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,8 +149,10 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         have = torch.cuda.device_count()
         if have < local_world:
-            raise InputError(f"--device cuda with {local_world} processes on this machine but {have} GPU(s): "
-                             f"use --nproc-per-node {have} or fewer, or --device cpu")
+            raise InputError(
+                f"--device cuda with {local_world} processes on this machine but {have} GPU(s): "
+                f"use --nproc-per-node {have} or fewer, or --device cpu"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not tdist.is_initialized():

@@ -67,7 +67,9 @@ def with_reward(preset: Preset, reward: str | None = None, kwargs: dict | None =
     old = preset.reward if isinstance(preset.reward, PythonRewardSpec) else None
     if reward is None:
         if old is None:
-            raise InputError("--reward-arg sets a Python reward's keyword arguments: the preset's reward is not a Python reward; give --reward too")
+            raise InputError(
+                "--reward-arg sets a Python reward's keyword arguments: the preset's reward is not a Python reward; give --reward too"
+            )
         reward = old.function
     parse_reference(reward)  # a malformed reference is named as such
     spec = PythonRewardSpec.model_validate({"type": "python", "function": reward}, context={"base_dir": Path.cwd()})
@@ -78,8 +80,9 @@ def with_reward(preset: Preset, reward: str | None = None, kwargs: dict | None =
     return Preset.model_validate(data)
 
 
-def target_of(ck: Checkpoint, beta: float | None = None, preset: Preset | None = None, named: bool = False,
-              device: torch.device = torch.device("cpu")) -> tuple[Task, Target]:
+def target_of(
+    ck: Checkpoint, beta: float | None = None, preset: Preset | None = None, named: bool = False, device: torch.device = torch.device("cpu")
+) -> tuple[Task, Target]:
     """The checkpoint's task and target: p_data for a prior, p_data r^beta for a finetuned one.
 
     Giving `beta` scores any checkpoint (a prior included) against p_data r^beta. `named`: the
@@ -127,8 +130,10 @@ def _reference(arg, ck: Checkpoint, target: Target, tilted: bool) -> tuple[torch
     if path is not None:
         rows, _ = load_array(path)
         if rows.shape[1] != ck.preset.dim:
-            raise InputError(f"reference file '{path}' has dimension {rows.shape[1]}, the checkpoint samples dimension {ck.preset.dim}: "
-                             f"give reference samples of the target")
+            raise InputError(
+                f"reference file '{path}' has dimension {rows.shape[1]}, the checkpoint samples dimension {ck.preset.dim}: "
+                f"give reference samples of the target"
+            )
         return rows, f"{rows.shape[0]:,} rows of {Path(path).name}"
     return target.reference, target.reference_note
 
@@ -152,9 +157,17 @@ class _Run:
 
 
 @torch.no_grad()
-def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.device = torch.device("cpu"), chunk: int = 2_500,
-             beta: float | None = None, reward: str | None = None, reward_kwargs: dict | None = None,
-             reference: str | Path | torch.Tensor | None = None) -> Evaluation:
+def evaluate(
+    ck: Checkpoint,
+    n: int = 20_000,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    chunk: int = 2_500,
+    beta: float | None = None,
+    reward: str | None = None,
+    reward_kwargs: dict | None = None,
+    reference: str | Path | torch.Tensor | None = None,
+) -> Evaluation:
     """Sample n points from the checkpoint's policy and score them (see the module docstring).
 
     `beta` scores a prior checkpoint against the tilted target p_data r^beta (the starting point
@@ -167,12 +180,24 @@ def evaluate(ck: Checkpoint, n: int = 20_000, seed: int = 0, device: torch.devic
     task, target = target_of(ck, beta, preset, named=reward is not None, device=device)
     finetuned = ck.kind == "finetuned" or beta is not None
     use_reward = task.reward is not None and not isinstance(task.reward, UnnamedReward)
-    run = _Run(ck, task, target, ck.sampler("policy", device), finetuned, use_reward, task.beta if finetuned else None,
-               n, seed, device, chunk)
+    run = _Run(
+        ck, task, target, ck.sampler("policy", device), finetuned, use_reward, task.beta if finetuned else None, n, seed, device, chunk
+    )
     x = _sample_and_score(run)
-    m = {"checkpoint": str(ck.path), "kind": ck.kind, "algo": ck.algo, "preset": ck.meta.get("preset"), "suite": suite_of(task).name,
-         "dim": task.dim, "n": n, "seed": seed, "step": ck.step, "beta": run.beta, "target": target.description,
-         "target_method": target.method}
+    m = {
+        "checkpoint": str(ck.path),
+        "kind": ck.kind,
+        "algo": ck.algo,
+        "preset": ck.meta.get("preset"),
+        "suite": suite_of(task).name,
+        "dim": task.dim,
+        "n": n,
+        "seed": seed,
+        "step": ck.step,
+        "beta": run.beta,
+        "target": target.description,
+        "target_method": target.method,
+    }
     lw = _importance_weights(run, m)
     # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
     y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
@@ -190,8 +215,11 @@ def _sample_and_score(run: _Run) -> torch.Tensor:
         prior = run.ck.sampler("prior", run.device) if run.ck.kind == "finetuned" else run.policy
     policy, gen = run.policy, make_generator(run.seed, run.device)
     if run.use_reward:
-        check_reward_output(run.task.reward, policy.sample(min(run.n, 256), 0.0, make_generator(run.seed + 7919, run.device))[-1],
-                            "samples of the checkpoint")
+        check_reward_output(
+            run.task.reward,
+            policy.sample(min(run.n, 256), 0.0, make_generator(run.seed + 7919, run.device))[-1],
+            "samples of the checkpoint",
+        )
     parts, xs = [], []
     for size in _chunks(run.n, policy.steps, policy.dim):
         traj = policy.sample(size, 0.0, gen)
@@ -234,8 +262,10 @@ def _reference_comparison(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor |
     finite_rows = 0 if ref is None else int(torch.isfinite(ref).all(dim=1).sum())
     if ref is not None and finite_rows < MIN_COMPARED:
         if reference is not None:  # given by the user
-            raise InputError(f"the reference has {finite_rows} finite rows: sliced-W2 and MMD^2 beside their floor need at least "
-                             f"{MIN_COMPARED} (two halves of 2): give more reference samples")
+            raise InputError(
+                f"the reference has {finite_rows} finite rows: sliced-W2 and MMD^2 beside their floor need at least "
+                f"{MIN_COMPARED} (two halves of 2): give more reference samples"
+            )
         ref, note = None, f"{note}: too few for sliced-W2 and MMD^2 (at least {MIN_COMPARED} rows)"
     if ref is not None:
         m.update(reference_comparison(x, ref, seed=run.seed))
@@ -255,10 +285,15 @@ def _mode_metrics(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
         m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in floor_keys()}
     freq = per_mode_frequencies(x, target)
     if freq is not None and target.cell_masses is not None:
-        modes = [{"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}
-                 for mu, p, f in zip(target.cell_means.tolist(), target.cell_masses[:-1], freq[:-1])]
-        m["cells"] = {"radius": target.radius, "modes": modes,
-                      "elsewhere": {"target_mass": round(float(target.cell_masses[-1]), 6), "frequency": round(float(freq[-1]), 6)}}
+        modes = [
+            {"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}
+            for mu, p, f in zip(target.cell_means.tolist(), target.cell_masses[:-1], freq[:-1])
+        ]
+        m["cells"] = {
+            "radius": target.radius,
+            "modes": modes,
+            "elsewhere": {"target_mass": round(float(target.cell_masses[-1]), 6), "frequency": round(float(freq[-1]), 6)},
+        }
 
 
 def _data_log_z(run: _Run, m: dict, y: torch.Tensor | None) -> None:
@@ -276,7 +311,11 @@ def _data_log_z(run: _Run, m: dict, y: torch.Tensor | None) -> None:
     m["elbo"] = float(lw_data.mean())
     if y is not None:
         policy = run.policy
-        back = bridge_sample(y.to(device=run.device, dtype=policy.net.state.weight.dtype), policy.steps, policy.sigma2,
-                             make_generator(run.seed + 2, run.device))
+        back = bridge_sample(
+            y.to(device=run.device, dtype=policy.net.state.weight.dtype),
+            policy.steps,
+            policy.sigma2,
+            make_generator(run.seed + 2, run.device),
+        )
         sb = _score(policy, None, task, back, finetuned, run.chunk)
         m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())

@@ -150,6 +150,7 @@ def effective_sample_size(lw: torch.Tensor) -> float:
 # choice (subsamples, projection directions, the reference split) comes from a torch.Generator
 # seeded with `seed`, so a number is repeatable for the same inputs and seed.
 
+
 def _as_samples(x, name: str) -> torch.Tensor:
     """x as a CPU float64 (n, d) tensor; ValueError unless it is 2-D."""
     x = torch.as_tensor(x).detach().to("cpu", torch.float64)
@@ -349,7 +350,7 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     half = r // 2
     perm = torch.randperm(r, generator=gen)
-    a, b = ref[perm[:half]], ref[perm[half:2 * half]]
+    a, b = ref[perm[:half]], ref[perm[half : 2 * half]]
     m = min(x.shape[0], half)
     out = {"n_compared": m, "n_reference": r, "n_dropped_nonfinite": n_dropped, "n_far": _far_rows(x, ref)}
     if m < 2:
@@ -357,5 +358,11 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
         return {"sw2": nan, "sw2_floor": nan, "mmd2": nan, "mmd2_floor": nan, "mmd_bandwidth": nan, **out}
     x, a, b = _subsample(x, m, gen), a[:m], b[:m]
     mmd2, mmd2_floor, h = _mmd_beside_floor(x, a, b, median_bandwidth(ref, MMD_MAX_POINTS, seed), seed)
-    return {"sw2": sliced_w2(x, a, seed=seed), "sw2_floor": sliced_w2(b, a, seed=seed),
-            "mmd2": mmd2, "mmd2_floor": mmd2_floor, "mmd_bandwidth": h, **out}
+    return {
+        "sw2": sliced_w2(x, a, seed=seed),
+        "sw2_floor": sliced_w2(b, a, seed=seed),
+        "mmd2": mmd2,
+        "mmd2_floor": mmd2_floor,
+        "mmd_bandwidth": h,
+        **out,
+    }

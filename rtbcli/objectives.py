@@ -15,8 +15,8 @@ L_TrustPCL = alpha^2 L_RTB. They are written independently here; the tests prove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -24,7 +24,7 @@ import torch
 def rtb_loss(log_z: torch.Tensor, lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, beta: float) -> torch.Tensor:
     """Relative Trajectory Balance (Venkatraman et al. 2024).
 
-        delta_i = log Z + lpf_i - lpp_i - beta * log_r_i,      L = mean_i 1/2 delta_i^2
+    delta_i = log Z + lpf_i - lpp_i - beta * log_r_i,      L = mean_i 1/2 delta_i^2
     """
     delta = log_z + lpf - lpp - beta * log_r
     return 0.5 * delta.pow(2).mean()
@@ -37,8 +37,7 @@ def outcome_rewards(log_r: torch.Tensor, steps: int) -> torch.Tensor:
     return rewards
 
 
-def trust_pcl_loss(v_s0: torch.Tensor, step_lpf: torch.Tensor, step_lpp: torch.Tensor, rewards: torch.Tensor,
-                   alpha: float) -> torch.Tensor:
+def trust_pcl_loss(v_s0: torch.Tensor, step_lpf: torch.Tensor, step_lpp: torch.Tensor, rewards: torch.Tensor, alpha: float) -> torch.Tensor:
     """Trust-PCL (Nachum et al. 2018): path consistency of the soft value over whole trajectories.
 
     step_lpf, step_lpp, rewards: (T, B) per-step log pi_phi(a_t | s_t), log pi_ref(a_t | s_t), r_t.
@@ -64,8 +63,14 @@ def snis_weights(lpf: torch.Tensor, lb: torch.Tensor | None, temper: float = 1.0
     return torch.softmax((lpf - lb).detach() / temper, dim=0)
 
 
-def reinforce_kl_loss(lpf: torch.Tensor, lpp: torch.Tensor, log_r: torch.Tensor, alpha: float,
-                      weights: torch.Tensor, baseline: torch.Tensor | float | None = None) -> torch.Tensor:
+def reinforce_kl_loss(
+    lpf: torch.Tensor,
+    lpp: torch.Tensor,
+    log_r: torch.Tensor,
+    alpha: float,
+    weights: torch.Tensor,
+    baseline: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Off-policy REINFORCE with KL regularisation (Deleu et al. 2025, Algorithm 2).
 
         R_i = log_r_i - alpha * (lpf_i - lpp_i)          reward log r, the KL inside the return
@@ -164,10 +169,10 @@ class Objective:
 
     def log_z(self, scalar: float, alpha: float) -> float:
         """log Z from the learned scalar (V(s0) / alpha for trust-pcl)."""
-        return scalar / alpha ** self.scalar_alpha_power
+        return scalar / alpha**self.scalar_alpha_power
 
     def scalar_from_log_z(self, log_z: float, alpha: float) -> float:
-        return log_z * alpha ** self.scalar_alpha_power
+        return log_z * alpha**self.scalar_alpha_power
 
     def gradient_scales(self, alpha: float) -> tuple[float, float]:
         """(policy, scalar): how much larger this loss's gradients are than RTB's at the same point.
@@ -176,7 +181,7 @@ class Objective:
         dL/dscalar = alpha^(m - k) dL_RTB/dlog Z (trust-pcl: alpha^2 and alpha).
         """
         m, k = self.loss_alpha_power, self.scalar_alpha_power
-        return alpha ** m, alpha ** (m - k)
+        return alpha**m, alpha ** (m - k)
 
 
 def _rtb(b: Batch, log_z, hp: HyperParams) -> torch.Tensor:
@@ -199,17 +204,43 @@ def _vargrad(b: Batch, _, hp: HyperParams) -> torch.Tensor:
     return vargrad_loss(b.lpf, b.lpp, b.log_r, hp.beta)
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("rtb", _rtb, "log_z", True, True, "Relative Trajectory Balance, learns log Z", scalar_label="logZ"),
-    Objective("trust-pcl", _trust_pcl, "v_soft_s0", True, True, "Trust-PCL: alpha^2 x RTB's loss, learns V(s0) = alpha log Z",
-              scalar_alpha_power=1, loss_alpha_power=2, scalar_label="V"),
-    Objective("reinforce-kl", _reinforce_kl, None, True, True,
-              "REINFORCE with KL, reward log r, self-normalised importance weights off-policy", weighs_behaviour=True),
-    Objective("legacy-rl", _legacy_rl, None, False, False,
-              "the RTB paper's RL baseline (reward r, on-policy; mis-specified on purpose)"),
-    Objective("vargrad", _vargrad, None, True, True,
-              "VarGrad: RTB with log Z replaced by its batch estimate (half the batch variance of lpf - lpp - beta log r)"),
-)}
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("rtb", _rtb, "log_z", True, True, "Relative Trajectory Balance, learns log Z", scalar_label="logZ"),
+        Objective(
+            "trust-pcl",
+            _trust_pcl,
+            "v_soft_s0",
+            True,
+            True,
+            "Trust-PCL: alpha^2 x RTB's loss, learns V(s0) = alpha log Z",
+            scalar_alpha_power=1,
+            loss_alpha_power=2,
+            scalar_label="V",
+        ),
+        Objective(
+            "reinforce-kl",
+            _reinforce_kl,
+            None,
+            True,
+            True,
+            "REINFORCE with KL, reward log r, self-normalised importance weights off-policy",
+            weighs_behaviour=True,
+        ),
+        Objective(
+            "legacy-rl", _legacy_rl, None, False, False, "the RTB paper's RL baseline (reward r, on-policy; mis-specified on purpose)"
+        ),
+        Objective(
+            "vargrad",
+            _vargrad,
+            None,
+            True,
+            True,
+            "VarGrad: RTB with log Z replaced by its batch estimate (half the batch variance of lpf - lpp - beta log r)",
+        ),
+    )
+}
 DEFAULT_OBJECTIVE = "rtb"
 
 
@@ -223,10 +254,13 @@ class Method:
     label: str  # figure panel title
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rtb", "rtb", False, "RTB"),
-    Method("trust-pcl", "trust-pcl", False, "Trust-PCL"),
-    Method("reinforce-kl", "reinforce-kl", False, "REINFORCE-KL (off-policy)"),
-    Method("reinforce-kl-on-policy", "reinforce-kl", True, "REINFORCE-KL (on-policy)"),
-    Method("legacy-rl", "legacy-rl", True, "RL + KL, reward r (RTB paper)"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rtb", "rtb", False, "RTB"),
+        Method("trust-pcl", "trust-pcl", False, "Trust-PCL"),
+        Method("reinforce-kl", "reinforce-kl", False, "REINFORCE-KL (off-policy)"),
+        Method("reinforce-kl-on-policy", "reinforce-kl", True, "REINFORCE-KL (on-policy)"),
+        Method("legacy-rl", "legacy-rl", True, "RL + KL, reward r (RTB paper)"),
+    )
+}

@@ -120,6 +120,7 @@ def _draw_weights(ax, target: Target, metrics: dict, x: np.ndarray) -> None:
         mass = [c["target_mass"] for c in cells["modes"]] + [cells["elsewhere"]["target_mass"]]
     if freq is None and len(x) and x.shape[1] == target.cell_means.shape[1]:  # fall back to the plotted samples
         from .metrics import per_mode_frequencies
+
         freq = per_mode_frequencies(torch.from_numpy(x), target).tolist()
     if mass is None and target.cell_masses is not None:
         mass = target.cell_masses.tolist()
@@ -177,8 +178,7 @@ def _box(*arrays: np.ndarray) -> tuple[float, float]:
     return float(lo - pad), float(hi + pad)
 
 
-def _draw_projection(ax, x: np.ndarray, ref: np.ndarray | None, dims: tuple[int, int], dropped: int, marginals: bool,
-                     lims=None) -> None:
+def _draw_projection(ax, x: np.ndarray, ref: np.ndarray | None, dims: tuple[int, int], dropped: int, marginals: bool, lims=None) -> None:
     """Samples (and reference samples, behind) in the plane of two coordinates, with marginal histograms;
     for 1-D samples, their histogram over the reference's."""
     if x.shape[1] == 1:
@@ -190,7 +190,10 @@ def _draw_projection(ax, x: np.ndarray, ref: np.ndarray | None, dims: tuple[int,
         ax.set_xlabel("x0", fontsize=9)
         ax.legend(fontsize=8, frameon=False)
     else:
-        (lo0, hi0), (lo1, hi1) = lims or (_box(x[:, 0], None if ref is None else ref[:, 0]), _box(x[:, 1], None if ref is None else ref[:, 1]))
+        (lo0, hi0), (lo1, hi1) = lims or (
+            _box(x[:, 0], None if ref is None else ref[:, 0]),
+            _box(x[:, 1], None if ref is None else ref[:, 1]),
+        )
         if ref is not None:
             ax.scatter(ref[:, 0], ref[:, 1], s=2.5, alpha=0.3, c=TARGET_COLOR, lw=0, rasterized=True, zorder=1, label="reference")
         ax.scatter(x[:, 0], x[:, 1], s=2.5, alpha=0.35, c=SAMPLE_COLOR, lw=0, rasterized=True, zorder=2, label="model")
@@ -221,11 +224,13 @@ def _draw_coordinates(ax, samples, reference) -> None:
     idx = np.arange(d)
     if reference is not None:
         r = reference.double()
-        ax.errorbar(idx - 0.15, r[:, :d].mean(0).numpy(), yerr=r[:, :d].std(0).numpy(), fmt="o", ms=3, color=TARGET_COLOR, lw=0.8,
-                    label="reference")
+        ax.errorbar(
+            idx - 0.15, r[:, :d].mean(0).numpy(), yerr=r[:, :d].std(0).numpy(), fmt="o", ms=3, color=TARGET_COLOR, lw=0.8, label="reference"
+        )
     if len(x):
-        ax.errorbar(idx + 0.15, x[:, :d].mean(0).numpy(), yerr=x[:, :d].std(0).numpy(), fmt="o", ms=3, color=SAMPLE_COLOR, lw=0.8,
-                    label="model")
+        ax.errorbar(
+            idx + 0.15, x[:, :d].mean(0).numpy(), yerr=x[:, :d].std(0).numpy(), fmt="o", ms=3, color=SAMPLE_COLOR, lw=0.8, label="model"
+        )
     ax.set_xlabel("coordinate" + (" (first 64)" if x.shape[1] > 64 else ""), fontsize=9)
     ax.set_ylabel("mean ± std", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -233,8 +238,15 @@ def _draw_coordinates(ax, samples, reference) -> None:
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars fill the axes
 
 
-def plot_evaluation(path: str | Path, samples: np.ndarray | torch.Tensor, target: Target, metrics: dict,
-                    title: str | None = None, dims: tuple[int, int] = (0, 1), reference: torch.Tensor | None = None) -> None:
+def plot_evaluation(
+    path: str | Path,
+    samples: np.ndarray | torch.Tensor,
+    target: Target,
+    metrics: dict,
+    title: str | None = None,
+    dims: tuple[int, int] = (0, 1),
+    reference: torch.Tensor | None = None,
+) -> None:
     """Left: model samples over the target's contours (2-D tasks), or in the plane of coordinates `dims`
     with the marginals and the reference samples behind (other d). Right: per-mode weights where the
     target has modes, else every coordinate's mean and spread. Headline metrics on top."""
@@ -266,9 +278,15 @@ def plot_evaluation(path: str | Path, samples: np.ndarray | torch.Tensor, target
     _save(fig, path)
 
 
-def plot_panels(path: str | Path, panels: list[tuple[str, np.ndarray | torch.Tensor]], target: Target | None,
-                suptitle: str | None = None, subtitles: list[str] | None = None, dims: tuple[int, int] = (0, 1),
-                reference: torch.Tensor | None = None) -> None:
+def plot_panels(
+    path: str | Path,
+    panels: list[tuple[str, np.ndarray | torch.Tensor]],
+    target: Target | None,
+    suptitle: str | None = None,
+    subtitles: list[str] | None = None,
+    dims: tuple[int, int] = (0, 1),
+    reference: torch.Tensor | None = None,
+) -> None:
     """Square scatter panels with identical axes, one per (title, samples), over faint target contours
     (2-D tasks) or reference samples in the plane of coordinates `dims` (other d); 4 per row."""
     if not panels:

@@ -82,8 +82,12 @@ def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
 
 def evaluation_table(m: dict) -> Table:
     """The metrics of one evaluation, tier by tier, with the floor beside each metric that has one."""
-    t = Table(title=escape(f"{m['checkpoint']}  ({m['kind']}{', ' + m['algo'] if m['algo'] else ''}; d = {m['dim']}, n = {m['n']:,})"),
-              title_justify="left", caption=escape(f"target: {m['target']} [{m['target_method']}]"), caption_justify="left")
+    t = Table(
+        title=escape(f"{m['checkpoint']}  ({m['kind']}{', ' + m['algo'] if m['algo'] else ''}; d = {m['dim']}, n = {m['n']:,})"),
+        title_justify="left",
+        caption=escape(f"target: {m['target']} [{m['target_method']}]"),
+        caption_justify="left",
+    )
     t.add_column("metric", style="bold")
     t.add_column("model", justify="right")
     t.add_column("floor", justify="right")
@@ -121,8 +125,13 @@ def _metric_rows(m: dict, tier: str) -> list[tuple[str, str, str]]:
 
 def _log_z_rows(m: dict) -> list[tuple[str, str, str]]:
     """The reward, the learned scalar, and log Z with its bounds (model column only)."""
-    f = lambda key: reg.format_value(key, m.get(key))
-    label = lambda key: reg.METRICS[key].label
+
+    def f(key):
+        return reg.format_value(key, m.get(key))
+
+    def label(key):
+        return reg.METRICS[key].label
+
     rows = []
     if "log_r_mean" in m:
         rows.append(("log r: mean (5% / 50% / 95%)", f"{f('log_r_mean')} ({f('log_r_q05')} / {f('log_r_q50')} / {f('log_r_q95')})"))
@@ -132,11 +141,17 @@ def _log_z_rows(m: dict) -> list[tuple[str, str, str]]:
     if "log_z_learned" in m:
         rows.append((label("log_z_learned"), f("log_z_learned")))
     if "elbo_prior" in m:
-        rows += [(f"{label('log_z_is')} (ESS)", f"{f('log_z_is')} ({f('ess_fraction')})"),
-                 (label("elbo_prior"), f("elbo_prior")), (label("path_kl"), f("path_kl"))]
+        rows += [
+            (f"{label('log_z_is')} (ESS)", f"{f('log_z_is')} ({f('ess_fraction')})"),
+            (label("elbo_prior"), f("elbo_prior")),
+            (label("path_kl"), f("path_kl")),
+        ]
     if "elbo" in m:
-        rows += [(label("log_z_true"), f("log_z_true")), (label("log_z_is_data"), f("log_z_is_data")),
-                 ("ELBO <= log Z_data <= EUBO", f"{f('elbo')} <= . <= {f('eubo')}")]
+        rows += [
+            (label("log_z_true"), f("log_z_true")),
+            (label("log_z_is_data"), f("log_z_is_data")),
+            ("ELBO <= log Z_data <= EUBO", f"{f('elbo')} <= . <= {f('eubo')}"),
+        ]
         if m["kind"] == "prior":
             rows.append(("ESS of the weights", f("ess_fraction")))
     return [(escape(a), escape(b), "") for a, b in rows]
@@ -154,10 +169,16 @@ def checks_table(results: list[dict]) -> Table:
 def summary_columns(rows: list[dict], every: bool = False) -> list[str]:
     """The registry's summary columns that some row has (with mode metrics, those kept to summary.json left out unless
     `every`; the far-sample count only where some row has far samples)."""
-    have = lambda key: any(r.get(key) is not None for r in rows)
+
+    def have(key):
+        return any(r.get(key) is not None for r in rows)
+
     modes = have("kl_mode") and not every
-    return [k for k in reg.SUMMARY_COLUMNS if have(k) and not (modes and k in reg.BESIDE_MODES_ONLY_IN_JSON)
-            and (k != "n_far" or any(r.get("n_far") for r in rows))]
+    return [
+        k
+        for k in reg.SUMMARY_COLUMNS
+        if have(k) and not (modes and k in reg.BESIDE_MODES_ONLY_IN_JSON) and (k != "n_far" or any(r.get("n_far") for r in rows))
+    ]
 
 
 def summary_cell(row: dict, key: str) -> str:
@@ -171,8 +192,12 @@ def summary_table(summary: dict) -> Table:
     """`rtbcli reproduce`: one row per method, the prior and the floor; columns by what the task reports."""
     rows = [summary["prior_row"], *summary["rows"], summary["floor"]]
     cols = summary_columns(rows) + (["train_seconds"] if any(r.get("train_seconds") is not None for r in rows) else [])
-    t = Table(title=escape(f"reproduce {summary['preset']} ({'quick' if summary['quick'] else 'full'}; n = {summary['eval_n']:,}, "
-                           f"seed {summary['seed']})"), title_justify="left")
+    t = Table(
+        title=escape(
+            f"reproduce {summary['preset']} ({'quick' if summary['quick'] else 'full'}; n = {summary['eval_n']:,}, seed {summary['seed']})"
+        ),
+        title_justify="left",
+    )
     t.add_column("method", no_wrap=True)
     for key in cols:
         t.add_column(reg.METRICS[key].short if key in reg.METRICS else "train s", justify="right", no_wrap=True)

@@ -105,10 +105,20 @@ class _Plan:
         self.console.print(f"[bold cyan][{k}/{len(self.methods) + 2}][/] {text}")
 
 
-def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick: bool = False, seed: int = 0,
-              device: torch.device = torch.device("cpu"), overwrite: bool = False, progress: bool = True,
-              console: Console | None = None, budget: Budget | None = None, preset_ref: str | None = None,
-              methods: list[str] | None = None) -> dict:
+def reproduce(
+    out: Path | None = None,
+    *,
+    prior_path: Path | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    overwrite: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    budget: Budget | None = None,
+    preset_ref: str | None = None,
+    methods: list[str] | None = None,
+) -> dict:
     """Run the whole comparison on a preset; returns the summary (also written to out/summary.json).
 
     `preset_ref` names the task (default: the reference task); `budget` overrides the quick or full
@@ -125,22 +135,45 @@ def reproduce(out: Path | None = None, *, prior_path: Path | None = None, quick:
     given = load_checkpoint(prior_path, expect_kind="prior") if prior_path is not None else None
     if given is not None:
         check_compatible(given, preset)
-    plan = _Plan(preset, ref, budget, Path(out) if out is not None else default_out(ref, quick),
-                 [METHODS[m] for m in (methods or preset.reproduce.methods)], quick, seed, device, progress,
-                 console or Console(stderr=True), prior_path, use_shipped)
+    plan = _Plan(
+        preset,
+        ref,
+        budget,
+        Path(out) if out is not None else default_out(ref, quick),
+        [METHODS[m] for m in (methods or preset.reproduce.methods)],
+        quick,
+        seed,
+        device,
+        progress,
+        console or Console(stderr=True),
+        prior_path,
+        use_shipped,
+    )
     prepare_out(plan.out, overwrite)
     started, t_start = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
     prior_ck = _prior_stage(plan)
     rows = _finetune_stage(plan, prior_ck)
     prior_row, floor, figure = _evaluate_stage(plan, prior_ck, rows)
     summary = {
-        "command": "reproduce", "quick": quick, "seed": seed, "device": device.type, "rtbcli_version": __version__,
-        "torch_version": torch.__version__, "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                                         "torch_threads": torch.get_num_threads()},
-        "started": started.isoformat(timespec="seconds"), "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "preset": ref, "budget": budget.__dict__, "prior": str(plan.out / "prior.safetensors"),
+        "command": "reproduce",
+        "quick": quick,
+        "seed": seed,
+        "device": device.type,
+        "rtbcli_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "started": started.isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "preset": ref,
+        "budget": budget.__dict__,
+        "prior": str(plan.out / "prior.safetensors"),
         "prior_source": str(prior_path or ("shipped" if use_shipped else "pretrained")),
-        "eval_n": budget.eval_n, "rows": rows, "prior_row": prior_row, "floor": floor, "figure": str(figure), "out": str(plan.out),
+        "eval_n": budget.eval_n,
+        "rows": rows,
+        "prior_row": prior_row,
+        "floor": floor,
+        "figure": str(figure),
+        "out": str(plan.out),
     }
     atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -174,8 +207,19 @@ def _finetune_stage(plan: _Plan, prior_ck) -> list[dict]:
         ck_path = plan.out / f"{m.name}.safetensors"
         row = {"method": m.name, "label": m.label, "algo": m.algo, "on_policy": m.on_policy}
         try:
-            r = finetune(prior_ck, ft_preset, plan.ref, m.algo, ck_path, seed=plan.seed, device=plan.device, on_policy=m.on_policy,
-                         log_path=plan.out / f"{m.name}.jsonl", progress=plan.progress, save_every=0)
+            r = finetune(
+                prior_ck,
+                ft_preset,
+                plan.ref,
+                m.algo,
+                ck_path,
+                seed=plan.seed,
+                device=plan.device,
+                on_policy=m.on_policy,
+                log_path=plan.out / f"{m.name}.jsonl",
+                progress=plan.progress,
+                save_every=0,
+            )
         except PeerFailed:
             raise
         except RunError as e:  # a method that diverges is a result of the comparison, not the end of it
@@ -225,8 +269,10 @@ def metrics_of(m: dict) -> dict:
 def floor_row(m: dict, method: str) -> dict:
     """What a sampler of the target itself scores: the exact sampler, or the reference against itself; each metric's
     floor where the registry says it lives."""
-    return {"method": "exact sampler (floor)" if method != "reference" else "reference (floor)",
-            **{x.key: floor_of(m, x.key) for x in with_floor()}}
+    return {
+        "method": "exact sampler (floor)" if method != "reference" else "reference (floor)",
+        **{x.key: floor_of(m, x.key) for x in with_floor()},
+    }
 
 
 def subtitle(row: dict) -> str:
@@ -236,5 +282,3 @@ def subtitle(row: dict) -> str:
     if row.get("well_mass_mean_abs_err") is not None:
         return f"well err {row['well_mass_mean_abs_err']:.3f} · SW2 {row['sw2']:.3f}"
     return "" if row.get("sw2") is None else f"SW2 {row['sw2']:.3f} (floor {row['sw2_floor']:.3f})"
-
-

@@ -12,8 +12,9 @@ from .runtime import atomic_path, make_generator
 
 
 @torch.no_grad()
-def draw_samples(ck: Checkpoint, n: int, seed: int = 0, device: torch.device = torch.device("cpu"), chunk: int = 50_000,
-                 which: str = "policy") -> np.ndarray:
+def draw_samples(
+    ck: Checkpoint, n: int, seed: int = 0, device: torch.device = torch.device("cpu"), chunk: int = 50_000, which: str = "policy"
+) -> np.ndarray:
     """n samples x_T from the checkpoint's own policy (or, `which="prior"`, a finetuned checkpoint's frozen prior),
     on-policy, no exploration, float32 (n, d)."""
     policy = ck.sampler(which, device)

@@ -51,8 +51,13 @@ def main() -> None:
             print(f"{path.name}: up to date")
             continue
         history = json.loads(meta.get("config_refreshed", "[]"))
-        history.append({"date": _dt.date.today().isoformat(), "from_preset": name,
-                        "sections": sorted(k for k in new.model_dump() if new.model_dump()[k] != recorded.model_dump()[k])})
+        history.append(
+            {
+                "date": _dt.date.today().isoformat(),
+                "from_preset": name,
+                "sections": sorted(k for k in new.model_dump() if new.model_dump()[k] != recorded.model_dump()[k]),
+            }
+        )
         meta.update(config=new.model_dump_json(), config_refreshed=json.dumps(history))
         save_checkpoint(path, load_file(str(path)), meta)
         print(f"{path.name}: refreshed {', '.join(history[-1]['sections'])}")

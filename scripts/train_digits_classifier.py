@@ -42,7 +42,15 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rtbcli.datasets.digits import (  # noqa: E402
-    HELDOUT_FRACTION, N_CLASSES, N_PIXELS, SCALE, SHIFT, SPLIT_SEED, load_digits_pixels, split_indices, to_scaled,
+    HELDOUT_FRACTION,
+    N_CLASSES,
+    N_PIXELS,
+    SCALE,
+    SHIFT,
+    SPLIT_SEED,
+    load_digits_pixels,
+    split_indices,
+    to_scaled,
 )
 from rtbcli.rewards.digits import FORMAT  # noqa: E402
 from rtbcli.runtime import atomic_path  # noqa: E402
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     for epoch in range(EPOCHS):
         perm = torch.randperm(len(fit_idx), generator=g)
         for i in range(steps_per_epoch):
-            b = perm[i * BATCH:(i + 1) * BATCH]
+            b = perm[i * BATCH : (i + 1) * BATCH]
             std = torch.rand(len(b), 1, generator=g) * NOISE_MAX
             x = x_fit[b] + std * torch.randn(len(b), N_PIXELS, generator=g)
             loss = F.cross_entropy(model(x), y_fit[b])
@@ -177,8 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         logits = {name: model(x_all[idx]) for name, idx in (("fit", fit_idx), ("cal", cal_idx), ("held", held_idx))}
         gn = torch.Generator().manual_seed(args.seed + 2)
-        noisy_acc = {s: accuracy(model(x_all[held_idx] + s * torch.randn(len(held_idx), N_PIXELS, generator=gn)), labels[held_idx])
-                     for s in NOISE_CHECKS}
+        noisy_acc = {
+            s: accuracy(model(x_all[held_idx] + s * torch.randn(len(held_idx), N_PIXELS, generator=gn)), labels[held_idx])
+            for s in NOISE_CHECKS
+        }
     y = {"fit": labels[fit_idx], "cal": labels[cal_idx], "held": labels[held_idx]}
     beta = fit_inverse_temperature(logits["cal"], y["cal"])
     temperature = 1.0 / beta
@@ -216,8 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_version": torch.__version__,
         "sklearn_version": sklearn.__version__,
         "python_version": platform.python_version(),
-        "architecture": {"type": "mlp", "sizes": [N_PIXELS, *HIDDEN, N_CLASSES], "activation": "gelu",
-                         "layers": [f"fc{i}" for i in range(1, len(linears) + 1)]},
+        "architecture": {
+            "type": "mlp",
+            "sizes": [N_PIXELS, *HIDDEN, N_CLASSES],
+            "activation": "gelu",
+            "layers": [f"fc{i}" for i in range(1, len(linears) + 1)],
+        },
         "input": "x = pixels * scale + shift (pixels 0..16), shape (B, 64), rows of the 8x8 image",
         "scale": SCALE,
         "shift": SHIFT,
@@ -227,11 +241,20 @@ def main(argv: list[str] | None = None) -> dict:
         "n_fit": len(fit_idx),
         "n_calibration": len(cal_idx),
         "n_heldout": len(held_idx),
-        "training": {"epochs": EPOCHS, "batch": BATCH, "steps": total, "optimizer": "AdamW", "lr": LR,
-                     "weight_decay": WEIGHT_DECAY, "schedule": "cosine", "noise_std": f"uniform(0, {NOISE_MAX})",
-                     "calibration_fraction": CALIBRATION_FRACTION, "threads": 1},
+        "training": {
+            "epochs": EPOCHS,
+            "batch": BATCH,
+            "steps": total,
+            "optimizer": "AdamW",
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "schedule": "cosine",
+            "noise_std": f"uniform(0, {NOISE_MAX})",
+            "calibration_fraction": CALIBRATION_FRACTION,
+            "threads": 1,
+        },
         "calibration": "temperature scaling fitted on the clean calibration images (NLL); folded into fc"
-                       f"{len(linears)} (weights and bias divided by the temperature)",
+        f"{len(linears)} (weights and bias divided by the temperature)",
         **results,
         "train_seconds": round(seconds, 2),
         "tensors_sha256": tensors_sha256(tensors),

@@ -21,6 +21,7 @@ def strip_ansi(text: str) -> str:
 
 def to_toml(data: dict) -> str:
     """Render a preset dict (scalars, lists, nested tables) as TOML."""
+
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"

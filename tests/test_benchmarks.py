@@ -11,10 +11,9 @@ import pytest
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import run
-from rtbcli.presets_loader import load_preset
 from rtbcli.datasets import digits as dd
+from rtbcli.presets_loader import load_preset
 from rtbcli.reproduce import shipped_prior
-
 from test_cli import assert_one_line_error, error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,8 +34,9 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monke
         pytest.importorskip("sklearn")
     preset, _ = load_preset(name)
     out = tmp_path / "rep"
-    code = run(["reproduce", "--preset", name, "--quick", "--steps", "2", "--batch-size", "8", "-n", "300", "--out", str(out),
-                "--quiet", "--json"])
+    code = run(
+        ["reproduce", "--preset", name, "--quick", "--steps", "2", "--batch-size", "8", "-n", "300", "--out", str(out), "--quiet", "--json"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
@@ -60,10 +60,13 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monke
         assert summary["floor"]["class_fraction"] >= 0.9  # the held-out real images of the class
         # evaluate --plot: the samples, the real images of the class and the frozen prior, as image grids
         drawn = []
-        monkeypatch.setattr("rtbcli.datasets.digits_plots.plot_digit_grids", lambda path, panels, title=None, n=64: drawn.append([(t, x.shape) for t, x in panels]))
+        monkeypatch.setattr(
+            "rtbcli.datasets.digits_plots.plot_digit_grids",
+            lambda path, panels, title=None, n=64: drawn.append([(t, x.shape) for t, x in panels]),
+        )
         assert run(["evaluate", str(out / "rtb.safetensors"), "-n", "100", "--plot", str(tmp_path / "ev.png"), "--json"]) == 0
         capsys.readouterr()
-        (samples, real, prior_grid), = drawn
+        ((samples, real, prior_grid),) = drawn
         assert samples[1] == (100, 64) and real[0] == "reference" and prior_grid == ("its prior (no fine-tuning)", (64, 64))
 
 
@@ -124,10 +127,23 @@ def test_summary_table_markdown_reads_the_registry():
     spec = importlib.util.spec_from_file_location("summary_table", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    row = {"mode_coverage": 9, "n_target_modes": 9, "kl_mode": 0.01234, "off_target": 0.0712, "kl_hist": 0.0751, "sw2": 0.5,
-           "log_z_learned": 0.0213, "log_z_is": 0.0187, "elbo": -0.1, "eubo": 0.2}
-    summary = {"prior_row": {"method": "prior (no fine-tuning)", **row}, "rows": [{"method": "rtb", **row, "train_seconds": 61.4},
-               {"method": "legacy-rl", "diverged": "non-finite loss"}], "floor": {"method": "exact sampler (floor)", "kl_mode": 0.0006}}
+    row = {
+        "mode_coverage": 9,
+        "n_target_modes": 9,
+        "kl_mode": 0.01234,
+        "off_target": 0.0712,
+        "kl_hist": 0.0751,
+        "sw2": 0.5,
+        "log_z_learned": 0.0213,
+        "log_z_is": 0.0187,
+        "elbo": -0.1,
+        "eubo": 0.2,
+    }
+    summary = {
+        "prior_row": {"method": "prior (no fine-tuning)", **row},
+        "rows": [{"method": "rtb", **row, "train_seconds": 61.4}, {"method": "legacy-rl", "diverged": "non-finite loss"}],
+        "floor": {"method": "exact sampler (floor)", "kl_mode": 0.0006},
+    }
     lines = mod.markdown(summary).splitlines()
     assert lines[0] == "| method | modes | mode KL | off-target | hist KL | log Z | log Z (IS) | ELBO | train s |"  # sw2, eubo: json only
     assert lines[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.021 | 0.019 | -0.100 | 61 |"

@@ -9,8 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from rtbcli.cli import app, run
 from conftest import strip_ansi
+from rtbcli.cli import app, run
 
 runner = CliRunner()
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
@@ -18,6 +18,7 @@ ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
 
 def command_paths() -> list[list[str]]:
     """Every command and subcommand of the app, walked from click's groups ([] is `rtbcli` itself)."""
+
     def walk(cmd, path):
         yield path
         for name, sub in sorted(getattr(cmd, "commands", {}).items()):
@@ -36,8 +37,18 @@ def invoke(*args):
 
 def test_the_walk_finds_every_command():
     names = {" ".join(p) for p in COMMANDS}
-    assert {"", "pretrain", "finetune", "sample", "evaluate", "convert-params", "reproduce", "presets", "presets show",
-            "presets init"} <= names
+    assert {
+        "",
+        "pretrain",
+        "finetune",
+        "sample",
+        "evaluate",
+        "convert-params",
+        "reproduce",
+        "presets",
+        "presets show",
+        "presets init",
+    } <= names
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda p: " ".join(p) or "rtbcli")
@@ -47,8 +58,8 @@ def test_every_help_page_shows_an_example(cmd):
     assert code == 0 and "Usage" in out
     lines = out.splitlines()
     assert "  Examples:" in lines, f"`rtbcli {' '.join(cmd)} --help` shows no example"
-    block = lines[lines.index("  Examples:") + 1:]
-    block = [line.strip() for line in block[:next((i for i, line in enumerate(block) if not line.startswith("    ")), len(block))]]
+    block = lines[lines.index("  Examples:") + 1 :]
+    block = [line.strip() for line in block[: next((i for i, line in enumerate(block) if not line.startswith("    ")), len(block))]]
     prefix = " ".join(["rtbcli", *cmd]) + " " if cmd else "rtbcli "
     assert block and all(line.startswith("rtbcli ") for line in block), block
     assert any((line + " ").startswith(prefix) for line in block), (prefix, block)
@@ -102,8 +113,28 @@ def test_pretrain_sample_evaluate_smoke(tmp_path, tiny_preset_file, capsys):
     code, out = invoke("evaluate", prior, "--n", 300, "--json", "--plot", tmp_path / "e.png")
     assert code == 0, out
     m = json.loads(out)
-    for key in ("mode_coverage", "n_target_modes", "kl_mode", "kl_hist", "off_target", "floor", "log_z_is", "cells",
-                "log_z_true", "elbo", "eubo", "ess_fraction", "n", "checkpoint", "kind", "algo", "sw2", "sw2_floor", "mmd2", "mmd2_floor"):
+    for key in (
+        "mode_coverage",
+        "n_target_modes",
+        "kl_mode",
+        "kl_hist",
+        "off_target",
+        "floor",
+        "log_z_is",
+        "cells",
+        "log_z_true",
+        "elbo",
+        "eubo",
+        "ess_fraction",
+        "n",
+        "checkpoint",
+        "kind",
+        "algo",
+        "sw2",
+        "sw2_floor",
+        "mmd2",
+        "mmd2_floor",
+    ):
         assert key in m, key
     assert "log_z_learned" not in m and "elbo_prior" not in m  # a prior learns no log Z and has no prior of its own
     assert m["n"] == 300 and m["kind"] == "prior" and m["n_target_modes"] == 25 and m["log_z_true"] == 0.0
@@ -116,8 +147,9 @@ def test_pretrain_sample_evaluate_smoke(tmp_path, tiny_preset_file, capsys):
 @pytest.mark.parametrize("algo", ["rtb", "trust-pcl", "reinforce-kl", "legacy-rl"])
 def test_finetune_smoke(tmp_path, tiny_prior, algo):
     out = tmp_path / "ft.safetensors"
-    code, text = invoke("finetune", "--prior", tiny_prior, "--algo", algo, "--steps", 3, "--batch-size", 16, "--out", out,
-                        "--quiet", "--json")
+    code, text = invoke(
+        "finetune", "--prior", tiny_prior, "--algo", algo, "--steps", 3, "--batch-size", 16, "--out", out, "--quiet", "--json"
+    )
     assert code == 0, text
     res = json.loads(text)
     assert res["algo"] == algo and res["steps"] == 3 and out.exists()
@@ -172,6 +204,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_prior, tiny_preset_file, ca
 
 def test_device_cuda_without_cuda(capsys):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     code, err = error_line(capsys, "pretrain", "--device", "cuda")
@@ -208,8 +241,22 @@ def test_presets_command():
 
 def test_reproduce_end_to_end(tmp_path, tiny_prior, tiny_preset_file):
     out = tmp_path / "rep"
-    code, text = invoke("reproduce", "--preset", tiny_preset_file, "--prior", tiny_prior, "--steps", 3, "--batch-size", 16,
-                        "--n", 200, "--out", out, "--quiet")
+    code, text = invoke(
+        "reproduce",
+        "--preset",
+        tiny_preset_file,
+        "--prior",
+        tiny_prior,
+        "--steps",
+        3,
+        "--batch-size",
+        16,
+        "--n",
+        200,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, text
     assert "reproduce" in text and "exact sampler (floor)" in text
     names = {p.name for p in out.iterdir()}
@@ -222,6 +269,7 @@ def test_reproduce_end_to_end(tmp_path, tiny_prior, tiny_preset_file):
     assert [r["method"] for r in summary["rows"]] == methods and summary["eval_n"] == 200
     from rtbcli.checkpoint import load_checkpoint
     from rtbcli.evaluate import evaluate
+
     for row in summary["rows"]:
         ck = load_checkpoint(row["checkpoint"])
         assert ck.algo == row["algo"] and json.loads(ck.meta["run"])["on_policy"] == row["on_policy"] and ck.step == 3
@@ -231,19 +279,50 @@ def test_reproduce_end_to_end(tmp_path, tiny_prior, tiny_preset_file):
         assert (row["log_z_learned"] is None) == (row["algo"] not in ("rtb", "trust-pcl"))
     assert summary["floor"]["mode_coverage"] == 9
     # --json prints the same summary; a second run into the same folder needs --overwrite
-    code, text = invoke("reproduce", "--preset", tiny_preset_file, "--prior", tiny_prior, "--steps", 2, "--batch-size", 8,
-                        "--n", 100, "--out", out, "--quiet", "--json", "--overwrite")
+    code, text = invoke(
+        "reproduce",
+        "--preset",
+        tiny_preset_file,
+        "--prior",
+        tiny_prior,
+        "--steps",
+        2,
+        "--batch-size",
+        8,
+        "--n",
+        100,
+        "--out",
+        out,
+        "--quiet",
+        "--json",
+        "--overwrite",
+    )
     assert code == 0 and json.loads(text)["rows"][0]["method"] == "rtb"
 
 
 def test_reproduce_reports_a_diverged_method_and_goes_on(tmp_path, tiny_prior, tiny_preset_file, monkeypatch):
     """A method whose loss turns NaN is a row marked diverged (with the reason in summary.json); the others are scored."""
     from rtbcli import objectives
+
     real = objectives.legacy_rl_loss
     monkeypatch.setattr(objectives, "legacy_rl_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
     out = tmp_path / "rep"
-    code, text = invoke("reproduce", "--preset", tiny_preset_file, "--prior", tiny_prior, "--steps", 3, "--batch-size", 8,
-                        "--n", 100, "--out", out, "--quiet")
+    code, text = invoke(
+        "reproduce",
+        "--preset",
+        tiny_preset_file,
+        "--prior",
+        tiny_prior,
+        "--steps",
+        3,
+        "--batch-size",
+        8,
+        "--n",
+        100,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, text
     legacy_line = next(line for line in text.splitlines() if "legacy-rl" in line)
     assert "diverged" in legacy_line
@@ -272,12 +351,14 @@ def test_reproduce_bad_input(tmp_path, tiny_prior, capsys):
 
 def test_finetune_warm_start_and_resume_cli(tmp_path, tiny_prior, capsys):
     from rtbcli.checkpoint import load_checkpoint
+
     first, second, third = (tmp_path / f"{k}.safetensors" for k in "abc")
     assert invoke("finetune", "--prior", tiny_prior, "--steps", 2, "--batch-size", 8, "--out", first, "--quiet")[0] == 0
     assert (tmp_path / "a.state.safetensors").exists() and not (tmp_path / "a.partial.safetensors").exists()
     # --warm-start: a new run (here under the other objective) from a finetuned checkpoint
-    code, text = invoke("finetune", "--warm-start", first, "--algo", "trust-pcl", "--steps", 2, "--batch-size", 8, "--out", second,
-                        "--quiet", "--json")
+    code, text = invoke(
+        "finetune", "--warm-start", first, "--algo", "trust-pcl", "--steps", 2, "--batch-size", 8, "--out", second, "--quiet", "--json"
+    )
     assert code == 0, text
     assert load_checkpoint(second).step == 4 and load_checkpoint(second).algo == "trust-pcl"
     # --resume of a finished run: the same run continued to a new total, into a new file
@@ -289,10 +370,19 @@ def test_finetune_warm_start_and_resume_cli(tmp_path, tiny_prior, capsys):
         (["finetune", "--prior", tiny_prior, "--resume", first], "exactly one of --prior"),
         (["finetune", "--resume", tiny_prior], "is a prior checkpoint, a finetuned one is needed"),
         (["finetune", "--resume", first, "--steps", 3], "is a finished run: give --out"),
-        (["finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 3, "--out", tmp_path / "x.safetensors"], "resume it with --algo rtb"),
+        (
+            ["finetune", "--resume", first, "--algo", "trust-pcl", "--steps", 3, "--out", tmp_path / "x.safetensors"],
+            "resume it with --algo rtb",
+        ),
         (["finetune", "--resume", first, "--steps", 2, "--out", tmp_path / "x.safetensors"], "give a larger total"),
-        (["finetune", "--resume", first, "--steps", 3, "--on-policy", "--out", tmp_path / "x.safetensors"], "--on-policy cannot change when resuming"),
-        (["finetune", "--resume", first, "--steps", 3, "--lr", 0.5, "--out", tmp_path / "x.safetensors"], "the preset given differs (finetune.lr 0.001 vs 0.5)"),
+        (
+            ["finetune", "--resume", first, "--steps", 3, "--on-policy", "--out", tmp_path / "x.safetensors"],
+            "--on-policy cannot change when resuming",
+        ),
+        (
+            ["finetune", "--resume", first, "--steps", 3, "--lr", 0.5, "--out", tmp_path / "x.safetensors"],
+            "the preset given differs (finetune.lr 0.001 vs 0.5)",
+        ),
         (["finetune", "--resume", second, "--steps", 5, "--out", tmp_path / "x.safetensors"], "no resumable state"),
         (["finetune", "--warm-start", first, "--out", first], "--out is the finetuned checkpoint it starts from"),
     ]
@@ -305,9 +395,27 @@ def test_finetune_warm_start_and_resume_cli(tmp_path, tiny_prior, capsys):
 
 def test_pretrain_estimator_and_schedule_options(tmp_path, tiny_preset_file):
     from rtbcli.checkpoint import load_checkpoint
+
     out = tmp_path / "p.safetensors"
-    code, text = invoke("pretrain", "--preset", tiny_preset_file, "--steps", 2, "--batch-size", 8, "--estimator", "trajectory",
-                        "--lr-schedule", "constant", "--lr", 1e-3, "--out", out, "--quiet", "--json")
+    code, text = invoke(
+        "pretrain",
+        "--preset",
+        tiny_preset_file,
+        "--steps",
+        2,
+        "--batch-size",
+        8,
+        "--estimator",
+        "trajectory",
+        "--lr-schedule",
+        "constant",
+        "--lr",
+        1e-3,
+        "--out",
+        out,
+        "--quiet",
+        "--json",
+    )
     assert code == 0, text
     cfg = load_checkpoint(out).preset.pretrain
     assert (cfg.estimator, cfg.lr_schedule, cfg.lr, cfg.steps) == ("trajectory", "constant", 1e-3, 2)
@@ -316,9 +424,27 @@ def test_pretrain_estimator_and_schedule_options(tmp_path, tiny_preset_file):
 def test_progress_lines_when_not_a_terminal(tmp_path, tiny_preset_file):
     import subprocess
     import sys
+
     out = tmp_path / "p.safetensors"
-    r = subprocess.run([sys.executable, "-m", "rtbcli", "pretrain", "--preset", str(tiny_preset_file), "--steps", "20",
-                        "--batch-size", "8", "--out", str(out)], capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "100"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rtbcli",
+            "pretrain",
+            "--preset",
+            str(tiny_preset_file),
+            "--steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "100"},
+    )
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("pretrain ")]
     assert lines and lines[-1].startswith("pretrain 20/20")

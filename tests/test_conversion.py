@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 
 from rtbcli import cli, conversion
 from rtbcli.checkpoint import base_metadata, load_checkpoint, sampler_tensors, save_checkpoint
-from rtbcli.hashing import sha256_file
-from rtbcli.presets_loader import load_preset
 from rtbcli.conversion import convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from rtbcli.errors import InputError
 from rtbcli.finetune import finetuned_tensors
+from rtbcli.hashing import sha256_file
 from rtbcli.objectives import outcome_rewards, rtb_loss, trust_pcl_loss
+from rtbcli.presets_loader import load_preset
 from rtbcli.sampler import DiffusionSampler
 from rtbcli.sampling import draw_samples
 from rtbcli.tasks import Task
@@ -111,9 +111,12 @@ def test_tensors_keep_cuda_device():
 
 @pytest.mark.parametrize("bad", BAD_POS)
 def test_invalid_temperature_raises(bad):
-    for call, name in ((lambda: rtb_to_trust_pcl_params(1.0, bad), "beta"), (lambda: trust_pcl_to_rtb_params(bad, 1.0), "alpha"),
-                       (lambda: rtb_to_trust_pcl_params(1.0, torch.tensor([0.5, bad])), "beta"),
-                       (lambda: trust_pcl_to_rtb_params(torch.tensor([[bad]]), torch.ones(2)), "alpha")):
+    for call, name in (
+        (lambda: rtb_to_trust_pcl_params(1.0, bad), "beta"),
+        (lambda: trust_pcl_to_rtb_params(bad, 1.0), "alpha"),
+        (lambda: rtb_to_trust_pcl_params(1.0, torch.tensor([0.5, bad])), "beta"),
+        (lambda: trust_pcl_to_rtb_params(torch.tensor([[bad]]), torch.ones(2)), "alpha"),
+    ):
         with pytest.raises(InputError, match=name) as e:
             call()
         assert "\n" not in str(e.value) and f"give {name} > 0" in str(e.value)
@@ -121,9 +124,12 @@ def test_invalid_temperature_raises(bad):
 
 @pytest.mark.parametrize("bad", BAD_REAL)
 def test_invalid_value_raises(bad):
-    for call, name in ((lambda: rtb_to_trust_pcl_params(bad, 0.5), "log_z"), (lambda: trust_pcl_to_rtb_params(2.0, bad), "v_soft_s0"),
-                       (lambda: rtb_to_trust_pcl_params(torch.tensor([1.0, bad]), 0.5), "log_z"),
-                       (lambda: trust_pcl_to_rtb_params(2.0, torch.tensor([bad], dtype=torch.float64)), "v_soft_s0")):
+    for call, name in (
+        (lambda: rtb_to_trust_pcl_params(bad, 0.5), "log_z"),
+        (lambda: trust_pcl_to_rtb_params(2.0, bad), "v_soft_s0"),
+        (lambda: rtb_to_trust_pcl_params(torch.tensor([1.0, bad]), 0.5), "log_z"),
+        (lambda: trust_pcl_to_rtb_params(2.0, torch.tensor([bad], dtype=torch.float64)), "v_soft_s0"),
+    ):
         with pytest.raises(InputError, match=name) as e:
             call()
         assert "\n" not in str(e.value)
@@ -242,7 +248,7 @@ def test_float32_caveat_beta_not_power_of_two(tmp_path):
     convert_checkpoint(tmp_path / "t.safetensors", "rtb", tmp_path / "r.safetensors")
     lz0, v, lz1 = (load_checkpoint(p) for p in (src, tmp_path / "t.safetensors", tmp_path / "r.safetensors"))
     assert float(np.float32(lz0.scalar("log_z") / 0.3)) == v.scalar("v_soft_s0")  # correctly rounded
-    assert abs(lz1.scalar("log_z") - lz0.scalar("log_z")) <= 2.0 ** -23 * 0.7
+    assert abs(lz1.scalar("log_z") - lz0.scalar("log_z")) <= 2.0**-23 * 0.7
     assert v.meta["alpha"] == repr(1 / 0.3) and lz1.meta["beta"] == repr(0.3)  # metadata exact, not via float32
 
 
@@ -270,16 +276,33 @@ def test_losses_agree_after_conversion(rtb_ck, tpcl_ck, tmp_path):
     convert_checkpoint(rtb_ck, "trust-pcl", tmp_path / "t.safetensors")
     l_rtb, l_tpcl, alpha = batch_losses(rtb_ck, tmp_path / "t.safetensors")
     assert alpha == 2.0 and l_rtb > 1e-3
-    assert l_tpcl == pytest.approx(alpha ** 2 * l_rtb, rel=1e-9)
+    assert l_tpcl == pytest.approx(alpha**2 * l_rtb, rel=1e-9)
 
     convert_checkpoint(tpcl_ck, "rtb", tmp_path / "r.safetensors")
     l_rtb, l_tpcl, alpha = batch_losses(tmp_path / "r.safetensors", tpcl_ck)
-    assert l_rtb == pytest.approx(l_tpcl / alpha ** 2, rel=1e-9)
+    assert l_rtb == pytest.approx(l_tpcl / alpha**2, rel=1e-9)
 
 
-@pytest.mark.parametrize("case", ["bad-to", "same-path", "same-path-spelled-differently", "prior", "reinforce-kl",
-                                  "legacy-rl", "already-rtb", "missing", "corrupt", "not-rtbcli", "damaged", "inconsistent-beta",
-                                  "float32-overflow", "out-folder-missing", "out-is-a-folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad-to",
+        "same-path",
+        "same-path-spelled-differently",
+        "prior",
+        "reinforce-kl",
+        "legacy-rl",
+        "already-rtb",
+        "missing",
+        "corrupt",
+        "not-rtbcli",
+        "damaged",
+        "inconsistent-beta",
+        "float32-overflow",
+        "out-folder-missing",
+        "out-is-a-folder",
+    ],
+)
 def test_checkpoint_errors(case, rtb_ck, tmp_path, monkeypatch):
     src, to, out = rtb_ck, "trust-pcl", tmp_path / "out.safetensors"
     if case == "bad-to":
@@ -303,6 +326,7 @@ def test_checkpoint_errors(case, rtb_ck, tmp_path, monkeypatch):
         src.write_bytes(b"\x00not a safetensors file")
     elif case == "not-rtbcli":
         from safetensors.torch import save_file
+
         src = tmp_path / "foreign.safetensors"
         save_file({"w": torch.ones(2)}, str(src))
     elif case == "damaged":  # labelled rtb, but no log_z
@@ -378,38 +402,45 @@ def test_cli_checkpoint(capsys, rtb_ck, tmp_path):
     assert code == 0 and "trust-pcl -> rtb" in stdout and load_checkpoint(tmp_path / "r.safetensors").algo == "rtb"
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--log-z", "2"], "--beta"),
-    (["--beta", "0.5"], "--log-z"),
-    (["--alpha", "2"], "--v-soft-s0"),
-    (["--v-soft-s0", "4"], "--alpha"),
-    (["--log-z", "2", "--beta", "0.5", "--alpha", "2", "--v-soft-s0", "4"], "mix"),
-    (["--log-z", "2", "--alpha", "2"], "mix"),
-    ([], "nothing to convert"),
-    (["--log-z", "2", "--beta", "0"], "--beta"),
-    (["--log-z", "2", "--beta", "-1"], "--beta"),
-    (["--log-z", "2", "--beta", "inf"], "--beta"),
-    (["--log-z", "2", "--beta", "nan"], "--beta"),
-    (["--log-z", "nan", "--beta", "0.5"], "--log-z"),
-    (["--log-z", "-inf", "--beta", "0.5"], "--log-z"),
-    (["--alpha", "0", "--v-soft-s0", "4"], "--alpha"),
-    (["--alpha", "2", "--v-soft-s0", "inf"], "--v-soft-s0"),
-    (["--log-z", "1", "--beta", "1e-320"], "overflows"),
-    (["--to", "rtb", "--out", "x.safetensors"], "checkpoint"),
-    (["CKPT", "--log-z", "2", "--beta", "0.5", "--to", "rtb", "--out", "OUT"], "checkpoint"),
-    (["CKPT", "--out", "OUT"], "--to"),
-    (["CKPT", "--to", "trust-pcl"], "--out"),
-    (["CKPT"], "--to and --out"),
-    (["CKPT", "--to", "trust-pcl", "--out", "CKPT"], "input checkpoint itself"),
-    (["CKPT", "--to", "rtb", "--out", "OUT"], "already"),
-    (["CKPT", "--to", "legacy-rl", "--out", "OUT"], "--to"),
-    (["MISSING", "--to", "trust-pcl", "--out", "OUT"], "not found"),
-    (["CKPT", "--to", "trust-pcl", "--out", "NODIR"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--log-z", "2"], "--beta"),
+        (["--beta", "0.5"], "--log-z"),
+        (["--alpha", "2"], "--v-soft-s0"),
+        (["--v-soft-s0", "4"], "--alpha"),
+        (["--log-z", "2", "--beta", "0.5", "--alpha", "2", "--v-soft-s0", "4"], "mix"),
+        (["--log-z", "2", "--alpha", "2"], "mix"),
+        ([], "nothing to convert"),
+        (["--log-z", "2", "--beta", "0"], "--beta"),
+        (["--log-z", "2", "--beta", "-1"], "--beta"),
+        (["--log-z", "2", "--beta", "inf"], "--beta"),
+        (["--log-z", "2", "--beta", "nan"], "--beta"),
+        (["--log-z", "nan", "--beta", "0.5"], "--log-z"),
+        (["--log-z", "-inf", "--beta", "0.5"], "--log-z"),
+        (["--alpha", "0", "--v-soft-s0", "4"], "--alpha"),
+        (["--alpha", "2", "--v-soft-s0", "inf"], "--v-soft-s0"),
+        (["--log-z", "1", "--beta", "1e-320"], "overflows"),
+        (["--to", "rtb", "--out", "x.safetensors"], "checkpoint"),
+        (["CKPT", "--log-z", "2", "--beta", "0.5", "--to", "rtb", "--out", "OUT"], "checkpoint"),
+        (["CKPT", "--out", "OUT"], "--to"),
+        (["CKPT", "--to", "trust-pcl"], "--out"),
+        (["CKPT"], "--to and --out"),
+        (["CKPT", "--to", "trust-pcl", "--out", "CKPT"], "input checkpoint itself"),
+        (["CKPT", "--to", "rtb", "--out", "OUT"], "already"),
+        (["CKPT", "--to", "legacy-rl", "--out", "OUT"], "--to"),
+        (["MISSING", "--to", "trust-pcl", "--out", "OUT"], "not found"),
+        (["CKPT", "--to", "trust-pcl", "--out", "NODIR"], "does not exist"),
+    ],
+)
 def test_cli_errors(capsys, rtb_ck, tmp_path, args, needle):
     before = rtb_ck.read_bytes()
-    subst = {"CKPT": str(rtb_ck), "OUT": str(tmp_path / "out.safetensors"), "MISSING": str(tmp_path / "missing.safetensors"),
-             "NODIR": str(tmp_path / "nodir" / "out.safetensors")}
+    subst = {
+        "CKPT": str(rtb_ck),
+        "OUT": str(tmp_path / "out.safetensors"),
+        "MISSING": str(tmp_path / "missing.safetensors"),
+        "NODIR": str(tmp_path / "nodir" / "out.safetensors"),
+    }
     code, out, err = run_cli(capsys, *[subst.get(a, a) for a in args])
     assert code == 2 and out == ""
     assert err.startswith("rtbcli: error:") and err.count("\n") == 1 and needle in err, err

@@ -67,12 +67,26 @@ def nan_reward(x):
 
 def torchrun(*args, cwd: Path) -> subprocess.Popen:
     """Start `python -m torch.distributed.run --nproc-per-node 2 ARGS` on a free port, one CPU thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NO_COLOR": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        *map(str, args),
+    ]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -130,19 +144,38 @@ def failing_jobs(tmp_path_factory, tiny_prior):
     jobs = {}
     if Path("/proc/self/stat").exists():
         d = tmp_path_factory.mktemp("killed")
-        p = torchrun("-m", "rtbcli", "finetune", "--prior", tiny_prior, "--steps", "100000", "--save-every", "1", "--out", "ft.safetensors",
-                     "--quiet", "--device", "cpu", cwd=d)
+        p = torchrun(
+            "-m",
+            "rtbcli",
+            "finetune",
+            "--prior",
+            tiny_prior,
+            "--steps",
+            "100000",
+            "--save-every",
+            "1",
+            "--out",
+            "ft.safetensors",
+            "--quiet",
+            "--device",
+            "cpu",
+            cwd=d,
+        )
         result: dict = {}
         watcher = threading.Thread(target=kill_rank_1, args=(p, d, result))
         watcher.start()
         jobs["killed"] = (watcher, d, result)
-    for name, args in (("raises", ["--reward", "reward.py:log_reward", "--steps", "200"]),
-                       ("nan", ["--reward", "reward.py:nan_reward", "--steps", "200"]),
-                       ("batch", ["--batch-size", "7", "--steps", "5"])):
+    for name, args in (
+        ("raises", ["--reward", "reward.py:log_reward", "--steps", "200"]),
+        ("nan", ["--reward", "reward.py:nan_reward", "--steps", "200"]),
+        ("batch", ["--batch-size", "7", "--steps", "5"]),
+    ):
         d = tmp_path_factory.mktemp(f"fails-{name}")
         (d / "reward.py").write_text(FAILING_REWARD)
         (d / "ft.safetensors").write_bytes(b"an earlier result")
-        p = torchrun("-m", "rtbcli", "finetune", "--prior", tiny_prior, *args, "--out", "ft.safetensors", "--quiet", "--device", "cpu", cwd=d)
+        p = torchrun(
+            "-m", "rtbcli", "finetune", "--prior", tiny_prior, *args, "--out", "ft.safetensors", "--quiet", "--device", "cpu", cwd=d
+        )
         jobs[name] = (p, d, time.monotonic())
     yield jobs
     for job, _, _ in jobs.values():  # each ends by itself within seconds (the tests below check how)
@@ -155,10 +188,13 @@ def failing_jobs(tmp_path_factory, tiny_prior):
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_preset_file, tiny_prior):
     """5 steps of pretrain and of each objective, global batch 16, same seed: the same parameters to
     1e-6 (float32), and rank 0 alone wrote the files, each once."""
+
     def commands(folder: Path) -> list[list[str]]:
         common = ["--steps", "5", "--batch-size", "16", "--seed", "3", "--quiet", "--json", "--device", "cpu"]
         cmds = [["pretrain", "--preset", str(tiny_preset_file), "--out", str(folder / "prior.safetensors"), *common]]
-        return cmds + [["finetune", "--prior", str(tiny_prior), "--algo", a, "--out", str(folder / f"{a}.safetensors"), *common] for a in ALGOS]
+        return cmds + [
+            ["finetune", "--prior", str(tiny_prior), "--algo", a, "--out", str(folder / f"{a}.safetensors"), *common] for a in ALGOS
+        ]
 
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
@@ -235,7 +271,9 @@ def test_a_batch_that_the_processes_cannot_share_is_a_one_line_error(failing_job
     p, d, _ = failing_jobs["batch"]
     code, err = finish(p)
     assert code == 1, err
-    assert rtbcli_lines(err) == ["rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"]
+    assert rtbcli_lines(err) == [
+        "rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"
+    ]
     assert "exitcode  : 2" in err  # torchrun's report: rank 0's own exit code
     assert sorted(os.listdir(d)) == ["ft.safetensors", "reward.py"] and (d / "ft.safetensors").read_bytes() == b"an earlier result"
 
@@ -268,5 +306,7 @@ def test_the_batch_is_checked_before_the_processes_connect(monkeypatch, tiny_pri
     for cmd in (["finetune", "--prior", str(tiny_prior)], ["pretrain"]):
         code = run([*cmd, "--batch-size", "7", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.safetensors"), "--quiet"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and err == ["rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"]
+        assert code == 2 and err == [
+            "rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"
+        ]
     assert os.listdir(tmp_path) == []

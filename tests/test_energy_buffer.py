@@ -32,7 +32,9 @@ def test_rank_probabilities_by_hand():
     total = sum(w.values())
     expected = torch.tensor([w[i] / total for i in range(4)], dtype=torch.float64)
     assert torch.allclose(b.probabilities(), expected, rtol=0, atol=1e-15)
-    assert torch.allclose(rank_weights(4, 0.01), torch.tensor([25.0, 1 / 1.04, 1 / 2.04, 1 / 3.04], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.allclose(
+        rank_weights(4, 0.01), torch.tensor([25.0, 1 / 1.04, 1 / 2.04, 1 / 3.04], dtype=torch.float64), rtol=0, atol=1e-15
+    )
 
 
 def test_sampling_frequencies_follow_the_probabilities():

@@ -36,8 +36,7 @@ def exact(n, seed):
 def test_gaussian_is_left_invariant_with_the_adapted_step(adapt_after_burn_in):
     n = 4000
     # the paper's 200 iterations with 100 of burn-in, from a step too large (the right one is ~0.6 here)
-    res = mala(exact(n, 0), log_gauss, steps=200, burn_in=100, step_size=1.0,
-               adapt_after_burn_in=adapt_after_burn_in, generator=gen(1))
+    res = mala(exact(n, 0), log_gauss, steps=200, burn_in=100, step_size=1.0, adapt_after_burn_in=adapt_after_burn_in, generator=gen(1))
     x = res.x
     assert float((x.mean(0) - MEAN).abs().max()) < 5 * math.sqrt(VAR / n)
     assert float((x.var(0) - VAR).abs().max()) < 5 * VAR * math.sqrt(2 / n)
@@ -82,6 +81,7 @@ def test_adaptation_rule_by_hand():
     res = mala(torch.zeros(10, 3, dtype=torch.float64), flat, steps=12, burn_in=2, step_size=0.1, generator=gen(6))
     assert float(res.step_size) == pytest.approx(0.1 * 1.01**11, rel=1e-12)
     assert float(res.acceptance) == 1.0
+
     # an impossible target rejects every proposal: eta shrinks by 1 % per iteration
     def wall(x):
         return torch.where(x.abs().sum(-1) == 0, 0.0, -1e30) + 0.0 * x.sum(-1)
@@ -90,12 +90,21 @@ def test_adaptation_rule_by_hand():
     assert float(res.step_size) == pytest.approx(0.1 * 0.99**11, rel=1e-12)
     assert float(res.acceptance) == 0.0 and torch.equal(res.x, torch.zeros(10, 3, dtype=torch.float64))
     # the paper's Algorithm 2 as written: factors 1.1 / 0.9 on each iteration's rate
-    res = mala(torch.zeros(10, 3, dtype=torch.float64), flat, steps=12, burn_in=2, step_size=0.01, adapt_factor=0.1,
-               adapt_every=1, generator=gen(6))
+    res = mala(
+        torch.zeros(10, 3, dtype=torch.float64),
+        flat,
+        steps=12,
+        burn_in=2,
+        step_size=0.01,
+        adapt_factor=0.1,
+        adapt_every=1,
+        generator=gen(6),
+    )
     assert float(res.step_size) == pytest.approx(0.01 * 1.1**11, rel=1e-12)
     # frozen after burn-in: eta_0 1.01^(burn_in - 1)
-    res = mala(torch.zeros(10, 3, dtype=torch.float64), flat, steps=12, burn_in=4, step_size=0.1,
-               adapt_after_burn_in=False, generator=gen(6))
+    res = mala(
+        torch.zeros(10, 3, dtype=torch.float64), flat, steps=12, burn_in=4, step_size=0.1, adapt_after_burn_in=False, generator=gen(6)
+    )
     assert float(res.step_size) == pytest.approx(0.1 * 1.01**3, rel=1e-12)
 
 
@@ -136,6 +145,7 @@ def host_reads():
             if sys._getframe(1).f_code.co_filename.startswith(PACKAGE):
                 counts[name] += 1
             return method(self, *args, **kwargs)
+
         return call
 
     for name, method in originals.items():

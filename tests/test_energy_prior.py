@@ -59,8 +59,10 @@ def test_terminal_marginal_samples():
 def test_terminal_log_prob_is_the_path_integral(sigma2):
     # p_F(tau) = N(x_T; 0, sigma2 I) prod_{i=1}^{T-1} p_B(x_i | x_{i+1}) for every path from x_0 = 0
     p = BrownianPrior(3, steps=50, sigma2=sigma2).double()
-    traj = torch.cat([p.sample(5, generator=gen(3)),
-                      bridge_sample(torch.randn(4, 3, generator=gen(4), dtype=torch.float64) * 4, 50, sigma2, gen(5))], dim=1)
+    traj = torch.cat(
+        [p.sample(5, generator=gen(3)), bridge_sample(torch.randn(4, 3, generator=gen(4), dtype=torch.float64) * 4, 50, sigma2, gen(5))],
+        dim=1,
+    )
     lhs = p.log_prob(traj) - bridge_log_prob(traj, sigma2)
     rhs = p.terminal_log_prob(traj[-1])
     assert torch.allclose(lhs, rhs, rtol=0, atol=1e-10)

@@ -31,17 +31,20 @@ def test_targets_agree_with_the_code():
         assert spec["log_z"] == pytest.approx(target.log_z, abs=1e-4)
 
 
-@pytest.mark.parametrize("target, metric, method, mean, std", [
-    ("gmm25", "delta_log_z", "TB + Expl. + LS", 0.171, 0.013),
-    ("gmm25", "delta_log_z_rw", "TB + Expl. + LS", 0.004, 0.011),
-    ("gmm25", "w2", "VarGrad + Expl. + LP + LS", 1.13, 0.13),
-    ("funnel", "delta_log_z", "DDS", 0.424, 0.049),
-    ("funnel", "delta_log_z_rw", "TB + Expl. + LP", 0.051, 0.616),
-    ("funnel", "w2", "DIS", 20.7, 2.1),
-    ("manywell", "delta_log_z", "PIS", 3.85, 0.03),
-    ("manywell", "delta_log_z_rw", "VarGrad + Expl. + LP + LS", 0.02, 0.21),
-    ("manywell", "w2", "VarGrad + Expl. + LP + LS", 5.30, 0.02),
-])
+@pytest.mark.parametrize(
+    "target, metric, method, mean, std",
+    [
+        ("gmm25", "delta_log_z", "TB + Expl. + LS", 0.171, 0.013),
+        ("gmm25", "delta_log_z_rw", "TB + Expl. + LS", 0.004, 0.011),
+        ("gmm25", "w2", "VarGrad + Expl. + LP + LS", 1.13, 0.13),
+        ("funnel", "delta_log_z", "DDS", 0.424, 0.049),
+        ("funnel", "delta_log_z_rw", "TB + Expl. + LP", 0.051, 0.616),
+        ("funnel", "w2", "DIS", 20.7, 2.1),
+        ("manywell", "delta_log_z", "PIS", 3.85, 0.03),
+        ("manywell", "delta_log_z_rw", "VarGrad + Expl. + LP + LS", 0.02, 0.21),
+        ("manywell", "w2", "VarGrad + Expl. + LP + LS", 5.30, 0.02),
+    ],
+)
 def test_best_amortised_rows_are_the_ones_issue_18_names(target, metric, method, mean, std):
     assert best_row(target, metric) == (method, mean, std)
 

@@ -66,8 +66,14 @@ def test_gmm25_density_by_hand():
     x = [(0.0, 0.0), (4.7, -5.2), (10.3, 9.1), (2.5, 2.5)]
     got = GMM25().log_density(torch.tensor(x, dtype=torch.float64))
     for (a, b), v in zip(x, got.tolist()):
-        dens = sum(math.exp(-((a - m1) ** 2 + (b - m2) ** 2) / 0.6) / (2 * math.pi * 0.3)
-                   for m1 in (-10, -5, 0, 5, 10) for m2 in (-10, -5, 0, 5, 10)) / 25
+        dens = (
+            sum(
+                math.exp(-((a - m1) ** 2 + (b - m2) ** 2) / 0.6) / (2 * math.pi * 0.3)
+                for m1 in (-10, -5, 0, 5, 10)
+                for m2 in (-10, -5, 0, 5, 10)
+            )
+            / 25
+        )
         assert abs(v - math.log(dens)) < 1e-12
 
 
@@ -142,7 +148,7 @@ def test_funnel_exact_sampler():
 # --- ManyWell ------------------------------------------------------------------------------
 def test_manywell_density_by_hand_and_shared_with_the_dataset():
     x = torch.randn(6, 32, generator=gen(7), dtype=torch.float64)
-    hand = sum(-x[:, 2 * j] ** 4 + 6 * x[:, 2 * j] ** 2 + 0.5 * x[:, 2 * j] - 0.5 * x[:, 2 * j + 1] ** 2 for j in range(16))
+    hand = sum(-(x[:, 2 * j] ** 4) + 6 * x[:, 2 * j] ** 2 + 0.5 * x[:, 2 * j] - 0.5 * x[:, 2 * j + 1] ** 2 for j in range(16))
     t = ManyWellEnergy()
     assert torch.allclose(t.log_density(x), hand, rtol=0, atol=1e-10)
     assert torch.equal(t.log_density(x), mw.log_density(x))  # one function, not a copy
@@ -154,7 +160,7 @@ def test_manywell_log_z_by_independent_simpson_rule():
     g = torch.linspace(a, b, n + 1, dtype=torch.float64)
     w = torch.ones(n + 1, dtype=torch.float64)
     w[1:-1:2], w[2:-1:2] = 4.0, 2.0
-    z1 = float((w * torch.exp(-g**4 + 6 * g**2 + 0.5 * g)).sum()) * (b - a) / n / 3
+    z1 = float((w * torch.exp(-(g**4) + 6 * g**2 + 0.5 * g)).sum()) * (b - a) / n / 3
     assert abs(ManyWellEnergy().log_z - 16 * (math.log(z1) + 0.5 * math.log(2 * math.pi))) < 1e-8
 
 

@@ -85,6 +85,7 @@ def test_sandwich_is_exact_for_brownian_motion(tmp_path, tiny_preset):
     preset = tiny_preset.model_copy(update={"reward": None}).model_dump()
     preset["prior_data"] = {"means": [[0.0, 0.0]], "variance": sigma2}
     from rtbcli.config import Preset
+
     preset = Preset.model_validate(preset)
     m = evaluate(zero_drift_prior(tmp_path, preset), n=1000, seed=0).metrics
     assert m["log_z_true"] == 0.0
@@ -105,11 +106,17 @@ def test_learned_log_z_after_one_adam_step(tmp_path):
     from rtbcli.config import Preset
     from rtbcli.pretrain import pretrain
 
-    preset = Preset.model_validate({
-        "name": "one-d", "beta": 0.5, "prior_data": {"means": [[-3.0], [3.0]], "variance": 1.0},
-        "reward": {"type": "mixture", "mixture": {"means": [[3.0]], "variance": 1.0}},
-        "sampler": {"steps": 10, "hidden": 16, "time_features": 8},
-        "pretrain": {"steps": 2, "batch_size": 16}, "finetune": {"steps": 1, "batch_size": 16, "lr_logz": 0.1}})
+    preset = Preset.model_validate(
+        {
+            "name": "one-d",
+            "beta": 0.5,
+            "prior_data": {"means": [[-3.0], [3.0]], "variance": 1.0},
+            "reward": {"type": "mixture", "mixture": {"means": [[3.0]], "variance": 1.0}},
+            "sampler": {"steps": 10, "hidden": 16, "time_features": 8},
+            "pretrain": {"steps": 2, "batch_size": 16},
+            "finetune": {"steps": 1, "batch_size": 16, "lr_logz": 0.1},
+        }
+    )
     prior = tmp_path / "prior.safetensors"
     pretrain(preset, "one-d", prior, progress=False)
     for algo in ("rtb", "trust-pcl"):
@@ -138,11 +145,18 @@ def reward_quadrature(sigma2: float, beta: float, drift=(0.0, 0.0), spacing: flo
     var = REWARD_Q["variance"]
     for (mx, my), w in zip(REWARD_Q["means"], REWARD_Q["weights"]):
         r += w * np.exp(-((gx - mx) ** 2 + (gy - my) ** 2) / (2 * var)) / (2 * math.pi * var)
-    gauss = lambda mx, my: np.exp(-((gx - mx) ** 2 + (gy - my) ** 2) / (2 * sigma2)) / (2 * math.pi * sigma2) * spacing ** 2
+
+    def gauss(mx, my):
+        return np.exp(-((gx - mx) ** 2 + (gy - my) ** 2) / (2 * sigma2)) / (2 * math.pi * sigma2) * spacing**2
+
     p, q = gauss(0.0, 0.0), gauss(*drift)
     assert abs(p.sum() - 1) < 1e-9 and abs(q.sum() - 1) < 1e-9  # the grid holds both Gaussians
-    return {"mean_log_r": float((q * np.log(r)).sum()), "z": float((p * r ** beta).sum()),
-            "w2": float((p * p / q * r ** (2 * beta)).sum()), "path_kl": (drift[0] ** 2 + drift[1] ** 2) / (2 * sigma2)}
+    return {
+        "mean_log_r": float((q * np.log(r)).sum()),
+        "z": float((p * r**beta).sum()),
+        "w2": float((p * p / q * r ** (2 * beta)).sum()),
+        "path_kl": (drift[0] ** 2 + drift[1] ** 2) / (2 * sigma2),
+    }
 
 
 def finetuned_checkpoint(tmp_path, preset, beta: float, drift=(0.0, 0.0)):
@@ -224,7 +238,12 @@ def test_every_reported_key_is_in_the_registry(shipped):
     assert tuple(m["floor"]) == reg.floor_keys() == ("mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist")
     for key in ("ess_fraction", "mmd2_floor", "floor.kl_mode", "well_mass_max_abs_err_floor", "mmd_bandwidth"):
         assert parse_check(f"{key} < 1").key == key
-    for key, hint in (("ess", "renamed 'ess_fraction'"), ("floor", "not a number"), ("cells", "not a number"), ("floor.sw2", "not a number")):
+    for key, hint in (
+        ("ess", "renamed 'ess_fraction'"),
+        ("floor", "not a number"),
+        ("cells", "not a number"),
+        ("floor.sw2", "not a number"),
+    ):
         with pytest.raises(InputError, match=hint):
             parse_check(f"{key} > 0")
 

@@ -37,8 +37,20 @@ def test_moons_example(tmp_path, capsys, monkeypatch):
         assert f.readline().strip() == "x,y"
     assert np.loadtxt("moons.csv", delimiter=",", skiprows=1).shape == (4000, 2)
     rtbcli(capsys, "pretrain", "--data", "moons.csv", "--steps", 3, "--out", "moons-prior.safetensors")
-    ft = rtbcli(capsys, "finetune", "--prior", "moons-prior.safetensors", "--reward", "moons/favour.py:log_reward", "--steps", 3,
-                "--batch-size", 16, "--out", "moons-rtb.safetensors")
+    ft = rtbcli(
+        capsys,
+        "finetune",
+        "--prior",
+        "moons-prior.safetensors",
+        "--reward",
+        "moons/favour.py:log_reward",
+        "--steps",
+        3,
+        "--batch-size",
+        16,
+        "--out",
+        "moons-rtb.safetensors",
+    )
     assert ft["steps"] == 3
     ev = rtbcli(capsys, "evaluate", "moons-rtb.safetensors", "--reward", "moons/favour.py:log_reward", "-n", 500, "--plot", "moons.png")
     assert ev["target_method"] == "reference" and "accepted" in ev["reference"]
@@ -56,8 +68,22 @@ def test_mixture10d_example(tmp_path, capsys, monkeypatch):
     ev = rtbcli(capsys, "evaluate", "prior.safetensors", "-n", 400)  # a prior is compared with its data, not target.npy
     assert ev["reference"] == "the 20,000 data rows" and ev["n_reference"] == 20_000
     for algo in ("rtb", "trust-pcl", "reinforce-kl"):
-        rtbcli(capsys, "finetune", "--prior", "prior.safetensors", "--algo", algo, "--preset", "task.toml", "--steps", 2,
-               "--batch-size", 16, "--out", f"{algo}.safetensors")
+        rtbcli(
+            capsys,
+            "finetune",
+            "--prior",
+            "prior.safetensors",
+            "--algo",
+            algo,
+            "--preset",
+            "task.toml",
+            "--steps",
+            2,
+            "--batch-size",
+            16,
+            "--out",
+            f"{algo}.safetensors",
+        )
         ev = rtbcli(capsys, "evaluate", f"{algo}.safetensors", "--reward", "rewards.py:keep_modes", "-n", 400)
         assert ev["dim"] == 10 and ev["target_method"] == "reference" and "target.npy" in ev["reference"]
         assert {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "log_z_is", "ess_fraction", "path_kl"} <= set(ev)

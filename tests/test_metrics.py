@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from rtbcli.metrics import (bin_index, cell_index, effective_sample_size, hist_edges, histogram_kl, log_mean_exp,
-                            mixture_bin_masses, mode_weight_kl, sample_metrics)
+from rtbcli.metrics import (
+    bin_index,
+    cell_index,
+    effective_sample_size,
+    hist_edges,
+    histogram_kl,
+    log_mean_exp,
+    mixture_bin_masses,
+    mode_weight_kl,
+    sample_metrics,
+)
 from rtbcli.suites import prior_target, tilted_target
 from rtbcli.tasks import GaussianMixture, Task
 
@@ -19,6 +28,7 @@ N = 20_000
 @pytest.fixture(scope="module")
 def task():
     from rtbcli.presets_loader import load_preset
+
     return Task(load_preset("reference")[0])
 
 
@@ -35,7 +45,7 @@ def independent_metrics(x: np.ndarray, means: np.ndarray, weights: np.ndarray, s
     """The definitions of docs/maths.md#metrics (mode cells, mode-weight KL, off-target mass, histogram KL)
     re-implemented with numpy loops and np.histogram2d, for cross-checking."""
     n, k = len(x), len(means)
-    m = 1 - math.exp(-1.5**2 / (2 * std**2))
+    m = 1 - math.exp(-(1.5**2) / (2 * std**2))
     counts = np.zeros(k + 1)
     for p in x:
         if not np.all(np.isfinite(p)):
@@ -54,7 +64,10 @@ def independent_metrics(x: np.ndarray, means: np.ndarray, weights: np.ndarray, s
     h, _, _ = np.histogram2d(x[:, 0], x[:, 1], bins=[edges, edges])
     h = np.append(h.reshape(-1), n - h.sum())
     from math import erf
-    cdf = lambda z: 0.5 * (1 + erf(z / math.sqrt(2)))
+
+    def cdf(z):
+        return 0.5 * (1 + erf(z / math.sqrt(2)))
+
     pb = np.zeros((52, 52))
     for mu, w in zip(means, weights):
         if w == 0:
@@ -89,7 +102,7 @@ def test_exact_samples_sit_at_the_floor(target):
     assert a["mode_coverage"] == b["mode_coverage"] == 9
     assert 0 < a["kl_mode"] < 0.0015 and abs(a["kl_mode"] - b["kl_mode"]) < 0.001
     assert 0.015 < a["kl_hist"] < 0.03 and abs(a["kl_hist"] - b["kl_hist"]) < 0.006
-    m = 1 - math.exp(-1.5**2 / 0.6)
+    m = 1 - math.exp(-(1.5**2) / 0.6)
     assert a["off_target"] == pytest.approx(1 - m, abs=4 * math.sqrt(m * (1 - m) / N))
 
 
@@ -117,7 +130,7 @@ def test_mass_in_masked_modes_is_caught(task, target):
     r = sample_metrics(spread.sample(N, torch.Generator().manual_seed(6)), target)
     assert r["mode_coverage"] == 9
     masked_mass = 0.2 * 16 / 25
-    assert r["off_target"] == pytest.approx(1 - (1 - masked_mass) * (1 - math.exp(-1.5**2 / 0.6)), abs=0.01)
+    assert r["off_target"] == pytest.approx(1 - (1 - masked_mass) * (1 - math.exp(-(1.5**2) / 0.6)), abs=0.01)
 
 
 def hand_smoothed_kl(p: np.ndarray, counts: np.ndarray, pseudo: float) -> float:
@@ -186,6 +199,7 @@ def test_grid_target_log_z_and_mode_weights(task, beta, log_z):
 
 def test_grid_and_closed_form_agree_at_beta_one(task):
     from rtbcli.targets import _grid_target
+
     exact, grid = tilted_target(task, 1.0), _grid_target(task, "grid", None, 1.0)
     assert exact.method == "exact" and grid.log_z == pytest.approx(0.0, abs=1e-9)
     torch.testing.assert_close(grid.cell_masses, exact.cell_masses, rtol=0, atol=2e-4)

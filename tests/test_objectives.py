@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from rtbcli.objectives import (legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights,
-                               trust_pcl_loss)
+from rtbcli.objectives import legacy_rl_loss, outcome_rewards, reinforce_kl_loss, rtb_loss, snis_weights, trust_pcl_loss
 from rtbcli.presets_loader import load_preset
 from rtbcli.tasks import Task
 from test_sampler import seeded
@@ -132,7 +131,10 @@ def _train_sgd(policy, prior, task, alpha, objective, lr_policy, lr_scalar, step
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_sgd_with_policy_lr_over_alpha_squared_takes_identical_steps(float64, reference, alpha):
     task = Task(reference)
-    make = lambda: seeded(4)
+
+    def make():
+        return seeded(4)
+
     prior = seeded(5).requires_grad_(False)
     p_rtb, log_z = _train_sgd(make(), prior, task, alpha, "rtb", 1e-3, 1e-2)
     p_tpcl, v = _train_sgd(make(), prior, task, alpha, "trust-pcl", 1e-3 / alpha**2, 1e-2)
@@ -149,7 +151,10 @@ def test_sgd_with_policy_lr_over_alpha_squared_takes_identical_steps(float64, re
 def test_adam_with_same_policy_lr_and_lr_v_alpha_takes_identical_steps(float64, reference, alpha):
     """Adam ignores the loss scale: same policy lr, lr_V = alpha lr_logZ (eps = 0: exact)."""
     task = Task(reference)
-    make = lambda: seeded(6)
+
+    def make():
+        return seeded(6)
+
     prior = seeded(7).requires_grad_(False)
     results = {}
     for objective, lr_scalar in (("rtb", 0.1), ("trust-pcl", alpha * 0.1)):
@@ -159,8 +164,11 @@ def test_adam_with_same_policy_lr_and_lr_v_alpha_takes_identical_steps(float64, 
             traj = policy.sample(32, extra_var=0.1, generator=torch.Generator().manual_seed(200 + k)) * 3.0
             log_r = task.log_reward(traj[-1])
             step_lpf, step_lpp = policy.step_log_probs(traj), prior.step_log_probs(traj)
-            loss = (rtb_loss(scalar, step_lpf.sum(0), step_lpp.sum(0), log_r, 1 / alpha) if objective == "rtb"
-                    else trust_pcl_loss(scalar, step_lpf, step_lpp, outcome_rewards(log_r, policy.steps), alpha))
+            loss = (
+                rtb_loss(scalar, step_lpf.sum(0), step_lpp.sum(0), log_r, 1 / alpha)
+                if objective == "rtb"
+                else trust_pcl_loss(scalar, step_lpf, step_lpp, outcome_rewards(log_r, policy.steps), alpha)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -111,6 +111,7 @@ def test_plot_panels_rejects_bad_arguments(tmp_path, target):
 def test_other_dimensions_plot_two_coordinates_and_the_marginals(tmp_path, d):
     """A task in d != 2: the plane of two coordinates (or the histogram of one) over the reference, and the coordinates' spread."""
     from rtbcli.targets import Target
+
     g = torch.Generator().manual_seed(0)
     x, ref = torch.randn(500, d, generator=g), torch.randn(400, d, generator=g, dtype=torch.float64) + 1.0
     t = Target(description="test", method="reference", reference=ref)
@@ -161,10 +162,20 @@ def test_headline_reads_the_registry():
     a mode metric the task has but could not compute shows as n/a."""
     from rtbcli.plots import _headline
 
-    m = {"mode_coverage": 9, "n_target_modes": 9, "kl_mode": 0.01234, "off_target": 0.0712, "kl_hist": None,
-         "sw2": 1.0, "sw2_floor": 0.1, "mmd2": 0.2, "mmd2_floor": 0.0}
-    assert _headline(m) == ("modes 9/9 · mode KL 0.01234 · off-target 7.12% · hist KL n/a · sliced W2 1 (floor 0.1) · "
-                            "MMD² 0.2 (floor 0)")
-    assert _headline({"sw2": 0.5, "sw2_floor": 0.25, "mmd2": 0.001, "mmd2_floor": -0.0002}) == \
-        "sliced W2 0.5 (floor 0.25) · MMD² 0.001 (floor -0.0002)"
+    m = {
+        "mode_coverage": 9,
+        "n_target_modes": 9,
+        "kl_mode": 0.01234,
+        "off_target": 0.0712,
+        "kl_hist": None,
+        "sw2": 1.0,
+        "sw2_floor": 0.1,
+        "mmd2": 0.2,
+        "mmd2_floor": 0.0,
+    }
+    assert _headline(m) == ("modes 9/9 · mode KL 0.01234 · off-target 7.12% · hist KL n/a · sliced W2 1 (floor 0.1) · MMD² 0.2 (floor 0)")
+    assert (
+        _headline({"sw2": 0.5, "sw2_floor": 0.25, "mmd2": 0.001, "mmd2_floor": -0.0002})
+        == "sliced W2 0.5 (floor 0.25) · MMD² 0.001 (floor -0.0002)"
+    )
     assert _headline({"kind": "prior"}) == ""

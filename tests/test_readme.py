@@ -72,8 +72,11 @@ def skipped(command: str) -> str | None:
 
 
 def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    blocks = [b for b in shell_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
-              if not any(c.split()[0] in ("pip", "python", "cd") for c in b)]
+    blocks = [
+        b
+        for b in shell_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+        if not any(c.split()[0] in ("pip", "python", "cd") for c in b)
+    ]
     # the quick tour makes the checkpoints the other blocks continue from: it runs first
     blocks.sort(key=lambda b: not any(c.startswith("rtbcli presets init") for c in b))
     commands = [c for b in blocks for c in b]

@@ -37,7 +37,9 @@ def dist(p, q) -> float:
 
 
 def mmd2_loops(xs, ys, h: float) -> float:
-    k = lambda p, q: math.exp(-dist(p, q) ** 2 / (2 * h * h))
+    def k(p, q):
+        return math.exp(-(dist(p, q) ** 2) / (2 * h * h))
+
     n, m = len(xs), len(ys)
     sxx = sum(k(xs[i], xs[j]) for i in range(n) for j in range(n) if i != j)
     syy = sum(k(ys[i], ys[j]) for i in range(m) for j in range(m) if i != j)
@@ -88,7 +90,7 @@ def test_sw2_unequal_sizes_subsample_without_replacement():
     # x has one row fewer than y, so y loses exactly one row: the value is one of 8 candidates
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(7, generator=g).tolist(), (torch.randn(8, generator=g) * 2 + 1).tolist()
-    candidates = [w2_1d(x, y[:i] + y[i + 1:]) for i in range(8)]
+    candidates = [w2_1d(x, y[:i] + y[i + 1 :]) for i in range(8)]
     hit = set()
     for seed in range(20):
         got = sliced_w2(torch.tensor(x)[:, None], torch.tensor(y)[:, None], seed=seed)
@@ -135,8 +137,11 @@ def test_mmd2_subsamples_to_max_points():
     assert not math.isclose(got, mmd2_loops(X5, Y4, 1.0), rel_tol=1e-6)
     # the default bandwidth is the median over the reference rows the MMD uses
     got = mmd2_rbf(x, y, max_points=3, seed=4)
-    assert any(math.isclose(got, mmd2_loops(xs, ys, median_loops(ys)), rel_tol=1e-12)
-               for xs in itertools.combinations(X5, 3) for ys in itertools.combinations(Y4, 3))
+    assert any(
+        math.isclose(got, mmd2_loops(xs, ys, median_loops(ys)), rel_tol=1e-12)
+        for xs in itertools.combinations(X5, 3)
+        for ys in itertools.combinations(Y4, 3)
+    )
     h3 = median_bandwidth(y, max_points=3, seed=4)
     assert any(math.isclose(h3, median_loops(ys), rel_tol=1e-12) for ys in itertools.combinations(Y4, 3))
 
@@ -194,7 +199,10 @@ def test_reference_comparison_on_an_enumerable_case():
     ref, model = torch.randn(6, generator=g).tolist(), (torch.randn(5, generator=g) + 0.5).tolist()
     out = reference_comparison(torch.tensor(model)[:, None], torch.tensor(ref)[:, None], seed=2)
     assert (out["n_compared"], out["n_reference"], out["n_dropped_nonfinite"]) == (3, 6, 0)
-    pt = lambda v: [(t,) for t in v]
+
+    def pt(v):
+        return [(t,) for t in v]
+
     h = median_loops(pt(ref))  # one bandwidth, the median over the 15 pairs of the whole reference, for both MMD^2
     assert out["mmd_bandwidth"] == pytest.approx(h, rel=1e-12)
     found = False
@@ -203,9 +211,15 @@ def test_reference_comparison_on_an_enumerable_case():
         b = [ref[i] for i in range(6) if i not in ia]
         for xs in itertools.combinations(model, 3):
             xs = list(xs)
-            if all(math.isclose(out[k], v, rel_tol=1e-9) for k, v in [
-                    ("sw2", w2_1d(xs, a)), ("sw2_floor", w2_1d(b, a)),
-                    ("mmd2", mmd2_loops(pt(xs), pt(a), h)), ("mmd2_floor", mmd2_loops(pt(b), pt(a), h))]):
+            if all(
+                math.isclose(out[k], v, rel_tol=1e-9)
+                for k, v in [
+                    ("sw2", w2_1d(xs, a)),
+                    ("sw2_floor", w2_1d(b, a)),
+                    ("mmd2", mmd2_loops(pt(xs), pt(a), h)),
+                    ("mmd2_floor", mmd2_loops(pt(b), pt(a), h)),
+                ]
+            ):
                 found = True
     assert found, out
 
@@ -257,7 +271,9 @@ def test_far_rows_are_counted_and_weigh_on_sliced_w2_not_mmd():
     """Reference in about [0, 1] x [0, 0.5]: the box is widened on every side by its largest width (about 1), also in
     the narrow coordinate, and a coordinate constant in the reference widens by that too (a blank pixel: no false
     alarms). One diverged row in 300 moves SW2 by far more than MMD^2."""
-    ref = torch.rand(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.tensor([1.0, 0.5], dtype=torch.float64)
+    ref = torch.rand(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * torch.tensor(
+        [1.0, 0.5], dtype=torch.float64
+    )
     x = torch.rand(300, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.5
     lo, hi = ref.min(0).values, ref.max(0).values
     w = float(hi[0] - lo[0])  # the largest width

@@ -90,8 +90,7 @@ def test_bridge_endpoints_and_marginals(float64):
 
 def test_bridge_log_prob_matches_backward_kernel(float64):
     steps, sigma2 = 8, 5.0
-    traj = bridge_sample(torch.randn(3, 2, generator=torch.Generator().manual_seed(4)), steps, sigma2,
-                         torch.Generator().manual_seed(5))
+    traj = bridge_sample(torch.randn(3, 2, generator=torch.Generator().manual_seed(4)), steps, sigma2, torch.Generator().manual_seed(5))
     dt = 1 / steps
     expected = torch.zeros(3)
     for i in range(1, steps):

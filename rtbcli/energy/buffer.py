@@ -37,8 +37,15 @@ def rank_weights(n: int, k: float = 0.01, dtype: torch.dtype = torch.float64, de
 class ReplayBuffer:
     """FIFO buffer of `capacity` states (dim d) with log r (and, in energy mode, log pi)."""
 
-    def __init__(self, capacity: int, dim: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 rank_k: float = 0.01, with_log_pi: bool = False):
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        rank_k: float = 0.01,
+        with_log_pi: bool = False,
+    ):
         if capacity <= 0:
             raise InputError(f"the buffer size must be > 0, got {capacity}: set a positive buffer size")
         if not rank_k > 0:
@@ -74,8 +81,8 @@ class ReplayBuffer:
             return
         if n > self.capacity:
             self.head = (self.head + n - self.capacity) % self.capacity
-            x, log_r = x[-self.capacity:], log_r[-self.capacity:]
-            log_pi = None if log_pi is None else log_pi[-self.capacity:]
+            x, log_r = x[-self.capacity :], log_r[-self.capacity :]
+            log_pi = None if log_pi is None else log_pi[-self.capacity :]
             n = self.capacity
         slots = (self.head + torch.arange(n, device=self.device)) % self.capacity
         self.x.index_copy_(0, slots, x.detach().to(self.x))
@@ -124,8 +131,11 @@ class ReplayBuffer:
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that restore the buffer exactly (slots as held, `head`, `size`, `capacity`)."""
-        d = {"x": self.x[: self.size].clone(), "log_r": self.log_r[: self.size].clone(),
-             "meta": torch.tensor([self.capacity, self.head, self.size], dtype=torch.int64)}
+        d = {
+            "x": self.x[: self.size].clone(),
+            "log_r": self.log_r[: self.size].clone(),
+            "meta": torch.tensor([self.capacity, self.head, self.size], dtype=torch.int64),
+        }
         if self.log_pi is not None:
             d["log_pi"] = self.log_pi[: self.size].clone()
         return d
@@ -133,8 +143,10 @@ class ReplayBuffer:
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
         capacity, head, size = (int(v) for v in d["meta"].tolist())
         if capacity != self.capacity or d["x"].shape != (size, self.dim):
-            raise InputError(f"the saved buffer holds {tuple(d['x'].shape)} states of capacity {capacity}; "
-                             f"this buffer has capacity {self.capacity} and dimension {self.dim}")
+            raise InputError(
+                f"the saved buffer holds {tuple(d['x'].shape)} states of capacity {capacity}; "
+                f"this buffer has capacity {self.capacity} and dimension {self.dim}"
+            )
         if ("log_pi" in d) != (self.log_pi is not None):
             raise InputError("the saved buffer and this one disagree on keeping log pi")
         self.head, self.size = head, size
@@ -145,8 +157,7 @@ class ReplayBuffer:
         self._order = None
 
 
-def backward_trajectories(x_end: torch.Tensor, steps: int, sigma2: float,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def backward_trajectories(x_end: torch.Tensor, steps: int, sigma2: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training trajectories (T + 1, B, d) for replayed states x_end (B, d): the fixed backward
     process, the Brownian bridge pinned at x_0 = 0 and x_T = x_end,
     p_B(x_i | x_{i+1}) = N(i/(i+1) x_{i+1}, sigma2 dt i/(i+1) I) (`rtbcli.sampler.bridge_sample`)."""

@@ -70,9 +70,18 @@ class LangevinDriftNet(DriftNet):
     per_dimension: NN2 outputs d scales instead of one (the paper's default for Table 1 is one).
     """
 
-    def __init__(self, dim: int, log_density: Callable[[torch.Tensor], torch.Tensor], hidden: int = 64, n_freq: int = 64,
-                 n_layers: int = 2, scale_layers: int = 3, clip: float = GRAD_CLIP, per_dimension: bool = False,
-                 scale_init: float = 0.01):
+    def __init__(
+        self,
+        dim: int,
+        log_density: Callable[[torch.Tensor], torch.Tensor],
+        hidden: int = 64,
+        n_freq: int = 64,
+        n_layers: int = 2,
+        scale_layers: int = 3,
+        clip: float = GRAD_CLIP,
+        per_dimension: bool = False,
+        scale_init: float = 0.01,
+    ):
         super().__init__(dim, hidden, n_freq, n_layers)
         self.log_density, self.clip = log_density, float(clip)
         self.scale = LangevinScale(dim if per_dimension else 1, hidden, n_freq, scale_layers, scale_init)
@@ -87,9 +96,19 @@ class LangevinSampler(DiffusionSampler):
     """A `DiffusionSampler` whose drift is a `LangevinDriftNet`: same transitions, same scoring API
     (`means`, `step_log_probs`, `log_prob`, `sample`)."""
 
-    def __init__(self, dim: int, log_density: Callable[[torch.Tensor], torch.Tensor], steps: int = 100, sigma2: float = 1.0,
-                 hidden: int = 64, time_features: int = 64, layers: int = 2, scale_layers: int = 3,
-                 clip: float = GRAD_CLIP, per_dimension: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        log_density: Callable[[torch.Tensor], torch.Tensor],
+        steps: int = 100,
+        sigma2: float = 1.0,
+        hidden: int = 64,
+        time_features: int = 64,
+        layers: int = 2,
+        scale_layers: int = 3,
+        clip: float = GRAD_CLIP,
+        per_dimension: bool = False,
+    ):
         super().__init__(dim, steps, sigma2, hidden, time_features, layers)
         self.net = LangevinDriftNet(dim, log_density, hidden, time_features, layers, scale_layers, clip, per_dimension)
 

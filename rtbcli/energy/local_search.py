@@ -57,28 +57,44 @@ class MalaResult:
     # iteration; chain[chain_accepted] is the paper code's output set (a host sync: its size is random)
 
 
-def log_density_and_grad(log_density: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                         switch_off: str = SWITCH_OFF) -> tuple[torch.Tensor, torch.Tensor]:
+def log_density_and_grad(
+    log_density: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, switch_off: str = SWITCH_OFF
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(x) (B,), grad log pi(x) (B, d)), both detached, by autograd."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         lp = log_density(xg)
         if not isinstance(lp, torch.Tensor) or lp.shape != x.shape[:-1]:
-            raise InputError(f"the log-density must return a tensor of shape {tuple(x.shape[:-1])}, "
-                             f"got {type(lp).__name__} {tuple(getattr(lp, 'shape', ()))}")
+            raise InputError(
+                f"the log-density must return a tensor of shape {tuple(x.shape[:-1])}, "
+                f"got {type(lp).__name__} {tuple(getattr(lp, 'shape', ()))}"
+            )
         if not lp.requires_grad:
-            raise InputError(f"the target's log-density has no gradient (autograd cannot differentiate it): {switch_off}, "
-                             "or write it with differentiable torch operations")
+            raise InputError(
+                f"the target's log-density has no gradient (autograd cannot differentiate it): {switch_off}, "
+                "or write it with differentiable torch operations"
+            )
         (g,) = torch.autograd.grad(lp.sum(), xg, allow_unused=True)
     if g is None:
         raise InputError(f"the target's log-density does not depend on x through autograd: {switch_off}")
     return lp.detach(), g
 
 
-def mala(x: torch.Tensor, log_density: Callable[[torch.Tensor], torch.Tensor], steps: int = 200, burn_in: int = 100,
-         step_size: float | torch.Tensor = 0.1, adapt: bool = True, target_acceptance: float = TARGET_ACCEPTANCE,
-         adapt_factor: float = 0.01, adapt_every: int = 5, adapt_after_burn_in: bool = True, keep_chain: bool = False,
-         generator: torch.Generator | None = None, switch_off: str = SWITCH_OFF) -> MalaResult:
+def mala(
+    x: torch.Tensor,
+    log_density: Callable[[torch.Tensor], torch.Tensor],
+    steps: int = 200,
+    burn_in: int = 100,
+    step_size: float | torch.Tensor = 0.1,
+    adapt: bool = True,
+    target_acceptance: float = TARGET_ACCEPTANCE,
+    adapt_factor: float = 0.01,
+    adapt_every: int = 5,
+    adapt_after_burn_in: bool = True,
+    keep_chain: bool = False,
+    generator: torch.Generator | None = None,
+    switch_off: str = SWITCH_OFF,
+) -> MalaResult:
     """Run `steps` MALA iterations toward pi = exp(log_density) from the states x (B, d).
 
     Defaults as the paper's Table 1 runs: 200 iterations, 100 of burn-in, eta_0 = 0.1

@@ -80,8 +80,9 @@ def w2_exact(x: torch.Tensor, y: torch.Tensor, max_iter: int = 10_000_000) -> fl
 
 
 @torch.no_grad()
-def table_metrics(sampler, target, k: int = 2000, generator: torch.Generator | None = None,
-                  stratified_reference: bool = False, with_w2: bool = True) -> dict[str, float]:
+def table_metrics(
+    sampler, target, k: int = 2000, generator: torch.Generator | None = None, stratified_reference: bool = False, with_w2: bool = True
+) -> dict[str, float]:
     """Table 1's numbers for a sampler of `target` (an `EnergyTarget`), from K on-policy trajectories.
 
     `sampler` has the `DiffusionSampler` interface (`sample(n, extra_var, generator)`, `log_prob`,
@@ -103,8 +104,15 @@ def table_metrics(sampler, target, k: int = 2000, generator: torch.Generator | N
     back = bridge_sample(exact, sampler.steps, sampler.sigma2, generator)
     lw_t = log_weights(target.log_density(exact), bridge_log_prob(back, sampler.sigma2), sampler.log_prob(back))
     log_z = float(target.log_z)
-    out = {"k": float(k), "log_z_true": log_z, "elbo": elbo(lw), "log_z_rw": log_z_rw(lw),
-           "delta_log_z": delta_log_z(lw, log_z), "delta_log_z_rw": delta_log_z_rw(lw, log_z), "eubo": eubo(lw_t)}
+    out = {
+        "k": float(k),
+        "log_z_true": log_z,
+        "elbo": elbo(lw),
+        "log_z_rw": log_z_rw(lw),
+        "delta_log_z": delta_log_z(lw, log_z),
+        "delta_log_z_rw": delta_log_z_rw(lw, log_z),
+        "eubo": eubo(lw_t),
+    }
     if with_w2:
         ref = target.sample_stratified(k, generator, dtype=ref_dtype) if stratified_reference else exact
         out["w2"] = w2_exact(x, ref)

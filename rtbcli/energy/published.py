@@ -29,6 +29,7 @@ def best_row(target: str, metric: str, amortized_only: bool = True) -> tuple[str
     table = load_table1()
     if target not in table["targets"] or metric not in METRICS:
         raise InputError(f"no published {metric!r} for {target!r}: targets {list(table['targets'])}, metrics {list(METRICS)}")
-    cells = [(r["method"], *r[target][metric]) for r in table["rows"]
-             if r[target][metric] is not None and (r["amortized"] or not amortized_only)]
+    cells = [
+        (r["method"], *r[target][metric]) for r in table["rows"] if r[target][metric] is not None and (r["amortized"] or not amortized_only)
+    ]
     return min(cells, key=lambda c: c[1])

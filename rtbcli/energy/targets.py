@@ -56,8 +56,9 @@ class EnergyTarget:
     def _draw(self, n: int, generator: torch.Generator | None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """n exact samples (n, dim) of pi / Z (float64 on the generator's device, then cast)."""
         if n < 0:
             raise InputError(f"the number of samples must be >= 0, got {n}")
@@ -75,7 +76,7 @@ class EnergyTarget:
 class GMM25(EnergyTarget):
     """25 equal-weight Gaussians, means {-10,-5,0,5,10}^2, covariance 0.3 I: normalised, log Z = 0.
 
-        log pi(x) = logsumexp_k log N(x; mu_k, 0.3 I) - log 25
+    log pi(x) = logsumexp_k log N(x; mu_k, 0.3 I) - log 25
     """
 
     name, dim, sigma2 = "gmm25", 2, 5.0
@@ -100,8 +101,9 @@ class GMM25(EnergyTarget):
         eps = torch.randn(n, 2, generator=generator, dtype=torch.float64, device=dev)
         return self.means.to(dev)[k] + math.sqrt(self.variance) * eps
 
-    def sample_stratified(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device | None = None) -> torch.Tensor:
+    def sample_stratified(
+        self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         """NOT exact samples of pi: an equal count n // 25 per mode (rows grouped by mode), as the
         paper's code drew its 25GMM reference samples for Table 1 (gfn-diffusion before commit
         0383449, which fixed it to a multinomial draw). Equal counts remove the multinomial noise
@@ -122,8 +124,8 @@ class GMM25(EnergyTarget):
 class Funnel(EnergyTarget):
     """Neal's funnel in d = 10 (the paper's `hard_funnel`): normalised, log Z = 0.
 
-        x_0 ~ N(0, 9),   x_i | x_0 ~ N(0, e^{x_0}), i = 1..9
-        log pi(x) = log N(x_0; 0, 9) + sum_{i>=1} [-x_i^2 / (2 e^{x_0}) - x_0 / 2 - log(2 pi) / 2]
+    x_0 ~ N(0, 9),   x_i | x_0 ~ N(0, e^{x_0}), i = 1..9
+    log pi(x) = log N(x_0; 0, 9) + sum_{i>=1} [-x_i^2 / (2 e^{x_0}) - x_0 / 2 - log(2 pi) / 2]
     """
 
     name, dim, sigma2 = "funnel", 10, 1.0
