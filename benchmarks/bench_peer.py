@@ -204,25 +204,25 @@ def floor_ops(T: int, B: int, d: int, H: int, F: int, L: int) -> list[dict]:
     """The matrix products a fine-tuning step needs: (what, m, k, n, calls, transposed A)."""
     N = T * B
     net_fwd = lambda who, rows, calls: [  # noqa: E731
-        (f"{who}: state layer", rows, d, H, calls, False),
-        *[(f"{who}: hidden layer {i + 1}", rows, H, H, calls, False) for i in range(L)],
-        (f"{who}: output layer", rows, H, d, calls, False),
+        (f"{who} state layer", rows, d, H, calls, False),
+        *[(f"{who} hidden {i + 1}", rows, H, H, calls, False) for i in range(L)],
+        (f"{who} output layer", rows, H, d, calls, False),
     ]
     ops = [
-        ("policy: time MLP (T rows)", T, 2 * F, H, 1, False), ("policy: time MLP (T rows)", T, H, H, 1, False),
-        *net_fwd("policy forward while sampling (T calls of B rows)", B, T),
-        ("prior: time MLP (T rows)", T, 2 * F, H, 1, False), ("prior: time MLP (T rows)", T, H, H, 1, False),
-        *net_fwd("prior forward over T*B states", N, 1),
-        ("backward: output layer weight grad", d, N, H, 1, True),
-        ("backward: output layer input grad", N, d, H, 1, False),
+        ("policy time MLP 1", T, 2 * F, H, 1, False), ("policy time MLP 2", T, H, H, 1, False),
+        *net_fwd("sampling:", B, T),  # T sequential calls of B rows per layer
+        ("prior time MLP 1", T, 2 * F, H, 1, False), ("prior time MLP 2", T, H, H, 1, False),
+        *net_fwd("prior:", N, 1),  # all T*B states in one pass
+        ("backward: output weight grad", d, N, H, 1, True),
+        ("backward: output input grad", N, d, H, 1, False),
     ]
     for i in range(L, 0, -1):
-        ops += [(f"backward: hidden layer {i} weight grad", H, N, H, 1, True),
-                (f"backward: hidden layer {i} input grad", N, H, H, 1, False)]
-    ops += [("backward: state layer weight grad", d, N, H, 1, True),
-            ("backward: time MLP weight grads (T rows)", H, T, H, 1, True),
-            ("backward: time MLP input grad (T rows)", T, H, H, 1, False),
-            ("backward: time MLP weight grads (T rows)", H, T, 2 * F, 1, True)]
+        ops += [(f"backward: hidden {i} weight grad", H, N, H, 1, True),
+                (f"backward: hidden {i} input grad", N, H, H, 1, False)]
+    ops += [("backward: state weight grad", d, N, H, 1, True),
+            ("backward: time MLP 2 weight grad", H, T, H, 1, True),
+            ("backward: time MLP 2 input grad", T, H, H, 1, False),
+            ("backward: time MLP 1 weight grad", H, T, 2 * F, 1, True)]
     return [dict(what=w, m=m, k=k, n=n, calls=c, transposed_a=ta, gflop=2 * m * k * n * c / 1e9) for w, m, k, n, c, ta in ops]
 
 
@@ -239,14 +239,19 @@ class GemmFloor:
             b = torch.randn(k, n, generator=g).to(device)
             self.work.append((a, b, torch.empty(m, n, device=device), op["calls"]))
 
-    def run(self) -> float:
+    def run(self) -> tuple[float, list[float]]:
+        """Wall time of the whole floor, and of each product (all its calls)."""
         sync(self.device)
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
+        each = []
         for a, b, out, calls in self.work:
             for _ in range(calls):
                 torch.mm(a, b, out=out)
-        sync(self.device)
-        return time.perf_counter() - t0
+            sync(self.device)
+            now = time.perf_counter()
+            each.append(now - last)
+            last = now
+        return last - t0, each
 
 
 # ---------------------------------------------------------------------- the run
@@ -324,6 +329,7 @@ def main(argv=None) -> int:
                            save_every=0)
             return res.step_seconds[warm:]
 
+        op_times: list[list[float]] = []
         for r in range(args.rounds):
             order = (0, 1) if r % 2 == 0 else (1, 0)  # who goes first alternates from round to round
             for loop in ("finetune", "pretrain"):
@@ -335,7 +341,9 @@ def main(argv=None) -> int:
                         step = peer.finetune_step if loop == "finetune" else peer.pretrain_step
                         times[f"torchgfn {loop}"].append(peer.timed(step, warm + args.peer_steps)[warm:])
             floor.run()  # warm-up
-            times["gemm floor"].append([floor.run() for _ in range(args.floor_reps)])
+            reps = [floor.run() for _ in range(args.floor_reps)]
+            times["gemm floor"].append([total for total, _ in reps])
+            op_times.extend(each for _, each in reps)
         peer_calls = int(peer.last_trajectories.actions.tensor.shape[0])
 
     med = {k: median([x for rnd in v for x in rnd]) for k, v in times.items()}
@@ -345,6 +353,8 @@ def main(argv=None) -> int:
         "finetune_floor_ratio": [median(m) / median(f) for m, f in zip(times["rtbcli finetune"], times["gemm floor"])],
     }
     gflop = sum(op["gflop"] for op in ops)
+    for i, op in enumerate(ops):
+        op["median_s"] = median([each[i] for each in op_times])
     report = {
         "finetune_ratio": med["torchgfn finetune"] / med["rtbcli finetune"],
         "pretrain_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain"],
@@ -403,11 +413,11 @@ def show(rep: dict) -> None:
               " ".join(f"{x:.2f}" for x in pr["finetune_floor_ratio"]))
     con.print(t)
     f = Table(title=f"GEMM floor: {rep['gemm_floor']['gflop']:.2f} GFLOP at {rep['gemm_floor']['gflop_per_s']:.1f} GFLOP/s (float32 torch.mm)")
-    for c in ("product", "m x k x n", "calls", "GFLOP"):
-        f.add_column(c)
+    for c in ("product", "m x k x n", "calls", "GFLOP", "ms"):
+        f.add_column(c, justify="left" if c == "product" else "right")
     for op in rep["gemm_floor"]["ops"]:
-        f.add_row(op["what"], f"{op['m']} x {op['k']} x {op['n']}" + (" (A transposed)" if op["transposed_a"] else ""),
-                  str(op["calls"]), f"{op['gflop']:.3f}")
+        f.add_row(op["what"], f"{op['m']}x{op['k']}{'ᵀ' if op['transposed_a'] else ''}x{op['n']}", str(op["calls"]),
+                  f"{op['gflop']:.3f}", f"{op['median_s'] * 1e3:.2f}")
     con.print(f)
     con.print("[bold]each step includes[/]")
     for k, v in rep["step_contents"].items():
