@@ -11,6 +11,9 @@ The peer is torchgfn 2.4.1 set up, through its public API, the way its example
 `RelativeTrajectoryBalanceGFlowNet` with a frozen prior, a `Sampler` with exploration noise,
 `loss(..., recalculate_all_logprobs=True)`, Adam; its prior is pretrained with `MLEDiffusion`
 (maximum likelihood on Brownian-bridge trajectories from the data), as in the example.
+`pretrain_ratio` compares it with rtbcli's default pretraining step (the Rao-Blackwellised
+'pairs' estimator, the same network work); `pretrain_trajectory_ratio` with rtbcli's
+'trajectory' estimator, torchgfn's own.
 
 Both sides run the same task, batch, T, per-step variance and network (the same 21,122 weights
 at the reference size: torchgfn's networks are loaded with rtbcli's prior, and the benchmark checks
@@ -66,6 +69,9 @@ STEP_CONTENTS = {
                          "states again, with grad, and the frozen prior's forward without grad; log r; RTB loss; backward; Adam step",
     "rtbcli pretrain": "the default 'pairs' estimator: B*T bridge-marginal triples (the network work of B trajectories of T steps), "
                        "one forward with autograd, backward, Adam step",
+    "rtbcli pretrain trajectory": "the 'trajectory' estimator (torchgfn's and the authors'): B whole bridge trajectories drawn "
+                                  "in one vectorised pass, -mean log p_F of all T*B transitions in one forward with autograd, "
+                                  "backward, Adam step",
     "torchgfn pretrain": "MLEDiffusion.loss: B data points, a Brownian bridge drawn back to 0 step by step (T steps), the policy's "
                          "forward with grad at each step (T calls of B rows), -mean log p_F; backward; Adam step",
 }
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
     spec = preset.sampler
 
     times: dict[str, list[list[float]]] = {k: [] for k in ("rtbcli finetune", "torchgfn finetune", "rtbcli pretrain",
-                                                           "torchgfn pretrain", "gemm floor")}
+                                                           "rtbcli pretrain trajectory", "torchgfn pretrain", "gemm floor")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prior_ck = load_checkpoint(SHIPPED_PRIOR)
@@ -317,15 +323,16 @@ def main(argv=None) -> int:
         floor = GemmFloor(ops, device)
         log_every = 1 if device.type == "cuda" else 50  # on CUDA rtbcli's step times need a host sync every step
         ft = preset.updated("finetune", steps=warm + args.steps, batch_size=B)
-        pt = preset.updated("pretrain", steps=warm + args.steps, batch_size=B)
+        pt = preset.updated("pretrain", steps=warm + args.steps, batch_size=B, estimator="pairs")
+        pt_traj = pt.updated("pretrain", estimator="trajectory")
 
         def rtbcli_finetune(r: int) -> list[float]:
             res = finetune(prior_ck, ft, "reference", "rtb", tmp / "ft.safetensors", seed=r, device=device, progress=False,
                            log_every=log_every, save_every=0)
             return res.step_seconds[warm:]
 
-        def rtbcli_pretrain(r: int) -> list[float]:
-            res = pretrain(pt, "reference", tmp / "pt.safetensors", seed=r, device=device, progress=False, log_every=log_every,
+        def rtbcli_pretrain(r: int, preset=pt) -> list[float]:
+            res = pretrain(preset, "reference", tmp / "pt.safetensors", seed=r, device=device, progress=False, log_every=log_every,
                            save_every=0)
             return res.step_seconds[warm:]
 
@@ -335,8 +342,11 @@ def main(argv=None) -> int:
             for loop in ("finetune", "pretrain"):
                 for side in order:
                     if side == 0:
-                        got = (rtbcli_finetune if loop == "finetune" else rtbcli_pretrain)(r)
-                        times[f"rtbcli {loop}"].append(got)
+                        if loop == "finetune":
+                            times["rtbcli finetune"].append(rtbcli_finetune(r))
+                        else:
+                            times["rtbcli pretrain"].append(rtbcli_pretrain(r))
+                            times["rtbcli pretrain trajectory"].append(rtbcli_pretrain(r, pt_traj))
                     else:
                         step = peer.finetune_step if loop == "finetune" else peer.pretrain_step
                         times[f"torchgfn {loop}"].append(peer.timed(step, warm + args.peer_steps)[warm:])
@@ -350,6 +360,8 @@ def main(argv=None) -> int:
     per_round = {
         "finetune_ratio": [median(p) / median(m) for p, m in zip(times["torchgfn finetune"], times["rtbcli finetune"])],
         "pretrain_ratio": [median(p) / median(m) for p, m in zip(times["torchgfn pretrain"], times["rtbcli pretrain"])],
+        "pretrain_trajectory_ratio": [median(p) / median(m) for p, m in zip(times["torchgfn pretrain"],
+                                                                            times["rtbcli pretrain trajectory"])],
         "finetune_floor_ratio": [median(m) / median(f) for m, f in zip(times["rtbcli finetune"], times["gemm floor"])],
     }
     gflop = sum(op["gflop"] for op in ops)
@@ -359,6 +371,7 @@ def main(argv=None) -> int:
         "finetune_ratio": med["torchgfn finetune"] / med["rtbcli finetune"],
         "pretrain_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain"],
         "finetune_floor_ratio": med["rtbcli finetune"] / med["gemm floor"],
+        "pretrain_trajectory_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain trajectory"],
         "median_s": med,
         "per_round": per_round,
         "n_steps": {k: sum(len(rnd) for rnd in v) for k, v in times.items()},
@@ -408,6 +421,9 @@ def show(rep: dict) -> None:
     for loop in ("finetune", "pretrain"):
         t.add_row(loop, f"{m['rtbcli ' + loop] * 1e3:.1f} ms", f"{m['torchgfn ' + loop] * 1e3:.1f} ms",
                   f"{rep[loop + '_ratio']:.2f}x", " ".join(f"{x:.2f}" for x in pr[loop + "_ratio"]))
+    t.add_row("pretrain, trajectory estimator", f"{m['rtbcli pretrain trajectory'] * 1e3:.1f} ms",
+              f"{m['torchgfn pretrain'] * 1e3:.1f} ms", f"{rep['pretrain_trajectory_ratio']:.2f}x",
+              " ".join(f"{x:.2f}" for x in pr["pretrain_trajectory_ratio"]))
     t.add_row("GEMM floor (fine-tuning)", f"{m['gemm floor'] * 1e3:.1f} ms", "", "", "")
     t.add_row("rtbcli finetune / floor", f"{rep['finetune_floor_ratio']:.2f}x", "", "",
               " ".join(f"{x:.2f}" for x in pr["finetune_floor_ratio"]))

@@ -33,10 +33,11 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     p = run([*TINY, "--json"])
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    for key in ("finetune_ratio", "pretrain_ratio", "finetune_floor_ratio"):
+    for key in ("finetune_ratio", "pretrain_ratio", "pretrain_trajectory_ratio", "finetune_floor_ratio"):
         assert rep[key] > 0, key
         assert len(rep["per_round"][key]) == 1 and rep["per_round"][key][0] > 0, key
-    for key in ("rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "torchgfn pretrain", "gemm floor"):
+    for key in ("rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "rtbcli pretrain trajectory", "torchgfn pretrain",
+                "gemm floor"):
         assert rep["median_s"][key] > 0, key
     assert rep["batch"] == 8 and rep["T"] == 5 and rep["threads"] == 1
     assert rep["cpu_capability"] and rep["torch"] and rep["torchgfn"] and rep["date"]
@@ -47,7 +48,8 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     assert rep["gemm_floor"]["gflop"] == pytest.approx(sum(op["gflop"] for op in ops))
     assert any(op["calls"] == 5 and op["m"] == 8 for op in ops)  # the sampling loop: T calls of B rows
     assert any(op["m"] == 40 for op in ops)  # the prior's forward over T*B states
-    assert set(rep["step_contents"]) == {"rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "torchgfn pretrain"}
+    assert set(rep["step_contents"]) == {"rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "rtbcli pretrain trajectory",
+                                         "torchgfn pretrain"}
 
 
 def test_without_torchgfn_it_names_the_extra_and_exits_2():
