@@ -24,11 +24,11 @@ interleaved in rounds (who goes first alternates), the first steps of every roun
 and the report gives medians over all rounds and the ratio of each round's medians.
 
 The GEMM floor is the matrix-multiplication work a fine-tuning step cannot avoid, run as plain
-float32 `torch.mm` calls of those shapes in the same rounds: the policy's forward over the T*B
-states while sampling (T sequential calls per layer, B rows each), the frozen prior's forward over
-the T*B states for its log-probabilities, and the weight- and input-gradient products of one
-backward pass (and the T-row time MLP's share of each). `finetune_floor_ratio` is rtbcli's step
-over that floor.
+float32 `torch.mm` calls of those shapes just before and just after rtbcli's fine-tuning steps in
+every round (under the same load): the policy's forward over the T*B states while sampling (T
+sequential calls per layer, B rows each), the frozen prior's forward over the T*B states for its
+log-probabilities, and the weight- and input-gradient products of one backward pass (and the
+T-row time MLP's share of each). `finetune_floor_ratio` is rtbcli's step over that floor.
 """
 
 from __future__ import annotations
@@ -269,7 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="rtbcli steps timed per round and loop (after the warm-up)")
     ap.add_argument("--peer-steps", type=int, default=4, help="torchgfn steps timed per round and loop (they are slower)")
     ap.add_argument("--warmup", type=int, default=2, help="steps discarded at the start of every round and loop")
-    ap.add_argument("--floor-reps", type=int, default=5, help="GEMM-floor repetitions per round")
+    ap.add_argument("--floor-reps", type=int, default=6,
+                    help="GEMM-floor repetitions per round, half just before rtbcli's fine-tuning steps and half just after")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -337,23 +338,32 @@ def main(argv=None) -> int:
             return res.step_seconds[warm:]
 
         op_times: list[list[float]] = []
+        half = (args.floor_reps + 1) // 2
+
+        def floor_reps(n: int) -> None:
+            floor.run()  # warm-up: brings its operands back into cache
+            for _ in range(n):
+                total, each = floor.run()
+                round_floor.append(total)
+                op_times.append(each)
+
         for r in range(args.rounds):
             order = (0, 1) if r % 2 == 0 else (1, 0)  # who goes first alternates from round to round
+            round_floor: list[float] = []
             for loop in ("finetune", "pretrain"):
                 for side in order:
                     if side == 0:
-                        if loop == "finetune":
+                        if loop == "finetune":  # the floor's repetitions just before and just after it: the same load
+                            floor_reps(half)
                             times["rtbcli finetune"].append(rtbcli_finetune(r))
+                            floor_reps(args.floor_reps - half)
                         else:
                             times["rtbcli pretrain"].append(rtbcli_pretrain(r))
                             times["rtbcli pretrain trajectory"].append(rtbcli_pretrain(r, pt_traj))
                     else:
                         step = peer.finetune_step if loop == "finetune" else peer.pretrain_step
                         times[f"torchgfn {loop}"].append(peer.timed(step, warm + args.peer_steps)[warm:])
-            floor.run()  # warm-up
-            reps = [floor.run() for _ in range(args.floor_reps)]
-            times["gemm floor"].append([total for total, _ in reps])
-            op_times.extend(each for _, each in reps)
+            times["gemm floor"].append(round_floor)
         peer_calls = int(peer.last_trajectories.actions.tensor.shape[0])
 
     med = {k: median([x for rnd in v for x in rnd]) for k, v in times.items()}
