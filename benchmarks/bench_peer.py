@@ -314,7 +314,7 @@ def main(argv=None) -> int:
             p = preset.updated("pretrain", steps=2, batch_size=B)
             prior_ck = load_checkpoint(pretrain(p, "reference", tmp / "prior.safetensors", device=device, progress=False,
                                                 save_every=0).out)
-            prior_source = "a 2-step rtbcli pretraining (the weights do not change the work)"
+            prior_source = "those of a 2-step rtbcli pretraining; the weights do not change the work"
         prior_net = prior_ck.sampler("policy", device).net
         peer = Peer(prior_net, T, B, spec.sigma2, spec.hidden, spec.time_features, spec.layers, device)
         drift_diff = same_drift(peer.pf_prior.module, prior_net, T, device)
