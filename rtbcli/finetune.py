@@ -113,13 +113,20 @@ def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
     finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
     V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
     """
+    ids = starting_point_ids(start)
     if start.kind == "prior":
-        prior, policy = start.sampler("policy", device, dtype), start.sampler("policy", device, dtype)
-        return prior, policy, 0.0, start.sha256, str(start.path), 0
+        return start.sampler("policy", device, dtype), start.sampler("policy", device, dtype), 0.0, *ids
     prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
     log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
     init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
-    return prior, policy, init, start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
+    return prior, policy, init, *ids
+
+
+def starting_point_ids(start: Checkpoint) -> tuple[str, str, int]:
+    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`)."""
+    if start.kind == "prior":
+        return start.sha256, str(start.path), 0
+    return start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
 
 
 def _mix(*parts: int) -> int:
@@ -255,13 +262,6 @@ def _run_info(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out
                    checkpoint_meta=top, run_meta={"on_policy": on_policy, **warm},
                    state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)})
     return info, offset
-
-
-def starting_point_ids(start: Checkpoint) -> tuple[str, str, int]:
-    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`)."""
-    if start.kind == "prior":
-        return start.sha256, str(start.path), 0
-    return start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
 
 
 def setup(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
