@@ -20,7 +20,6 @@ planned_steps stands for it) and an `exploration_schedule` that nothing read (it
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -62,8 +62,8 @@ from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler
 from .state import RunState, restore_optimizer
 from .tasks import Task
-from .trainer import Recipe, Schedule, exploration_std, run_loop  # noqa: F401  (exploration_std re-exported)
-from .trainer_checks import check_compatible, check_finetune_resumable  # noqa: F401  (check_compatible re-exported)
+from .trainer import Recipe, Schedule, exploration_std, run_loop  # exploration_std: re-exported
+from .trainer_checks import check_compatible, check_finetune_resumable  # check_compatible: re-exported
 from .training import RunPaths, earlier_log, new_run_id
 
 ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `setup`)
@@ -377,8 +377,8 @@ class FinetuneRecipe(Recipe):
         r = self.run
         self.last_good, self.last_good_step = self.snapshot(), step
         self.loss, self.mean_log_r = float(st.loss), float(st.batch.log_r.mean())
-        rec = dict(step=step, loss=self.loss, mean_log_r=self.mean_log_r, exploration=st.exploration, lr=st.lr,
-                   grad_norm=float(st.grad_norm), steps_per_s=rate, seconds=seconds)
+        rec = {"step": step, "loss": self.loss, "mean_log_r": self.mean_log_r, "exploration": st.exploration, "lr": st.lr,
+               "grad_norm": float(st.grad_norm), "steps_per_s": rate, "seconds": seconds}
         shown = ""
         if r.scalar is not None:
             v = float(r.scalar.detach())

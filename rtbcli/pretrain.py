@@ -49,7 +49,7 @@ from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import RunState, restore_optimizer
 from .tasks import Task
-from .trainer import Recipe, Schedule, learning_rate, run_loop  # noqa: F401  (learning_rate re-exported)
+from .trainer import Recipe, Schedule, learning_rate, run_loop
 from .trainer_checks import check_pretrain_resumable
 from .training import RunPaths, earlier_log, new_run_id
 
@@ -224,7 +224,8 @@ class PretrainRecipe(Recipe):
         r = self.run
         self.elbo = bridge_elbo(r.kept, r.task, 256, r.check_gen) if self.dist.is_main else float("nan")
         lr = learning_rate(step - 1, r.info.preset.pretrain, r.info.schedule_steps)  # the schedule's lr of this step
-        rec = dict(step=step, loss=self.loss, elbo=self.elbo, data_log_prob=self.data_lp, lr=lr, steps_per_s=rate, seconds=seconds)
+        rec = {"step": step, "loss": self.loss, "elbo": self.elbo, "data_log_prob": self.data_lp, "lr": lr, "steps_per_s": rate,
+               "seconds": seconds}
         status = f"loss {self.loss:.3f}  elbo {self.elbo:.3f}" + (f" (data {self.data_lp:.3f})" if self.data_lp is not None else "")
         return rec, status
 
