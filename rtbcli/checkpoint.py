@@ -74,7 +74,8 @@ class Checkpoint:
 
     def sampler(self, prefix: str = "policy", device: torch.device | str = "cpu", dtype=torch.float32) -> DiffusionSampler:
         """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior")."""
-        s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave torch's global generator alone
+            s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
         state = self.section(prefix)
         try:
             s.load_state_dict(state, strict=True)

@@ -394,7 +394,9 @@ def test_a_reward_drawing_from_torch_s_global_generator_resumes_exactly(files, t
         (tmp_path / folder).mkdir()
     monkeypatch.chdir(tmp_path / "alone")
     torch.rand(7)  # the caller's generator moves between the runs: no number may depend on it
+    before = torch.get_rng_state()
     assert run(cmd) == 0
+    assert torch.equal(torch.get_rng_state(), before)  # and the run leaves it where it was
     monkeypatch.chdir(tmp_path / "stopped")
     monkeypatch.setenv("STOP_AT", "6")  # the reward's 6th call is step 5's
     capsys.readouterr()
