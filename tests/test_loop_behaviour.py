@@ -272,10 +272,16 @@ def test_training_learns_the_mode_weights(tmp_path, learn_task, algo):
 
 
 # ----------------------------------------------------------------------------- the learning-rate schedule
+def steps_of(prior_path, preset, algo, tmp_path):
+    """A fresh fine-tuning run (`setup`) in float64, to step with `train_step`."""
+    return finetune_module.setup(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / "x.safetensors", dtype=F64)
+
+
 @pytest.mark.parametrize("algo", ["rtb", "trust-pcl"])
 def test_every_adam_step_uses_the_scheduled_learning_rates(tmp_path, tiny_prior, tiny_preset, monkeypatch, algo):
     """wsd over 10 steps, decaying over the last half to lr_final: the policy's lr and log Z's (trust-pcl:
-    V's, alpha lr_logz) both follow lr(step) / lr, step by step, and the log records the policy's."""
+    V's, alpha lr_logz) both follow lr(step) / lr, step by step (as Adam reads them when it steps), and
+    the log records the policy's."""
     n, lr, lr_logz, final = 10, 4e-3, 0.2, 1e-3
     preset = tiny_preset.updated("", beta=0.5).updated(
         "finetune", steps=n, batch_size=16, lr=lr, lr_logz=lr_logz, lr_schedule="wsd", decay_fraction=0.5, lr_final=final)
@@ -287,32 +293,36 @@ def test_every_adam_step_uses_the_scheduled_learning_rates(tmp_path, tiny_prior,
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    run(tiny_prior, preset, algo, tmp_path, log_path=tmp_path / "log.jsonl")
-    by_hand = [lr if it < 5 else lr + (final - lr) * (it - 5) / 5 for it in range(n)]  # written out, not training.learning_rate
+    run = steps_of(tiny_prior, preset, algo, tmp_path)
+    stats = [finetune_module.train_step(run, Dist()) for _ in range(n)]
+    by_hand = [lr if it < 5 else lr + (final - lr) * (it - 5) / 5 for it in range(n)]  # written out, not trainer.learning_rate
     v_scale = 2.0 if algo == "trust-pcl" else 1.0  # alpha = 1 / beta
     assert [s[0] for s in seen] == pytest.approx(by_hand, rel=1e-12)
     assert [s[1] for s in seen] == pytest.approx([v_scale * lr_logz * f / lr for f in by_hand], rel=1e-12)
+    assert [st.lr for st in stats] == [s[0] for s in seen]  # what a step reports is what Adam used
+    monkeypatch.undo()
+    finetune(load_checkpoint(tiny_prior), preset, "tiny", algo, tmp_path / "log.safetensors", progress=False, log_path=tmp_path / "log.jsonl",
+             dtype=F64)
     logged = [r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
     assert logged and logged[-1] == pytest.approx(by_hand[-1], rel=1e-12)
 
 
 @pytest.mark.parametrize("algo", ["rtb", "trust-pcl"])
-def test_every_adam_step_gets_the_clipped_policy_gradient(tmp_path, tiny_prior, tiny_preset, monkeypatch, algo):
-    """With grad_clip c the policy gradient Adam sees has norm min(norm, c) in RTB's units (trust-pcl's
-    gradient, alpha^2 RTB's, is clipped at alpha^2 c); the log records the norm before clipping."""
+def test_every_adam_step_gets_the_clipped_policy_gradient(tmp_path, tiny_prior, tiny_preset, algo):
+    """With grad_clip c the policy gradient Adam steps with (left in .grad by the step) has norm min(norm, c)
+    in RTB's units (trust-pcl's gradient, alpha^2 RTB's, is clipped at alpha^2 c); the step reports the
+    norm before clipping, in RTB's units."""
     clip, alpha = 0.05, 2.0
     preset = tiny_preset.updated("", beta=1 / alpha).updated("finetune", steps=4, batch_size=16, grad_clip=clip)
-    norms: list[float] = []
-    real_step = torch.optim.Adam.step
-
-    def step(self, *a, **kw):
-        params = self.param_groups[0]["params"]
-        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))))
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
-    run(tiny_prior, preset, algo, tmp_path, log_path=tmp_path / "log.jsonl")
     unit = alpha * alpha if algo == "trust-pcl" else 1.0
-    logged = [r["grad_norm"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "grad_norm" in r]
-    assert logged and min(logged) > 2 * clip  # the clip binds: these norms were cut to it
-    assert [n / unit for n in norms] == pytest.approx([clip] * 4, rel=1e-5)
+    run, norms = steps_of(tiny_prior, preset, algo, tmp_path), []
+    for _ in range(4):
+        st = finetune_module.train_step(run, Dist())
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in run.policy.parameters()])))
+        assert float(st.grad_norm) > 2 * clip  # the clip binds: this norm was cut to it
+        assert norm / unit == pytest.approx(clip, rel=1e-5)
+        norms.append(float(st.grad_norm))
+    finetune(load_checkpoint(tiny_prior), preset, "tiny", algo, tmp_path / "log.safetensors", progress=False, log_path=tmp_path / "log.jsonl",
+             log_every=1, dtype=F64)
+    logged = [r["grad_norm"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())]
+    assert logged == pytest.approx(norms, rel=1e-9)  # the log records the norm before clipping, in RTB's units
