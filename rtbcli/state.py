@@ -2,14 +2,14 @@
 
 A training run writes, next to `X.safetensors`, `X.state.safetensors` holding everything the
 rest of the run depends on: the trained parameters at full precision, Adam's moments and step
-counts, the states of the run's random generators, the step reached, and the run's planned
-length (from which every schedule follows: learning rates, exploration). Resuming restores all
+counts, the states of the run's random generators, the step reached, and the run's original
+planned length (from which every schedule follows: learning rates, exploration). Resuming restores all
 of it, so a run stopped and resumed ends bit-identical to the same run left alone (on one CPU
 thread; multithreaded reductions are not bit-reproducible even without a stop).
 
-Metadata (strings): format, format_version, kind ("pretrain" or "finetune"), run_id (shared with
-the checkpoint it belongs to), step, planned_steps, algo, device type, config (the resolved
-preset), and the Adam hyperparameters of each parameter group.
+Metadata (strings): format, format_version, and the Adam hyperparameters of each parameter group
+(`adam_groups`); what a run adds (kind, run_id shared with its checkpoint, step, planned_steps,
+schedule_steps, seed, device, config, ...) is `rtbcli.checkpointer`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .errors import InputError
 from .runtime import atomic_path
 
 FORMAT = "rtbcli-state"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what this rtbcli writes (`rtbcli.checkpointer`: what changed)
+READS = ("1", "2")  # what it resumes
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -53,7 +54,8 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
             state.setdefault(int(i), {})[key] = t
     if len(groups) != len(sd["param_groups"]):
         raise InputError("the saved optimiser state does not match this run's parameters: the state file belongs to another kind of run")
-    param_groups = [{**saved, "params": cur["params"]} for saved, cur in zip(groups, sd["param_groups"])]
+    # the saved hyperparameters over the current ones (a version-1 state has no initial_lr: the current one stays)
+    param_groups = [{**cur, **saved, "params": cur["params"]} for saved, cur in zip(groups, sd["param_groups"])]
     opt.load_state_dict({"state": state, "param_groups": param_groups})
 
 
@@ -122,8 +124,9 @@ def load_state(checkpoint: Path, kind: str) -> RunState:
         raise InputError(f"state file '{path}' cannot be read ({e.__class__.__name__}): it is damaged; start a new run with {fresh}") from None
     if meta.get("format") != FORMAT:
         raise InputError(f"'{path}' is not an rtbcli state file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"state file '{path}' has format version {meta.get('format_version')}, this rtbcli reads {FORMAT_VERSION}: "
+    if meta.get("format_version") not in READS:
+        raise InputError(f"state file '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
+                         f"{' and '.join(READS)}: "
                          f"resume it with the rtbcli that wrote it, or start a new run with {fresh}")
     if meta.get("kind") != kind:
         raise InputError(f"state file '{path}' is from a {meta.get('kind')} run, not a {kind} run: use `rtbcli {meta.get('kind')} --resume`")

@@ -14,8 +14,24 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py"
-TINY = ["--batch", "8", "--steps-T", "5", "--rounds", "1", "--steps", "2", "--peer-steps", "2", "--warmup", "1",
-        "--floor-reps", "2", "--threads", "1"]
+TINY = [
+    "--batch",
+    "8",
+    "--steps-T",
+    "5",
+    "--rounds",
+    "1",
+    "--steps",
+    "2",
+    "--peer-steps",
+    "2",
+    "--warmup",
+    "1",
+    "--floor-reps",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 def run(args: list[str], *, hide_gfn: bool = False) -> subprocess.CompletedProcess:
@@ -36,8 +52,7 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     for key in ("finetune_ratio", "pretrain_ratio", "pretrain_trajectory_ratio", "finetune_floor_ratio"):
         assert rep[key] > 0, key
         assert len(rep["per_round"][key]) == 1 and rep["per_round"][key][0] > 0, key
-    for key in ("rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "rtbcli pretrain trajectory", "torchgfn pretrain",
-                "gemm floor"):
+    for key in ("rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "rtbcli pretrain trajectory", "torchgfn pretrain", "gemm floor"):
         assert rep["median_s"][key] > 0, key
     assert rep["batch"] == 8 and rep["T"] == 5 and rep["threads"] == 1
     assert rep["cpu_capability"] and rep["torch"] and rep["torchgfn"] and rep["date"]
@@ -48,8 +63,13 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     assert rep["gemm_floor"]["gflop"] == pytest.approx(sum(op["gflop"] for op in ops))
     assert any(op["calls"] == 5 and op["m"] == 8 for op in ops)  # the sampling loop: T calls of B rows
     assert any(op["m"] == 40 for op in ops)  # the prior's forward over T*B states
-    assert set(rep["step_contents"]) == {"rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "rtbcli pretrain trajectory",
-                                         "torchgfn pretrain"}
+    assert set(rep["step_contents"]) == {
+        "rtbcli finetune",
+        "torchgfn finetune",
+        "rtbcli pretrain",
+        "rtbcli pretrain trajectory",
+        "torchgfn pretrain",
+    }
 
 
 def test_without_torchgfn_it_names_the_extra_and_exits_2():
@@ -59,8 +79,9 @@ def test_without_torchgfn_it_names_the_extra_and_exits_2():
     assert len(lines) == 1 and "pip install 'rtbcli[bench]'" in lines[0]
 
 
-@pytest.mark.parametrize("args, says", [(["--threads", "0"], "--threads"), (["--device", "tpu"], "unsupported device"),
-                                        (["--batch", "0"], "--batch")])
+@pytest.mark.parametrize(
+    "args, says", [(["--threads", "0"], "--threads"), (["--device", "tpu"], "unsupported device"), (["--batch", "0"], "--batch")]
+)
 def test_bad_input_is_one_line(args, says):
     p = run(args)
     assert p.returncode == 2
