@@ -43,6 +43,7 @@ import json
 import math
 import statistics
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,9 @@ from .checkpoint import Checkpoint, sampler_tensors, save_checkpoint
 from .checkpointer import RunInfo, save_run, schedule_steps
 from .config import Preset, PythonRewardSpec
 from .distributed import Dist
+from .energy.loading import check_target_output
+from .energy.options import BROWNIAN  # `--prior brownian`: energy mode's drift-free prior, recorded as its prior_path
+from .energy.prior import BrownianPrior
 from .errors import InputError, RtbcliWarning, RunError
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
 from .rewards import PythonReward, check_reward_output
@@ -97,8 +101,8 @@ def objective(algo: str) -> Objective:
     return OBJECTIVES[algo]
 
 
-def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: str, scalar: torch.Tensor | None) -> dict:
-    """A finetuned checkpoint's tensors: policy.*, prior.*, and the objective's learned scalar."""
+def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler | BrownianPrior, algo: str, scalar: torch.Tensor | None) -> dict:
+    """A finetuned checkpoint's tensors: policy.*, prior.* (none for the Brownian prior), and the objective's learned scalar."""
     tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
     name = OBJECTIVES[algo].scalar
     if name is not None:
@@ -106,14 +110,30 @@ def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: s
     return tensors
 
 
-def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
+def brownian_start(preset: Preset, seed: int, device, dtype) -> tuple[BrownianPrior, DiffusionSampler]:
+    """Energy mode's start: the Brownian prior of the preset's sampler settings, and a policy with
+    zero drift (its output layer is zero-initialised: the same law), its other weights drawn from `seed`."""
+    s = preset.sampler
+    prior = BrownianPrior(preset.dim, s.steps, s.sigma2).to(device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # torch's global generator is left as it was
+        torch.manual_seed(seed)
+        policy = prior.fresh_policy(s.hidden, s.time_features, s.layers)
+    return prior, policy
+
+
+def starting_point(start: Checkpoint | None, algo: str, beta: float, device, dtype, preset: Preset | None = None, seed: int = 0):
     """(prior, policy, initial scalar, prior sha256, prior path, step offset) from a checkpoint.
 
     A prior checkpoint starts a run: the policy is a copy of the prior, log Z = V(s0) = 0. A
     finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
     V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
+    No checkpoint (energy mode, `--prior brownian`): the preset's Brownian prior and a zero-drift
+    policy (`brownian_start`), log Z = 0.
     """
     ids = starting_point_ids(start)
+    if start is None:
+        assert preset is not None
+        return *brownian_start(preset, seed, device, dtype), 0.0, *ids
     if start.kind == "prior":
         return start.sampler("policy", device, dtype), start.sampler("policy", device, dtype), 0.0, *ids
     prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
@@ -122,8 +142,11 @@ def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
     return prior, policy, init, *ids
 
 
-def starting_point_ids(start: Checkpoint) -> tuple[str, str, int]:
-    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`)."""
+def starting_point_ids(start: Checkpoint | None) -> tuple[str, str, int]:
+    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`);
+    the Brownian prior (no checkpoint) is recorded as the path "brownian"."""
+    if start is None:
+        return "", BROWNIAN, 0
     if start.kind == "prior":
         return start.sha256, str(start.path), 0
     return start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
@@ -154,7 +177,7 @@ class FinetuneRun:
     """A fine-tuning run between steps: what `setup` builds and `train_step` advances."""
 
     policy: DiffusionSampler
-    prior: DiffusionSampler  # frozen
+    prior: DiffusionSampler | BrownianPrior  # frozen
     scalar: nn.Parameter | None  # log Z (rtb), V(s0) (trust-pcl), or none
     opt: torch.optim.Adam
     sched: torch.optim.lr_scheduler.LambdaLR
@@ -171,6 +194,7 @@ class FinetuneRun:
     step: int  # steps done (of this run; a warm start's checkpoints add info.checkpoint offset)
     offset: int = 0  # a warm-started run's checkpoints count on from the checkpoint it started from
     log_lines: tuple[str, ...] = ()  # a resumed run's earlier log records
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # energy mode: the target's log pi (None otherwise)
 
     def learned_log_z(self) -> float | None:
         return None if self.scalar is None else self.obj.log_z(float(self.scalar.detach()), self.hp.alpha)
@@ -236,14 +260,16 @@ def _optimizer(policy: DiffusionSampler, scalar: nn.Parameter | None, cfg, scale
     return torch.optim.Adam(groups)
 
 
-def _check_reward(task: Task, prior: DiffusionSampler, seed: int, device: torch.device) -> None:
-    """The reward is finite and of the right shape on prior samples (a one-line InputError if not)."""
+def _check_reward(task: Task, prior: DiffusionSampler | BrownianPrior, seed: int, device: torch.device) -> None:
+    """The reward (energy mode: the target first) is finite and of the right shape on prior samples (a one-line InputError if not)."""
     x = prior.sample(PROBE_N, 0.0, make_generator(seed + 7919, device))[-1]
     with reward_rng(device, seed, -1):
+        if task.energy is not None:
+            check_target_output(task.energy, x)
         check_reward_output(task.reward if task.has_reward else task.log_reward, x)
 
 
-def _run_info(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, seed: int, device, on_policy: bool,
+def _run_info(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, out: Path, seed: int, device, on_policy: bool,
               dist: Dist, state: RunState | None, task: Task) -> tuple[RunInfo, int]:
     """What the run's files record, fresh or as the saved run recorded it; and the step offset."""
     prior_sha, prior_path, offset = starting_point_ids(start)
@@ -258,31 +284,56 @@ def _run_info(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out
         top["reward"] = preset.reward.function if isinstance(preset.reward, PythonRewardSpec) else preset.reward.type
         if isinstance(task.reward, PythonReward) and task.reward.sha256:
             top["reward_sha256"] = task.reward.sha256
+    if preset.target is not None:  # energy mode: the Brownian prior (prior_path "brownian") and the target's reference
+        top["target"] = preset.target.log_density
+        if preset.target.sha256:
+            top["target_sha256"] = preset.target.sha256
     info = RunInfo("finetune", run_id, seed, device, preset, preset_ref, preset.finetune.steps, length, dist.world, Path(out),
                    checkpoint_meta=top, run_meta={"on_policy": on_policy, **warm},
                    state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)})
     return info, offset
 
 
-def setup(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
+def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
+    """Energy mode starts from the Brownian prior (no checkpoint) or from an energy-mode checkpoint, and a
+    data-mode run from a prior checkpoint: a one-line InputError naming the fix otherwise."""
+    if start is None and not preset.energy:
+        raise InputError(f"--prior brownian samples a target with no data, but preset '{preset.name}' has [prior_data]: "
+                         f"give --target file.py:fn or an energy preset (gmm25-energy, funnel, manywell-energy)")
+    if start is not None and start.preset.energy != preset.energy:
+        if preset.energy:
+            raise InputError(f"preset '{preset.name}' samples a target from the Brownian prior, and '{start.path}' is a pretrained "
+                             f"prior's run: use --prior brownian (or leave --prior out)")
+        raise InputError(f"'{start.path}' samples a target from the Brownian prior, and preset '{preset.name}' has [prior_data]: "
+                         f"continue it under its own target (leave out --preset)")
+
+
+def setup(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
           device: torch.device = torch.device("cpu"), on_policy: bool = False, dtype: torch.dtype = torch.float32,
           resume: bool = False, dist: Dist | None = None) -> FinetuneRun:
     """The run object: fresh from a prior, warm-started from a finetuned checkpoint, or (`resume`)
-    the saved run of a finetuned checkpoint, restored exactly (the settings checked first)."""
+    the saved run of a finetuned checkpoint, restored exactly (the settings checked first).
+    `start` None: energy mode's fresh run from the preset's Brownian prior (`--prior brownian`)."""
     obj, dist, cfg = objective(algo), dist or Dist(), preset.finetune
     if not obj.uses_beta and abs(preset.beta - 1.0) > 1e-12:
         raise InputError(f"{algo} ignores beta (its fixed point is p_theta exp(r / 2 lambda), not p_theta r^beta): run it at beta = 1")
-    check_compatible(start, preset)
+    check_energy_start(start, preset)
+    if start is not None:
+        check_compatible(start, preset)
+    if resume and start is None:
+        raise InputError("--resume needs a finetuned checkpoint to continue")
     b_local = dist.check_batch(cfg.batch_size)
     state = check_finetune_resumable(start, algo, preset, device) if resume else None
     if state is not None:
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
     task = Task(preset).to(device)
-    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype)
+    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, preset, seed)
     prior.requires_grad_(False)
     _check_reward(task, prior, seed, device)
     if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
         preset = preset.updated("reward", sha256=task.reward.sha256)
+    if task.energy is not None:  # record the target file's hash (a user's) and its dimension
+        preset = preset.updated("target", dim=task.energy.dim, sha256=getattr(task.energy, "sha256", None))
     info, offset = _run_info(start, preset, preset_ref, algo, out, seed, device, on_policy, dist, state, task)
     scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if obj.scalar is not None else None
     scale = obj.gradient_scales(1.0 / preset.beta)
@@ -292,7 +343,9 @@ def setup(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Pa
     run = FinetuneRun(policy, prior, scalar, opt, None, schedule, make_generator(seed, device), Workspace(policy, b_local), task, obj, hp,
                       obj.explores and not on_policy, cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf, scale[0],
                       info, 0, offset)
+    run.log_density = None if task.energy is None else task.energy.log_density
     if state is not None:
+        assert start is not None
         restore(run, state, start.path)
     run.sched = schedule.scheduler(opt, run.step)
     return run
@@ -410,13 +463,14 @@ class FinetuneRecipe(Recipe):
                  params=params, opt=r.opt, generators={"rollout": r.gen}, checkpoint_step=r.offset + step)
 
 
-def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
+def finetune(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
              device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
              log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32, resume: bool = False,
              save_every: int = 1000, dist: Dist | None = None) -> FinetuneResult:
     """Fine-tune with `algo` under `preset` (beta and budget from it).
 
-    `start` is a prior checkpoint (a new run), or a finetuned one: `resume=True` continues that
+    `start` is a prior checkpoint (a new run), None (energy mode: a new run from the preset's Brownian
+    prior, `--prior brownian`), or a finetuned one: `resume=True` continues that
     run exactly from its saved state (to `preset.finetune.steps` in all; the schedules keep the
     run's original length, see the module docstring); otherwise it is a warm start with a fresh
     optimiser and schedule (see `starting_point`).

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError, RtbcliWarning, RunError
-from ..rewards import import_function, parse_reference
+from ..errors import InputError, RtbcliWarning
+from ..rewards import RewardFailed, import_function, parse_reference
 from .targets import ENERGY_TARGETS, EnergyTarget
 
 SHIPPED_PREFIX = "rtbcli.energy.targets:"
@@ -44,8 +44,9 @@ def shipped_target(ref: str, kwargs: dict | None = None) -> EnergyTarget:
         raise InputError(f"target '{ref}': bad [target.kwargs] ({e}): remove them (or give the constructor's arguments)") from None
 
 
-class TargetFailed(RunError):
-    """The target raised or returned something unusable during a run (exit code 1)."""
+class TargetFailed(RewardFailed):
+    """The target raised or returned something unusable during a run (exit code 1): a failure of
+    the derived reward, so a run stops as for a reward's (the last good state kept)."""
 
 
 @dataclass
