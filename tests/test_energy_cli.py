@@ -7,6 +7,7 @@ reward, the checkpoint that records them, and `rtbcli evaluate`'s table keys.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,3 +81,117 @@ def test_the_energy_task_is_the_brownian_prior_and_the_derived_reward():
     torch.testing.assert_close(task.log_reward(x), pi - centred_log_prob(x, 5.0))
     torch.testing.assert_close(task.data_log_prob(x) + task.log_reward(x), pi)
     assert task.energy.log_z == 0.0
+
+
+# ----------------------------------------------------------------------------- the command line
+TINY = """name = "tiny-energy"
+[target]
+log_density = "{ref}"
+{kwargs}
+[sampler]
+steps = 10
+sigma2 = {sigma2}
+hidden = 16
+time_features = 8
+[finetune]
+steps = {steps}
+batch_size = 32
+lr = {lr}
+lr_logz = {lr}
+exploration = 0.0
+[evaluate]
+n = {n}
+"""
+
+
+def tiny_energy(tmp_path, ref="rtbcli.energy.targets:gmm25", sigma2=5.0, steps=30, lr=1e-3, n=300, kwargs=""):
+    path = tmp_path / "tiny-energy.toml"
+    path.write_text(TINY.format(ref=ref, sigma2=sigma2, steps=steps, lr=lr, n=n, kwargs=kwargs))
+    return path
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = run([str(a) for a in argv])
+    c = capsys.readouterr()
+    return code, c.out, c.err
+
+
+def one_line_error(code: int, err: str, match: str, exit_code: int = 2) -> None:
+    lines = err.strip().splitlines()
+    assert code == exit_code and len(lines) == 1 and lines[0].startswith("rtbcli: error: "), (code, err)
+    assert match in lines[0], lines[0]
+
+
+TABLE_KEYS = ("log_z_true", "elbo", "log_z_rw", "delta_log_z", "delta_log_z_rw", "eubo", "w2", "w2_floor")
+
+
+def test_gmm25_energy_trains_and_evaluates_end_to_end(tmp_path, capsys):
+    """The shipped target from the Brownian prior: the run records its prior as brownian (no prior.* weights), and
+    evaluate reports the Table 1 keys, finite, with delta log Z = |log Z - ELBO| derived from the reported numbers."""
+    from rtbcli.checkpoint import load_checkpoint
+
+    out = tmp_path / "g.safetensors"
+    code, text, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path), "--out", out, "--quiet", "--json")
+    assert code == 0, err
+    ck = load_checkpoint(out)
+    assert ck.meta["prior_path"] == "brownian" and ck.meta["target"] == "rtbcli.energy.targets:gmm25"
+    assert not ck.section("prior") and ck.section("policy") and ck.preset.energy
+    assert type(ck.sampler("prior")).__name__ == "BrownianPrior"
+    code, text, err = cli(capsys, "evaluate", out, "--json")
+    assert code == 0, err
+    m = json.loads(text)
+    assert m["suite"] == "energy" and m["n"] == 300 and m["n_w2"] == 300
+    assert all(math.isfinite(m[k]) for k in TABLE_KEYS), {k: m.get(k) for k in TABLE_KEYS}
+    assert m["log_z_true"] == 0.0 and m["delta_log_z"] == pytest.approx(abs(m["log_z_true"] - m["elbo"]))
+    assert m["delta_log_z_rw"] == pytest.approx(abs(m["log_z_true"] - m["log_z_rw"]))
+    assert m["elbo"] <= m["log_z_rw"] and m["n_target_modes"] == 25  # Jensen; gmm25's mode cells
+
+
+class Gauss:
+    """A test target: log pi = log N(x; 0, variance I) + c, exact log Z = c and exact samples."""
+
+    name, sigma2 = "gauss", 1.0
+
+    def __init__(self, dim: int = 2, variance: float = 1.0, c: float = 0.0):
+        self.dim, self.variance, self.c = dim, variance, c
+
+    def log_density(self, x):
+        return centred_log_prob(x, self.variance) + self.c
+
+    @property
+    def log_z(self):
+        return self.c
+
+    def sample(self, n, generator=None, dtype=torch.float32, device=None):
+        return (math.sqrt(self.variance) * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def _zero_drift_run(tmp_path, capsys, monkeypatch, variance, c):
+    """A finetuned checkpoint whose policy is still the zero-drift prior (lr 1e-30: one step moves nothing), scored."""
+    from rtbcli.energy.targets import ENERGY_TARGETS
+
+    monkeypatch.setitem(ENERGY_TARGETS, "gauss", Gauss)
+    kwargs = f"[target.kwargs]\nvariance = {variance}\nc = {c}\n"
+    preset = tiny_energy(tmp_path, "rtbcli.energy.targets:gauss", sigma2=1.0, steps=1, lr=1e-30, n=4000, kwargs=kwargs)
+    out = tmp_path / "z.safetensors"
+    assert cli(capsys, "finetune", "--preset", preset, "--out", out, "--quiet")[0] == 0
+    code, text, err = cli(capsys, "evaluate", out, "--json")
+    assert code == 0, err
+    return json.loads(text)
+
+
+def test_the_zero_drift_prior_on_its_own_gaussian_scores_exactly(tmp_path, capsys, monkeypatch):
+    """pi = e^c N(0, sigma2 I): log r = c everywhere and lw = c on every trajectory, so ELBO = log Z^RW = EUBO = c."""
+    m = _zero_drift_run(tmp_path, capsys, monkeypatch, 1.0, 1.5)
+    for k in ("elbo", "log_z_rw", "eubo", "log_z_true"):
+        assert m[k] == pytest.approx(1.5, abs=1e-4), k
+    assert m["delta_log_z"] < 1e-4 and m["delta_log_z_rw"] < 1e-4
+
+
+def test_the_zero_drift_prior_on_a_wider_gaussian_scores_the_two_kls(tmp_path, capsys, monkeypatch):
+    """pi = N(0, 2 I) from N(0, I) in d = 2: lw = log N(x; 0, 2) - log N(x; 0, 1) on the bridge-extended path, so
+    delta log Z = KL(N(0, 1) || N(0, 2)) = d/2 (1/2 - 1 + log 2) and EUBO = KL(N(0, 2) || N(0, 1)) = d/2 (2 - 1 - log 2)."""
+    m = _zero_drift_run(tmp_path, capsys, monkeypatch, 2.0, 0.0)
+    assert m["log_z_true"] == 0.0
+    assert m["delta_log_z"] == pytest.approx(0.5 - 1 + math.log(2), abs=0.03)  # MC std 0.5 / sqrt(4000) = 0.008
+    assert m["eubo"] == pytest.approx(2 - 1 - math.log(2), abs=0.05)  # MC std sqrt(2) / 2 / sqrt(4000) = 0.011
