@@ -357,6 +357,7 @@ def _energy_table(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
         sb = _score(policy, None, run.task, back, False, run.chunk)
         lw_t = log_weights(_log_pi(run, y), sb["lpb"], sb["lpf"])
     k = min(run.n, W2_MAX)
+    m["log_z_true"] = energy.log_z  # None for a user's target: no exact log Z
     m.update(table_from_weights(lw, energy.log_z, lw_t, x[:k], None if y is None else y[:k]))
     if y is not None and run.target.sample is not None:  # the floor: two independent sets of exact samples
         m["w2_floor"], m["n_w2"] = w2_exact(y[:k], run.target.sample(k, make_generator(run.seed + 5, torch.device("cpu")))), k

@@ -195,3 +195,108 @@ def test_the_zero_drift_prior_on_a_wider_gaussian_scores_the_two_kls(tmp_path, c
     assert m["log_z_true"] == 0.0
     assert m["delta_log_z"] == pytest.approx(0.5 - 1 + math.log(2), abs=0.03)  # MC std 0.5 / sqrt(4000) = 0.008
     assert m["eubo"] == pytest.approx(2 - 1 - math.log(2), abs=0.05)  # MC std sqrt(2) / 2 / sqrt(4000) = 0.011
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD_TARGETS = {
+    "shape": ("return x", "returned shape (256, 2) for x of shape (256, 2)"),
+    "type": ("return 1.0", "returned a float, not a torch tensor"),
+    "nan": ("return torch.full(x.shape[:-1], float('nan'))", "returns NaN or inf on 256 of 256 samples of the prior"),
+}
+
+
+def write_target(tmp_path, body: str, name: str = "t.py") -> str:
+    (tmp_path / name).write_text(f"import torch\n\ncalls = []\n\n\ndef log_pi(x):\n    {body}\n\n\nlog_pi.dim = 2\n")
+    return f"{tmp_path / name}:log_pi"
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TARGETS))
+def test_a_bad_log_density_is_refused_before_the_run(tmp_path, capsys, kind):
+    body, match = BAD_TARGETS[kind]
+    ref = write_target(tmp_path, body)
+    before = set(tmp_path.iterdir())
+    code, _, err = cli(capsys, "finetune", "--prior", "brownian", "--target", ref, "--dim", 2, "--out", tmp_path / "o.safetensors")
+    one_line_error(code, err, match)
+    assert set(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_brownian_with_prior_data_and_a_missing_target_are_refused(tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    code, _, err = cli(capsys, "finetune", "--prior", "brownian", "--preset", "reference", "--out", out)
+    one_line_error(code, err, "but preset 'reference' has [prior_data]: give --target file.py:fn or an energy preset")
+    code, _, err = cli(capsys, "finetune", "--prior", "brownian", "--out", out)
+    one_line_error(code, err, "--prior brownian samples a target: give --target file.py:fn")
+    code, _, err = cli(capsys, "finetune", "--target", write_target(tmp_path, "return x.sum(-1)").replace(":log_pi", ":nope"), "--out", out)
+    one_line_error(code, err, "has no 'nope'")
+    (tmp_path / "u.py").write_text("def log_pi(x):\n    return -x.pow(2).sum(-1)\n")
+    code, _, err = cli(capsys, "finetune", "--target", f"{tmp_path / 'u.py'}:log_pi", "--out", out)
+    one_line_error(code, err, "does not say its dimension: give --dim D")
+    assert not out.exists()
+
+
+@pytest.fixture
+def user_run(tmp_path, capsys):
+    """A short energy run on a user's target (a file), and that target's reference."""
+    ref = write_target(tmp_path, "return -0.5 * x.pow(2).sum(-1)")
+    out = tmp_path / "u.safetensors"
+    code, _, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path), "--target", ref, "--steps", 4, "--out", out, "--quiet")
+    assert code == 0, err
+    return out, ref
+
+
+def test_a_user_target_is_named_again_never_imported_from_the_checkpoint(tmp_path, capsys, user_run):
+    out, ref = user_run
+    from rtbcli.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(out)
+    assert ck.meta["target"] == ref and ck.meta["target_sha256"] and ck.preset.target.dim == 2
+    for argv in (("evaluate", out), ("finetune", "--warm-start", out, "--out", tmp_path / "w.safetensors")):
+        code, _, err = cli(capsys, *argv)
+        one_line_error(code, err, f"name it again with --target {ref}")
+    code, text, err = cli(capsys, "evaluate", out, "--target", ref, "--json")
+    assert code == 0, err
+    m = json.loads(text)
+    assert m["log_z_true"] is None and "w2" not in m and math.isfinite(m["elbo"]) and math.isfinite(m["log_z_rw"])
+    code, _, err = cli(
+        capsys, "finetune", "--warm-start", out, "--target", ref, "--steps", 2, "--out", tmp_path / "w.safetensors", "--quiet"
+    )
+    assert code == 0, err
+
+
+def test_a_target_of_another_dimension_than_the_checkpoint_is_refused(tmp_path, capsys, user_run):
+    out, _ = user_run
+    other = write_target(tmp_path, "return -x.pow(2).sum(-1)", "t3.py")
+    (tmp_path / "t3.py").write_text((tmp_path / "t3.py").read_text().replace("log_pi.dim = 2", "log_pi.dim = 3"))
+    w = tmp_path / "w.safetensors"
+    code, _, err = cli(capsys, "finetune", "--warm-start", out, "--target", other, "--out", w)
+    one_line_error(code, err, "has dimension 3, the checkpoint's sampler dimension 2: give a target of dimension 2")
+    assert not w.exists()
+
+
+def test_nan_from_the_target_mid_run_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """Finite on the two checks before the run and for 57 steps, then NaN: the loop's divergence path (exit 1), the
+    last good state (logged at step 50) kept."""
+    ref = write_target(tmp_path, "calls.append(1)\n    v = -0.5 * x.pow(2).sum(-1)\n    return v if len(calls) < 60 else v * float('nan')")
+    out = tmp_path / "n.safetensors"
+    code, _, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=80), "--target", ref, "--out", out, "--quiet")
+    one_line_error(code, err, "the reward returned NaN or inf by step", exit_code=1)
+    from rtbcli.checkpoint import load_checkpoint
+
+    good = load_checkpoint(tmp_path / "n.last-good.safetensors")
+    assert good.meta["target"] == ref and good.step == 50 and not out.exists()
+
+
+@pytest.mark.parametrize("algo", ["rtb", "trust-pcl", "vargrad", "reinforce-kl"])
+def test_every_objective_runs_in_energy_mode(tmp_path, capsys, algo):
+    out = tmp_path / "a.safetensors"
+    code, text, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=6), "--algo", algo, "--out", out, "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(text)["algo"] == algo and math.isfinite(json.loads(text)["loss"])
+
+
+def test_resume_continues_an_energy_run(tmp_path, capsys):
+    out, more = tmp_path / "r.safetensors", tmp_path / "r2.safetensors"
+    assert cli(capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=4), "--out", out, "--quiet")[0] == 0
+    code, text, err = cli(capsys, "finetune", "--resume", out, "--steps", 8, "--out", more, "--quiet", "--json")
+    assert code == 0, err
+    assert json.loads(text)["steps"] == 8 and json.loads(text)["resumed_at"] == 4
