@@ -327,13 +327,13 @@ def setup(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, 
     if state is not None:
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
     task = Task(preset).to(device)
+    if task.energy is not None:  # record the target's dimension and (a user's) file hash with the run's config
+        preset = preset.updated("target", dim=task.energy.dim, sha256=getattr(task.energy, "sha256", None))
     prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, preset, seed)
     prior.requires_grad_(False)
     _check_reward(task, prior, seed, device)
     if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
         preset = preset.updated("reward", sha256=task.reward.sha256)
-    if task.energy is not None:  # record the target file's hash (a user's) and its dimension
-        preset = preset.updated("target", dim=task.energy.dim, sha256=getattr(task.energy, "sha256", None))
     info, offset = _run_info(start, preset, preset_ref, algo, out, seed, device, on_policy, dist, state, task)
     scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if obj.scalar is not None else None
     scale = obj.gradient_scales(1.0 / preset.beta)

@@ -299,7 +299,17 @@ SUMMARY_COLUMNS = (
     "w2",
 )
 BESIDE_MODES_ONLY_IN_JSON = ("sw2", "mmd2", "eubo", "log_z_is_data")
-HEADLINE = ("mode_coverage", "kl_mode", "off_target", "kl_hist", "sw2", "mmd2")  # a figure's headline, where present
+HEADLINE = (
+    "mode_coverage",
+    "kl_mode",
+    "off_target",
+    "kl_hist",
+    "sw2",
+    "mmd2",
+    "delta_log_z",
+    "delta_log_z_rw",
+    "w2",
+)  # a figure's headline, where present
 
 
 def metric(key: str) -> Metric:

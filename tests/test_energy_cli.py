@@ -137,10 +137,10 @@ def test_gmm25_energy_trains_and_evaluates_end_to_end(tmp_path, capsys):
     assert ck.meta["prior_path"] == "brownian" and ck.meta["target"] == "rtbcli.energy.targets:gmm25"
     assert not ck.section("prior") and ck.section("policy") and ck.preset.energy
     assert type(ck.sampler("prior")).__name__ == "BrownianPrior"
-    code, text, err = cli(capsys, "evaluate", out, "--json")
+    code, text, err = cli(capsys, "evaluate", out, "--json", "--plot", tmp_path / "g.png")
     assert code == 0, err
     m = json.loads(text)
-    assert m["suite"] == "energy" and m["n"] == 300 and m["n_w2"] == 300
+    assert m["suite"] == "energy" and m["n"] == 300 and m["n_w2"] == 300 and (tmp_path / "g.png").stat().st_size > 0
     assert all(math.isfinite(m[k]) for k in TABLE_KEYS), {k: m.get(k) for k in TABLE_KEYS}
     assert m["log_z_true"] == 0.0 and m["delta_log_z"] == pytest.approx(abs(m["log_z_true"] - m["elbo"]))
     assert m["delta_log_z_rw"] == pytest.approx(abs(m["log_z_true"] - m["log_z_rw"]))
@@ -300,3 +300,16 @@ def test_resume_continues_an_energy_run(tmp_path, capsys):
     code, text, err = cli(capsys, "finetune", "--resume", out, "--steps", 8, "--out", more, "--quiet", "--json")
     assert code == 0, err
     assert json.loads(text)["steps"] == 8 and json.loads(text)["resumed_at"] == 4
+
+
+def test_the_run_hands_the_target_to_the_training_step(tmp_path):
+    """FinetuneRun.log_density: the target's log pi in energy mode (local search and LP read it), None otherwise."""
+    from rtbcli.finetune import setup
+
+    p = parse_preset(tiny_energy(tmp_path).read_text(), "t.toml")
+    run = setup(None, p, "t", "rtb", tmp_path / "x.safetensors")
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(run.log_density(x), run.task.energy.shipped.log_density(x))
+    assert type(run.prior).__name__ == "BrownianPrior" and run.info.checkpoint_meta["prior_path"] == "brownian"
+    traj = run.prior.sample(3)
+    torch.testing.assert_close(run.policy.means(traj), traj[:-1])  # the policy starts as the prior: zero drift
