@@ -83,8 +83,8 @@ class Checkpoint:
         if prefix == "prior" and self.preset.energy:
             from .energy.prior import BrownianPrior
 
-            s = self.preset.sampler
-            return BrownianPrior(self.preset.dim, s.steps, s.sigma2).to(device=device, dtype=dtype)  # type: ignore[return-value]
+            spec = self.preset.sampler
+            return BrownianPrior(self.preset.dim, spec.steps, spec.sigma2).to(device=device, dtype=dtype)  # type: ignore[return-value]
         with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave torch's global generator alone
             s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
         state = self.section(prefix)
@@ -112,7 +112,7 @@ class Checkpoint:
         return None if value is None else obj.log_z(value, float(self.meta.get("alpha", 1.0)))
 
 
-def sampler_tensors(sampler: DiffusionSampler, prefix: str) -> dict[str, torch.Tensor]:
+def sampler_tensors(sampler: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The sampler's state under `prefix.`, as contiguous float32 CPU tensors."""
     return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sampler.state_dict().items()}
 

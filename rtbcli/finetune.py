@@ -273,7 +273,7 @@ def _run_info(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: s
               dist: Dist, state: RunState | None, task: Task) -> tuple[RunInfo, int]:
     """What the run's files record, fresh or as the saved run recorded it; and the step offset."""
     prior_sha, prior_path, offset = starting_point_ids(start)
-    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}
+    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset and start is not None else {}
     run_id, length = new_run_id(), preset.finetune.steps
     if state is not None:
         run_id, length = state.meta["run_id"], schedule_steps(state)
@@ -323,7 +323,7 @@ def setup(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, 
     if resume and start is None:
         raise InputError("--resume needs a finetuned checkpoint to continue")
     b_local = dist.check_batch(cfg.batch_size)
-    state = check_finetune_resumable(start, algo, preset, device) if resume else None
+    state = check_finetune_resumable(start, algo, preset, device) if resume and start is not None else None
     if state is not None:
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
     task = Task(preset).to(device)

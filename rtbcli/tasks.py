@@ -17,6 +17,7 @@ a checkpoint's config (`allow_import=False`) until named again (`--target`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from .config import MixtureRewardSpec, Preset, PythonRewardSpec
 from .data import EmpiricalData, GaussianMixture, data_source  # noqa: F401  (GaussianMixture: part of the public API here)
 from .errors import InputError
 from .rewards import UnnamedReward, load_python_reward
+
+if TYPE_CHECKING:
+    from .energy.loading import LoadedTarget, UnnamedTarget
 
 
 @dataclass
@@ -66,7 +70,7 @@ class Task:
     def __init__(self, preset: Preset, beta: float | None = None, *, allow_import: bool = True):
         self.preset = preset
         self.beta = float(preset.beta if beta is None else beta)
-        self.energy = None  # energy mode: the target (`rtbcli.energy.loading`)
+        self.energy: LoadedTarget | UnnamedTarget | None = None  # energy mode: the target (`rtbcli.energy.loading`)
         if preset.target is not None:
             self.data, self.reward = self._energy(preset, allow_import)
         else:
@@ -80,10 +84,10 @@ class Task:
         from .energy.loading import UnnamedTarget, load_target
         from .energy.prior import EnergyReward
 
-        self.energy = load_target(preset.target, allow_import=allow_import)
-        d, s2 = self.energy.dim, preset.sampler.sigma2
+        energy = self.energy = load_target(preset.target, allow_import=allow_import)
+        d, s2 = energy.dim, preset.sampler.sigma2
         data = GaussianMixture(torch.zeros(1, d, dtype=torch.float64), torch.ones(1, dtype=torch.float64), s2)
-        reward = self.energy if isinstance(self.energy, UnnamedTarget) else EnergyReward(self.energy.log_density, s2)
+        reward = energy if isinstance(energy, UnnamedTarget) else EnergyReward(energy.log_density, s2)
         return data, reward
 
     @property
