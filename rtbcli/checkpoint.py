@@ -70,7 +70,7 @@ class Checkpoint:
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under `prefix.`, with the prefix removed."""
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def sampler(self, prefix: str = "policy", device: torch.device | str = "cpu", dtype=torch.float32) -> DiffusionSampler:
         """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior")."""
@@ -89,7 +89,9 @@ class Checkpoint:
         if t is None:
             return None
         if t.numel() != 1:
-            raise InputError(f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged")
+            raise InputError(
+                f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged"
+            )
         return float(t.reshape(()))
 
     def learned_log_z(self) -> float | None:
@@ -146,12 +148,18 @@ def load_checkpoint(path: Path | str, expect_kind: str | None = None) -> Checkpo
     except PermissionError:
         raise InputError(f"checkpoint '{path}' cannot be read: permission denied") from None
     except Exception as e:  # safetensors raises several types for non-safetensors input
-        raise InputError(f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli") from None
+        raise InputError(
+            f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise InputError(f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`")
+        raise InputError(
+            f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`"
+        )
     if meta.get("format_version") not in READS:
-        raise InputError(f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
-                         f"{' and '.join(READS)}: upgrade rtbcli")
+        raise InputError(
+            f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
+            f"{' and '.join(READS)}: upgrade rtbcli"
+        )
     if meta.get("kind") not in KINDS:
         raise InputError(f"checkpoint '{path}' has an unknown kind '{meta.get('kind')}'")
     try:

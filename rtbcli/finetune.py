@@ -62,7 +62,7 @@ from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler
 from .state import RunState, restore_optimizer
 from .tasks import Task
-from .trainer import Recipe, Schedule, exploration_std, run_loop  # exploration_std: re-exported
+from .trainer import Recipe, Schedule, run_loop  # exploration_std: re-exported
 from .trainer_checks import check_compatible, check_finetune_resumable  # check_compatible: re-exported
 from .training import RunPaths, earlier_log, new_run_id
 
@@ -243,8 +243,19 @@ def _check_reward(task: Task, prior: DiffusionSampler, seed: int, device: torch.
         check_reward_output(task.reward if task.has_reward else task.log_reward, x)
 
 
-def _run_info(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, seed: int, device, on_policy: bool,
-              dist: Dist, state: RunState | None, task: Task) -> tuple[RunInfo, int]:
+def _run_info(
+    start: Checkpoint,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    seed: int,
+    device,
+    on_policy: bool,
+    dist: Dist,
+    state: RunState | None,
+    task: Task,
+) -> tuple[RunInfo, int]:
     """What the run's files record, fresh or as the saved run recorded it; and the step offset."""
     prior_sha, prior_path, offset = starting_point_ids(start)
     warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}
@@ -258,15 +269,38 @@ def _run_info(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out
         top["reward"] = preset.reward.function if isinstance(preset.reward, PythonRewardSpec) else preset.reward.type
         if isinstance(task.reward, PythonReward) and task.reward.sha256:
             top["reward_sha256"] = task.reward.sha256
-    info = RunInfo("finetune", run_id, seed, device, preset, preset_ref, preset.finetune.steps, length, dist.world, Path(out),
-                   checkpoint_meta=top, run_meta={"on_policy": on_policy, **warm},
-                   state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)})
+    info = RunInfo(
+        "finetune",
+        run_id,
+        seed,
+        device,
+        preset,
+        preset_ref,
+        preset.finetune.steps,
+        length,
+        dist.world,
+        Path(out),
+        checkpoint_meta=top,
+        run_meta={"on_policy": on_policy, **warm},
+        state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)},
+    )
     return info, offset
 
 
-def setup(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
-          device: torch.device = torch.device("cpu"), on_policy: bool = False, dtype: torch.dtype = torch.float32,
-          resume: bool = False, dist: Dist | None = None) -> FinetuneRun:
+def setup(
+    start: Checkpoint,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    on_policy: bool = False,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    dist: Dist | None = None,
+) -> FinetuneRun:
     """The run object: fresh from a prior, warm-started from a finetuned checkpoint, or (`resume`)
     the saved run of a finetuned checkpoint, restored exactly (the settings checked first)."""
     obj, dist, cfg = objective(algo), dist or Dist(), preset.finetune
@@ -289,9 +323,25 @@ def setup(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Pa
     opt = _optimizer(policy, scalar, cfg, scale)
     schedule = Schedule(cfg, info.schedule_steps)
     hp = HyperParams(beta=preset.beta, temper=float(policy.steps) if cfg.snis == "tempered" else 1.0, legacy_lambda=cfg.legacy_lambda)
-    run = FinetuneRun(policy, prior, scalar, opt, None, schedule, make_generator(seed, device), Workspace(policy, b_local), task, obj, hp,
-                      obj.explores and not on_policy, cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf, scale[0],
-                      info, 0, offset)
+    run = FinetuneRun(
+        policy,
+        prior,
+        scalar,
+        opt,
+        None,
+        schedule,
+        make_generator(seed, device),
+        Workspace(policy, b_local),
+        task,
+        obj,
+        hp,
+        obj.explores and not on_policy,
+        cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf,
+        scale[0],
+        info,
+        0,
+        offset,
+    )
     if state is not None:
         restore(run, state, start.path)
     run.sched = schedule.scheduler(opt, run.step)
@@ -337,7 +387,13 @@ class FinetuneRecipe(Recipe):
     def __init__(self, run: FinetuneRun, dist: Dist, paths: RunPaths, log: JsonlLog):
         self.run, self.dist, self.paths, self.log = run, dist, paths, log
         i = run.info
-        self.name, self.preset, self.device, self.total, self.first = f"finetune {i.state_meta['algo']}", i.preset, i.device, i.steps, run.step
+        self.name, self.preset, self.device, self.total, self.first = (
+            f"finetune {i.state_meta['algo']}",
+            i.preset,
+            i.device,
+            i.steps,
+            run.step,
+        )
         # --snis exact warns once if its weights collapse
         self.watch = Watch(i.device, run.obj.weighs_behaviour and run.explore and run.hp.temper == 1.0)
         self.last_good, self.last_good_step = self.snapshot(), run.step
@@ -369,16 +425,26 @@ class FinetuneRecipe(Recipe):
             return RunError(f"{reason} by step {step} in process {self.dist.rank} of {self.dist.world}: {advice}", every_rank=every_rank)
         meta = self.run.info.checkpoint_metadata(self.run.offset + self.last_good_step, "diverged", diverged_at=step)
         save_checkpoint(self.paths.last_good, self.last_good, meta)
-        return RunError(f"{reason} by step {step}: the last good state (step {self.last_good_step}) is in {self.paths.last_good}; "
-                        f"{advice}", every_rank=every_rank)
+        return RunError(
+            f"{reason} by step {step}: the last good state (step {self.last_good_step}) is in {self.paths.last_good}; {advice}",
+            every_rank=every_rank,
+        )
 
     def record(self, st: StepStats, step: int, rate: float, seconds: float) -> tuple[dict, str]:
         self.check()
         r = self.run
         self.last_good, self.last_good_step = self.snapshot(), step
         self.loss, self.mean_log_r = float(st.loss), float(st.batch.log_r.mean())
-        rec = {"step": step, "loss": self.loss, "mean_log_r": self.mean_log_r, "exploration": st.exploration, "lr": st.lr,
-               "grad_norm": float(st.grad_norm), "steps_per_s": rate, "seconds": seconds}
+        rec = {
+            "step": step,
+            "loss": self.loss,
+            "mean_log_r": self.mean_log_r,
+            "exploration": st.exploration,
+            "lr": st.lr,
+            "grad_norm": float(st.grad_norm),
+            "steps_per_s": rate,
+            "seconds": seconds,
+        }
         shown = ""
         if r.scalar is not None:
             v = float(r.scalar.detach())
@@ -394,9 +460,13 @@ class FinetuneRecipe(Recipe):
         w = self.watch
         if w.ess and float(w.low_ess) < ESS_WARN:
             w.ess = False  # warned once
-            warnings.warn(f"the exact SNIS weights' effective sample size fell to {float(w.low_ess):.1f} of "
-                          f"{self.run.info.preset.finetune.batch_size} at step {int(w.low_step)}: the gradient rests on a few "
-                          f"trajectories; use --snis tempered or a smaller --exploration", RtbcliWarning, stacklevel=4)
+            warnings.warn(
+                f"the exact SNIS weights' effective sample size fell to {float(w.low_ess):.1f} of "
+                f"{self.run.info.preset.finetune.batch_size} at step {int(w.low_step)}: the gradient rests on a few "
+                f"trajectories; use --snis tempered or a smaller --exploration",
+                RtbcliWarning,
+                stacklevel=4,
+            )
 
     def save(self, path: Path, step: int, status: str, log_to: Path | None) -> None:
         """Checkpoint and resumable state of `step` (rank 0 only)."""
@@ -406,14 +476,38 @@ class FinetuneRecipe(Recipe):
         params = {f"policy.{k}": v for k, v in r.policy.state_dict().items()}
         if r.scalar is not None:
             params["scalar"] = r.scalar.detach()
-        save_run(path, r.info, step, status, log_to, tensors=finetuned_tensors(r.policy, r.prior, r.info.state_meta["algo"], r.scalar),
-                 params=params, opt=r.opt, generators={"rollout": r.gen}, checkpoint_step=r.offset + step)
+        save_run(
+            path,
+            r.info,
+            step,
+            status,
+            log_to,
+            tensors=finetuned_tensors(r.policy, r.prior, r.info.state_meta["algo"], r.scalar),
+            params=params,
+            opt=r.opt,
+            generators={"rollout": r.gen},
+            checkpoint_step=r.offset + step,
+        )
 
 
-def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
-             device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
-             log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32, resume: bool = False,
-             save_every: int = 1000, dist: Dist | None = None) -> FinetuneResult:
+def finetune(
+    start: Checkpoint,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    on_policy: bool = False,
+    log_path: Path | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    save_every: int = 1000,
+    dist: Dist | None = None,
+) -> FinetuneResult:
     """Fine-tune with `algo` under `preset` (beta and budget from it).
 
     `start` is a prior checkpoint (a new run), or a finetuned one: `resume=True` continues that
@@ -429,5 +523,16 @@ def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out:
     done = run_loop(recipe, paths, log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)
     ran, s = run.info.steps - recipe.first, done.seconds
     med = statistics.median(done.step_seconds) if done.step_seconds else 0.0
-    return FinetuneResult(paths.out, log_path, algo, run.info.steps, recipe.first, s, ran / s if s > 0 else 0.0, recipe.loss,
-                          run.learned_log_z(), recipe.mean_log_r, done.step_seconds or [med])
+    return FinetuneResult(
+        paths.out,
+        log_path,
+        algo,
+        run.info.steps,
+        recipe.first,
+        s,
+        ran / s if s > 0 else 0.0,
+        recipe.loss,
+        run.learned_log_z(),
+        recipe.mean_log_r,
+        done.step_seconds or [med],
+    )

@@ -56,8 +56,13 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(sampler: DiffusionSampler, ws: Workspace, extra_var: float = 0.0, generator: torch.Generator | None = None,
-            shard: tuple[int, int] = (0, 1)) -> Rollout:
+def rollout(
+    sampler: DiffusionSampler,
+    ws: Workspace,
+    extra_var: float = 0.0,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Rollout:
     """Sample ws.n trajectories of the behaviour policy (variance sigma2 dt + extra_var), keeping activations.
 
     `shard` = (rank, world): this rank's share of a global batch of world * ws.n (see `DiffusionSampler.run`).
@@ -138,8 +143,11 @@ def fused_layout(net: nn.Module) -> bool:
         return False
     kinds = [type(m) for m in net.body]
     n = (len(kinds) - 2) // 2
-    return len(kinds) >= 2 and kinds == [nn.GELU] + [nn.Linear, nn.GELU] * n + [nn.Linear] and \
-        all(m.approximate == "none" for m in net.body if isinstance(m, nn.GELU))
+    return (
+        len(kinds) >= 2
+        and kinds == [nn.GELU] + [nn.Linear, nn.GELU] * n + [nn.Linear]
+        and all(m.approximate == "none" for m in net.body if isinstance(m, nn.GELU))
+    )
 
 
 def autograd_backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:

@@ -129,8 +129,9 @@ class LoopResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of every step (with its logging)
 
 
-def run_loop(r: Recipe, paths: RunPaths, log: JsonlLog, log_path: Path | None, dist: Dist, *, log_every: int, save_every: int,
-             progress: bool) -> LoopResult:
+def run_loop(
+    r: Recipe, paths: RunPaths, log: JsonlLog, log_path: Path | None, dist: Dist, *, log_every: int, save_every: int, progress: bool
+) -> LoopResult:
     """Run steps r.first + 1 .. r.total: log every `log_every` steps and at the end, save the
     partial files every `save_every` steps and on SIGINT/SIGTERM (then raise Interrupted), and
     save the finished run (`training` module docstring: the files)."""
@@ -178,5 +179,8 @@ def _stop(r: Recipe, paths: RunPaths, log: JsonlLog, dist: Dist, signals: StopSi
     _save_partial(r, paths, log, dist, step, "interrupted")
     log.discard()  # the partial log holds its records
     dist.barrier()
-    raise Interrupted(f"{signals.name} at step {step} of {r.total}: saved to {paths.partial}; continue with "
-                      f"`{resume_command(r.command, paths.partial, r.preset, r.device)}`", signals.exit_code)
+    raise Interrupted(
+        f"{signals.name} at step {step} of {r.total}: saved to {paths.partial}; continue with "
+        f"`{resume_command(r.command, paths.partial, r.preset, r.device)}`",
+        signals.exit_code,
+    )
