@@ -6,8 +6,10 @@ Metadata values are strings (JSON where structured):
 - `format` = "rtbcli-checkpoint", `format_version`, `rtbcli_version`, `torch_version`, `created`;
 - `kind`: "prior" or "finetuned";
 - `config`: the fully resolved preset (JSON), `preset`: the name or path it came from;
-- `step`, `seed`, `run`: the run's options (JSON);
+- `step`, `seed`, `run_id`, `run`: the run's options (JSON);
 - finetuned only: `algo`, `beta`, `alpha`, `prior_sha256`, `prior_path`.
+
+What a training run puts there, and what changed between format versions: `rtbcli.checkpointer`.
 
 Tensors: `policy.*` (the sampler's own network, for every kind); finetuned checkpoints add
 `prior.*` (the frozen prior) and `log_z` (rtb) or `v_soft_s0` (trust-pcl).
@@ -32,7 +34,8 @@ from .runtime import atomic_path
 from .sampler import DiffusionSampler
 
 FORMAT = "rtbcli-checkpoint"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what this rtbcli writes (`rtbcli.checkpointer`: what changed)
+READS = ("1", "2")  # what it loads
 KINDS = ("prior", "finetuned")
 
 
@@ -67,11 +70,12 @@ class Checkpoint:
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under `prefix.`, with the prefix removed."""
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def sampler(self, prefix: str = "policy", device: torch.device | str = "cpu", dtype=torch.float32) -> DiffusionSampler:
         """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior")."""
-        s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave torch's global generator alone
+            s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
         state = self.section(prefix)
         try:
             s.load_state_dict(state, strict=True)
@@ -85,7 +89,9 @@ class Checkpoint:
         if t is None:
             return None
         if t.numel() != 1:
-            raise InputError(f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged")
+            raise InputError(
+                f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged"
+            )
         return float(t.reshape(()))
 
     def learned_log_z(self) -> float | None:
@@ -142,11 +148,18 @@ def load_checkpoint(path: Path | str, expect_kind: str | None = None) -> Checkpo
     except PermissionError:
         raise InputError(f"checkpoint '{path}' cannot be read: permission denied") from None
     except Exception as e:  # safetensors raises several types for non-safetensors input
-        raise InputError(f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli") from None
+        raise InputError(
+            f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise InputError(f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads {FORMAT_VERSION}: upgrade rtbcli")
+        raise InputError(
+            f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`"
+        )
+    if meta.get("format_version") not in READS:
+        raise InputError(
+            f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
+            f"{' and '.join(READS)}: upgrade rtbcli"
+        )
     if meta.get("kind") not in KINDS:
         raise InputError(f"checkpoint '{path}' has an unknown kind '{meta.get('kind')}'")
     try:

@@ -16,6 +16,7 @@ import inspect
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -25,11 +26,20 @@ from .errors import EXIT_INPUT, EXIT_SIGINT, RtbcliWarning
 from .presets_loader import DEFAULT_PRESET, shipped_presets
 from .runtime import keep_freed_memory, resolve_device
 
-# typer >= 0.26 vendors click and raises its usage errors as typer.TyperException; older typer
-# raises click's own ClickException.
-_CliUsageError = getattr(typer, "TyperException", None)
-if _CliUsageError is None:  # pragma: no cover - old typer
-    from click import ClickException as _CliUsageError
+
+def _usage_error_class() -> type[Any]:
+    """typer >= 0.26 vendors click and raises its usage errors as typer.TyperException; older typer
+    raises click's own ClickException. Typed Any: click has no type information here, and both have
+    format_message, exit_code and (click's) ctx."""
+    cls = getattr(typer, "TyperException", None)
+    if cls is None:  # pragma: no cover - old typer
+        from click import ClickException
+
+        return ClickException
+    return cls
+
+
+_CliUsageError = _usage_error_class()
 
 app = typer.Typer(
     name="rtbcli",
@@ -59,7 +69,7 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
     warnings.simplefilter("always", RtbcliWarning)
 
 
-root.__doc__ = inspect.cleandoc(root.__doc__) + examples(  # cleandoc: the appended block has no indentation to strip
+root.__doc__ = inspect.cleandoc(root.__doc__ or "") + examples(  # cleandoc: the appended block has no indentation to strip
     "rtbcli presets",
     "rtbcli pretrain --out prior.safetensors",
     "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
@@ -132,7 +142,7 @@ def reproduce(
     )
 
 
-reproduce.__doc__ += examples(
+reproduce.__doc__ = (reproduce.__doc__ or "") + examples(
     "rtbcli reproduce --quick", "rtbcli reproduce --preset manywell32 --quick", "rtbcli reproduce --out runs/full --device cpu"
 )
 

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from enum import Enum
-from typing import get_args
+from typing import cast, get_args
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -99,7 +99,8 @@ def field_help(model: type[BaseModel], name: str, extra: str = "") -> str:
 def choices(model: type[BaseModel], name: str) -> type[Enum]:
     """A str Enum of a Literal field's values, for Typer's choice checking."""
     values = get_args(model.model_fields[name].annotation)
-    return Enum(f"{model.__name__}_{name}", [(v, v) for v in values], type=str)
+    # Enum's functional API makes a class; mypy types the call as an instance of Enum
+    return cast("type[Enum]", Enum(f"{model.__name__}_{name}", [(v, v) for v in values], type=str))
 
 
 def with_overrides(preset: Preset, section: str, **values) -> Preset:

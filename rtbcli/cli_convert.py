@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from .cli_common import examples
-from .conversion import PARAM_HINTS, TARGETS, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
+from .conversion import PARAM_HINTS, TARGETS, Number, check_param, convert_checkpoint, rtb_to_trust_pcl_params, trust_pcl_to_rtb_params
 from .errors import InputError
 
 RTB_PAIR = ("--log-z", "--beta")
@@ -24,7 +25,10 @@ USAGE = "give --log-z with --beta, --alpha with --v-soft-s0, or a checkpoint wit
 
 
 # --to: the objectives of the registry that learn a scalar (conversion.TARGETS)
-Target = Enum("Target", {name.replace("-", "_"): name for name in TARGETS}, type=str)
+if TYPE_CHECKING:  # made at run time, where Typer reads its members; mypy sees an Enum without members
+    Target = Enum
+else:
+    Target = Enum("Target", {name.replace("-", "_"): name for name in TARGETS}, type=str)
 
 
 def _full(v: float) -> str:
@@ -70,31 +74,32 @@ def convert_params(
     for name, v in given.items():
         check_param(name, v, positive=name in ("--beta", "--alpha"), fix=PARAM_HINTS[name[2:].replace("-", "_")])
 
+    rows: list[tuple[str, Number]]
     if pair == RTB_PAIR:
-        res = rtb_to_trust_pcl_params(log_z, beta)
+        res = rtb_to_trust_pcl_params(given["--log-z"], given["--beta"])
         title, rows = (
             "RTB -> Trust-PCL",
             [
-                ("log_z (given)", log_z),
-                ("beta (given)", beta),
+                ("log_z (given)", given["--log-z"]),
+                ("beta (given)", given["--beta"]),
                 ("alpha = 1/beta", res["alpha"]),
                 ("v_soft_s0 = alpha log_z", res["v_soft_s0"]),
             ],
         )
     else:
-        res = trust_pcl_to_rtb_params(alpha, v_soft_s0)
+        res = trust_pcl_to_rtb_params(given["--alpha"], given["--v-soft-s0"])
         title, rows = (
             "Trust-PCL -> RTB",
             [
-                ("alpha (given)", alpha),
-                ("v_soft_s0 (given)", v_soft_s0),
+                ("alpha (given)", given["--alpha"]),
+                ("v_soft_s0 (given)", given["--v-soft-s0"]),
                 ("beta = 1/alpha", res["beta"]),
                 ("log_z = v_soft_s0 / alpha", res["log_z"]),
             ],
         )
     if as_json:
         return emit_json(res)
-    out_console.print(kv_table(title, [(k, _full(v)) for k, v in rows]))
+    out_console.print(kv_table(title, [(k, _full(float(v))) for k, v in rows]))  # floats in, floats out
 
 
 def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
@@ -122,7 +127,7 @@ def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
                 ("checkpoint", r["checkpoint"]),
                 ("from", f"{r['source']} ({r['from']})"),
                 ("beta / alpha", f"{_full(r['beta'])} / {_full(r['alpha'])}"),
-                *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name in r],
+                *[(name, _full(r[name])) for name in (OBJECTIVES[t].scalar for t in TARGETS) if name is not None and name in r],
                 ("weights copied unchanged", r["tensors_copied"]),
             ],
         )
@@ -130,6 +135,6 @@ def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
     out_console.print(f"next: rtbcli evaluate {r['checkpoint']}")
 
 
-convert_params.__doc__ += examples(
+convert_params.__doc__ = (convert_params.__doc__ or "") + examples(
     "rtbcli convert-params --log-z 2 --beta 0.5 --json", "rtbcli convert-params rtb.safetensors --to trust-pcl --out as-tpcl.safetensors"
 )

@@ -107,7 +107,7 @@ def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int,
     suite.plot_samples(plot, panels, title=title)
 
 
-evaluate.__doc__ += examples(
+evaluate.__doc__ = (evaluate.__doc__ or "") + examples(
     "rtbcli evaluate rtb.safetensors --plot rtb.png",
     "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
     "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'",
@@ -140,6 +140,6 @@ def sample(
     out_console.print(f"wrote {n} samples of dimension {x.shape[1]} to {out}")
 
 
-sample.__doc__ += examples(
+sample.__doc__ = (sample.__doc__ or "") + examples(
     "rtbcli sample rtb.safetensors --n 10000 --out samples.npy", "rtbcli sample prior.safetensors --n 500 --out prior.csv"
 )

@@ -11,11 +11,12 @@ import math
 import signal
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
-from .config import FinetuneSpec, PretrainSpec
+from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec
 from .errors import InputError
 from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from .presets_loader import DEFAULT_PRESET, load_preset
@@ -23,8 +24,15 @@ from .report import kv_table
 from .runtime import check_writable, resolve_device
 from .training import final_of, is_partial
 
-Algo = Enum("Algo", [(k, k) for k in OBJECTIVES], type=str)
-Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
+if TYPE_CHECKING:  # made at run time, where Typer reads their members; mypy sees Enums without members
+    Algo = Enum
+    Schedule = Enum
+    Estimator = Enum
+    Snis = Enum
+else:
+    Algo = Enum("Algo", [(k, k) for k in OBJECTIVES], type=str)
+    Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
+ALGO_HELP = "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
 SAVE_HELP = "Save a resumable checkpoint (X.partial.safetensors) every N steps; 0: only at the end and on SIGINT/SIGTERM."
 
@@ -161,7 +169,7 @@ def pretrain(
     out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out} --reward rewards.py:log_reward")
 
 
-pretrain.__doc__ += examples(
+pretrain.__doc__ = (pretrain.__doc__ or "") + examples(
     "rtbcli pretrain --out prior.safetensors",
     "rtbcli pretrain --data moons.csv --steps 3000 --out moons-prior.safetensors",
     "rtbcli pretrain --resume prior.partial.safetensors",
@@ -184,7 +192,7 @@ def finetune(
         "--algo",
         "-a",
         case_sensitive=False,
-        help="; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]",
+        help=ALGO_HELP,
     ),
     preset: str | None = typer.Option(None, "--preset", "-p", help="Preset name or path [default: the one the prior was pretrained with]."),
     reward: str | None = typer.Option(
@@ -235,6 +243,8 @@ def finetune(
                 "start a new run with --warm-start --on-policy"
             )
         algo_name = algo.value if algo is not None else start.algo
+        if algo_name is None:
+            raise InputError(f"checkpoint '{start.path}' records no algorithm (no 'algo' metadata): it is damaged")
     else:
         algo_name = algo.value if algo is not None else DEFAULT_OBJECTIVE
     p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
@@ -256,10 +266,11 @@ def finetune(
     if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
         from .rewards import UnnamedReward
 
-        if isinstance(Task(p, allow_import=False).reward, UnnamedReward):
+        unnamed = Task(p, allow_import=False).reward
+        if isinstance(unnamed, UnnamedReward):  # its reference is the recorded reward's function
             raise InputError(
-                f"this checkpoint records the Python reward '{p.reward.function}', and loading a checkpoint never imports "
-                f"code: name it again with --reward {p.reward.function}"
+                f"this checkpoint records the Python reward '{unnamed.reference}', and loading a checkpoint never imports "
+                f"code: name it again with --reward {unnamed.reference}"
             )
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
@@ -323,11 +334,12 @@ def finetune(
             ],
         )
     )
-    hint = f" --reward {p.reward.function}" if getattr(p.reward, "function", "").startswith(("/", ".")) else ""
+    function = p.reward.function if isinstance(p.reward, PythonRewardSpec) else ""
+    hint = f" --reward {function}" if function.startswith(("/", ".")) else ""
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
 
 
-finetune.__doc__ += examples(
+finetune.__doc__ = (finetune.__doc__ or "") + examples(
     "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
     "rtbcli finetune --prior moons-prior.safetensors --reward favour.py:log_reward --steps 1000 --out moons-rtb.safetensors",
     "rtbcli finetune --resume rtb.partial.safetensors",

@@ -74,7 +74,12 @@ def check_param(name: str, value: Number, positive: bool, fix: str = "") -> None
 
 def _tensors(a: Number, b: Number) -> tuple[torch.Tensor, torch.Tensor]:
     """`a`, `b` as broadcast floating tensors; a float takes the other argument's dtype and device."""
-    ref = a if isinstance(a, torch.Tensor) else b
+    if isinstance(a, torch.Tensor):
+        ref = a
+    elif isinstance(b, torch.Tensor):
+        ref = b
+    else:
+        raise TypeError("_tensors needs at least one tensor argument")
     dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
     ta = a if isinstance(a, torch.Tensor) else torch.tensor(float(a), dtype=dtype, device=ref.device)
     tb = b if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=dtype, device=ref.device)
@@ -91,6 +96,8 @@ def _convert(x: Number, x_name: str, s: Number, s_name: str, out_names: tuple[st
     """The map shared by both directions: (x, s) -> (1/s, x/s). It is its own inverse."""
     check_param(x_name, x, positive=False, fix=PARAM_HINTS[x_name])
     check_param(s_name, s, positive=True, fix=PARAM_HINTS[s_name])
+    inv: Number
+    scaled: Number
     if isinstance(x, torch.Tensor) or isinstance(s, torch.Tensor):
         tx, ts = _tensors(x, s)
         inv, scaled = 1.0 / ts, tx / ts
@@ -126,6 +133,14 @@ def trust_pcl_to_rtb_params(alpha: Number, v_soft_s0: Number) -> dict[str, Numbe
     {'beta': 0.5, 'log_z': 2.0}
     """
     return _convert(v_soft_s0, "v_soft_s0", alpha, "alpha", ("beta", "log_z"))
+
+
+def _scalar_of(name: str) -> str:
+    """The tensor name of the scalar that objective `name` (one of TARGETS) learns."""
+    scalar = OBJECTIVES[name].scalar
+    if scalar is None:
+        raise InputError(f"'{name}' learns no log Z or V_soft(s0): only {' and '.join(TARGETS)} checkpoints can be converted")
+    return scalar
 
 
 def convert_scalar(value: float, src: str, to: str, beta: float) -> float:
@@ -167,7 +182,7 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
             f"give one written by `rtbcli finetune --algo {' or --algo '.join(TARGETS)}`"
         )
     algo = ck.algo
-    if algo not in TARGETS:
+    if algo is None or algo not in TARGETS:
         raise InputError(
             f"checkpoint '{src}' was fine-tuned with '{algo}', which learns no log Z or V_soft(s0): "
             f"only {' and '.join(TARGETS)} checkpoints can be converted"
@@ -175,13 +190,15 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
     if algo == to:
         others = " or ".join(f"--to {name}" for name in TARGETS if name != to)
         raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert ({others} converts the other way)")
-    src_name, dst_name = OBJECTIVES[algo].scalar, OBJECTIVES[to].scalar
+    src_name, dst_name = _scalar_of(algo), _scalar_of(to)
     if src_name not in ck.tensors or ck.tensors[src_name].numel() != 1 or dst_name in ck.tensors:
         raise InputError(
             f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged"
         )
     beta = _checkpoint_beta(ck)
     value = ck.scalar(src_name)
+    if value is None:  # not reached: the tensor was checked above
+        raise InputError(f"checkpoint '{src}' lacks a '{src_name}' tensor: it is damaged")
     check_param(f"the checkpoint's {src_name}", value, positive=False, fix=f"checkpoint '{src}' is damaged")
     new_value = convert_scalar(value, algo, to, beta)
     scalar = torch.tensor(new_value, dtype=torch.float64).to(torch.float32)  # rounded once; see the float32 caveat
@@ -210,7 +227,7 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
     )
     save_checkpoint(out, tensors, meta)
     stored = {src_name: value, dst_name: float(scalar)}  # as stored in the two files, in the registry's order
-    scalars = {OBJECTIVES[n].scalar: stored[OBJECTIVES[n].scalar] for n in TARGETS if n in (algo, to)}
+    scalars = {_scalar_of(n): stored[_scalar_of(n)] for n in TARGETS if n in (algo, to)}
     return {
         "checkpoint": str(out),
         "source": str(src),

@@ -45,7 +45,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-    control: object | None = field(default=None, repr=False)  # a gloo group for host-side messages
+    control: tdist.ProcessGroup | None = field(default=None, repr=False)  # a gloo group for host-side messages
 
     @property
     def is_main(self) -> bool:

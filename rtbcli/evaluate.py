@@ -23,7 +23,7 @@ scored only when the reward is named again (`reward=`), unless it ships with rtb
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, 
 from .objectives import OBJECTIVES
 from .rewards import UnnamedReward, check_reward_output, parse_reference
 from .runtime import make_generator
-from .sampler import bridge_log_prob, bridge_sample
+from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .suites import prior_target, suite_of, tilted_target
 from .targets import Target
 from .tasks import Task
@@ -73,10 +73,10 @@ def with_reward(preset: Preset, reward: str | None = None, kwargs: dict | None =
         reward = old.function
     parse_reference(reward)  # a malformed reference is named as such
     spec = PythonRewardSpec.model_validate({"type": "python", "function": reward}, context={"base_dir": Path.cwd()})
-    same = old is not None and old.function == spec.function
-    merged = {**(old.kwargs if same else {}), **(kwargs or {})}
+    same = old if old is not None and old.function == spec.function else None  # the recorded reward, named again
+    merged = {**(same.kwargs if same is not None else {}), **(kwargs or {})}
     data = preset.model_dump()
-    data["reward"] = {"type": "python", "function": spec.function, "kwargs": merged, "sha256": old.sha256 if same else None}
+    data["reward"] = {"type": "python", "function": spec.function, "kwargs": merged, "sha256": same.sha256 if same is not None else None}
     return Preset.model_validate(data)
 
 
@@ -145,7 +145,7 @@ class _Run:
     ck: Checkpoint
     task: Task
     target: Target
-    policy: object
+    policy: DiffusionSampler
     finetuned: bool  # scored against p_data r^beta (a finetuned checkpoint, or a prior given beta)
     use_reward: bool  # the reward may be called
     beta: float | None
@@ -153,7 +153,7 @@ class _Run:
     seed: int
     device: torch.device
     chunk: int
-    scores: dict | None = None  # lpf, lpp, lpb, log_r, log_data per trajectory (CPU float64)
+    scores: dict = field(default_factory=dict)  # lpf, lpp, lpb, log_r, log_data per trajectory (CPU float64); set by _sample_and_score
 
 
 @torch.no_grad()
@@ -247,8 +247,10 @@ def _importance_weights(run: _Run, m: dict) -> torch.Tensor | None:
     log_z = run.ck.learned_log_z()
     if log_z is not None:
         m["log_z_learned"] = log_z
-        obj = OBJECTIVES[run.ck.algo]
-        if obj.scalar_alpha_power:  # a scalar other than log Z itself (trust-pcl's V(s0) = alpha log Z), beside its alpha
+        obj = OBJECTIVES[run.ck.algo or ""]  # learned_log_z is None unless algo names an objective
+        if (
+            obj.scalar is not None and obj.scalar_alpha_power
+        ):  # a scalar other than log Z itself (trust-pcl's V(s0) = alpha log Z), beside its alpha
             m[obj.scalar], m["alpha"] = run.ck.scalar(obj.scalar), float(run.ck.meta["alpha"])
     return lw
 
@@ -284,7 +286,7 @@ def _mode_metrics(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
     if y is not None:
         m["floor"] = {k: v for k, v in sample_metrics(y.float(), target).items() if k in floor_keys()}
     freq = per_mode_frequencies(x, target)
-    if freq is not None and target.cell_masses is not None:
+    if freq is not None and target.cell_masses is not None and target.cell_means is not None:
         modes = [
             {"mean": [round(v, 6) for v in mu], "target_mass": round(float(p), 6), "frequency": round(float(f), 6)}
             for mu, p, f in zip(target.cell_means.tolist(), target.cell_masses[:-1], freq[:-1])

@@ -15,9 +15,21 @@ With several processes (`rtbcli.distributed`), each rank draws its share of the 
 the per-trajectory scalars are gathered so that step 3 sees the global batch, and the policy's
 partial gradients are summed over ranks: the same run as one process.
 
-Exploration schedule for a run of N steps (the authors' schedule at N = 5,000):
+Exploration schedule for a run planned for N steps (the authors' schedule at N = 5,000):
 s_e(it) = s_0 for it < hold*N, else s_0 * max(0, 1 - it / (end*N)), with hold = 0.1, end = 0.9,
-and s_e = 0 at the last step of every run, however short.
+and s_e = 0 at the last step of every run, however short. N is the run's original planned
+length, kept in its state: a resumed run continues the schedule exactly, and a run extended past
+N (`--resume X --steps M`, M > N) continues at its final values, no exploration and the lr at
+lr_final (`rtbcli.trainer`). A warm start (`--warm-start`) is a new run with schedules of its own.
+
+The reward is called under torch's global generator seeded from (run seed, step, process rank)
+at every step (`reward_rng`), and restored afterwards: a reward that draws from it (torch.rand,
+dropout, ...) gives the same numbers in a run stopped and resumed as in the run left alone, and
+leaves the caller's generator as it was.
+
+The log's `weights_ess` (reinforce-kl off-policy) is a count: the effective sample size of the
+importance weights, 1 / sum_i w_i^2, between 1 and the batch size B; `ESS_WARN` is a count too.
+(`rtbcli evaluate`'s ESS is a fraction of its samples.)
 
 Learning rates: the policy's is `lr`; log Z's (rtb) is `lr_logz`; trust-pcl's V(s0) gets
 alpha * lr_logz, and Adam's eps is scaled with trust-pcl's gradients (alpha^2 for the policy,
@@ -30,31 +42,33 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, base_metadata, sampler_tensors, save_checkpoint
-from .config import DataFileSpec, DatasetSpec, MixtureSpec, Preset, PythonRewardSpec
+from .checkpoint import Checkpoint, sampler_tensors, save_checkpoint
+from .checkpointer import RunInfo, save_run, schedule_steps
+from .config import Preset, PythonRewardSpec
 from .distributed import Dist
-from .errors import InputError, Interrupted, RtbcliWarning, RunError
+from .errors import InputError, RtbcliWarning, RunError
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
-from .rewards import PythonReward, RewardFailed, check_reward_output
-from .rollout import Workspace, rollout, step_log_probs
-from .rollout import backward as policy_backward
-from .runtime import JsonlLog, Timer, atomic_group, make_generator, make_progress
+from .rewards import PythonReward, check_reward_output
+from .rollout import Rollout, Workspace, policy_grad, rollout, step_log_probs
+from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler
-from .state import load_state, save_state
+from .state import RunState, restore_optimizer
 from .tasks import Task
-from .training import RunPaths, StopSignals, config_differences, earlier_log, learning_rate, new_run_id, resume_command
+from .trainer import Recipe, Schedule, run_loop  # exploration_std: re-exported
+from .trainer_checks import check_compatible, check_finetune_resumable  # check_compatible: re-exported
+from .training import RunPaths, earlier_log, new_run_id
 
-ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `finetune`)
+ADAM_EPS = 1e-8  # torch's default; scaled for trust-pcl (see `setup`)
 PROBE_N = 256  # prior samples the reward is checked on before a run
-ESS_WARN = 5.0  # --snis exact warns once when its weights' effective sample size falls below this
+ESS_WARN = 5.0  # --snis exact warns once when its weights' effective sample size (a count of trajectories) falls below this
 
 
 @dataclass
@@ -83,77 +97,6 @@ def objective(algo: str) -> Objective:
     return OBJECTIVES[algo]
 
 
-def exploration_std(it: int, total: int, s0: float, hold: float = 0.1, end: float = 0.9) -> float:
-    """s_e at (0-indexed) iteration `it` of a run of `total` steps; 0 at the last step."""
-    if it >= total - 1:
-        return 0.0
-    if it < hold * total:
-        return s0
-    return s0 * max(0.0, 1.0 - it / (end * total)) if end > 0 else 0.0
-
-
-def _mixture_weights(spec: MixtureSpec) -> list[float]:
-    """The normalised component weights (omitted weights are equal ones: the same mixture)."""
-    w = [1.0] * len(spec.means) if spec.weights is None else [float(v) for v in spec.weights]
-    total = sum(w)
-    return [v / total for v in w]
-
-
-def data_identity(spec) -> tuple:
-    """What makes two presets' prior data the same data (a file by its content, not its path)."""
-    if isinstance(spec, MixtureSpec):
-        return ("mixture", json.dumps({"means": spec.means, "variance": spec.variance, "weights": _mixture_weights(spec)}))
-    if isinstance(spec, DataFileSpec):
-        return ("file", spec.sha256)
-    if isinstance(spec, DatasetSpec):
-        return ("dataset", spec.dataset, spec.split, spec.scaling)
-    return ("?", repr(spec))
-
-
-def describe_data(spec) -> str:
-    if isinstance(spec, MixtureSpec):
-        return f"a {len(spec.means)}-component mixture (variance {spec.variance:g})"
-    if isinstance(spec, DataFileSpec):
-        return f"the data file {spec.path} (SHA-256 {str(spec.sha256)[:12]}...)"
-    scale, shift = spec.scaling
-    return f"the {spec.dataset} dataset ({spec.split}, scale {scale:g}, shift {shift:g})"
-
-
-def mixture_difference(a: MixtureSpec, b: MixtureSpec) -> str:
-    """What differs between two mixtures, e.g. 'their means differ (component 1: [-10.0, -10.0] vs [-10.0, -9.0])'."""
-    parts = []
-    if len(a.means) != len(b.means):
-        parts.append(f"{len(a.means)} vs {len(b.means)} components")
-    elif a.means != b.means:
-        k = next(i for i, (x, y) in enumerate(zip(a.means, b.means)) if x != y)
-        parts.append(f"means differ (component {k + 1}: {a.means[k]} vs {b.means[k]})")
-    if a.variance != b.variance:
-        parts.append(f"variance {a.variance:g} vs {b.variance:g}")
-    if len(a.means) == len(b.means) and _mixture_weights(a) != _mixture_weights(b):
-        parts.append("weights differ")
-    return "their " + ", ".join(parts)
-
-
-def check_compatible(prior: Checkpoint, preset: Preset) -> None:
-    """The prior must be a sampler of the preset's data, with the preset's sampler settings.
-
-    The preset's data define the target that `evaluate` scores against (p_data r^beta), so a
-    prior pretrained on other data is refused.
-    """
-    if prior.preset.dim != preset.dim:
-        raise InputError(f"the prior samples dimension {prior.preset.dim} but the preset's task has dimension {preset.dim}: use a prior pretrained on this preset")
-    if prior.preset.sampler != preset.sampler:
-        mine, theirs = prior.preset.sampler.model_dump(), preset.sampler.model_dump()
-        diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
-        raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
-    a, b = prior.preset.prior_data, preset.prior_data
-    if data_identity(a) != data_identity(b):
-        both = isinstance(a, MixtureSpec) and isinstance(b, MixtureSpec)
-        what = f"; {mixture_difference(a, b)}" if both else ""
-        raise InputError(f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}{what}: "
-                         f"fine-tune under the preset the prior was pretrained with (its data define the target)")
-
-
 def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: str, scalar: torch.Tensor | None) -> dict:
     """A finetuned checkpoint's tensors: policy.*, prior.*, and the objective's learned scalar."""
     tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
@@ -170,253 +113,426 @@ def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
     finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
     V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
     """
+    ids = starting_point_ids(start)
     if start.kind == "prior":
-        prior, policy = start.sampler("policy", device, dtype), start.sampler("policy", device, dtype)
-        return prior, policy, 0.0, start.sha256, str(start.path), 0
+        return start.sampler("policy", device, dtype), start.sampler("policy", device, dtype), 0.0, *ids
     prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
     log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
     init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
-    return prior, policy, init, start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
+    return prior, policy, init, *ids
 
 
-def check_resumable(start: Checkpoint, algo: str, preset: Preset, device: torch.device):
-    """The state beside a finetuned checkpoint, checked against the run that would continue it."""
-    if start.kind != "finetuned":
-        raise InputError(f"--resume needs a finetuned checkpoint; '{start.path}' is a prior: start a run with --prior")
-    state = load_state(start.path, "finetune")
-    # a warm-started run's checkpoints number their steps on from the checkpoint it started from
-    if state.meta.get("run_id") != start.meta.get("run_id") or state.step + int(state.meta.get("step_offset", 0)) != start.step:
-        raise InputError(f"the state file beside '{start.path}' belongs to another run or step: resume from the checkpoint it was saved with")
-    if state.meta["algo"] != algo:
-        raise InputError(f"'{start.path}' is a {state.meta['algo']} run: resume it with --algo {state.meta['algo']} (or start a new "
-                         f"{algo} run from it with --warm-start)")
-    saved = state.preset()
-    mine = preset.updated("finetune", steps=saved.finetune.steps)
-    if isinstance(saved.reward, PythonRewardSpec) and isinstance(mine.reward, PythonRewardSpec):
-        mine = mine.updated("reward", sha256=saved.reward.sha256)  # the run recorded its file's hash; a changed file only warns
-    if saved != mine:
-        diff = ", ".join(config_differences(saved.model_dump(), mine.model_dump()))
-        raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
-                         f"and other settings except --steps, or start a new run with --warm-start")
-    if state.meta.get("device") != device.type:
-        raise InputError(f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
-                         f"resume with --device {state.meta.get('device')}")
-    if preset.finetune.steps <= state.step:
-        raise InputError(f"the run is at step {state.step}; --steps {preset.finetune.steps} would end it before that: give a larger total")
-    return state
+def starting_point_ids(start: Checkpoint) -> tuple[str, str, int]:
+    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`)."""
+    if start.kind == "prior":
+        return start.sha256, str(start.path), 0
+    return start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
 
 
-def finetune(start: Checkpoint, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
-             device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
-             log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32, resume: bool = False,
-             save_every: int = 1000, dist: Dist | None = None) -> FinetuneResult:
-    """Fine-tune with `algo` under `preset` (beta and budget from it).
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (distinct inputs give unrelated seeds)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
 
-    `start` is a prior checkpoint (a new run), or a finetuned one: `resume=True` continues that
-    run exactly from its saved state (to `preset.finetune.steps` in all); otherwise it is a warm
-    start with a fresh optimiser and schedule (see `starting_point`).
-    """
-    obj, dist = objective(algo), dist or Dist()
-    cfg, beta = preset.finetune, preset.beta
-    if not obj.uses_beta and abs(beta - 1.0) > 1e-12:
-        raise InputError(f"{algo} ignores beta (its fixed point is p_theta exp(r / 2 lambda), not p_theta r^beta): run it at beta = 1")
-    check_compatible(start, preset)
-    b_local = dist.check_batch(cfg.batch_size)
-    state = check_resumable(start, algo, preset, device) if resume else None
-    alpha = 1.0 / beta
-    task = Task(preset).to(device)
-    prior, policy, init, prior_sha, prior_path, offset = starting_point(start, algo, beta, device, dtype)
-    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}
-    prior.requires_grad_(False)
-    check_reward_output(task.reward if task.has_reward else task.log_reward,
-                        prior.sample(PROBE_N, 0.0, make_generator(seed + 7919, device))[-1])
-    if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
-        preset = preset.updated("reward", sha256=task.reward.sha256)
-    T, var = policy.steps, policy.step_var
-    scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if obj.scalar is not None else None
-    # Trust-PCL's loss is alpha^2 times RTB's, so its gradients are alpha^2 (policy) and alpha (V)
-    # times RTB's. Adam's step m / (sqrt(v) + eps) ignores that scale except through eps, so eps
-    # is scaled along with it and V's lr is alpha lr_logz: trust-pcl then takes exactly RTB's steps.
-    scale = obj.gradient_scales(alpha)
+
+@contextmanager
+def reward_rng(device: torch.device, *seed: int):
+    """torch's global generator(s) seeded from `seed` inside, restored to their state outside."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        s = _mix(*seed)
+        torch.random.default_generator.manual_seed(s)
+        if cuda:
+            torch.cuda.default_generators[cuda[0]].manual_seed(s)
+        yield
+
+
+@dataclass
+class FinetuneRun:
+    """A fine-tuning run between steps: what `setup` builds and `train_step` advances."""
+
+    policy: DiffusionSampler
+    prior: DiffusionSampler  # frozen
+    scalar: nn.Parameter | None  # log Z (rtb), V(s0) (trust-pcl), or none
+    opt: torch.optim.Adam
+    sched: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
+    gen: torch.Generator  # every trajectory's noise
+    ws: Workspace
+    task: Task
+    obj: Objective
+    hp: HyperParams
+    explore: bool  # off-policy: the behaviour policy's variance is inflated by s_e^2
+    clip: float  # the policy gradient's clipping threshold in this objective's units
+    grad_scale: float  # this objective's policy gradient over RTB's (trust-pcl: alpha^2)
+    info: RunInfo
+    step: int  # steps done (of this run; a warm start's checkpoints add info.checkpoint offset)
+    offset: int = 0  # a warm-started run's checkpoints count on from the checkpoint it started from
+    log_lines: tuple[str, ...] = ()  # a resumed run's earlier log records
+
+    def learned_log_z(self) -> float | None:
+        return None if self.scalar is None else self.obj.log_z(float(self.scalar.detach()), self.hp.alpha)
+
+
+@dataclass
+class StepStats:
+    """What a step leaves for logging and for tests: device tensors and Python numbers, no host sync."""
+
+    loss: torch.Tensor
+    batch: Batch  # the global batch the objective saw (detached)
+    grad_norm: torch.Tensor  # the policy gradient's norm before clipping, in RTB's units
+    exploration: float  # s_e of the behaviour policy
+    lr: float  # the policy's learning rate of this step
+    traj: torch.Tensor  # this process's trajectories (T + 1, n, d): a view of the run's workspace, clone to keep
+    log_z: torch.Tensor | None  # the learned scalar before the step
+
+
+def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch, torch.Tensor]:
+    """The global batch of a rollout, and this process's per-step policy log-probabilities (the leaf to differentiate)."""
+    with reward_rng(run.ws.traj.device, run.info.seed, run.step, dist.rank):
+        log_r = run.task.log_reward(ro.traj[-1])
+    with torch.no_grad():
+        step_lpp = run.prior.step_log_probs(ro.traj)
+    var = run.policy.step_var
+    step_lpf = step_log_probs(ro.residual, var).requires_grad_()
+    lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if run.explore and run.obj.weighs_behaviour else None
+    if not dist.active:
+        return Batch(step_lpf, step_lpp, log_r, lb), step_lpf
+    # the global batch: every rank's trajectories, gradients only through this rank's
+    return Batch(dist.gather(step_lpf), dist.gather(step_lpp), dist.gather(log_r), None if lb is None else dist.gather(lb)), step_lpf
+
+
+def train_step(run: FinetuneRun, dist: Dist) -> StepStats:
+    """One step (module docstring): trajectories from the behaviour policy without gradient, their
+    log-probabilities, the objective's gradient (autograd for log Z / V and d loss / d step lpf,
+    `policy_grad` for the policy's weights), one Adam step."""
+    s_e = run.schedule.exploration(run.step) if run.explore else 0.0
+    lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
+    ro = rollout(run.policy, run.ws, s_e * s_e, run.gen, (dist.rank, dist.world))
+    batch, step_lpf = score(run, ro, s_e, dist)
+    loss = run.obj.loss(batch, run.scalar, run.hp)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
+    policy_grad(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
+    dist.sum_grads(list(run.policy.parameters()))
+    grad_norm = nn.utils.clip_grad_norm_(run.policy.parameters(), run.clip) / run.grad_scale  # no host sync
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    detached = Batch(batch.step_lpf.detach(), batch.step_lpp, batch.log_r, batch.lb)
+    return StepStats(loss.detach(), detached, grad_norm, s_e, lr, ro.traj, log_z)
+
+
+def _optimizer(policy: DiffusionSampler, scalar: nn.Parameter | None, cfg, scale: tuple[float, float]) -> torch.optim.Adam:
+    """Adam over the policy and the scalar. Trust-PCL's loss is alpha^2 times RTB's, so its
+    gradients are alpha^2 (policy) and alpha (V) times RTB's. Adam's step m / (sqrt(v) + eps)
+    ignores that scale except through eps, so eps is scaled along with it and V's lr is
+    alpha lr_logz: trust-pcl then takes exactly RTB's steps."""
     groups = [{"params": list(policy.parameters()), "lr": cfg.lr, "eps": ADAM_EPS * scale[0]}]
     if scalar is not None:
         groups.append({"params": [scalar], "lr": cfg.lr_logz * scale[1], "eps": ADAM_EPS * scale[1]})
-    clip = cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf
-    base_lrs = [g["lr"] for g in groups]  # the schedule scales every group's lr alike (trust-pcl stays RTB's twin)
-    opt = torch.optim.Adam(groups)
-    explore = obj.explores and not on_policy
-    hp = HyperParams(beta=beta, temper=float(T) if cfg.snis == "tempered" else 1.0, legacy_lambda=cfg.legacy_lambda)
-    ws = Workspace(policy, b_local)
-    gen = make_generator(seed, device)
-    first, run_id, log_lines = 0, new_run_id(), []
-    if state is not None:  # continue exactly where the saved run stopped
-        policy.load_state_dict(state.section("param.policy"))
-        if scalar is not None:
-            with torch.no_grad():
-                scalar.copy_(state.tensors["param.scalar"])
-        from .state import restore_optimizer
-        restore_optimizer(opt, state.tensors, state.adam_groups)
-        gen.set_state(state.generator_state("rollout"))
-        first, run_id = state.step, state.meta["run_id"]
+    return torch.optim.Adam(groups)
+
+
+def _check_reward(task: Task, prior: DiffusionSampler, seed: int, device: torch.device) -> None:
+    """The reward is finite and of the right shape on prior samples (a one-line InputError if not)."""
+    x = prior.sample(PROBE_N, 0.0, make_generator(seed + 7919, device))[-1]
+    with reward_rng(device, seed, -1):
+        check_reward_output(task.reward if task.has_reward else task.log_reward, x)
+
+
+def _run_info(
+    start: Checkpoint,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    seed: int,
+    device,
+    on_policy: bool,
+    dist: Dist,
+    state: RunState | None,
+    task: Task,
+) -> tuple[RunInfo, int]:
+    """What the run's files record, fresh or as the saved run recorded it; and the step offset."""
+    prior_sha, prior_path, offset = starting_point_ids(start)
+    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}
+    run_id, length = new_run_id(), preset.finetune.steps
+    if state is not None:
+        run_id, length = state.meta["run_id"], schedule_steps(state)
         offset, warm = int(state.meta.get("step_offset", 0)), json.loads(state.meta.get("warm_start", "{}"))
+    beta = preset.beta
+    top = {"algo": algo, "beta": repr(beta), "alpha": repr(1.0 / beta), "prior_sha256": prior_sha, "prior_path": prior_path}
+    if preset.reward is not None:
+        top["reward"] = preset.reward.function if isinstance(preset.reward, PythonRewardSpec) else preset.reward.type
+        if isinstance(task.reward, PythonReward) and task.reward.sha256:
+            top["reward_sha256"] = task.reward.sha256
+    info = RunInfo(
+        "finetune",
+        run_id,
+        seed,
+        device,
+        preset,
+        preset_ref,
+        preset.finetune.steps,
+        length,
+        dist.world,
+        Path(out),
+        checkpoint_meta=top,
+        run_meta={"on_policy": on_policy, **warm},
+        state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)},
+    )
+    return info, offset
+
+
+def setup(
+    start: Checkpoint,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    on_policy: bool = False,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    dist: Dist | None = None,
+) -> FinetuneRun:
+    """The run object: fresh from a prior, warm-started from a finetuned checkpoint, or (`resume`)
+    the saved run of a finetuned checkpoint, restored exactly (the settings checked first)."""
+    obj, dist, cfg = objective(algo), dist or Dist(), preset.finetune
+    if not obj.uses_beta and abs(preset.beta - 1.0) > 1e-12:
+        raise InputError(f"{algo} ignores beta (its fixed point is p_theta exp(r / 2 lambda), not p_theta r^beta): run it at beta = 1")
+    check_compatible(start, preset)
+    b_local = dist.check_batch(cfg.batch_size)
+    state = check_finetune_resumable(start, algo, preset, device) if resume else None
+    if state is not None:
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
-        prior_sha, prior_path = start.meta.get("prior_sha256", ""), start.meta.get("prior_path", "")
-        log_lines = earlier_log(state, start.path)
-        explore = obj.explores and not on_policy
-    paths = RunPaths(Path(out))
-    main = dist.is_main
+    task = Task(preset).to(device)
+    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype)
+    prior.requires_grad_(False)
+    _check_reward(task, prior, seed, device)
+    if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
+        preset = preset.updated("reward", sha256=task.reward.sha256)
+    info, offset = _run_info(start, preset, preset_ref, algo, out, seed, device, on_policy, dist, state, task)
+    scalar = nn.Parameter(torch.tensor(init, device=device, dtype=dtype)) if obj.scalar is not None else None
+    scale = obj.gradient_scales(1.0 / preset.beta)
+    opt = _optimizer(policy, scalar, cfg, scale)
+    schedule = Schedule(cfg, info.schedule_steps)
+    hp = HyperParams(beta=preset.beta, temper=float(policy.steps) if cfg.snis == "tempered" else 1.0, legacy_lambda=cfg.legacy_lambda)
+    run = FinetuneRun(
+        policy,
+        prior,
+        scalar,
+        opt,
+        None,
+        schedule,
+        make_generator(seed, device),
+        Workspace(policy, b_local),
+        task,
+        obj,
+        hp,
+        obj.explores and not on_policy,
+        cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf,
+        scale[0],
+        info,
+        0,
+        offset,
+    )
+    if state is not None:
+        restore(run, state, start.path)
+    run.sched = schedule.scheduler(opt, run.step)
+    return run
 
-    def learned_log_z() -> float | None:
-        if scalar is None:
-            return None
-        return obj.log_z(float(scalar.detach()), alpha)
 
-    def snapshot() -> dict:
-        return {k: v.clone() for k, v in finetuned_tensors(policy, prior, algo, scalar).items()}
+def restore(run: FinetuneRun, state: RunState, checkpoint: Path) -> None:
+    """Continue exactly where the saved run stopped: weights, Adam, generator, step, log."""
+    run.policy.load_state_dict(state.section("param.policy"))
+    if run.scalar is not None:
+        with torch.no_grad():
+            run.scalar.copy_(state.tensors["param.scalar"])
+    for g in run.opt.param_groups:  # the schedule's base lrs (a version-1 state saved only the scheduled ones)
+        g["initial_lr"] = g["lr"]
+    restore_optimizer(run.opt, state.tensors, state.adam_groups)
+    run.gen.set_state(state.generator_state("rollout"))
+    run.step, run.log_lines = state.step, tuple(earlier_log(state, checkpoint))
 
-    def meta(step: int, **extra) -> dict:
-        run = {"command": "finetune", "device": device.type, "seed": seed, "on_policy": on_policy, "prior_path": prior_path,
-               "steps": cfg.steps, "run_id": run_id, "processes": dist.world, "out": str(paths.out),
-               **warm, **extra}
-        m = base_metadata("finetuned", preset, preset_ref, offset + step, seed, run)
-        m.update(algo=algo, beta=repr(beta), alpha=repr(alpha), prior_sha256=prior_sha, prior_path=prior_path, run_id=run_id)
-        if preset.reward is not None:
-            m["reward"] = preset.reward.function if isinstance(preset.reward, PythonRewardSpec) else preset.reward.type
-            if isinstance(task.reward, PythonReward) and task.reward.sha256:
-                m["reward_sha256"] = task.reward.sha256
-        return m
 
-    def save(path: Path, step: int, status: str, log_to: Path | None) -> None:
-        """Checkpoint and resumable state of `step` (rank 0 only)."""
-        if not main:
-            return
-        save_checkpoint(path, finetuned_tensors(policy, prior, algo, scalar), meta(step, status=status))
-        params = {f"policy.{k}": v for k, v in policy.state_dict().items()}
-        if scalar is not None:
-            params["scalar"] = scalar.detach()
-        state_meta = {"kind": "finetune", "run_id": run_id, "step": step, "planned_steps": cfg.steps, "algo": algo, "seed": seed,
-                      "on_policy": on_policy, "device": device.type, "config": preset.model_dump_json(), "preset": preset_ref,
-                      "exploration_schedule": json.dumps({"s0": cfg.exploration, "hold": cfg.exploration_hold, "end": cfg.exploration_end}),
-                      "log": str(log_to) if log_to else "", "step_offset": offset, "warm_start": json.dumps(warm)}
-        save_state(RunPaths(path).state, params=params, opt=opt, generators={"rollout": gen}, meta=state_meta)
+class Watch:
+    """What the loop keeps on the device between loggings (no host sync): the first step whose loss,
+    or reward, was non-finite (0: never), and exact SNIS's smallest ESS since the start and its step."""
 
-    log = JsonlLog(log_path if main else None, preamble=log_lines)
-    timer = Timer()
-    # the first step at which the loss, or the reward, was non-finite (0: never); kept on the device
-    bad = torch.zeros((), dtype=torch.long, device=device)
-    bad_reward = torch.zeros((), dtype=torch.long, device=device)
-    last_good, last_good_step = snapshot(), first
-    loss_v, mean_log_r = float("nan"), float("nan")
-    step = first
-    step_seconds: list[float] = []
-    watch_ess = obj.weighs_behaviour and explore and hp.temper == 1.0  # --snis exact warns once if its weights collapse
-    low_ess = torch.full((), math.inf, device=device)
-    low_step = torch.zeros((), dtype=torch.long, device=device)
+    def __init__(self, device: torch.device, ess: bool):
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        self.bad, self.bad_reward, self.low_step = zero, zero.clone(), zero.clone()
+        self.low_ess, self.ess = torch.full((), math.inf, device=device), ess
 
-    def diverged(reason: str, every_rank: bool = True) -> RunError:
+    def update(self, st: StepStats, step: int) -> None:
+        self.bad = torch.where((self.bad == 0) & ~torch.isfinite(st.loss), step, self.bad)
+        self.bad_reward = torch.where((self.bad_reward == 0) & ~torch.isfinite(st.batch.log_r).all(), step, self.bad_reward)
+        if self.ess and st.batch.lb is not None:
+            ess_t = 1.0 / snis_weights(st.batch.lpf, st.batch.lb, 1.0).pow(2).sum()
+            self.low_step = torch.where(ess_t < self.low_ess, step, self.low_step)
+            self.low_ess = torch.minimum(self.low_ess, ess_t)
+
+
+class FinetuneRecipe(Recipe):
+    """Fine-tuning as `run_loop` drives it: its step, its log record, its files, its failures."""
+
+    command = "finetune"
+
+    def __init__(self, run: FinetuneRun, dist: Dist, paths: RunPaths, log: JsonlLog):
+        self.run, self.dist, self.paths, self.log = run, dist, paths, log
+        i = run.info
+        self.name, self.preset, self.device, self.total, self.first = (
+            f"finetune {i.state_meta['algo']}",
+            i.preset,
+            i.device,
+            i.steps,
+            run.step,
+        )
+        # --snis exact warns once if its weights collapse
+        self.watch = Watch(i.device, run.obj.weighs_behaviour and run.explore and run.hp.temper == 1.0)
+        self.last_good, self.last_good_step = self.snapshot(), run.step
+        self.loss = self.mean_log_r = float("nan")
+
+    def snapshot(self) -> dict:
+        r = self.run
+        return {k: v.clone() for k, v in finetuned_tensors(r.policy, r.prior, r.info.state_meta["algo"], r.scalar).items()}
+
+    def step(self) -> StepStats:
+        st = train_step(self.run, self.dist)
+        self.watch.update(st, self.run.step)
+        return st
+
+    def check(self) -> None:
+        """Stop on the first non-finite reward or loss, naming which came first (a host sync)."""
+        r, b = int(self.watch.bad_reward), int(self.watch.bad)
+        if r and (not b or r <= b):
+            raise self.diverged("the reward returned NaN or inf", self.run.step, True)
+        params_ok = all(bool(torch.isfinite(p).all()) for g in self.run.opt.param_groups for p in g["params"])
+        if b or not params_ok:
+            raise self.diverged("the loss or the parameters became non-finite", self.run.step, True)
+
+    def diverged(self, reason: str, step: int, every_rank: bool) -> RunError:
         """The error for a failed run; rank 0 keeps the last good state. `every_rank`: every process saw it."""
         advice = "try a lower --lr or --lr-logz" + (" or fix the reward" if "reward" in reason else "")
-        log.close()
-        if not main:  # a failure of this process alone (the reward raised here): rank 0 does not know the cause
-            return RunError(f"{reason} by step {step} in process {dist.rank} of {dist.world}: {advice}", every_rank=every_rank)
-        save_checkpoint(paths.last_good, last_good, meta(last_good_step, status="diverged", diverged_at=step))
-        return RunError(f"{reason} by step {step}: the last good state (step {last_good_step}) is in {paths.last_good}; {advice}",
-                        every_rank=every_rank)
+        self.log.close()
+        if not self.dist.is_main:  # a failure of this process alone (the reward raised here): rank 0 does not know the cause
+            return RunError(f"{reason} by step {step} in process {self.dist.rank} of {self.dist.world}: {advice}", every_rank=every_rank)
+        meta = self.run.info.checkpoint_metadata(self.run.offset + self.last_good_step, "diverged", diverged_at=step)
+        save_checkpoint(self.paths.last_good, self.last_good, meta)
+        return RunError(
+            f"{reason} by step {step}: the last good state (step {self.last_good_step}) is in {self.paths.last_good}; {advice}",
+            every_rank=every_rank,
+        )
 
-    def check_finite() -> None:
-        """At logging time (a host sync): stop on the first non-finite reward or loss, naming which came first."""
-        r, b = int(bad_reward), int(bad)
-        if r and (not b or r <= b):
-            raise diverged("the reward returned NaN or inf")
-        params_ok = all(bool(torch.isfinite(p).all()) for g in opt.param_groups for p in g["params"])
-        if b or not params_ok:
-            raise diverged("the loss or the parameters became non-finite")
+    def record(self, st: StepStats, step: int, rate: float, seconds: float) -> tuple[dict, str]:
+        self.check()
+        r = self.run
+        self.last_good, self.last_good_step = self.snapshot(), step
+        self.loss, self.mean_log_r = float(st.loss), float(st.batch.log_r.mean())
+        rec = {
+            "step": step,
+            "loss": self.loss,
+            "mean_log_r": self.mean_log_r,
+            "exploration": st.exploration,
+            "lr": st.lr,
+            "grad_norm": float(st.grad_norm),
+            "steps_per_s": rate,
+            "seconds": seconds,
+        }
+        shown = ""
+        if r.scalar is not None:
+            v = float(r.scalar.detach())
+            rec.update({r.obj.scalar: v, "log_z": r.learned_log_z()})
+            shown = f"{r.obj.scalar_label} {v:.4f}  "
+        elif st.batch.lb is not None:  # reinforce-kl off-policy: how many trajectories the weights rest on (a count)
+            rec["weights_ess"] = ess = float(1.0 / snis_weights(st.batch.lpf, st.batch.lb, r.hp.temper).pow(2).sum())
+            shown = f"ESS {ess:.1f}  "
+        self.warn_low_ess()
+        return rec, f"loss {self.loss:.4g}  {shown}E[log r] {self.mean_log_r:.3f}"
 
-    try:
-        with StopSignals() as signals, make_progress(enabled=progress and main) as bar:
-            job = bar.add_task(f"finetune {algo}", total=cfg.steps, completed=first, rate="", status="")
-            for it in range(first, cfg.steps):
-                t_step = time.perf_counter()
-                s_e = exploration_std(it, cfg.steps, cfg.exploration, cfg.exploration_hold, cfg.exploration_end) if explore else 0.0
-                lr_factor = learning_rate(it, cfg) / cfg.lr
-                for group, base in zip(opt.param_groups, base_lrs):
-                    group["lr"] = base * lr_factor
-                # 1. trajectories from the behaviour policy, without gradient, with the policy's activations
-                ro = rollout(policy, ws, s_e * s_e, gen, (dist.rank, dist.world))
-                log_r = task.log_reward(ro.traj[-1])
-                # 2. log-probabilities: policy and behaviour from the residuals, prior in one batched pass
-                with torch.no_grad():
-                    step_lpp = prior.step_log_probs(ro.traj)
-                step_lpf = step_log_probs(ro.residual, var).requires_grad_()
-                lb = step_log_probs(ro.residual, var + s_e * s_e).sum(0) if explore and obj.weighs_behaviour else None
-                batch = Batch(step_lpf, step_lpp, log_r, lb)
-                if dist.active:  # the global batch: every rank's trajectories, gradients only through this rank's
-                    batch = Batch(dist.gather(step_lpf), dist.gather(step_lpp), dist.gather(log_r), None if lb is None else dist.gather(lb))
-                # 3. the objective, its gradient, one Adam step
-                loss = obj.loss(batch, scalar, hp)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
-                policy_backward(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
-                dist.sum_grads(list(policy.parameters()))
-                # the policy gradient's norm (no host sync); clipped to grad_clip, in RTB's units (trust-pcl's gradient is alpha^2 RTB's)
-                grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), clip) / scale[0]
-                opt.step()
-                step = it + 1
-                bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step, bad)
-                bad_reward = torch.where((bad_reward == 0) & ~torch.isfinite(batch.log_r).all(), step, bad_reward)  # global: every rank agrees
-                if watch_ess and batch.lb is not None:  # exact SNIS: the smallest ESS since the last logging, and its step
-                    ess_t = 1.0 / snis_weights(batch.lpf.detach(), batch.lb, 1.0).pow(2).sum()
-                    low_step = torch.where(ess_t < low_ess, step, low_step)
-                    low_ess = torch.minimum(low_ess, ess_t)
-                bar.advance(job)
-                if step % log_every == 0 or step == cfg.steps:
-                    # the only host syncs of the loop, at logging time
-                    check_finite()
-                    last_good, last_good_step = snapshot(), step
-                    loss_v, mean_log_r = float(loss.detach()), float(batch.log_r.mean())
-                    lz = learned_log_z()
-                    rate = (step - first) / timer.elapsed
-                    rec = dict(step=step, loss=loss_v, mean_log_r=mean_log_r, exploration=s_e, lr=cfg.lr * lr_factor, grad_norm=float(grad_norm), steps_per_s=rate, seconds=timer.elapsed)
-                    shown = ""
-                    if scalar is not None:
-                        v = float(scalar.detach())
-                        rec.update({obj.scalar: v, "log_z": lz})
-                        shown = f"{obj.scalar_label} {v:.4f}  "
-                    elif batch.lb is not None:  # reinforce-kl off-policy: how many trajectories the weights rest on
-                        w = snis_weights(batch.lpf.detach(), batch.lb, hp.temper)
-                        rec["weights_ess"] = ess = float(1.0 / w.pow(2).sum())
-                        shown = f"ESS {ess:.1f}  "
-                    if watch_ess and float(low_ess) < ESS_WARN:
-                        watch_ess = False  # warned once
-                        warnings.warn(f"the exact SNIS weights' effective sample size fell to {float(low_ess):.1f} of {cfg.batch_size} at step "
-                                      f"{int(low_step)}: the gradient rests on a few trajectories; use --snis tempered or a smaller --exploration",
-                                      RtbcliWarning, stacklevel=2)
-                    log.write(**rec)
-                    bar.update(job, rate=f"{rate:.1f} it/s", status=f"loss {loss_v:.4g}  {shown}E[log r] {mean_log_r:.3f}")
-                step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
-                if step < cfg.steps and dist.any(signals.requested is not None):
-                    check_finite()
-                    with atomic_group():  # checkpoint, state and log of one step, put in place together
-                        save(paths.partial, step, "interrupted", paths.partial_log)
-                        log.snapshot(paths.partial_log if main else None)
-                    log.discard()  # the partial log holds its records
-                    dist.barrier()
-                    raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
-                                      f"`{resume_command('finetune', paths.partial, preset, device)}`", signals.exit_code)
-                if save_every and step % save_every == 0 and step < cfg.steps:
-                    with atomic_group():  # checkpoint, state and log of one step, put in place together
-                        save(paths.partial, step, "running", paths.partial_log)
-                        log.snapshot(paths.partial_log if main else None)
-    except RewardFailed as e:  # raised in this process only
-        raise diverged(str(e), every_rank=False) from None
-    check_finite()
-    seconds = timer.elapsed
-    med = statistics.median(step_seconds) if step_seconds else 0.0
-    with atomic_group():  # the checkpoint and its state together
-        save(paths.out, cfg.steps, "finished", log_path)
-    if main:
-        log.commit()
-        paths.remove_partial()
-    ran = cfg.steps - first
-    return FinetuneResult(paths.out, log_path, algo, cfg.steps, first, seconds, ran / seconds if seconds > 0 else 0.0, loss_v,
-                          learned_log_z(), mean_log_r, step_seconds or [med])
+    def warn_low_ess(self) -> None:
+        w = self.watch
+        if w.ess and float(w.low_ess) < ESS_WARN:
+            w.ess = False  # warned once
+            warnings.warn(
+                f"the exact SNIS weights' effective sample size fell to {float(w.low_ess):.1f} of "
+                f"{self.run.info.preset.finetune.batch_size} at step {int(w.low_step)}: the gradient rests on a few "
+                f"trajectories; use --snis tempered or a smaller --exploration",
+                RtbcliWarning,
+                stacklevel=4,
+            )
+
+    def save(self, path: Path, step: int, status: str, log_to: Path | None) -> None:
+        """Checkpoint and resumable state of `step` (rank 0 only)."""
+        if not self.dist.is_main:
+            return
+        r = self.run
+        params = {f"policy.{k}": v for k, v in r.policy.state_dict().items()}
+        if r.scalar is not None:
+            params["scalar"] = r.scalar.detach()
+        save_run(
+            path,
+            r.info,
+            step,
+            status,
+            log_to,
+            tensors=finetuned_tensors(r.policy, r.prior, r.info.state_meta["algo"], r.scalar),
+            params=params,
+            opt=r.opt,
+            generators={"rollout": r.gen},
+            checkpoint_step=r.offset + step,
+        )
+
+
+def finetune(
+    start: Checkpoint,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    on_policy: bool = False,
+    log_path: Path | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    save_every: int = 1000,
+    dist: Dist | None = None,
+) -> FinetuneResult:
+    """Fine-tune with `algo` under `preset` (beta and budget from it).
+
+    `start` is a prior checkpoint (a new run), or a finetuned one: `resume=True` continues that
+    run exactly from its saved state (to `preset.finetune.steps` in all; the schedules keep the
+    run's original length, see the module docstring); otherwise it is a warm start with a fresh
+    optimiser and schedule (see `starting_point`).
+    """
+    dist = dist or Dist()
+    run = setup(start, preset, preset_ref, algo, out, seed=seed, device=device, on_policy=on_policy, dtype=dtype, resume=resume, dist=dist)
+    paths = RunPaths(Path(out))
+    log = JsonlLog(log_path if dist.is_main else None, preamble=list(run.log_lines))
+    recipe = FinetuneRecipe(run, dist, paths, log)
+    done = run_loop(recipe, paths, log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)
+    ran, s = run.info.steps - recipe.first, done.seconds
+    med = statistics.median(done.step_seconds) if done.step_seconds else 0.0
+    return FinetuneResult(
+        paths.out,
+        log_path,
+        algo,
+        run.info.steps,
+        recipe.first,
+        s,
+        ran / s if s > 0 else 0.0,
+        recipe.loss,
+        run.learned_log_z(),
+        recipe.mean_log_r,
+        done.step_seconds or [med],
+    )

@@ -277,7 +277,7 @@ def row_keys() -> tuple[str, ...]:
 
 def lookup(report: dict, path: str):
     """report['a']['b'] for 'a.b'; None where any part is missing."""
-    v = report
+    v: object = report
     for part in path.split("."):
         v = v.get(part) if isinstance(v, dict) else None
     return v

@@ -10,6 +10,7 @@ in tests) and written atomically as PNG: a failed save leaves any earlier file u
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,8 @@ def _half_width(target: Target | None) -> float:
 
 def _density(target: Target, half: float, n: int = 241) -> tuple[np.ndarray, np.ndarray]:
     """Grid coordinates (n,) and log density relative to its maximum, (n, n) indexed [y, x]."""
+    if target.log_density is None:
+        raise InputError(f"the target {target.description} has no density to draw contours of")
     c = torch.linspace(-half, half, n, dtype=torch.float64)
     gy, gx = torch.meshgrid(c, c, indexing="ij")
     with torch.no_grad():
@@ -71,8 +74,10 @@ def _draw_samples(ax, x: np.ndarray, target: Target | None, grid, half: float, d
         ax.contourf(c, c, rel, levels=[*LEVELS, 0.0], cmap="Oranges", alpha=0.18, zorder=0)
         ax.contour(c, c, rel, levels=LEVELS, colors=TARGET_COLOR, linewidths=0.6, alpha=0.6 if strong else 0.4, zorder=1)
     if target is not None and strong and target.cell_means is not None:
-        for mu in target.cell_means.tolist():
-            ax.add_patch(Circle(mu, target.radius, fill=False, lw=0.5, ls="--", color="0.6", zorder=1))
+        radius = target.radius
+        if radius is not None:  # the mode cells, where the target has a radius for them
+            for mu in target.cell_means.tolist():
+                ax.add_patch(Circle(mu, radius, fill=False, lw=0.5, ls="--", color="0.6", zorder=1))
         if target.target_modes is not None:
             m = target.cell_means[target.target_modes].numpy()
             ax.scatter(m[:, 0], m[:, 1], marker="+", s=40, c="k", lw=0.9, zorder=3)
@@ -112,16 +117,20 @@ def _label(mu: list[float], k: int) -> str:
 
 def _draw_weights(ax, target: Target, metrics: dict, x: np.ndarray) -> None:
     """Horizontal grouped bars of target mass vs model frequency per mode cell, then 'elsewhere'."""
-    k = target.cell_means.shape[0]
+    means = target.cell_means
+    if means is None:
+        raise InputError(f"the target {target.description} has no modes to weigh")
+    k = means.shape[0]
     cells = metrics.get("cells")
     freq = mass = None
     if cells:
         freq = [c["frequency"] for c in cells["modes"]] + [cells["elsewhere"]["frequency"]]
         mass = [c["target_mass"] for c in cells["modes"]] + [cells["elsewhere"]["target_mass"]]
-    if freq is None and len(x) and x.shape[1] == target.cell_means.shape[1]:  # fall back to the plotted samples
+    if freq is None and len(x) and x.shape[1] == means.shape[1]:  # fall back to the plotted samples
         from .metrics import per_mode_frequencies
 
-        freq = per_mode_frequencies(torch.from_numpy(x), target).tolist()
+        counted = per_mode_frequencies(torch.from_numpy(x), target)
+        freq = None if counted is None else counted.tolist()
     if mass is None and target.cell_masses is not None:
         mass = target.cell_masses.tolist()
     if freq is None and mass is None:
@@ -138,7 +147,7 @@ def _draw_weights(ax, target: Target, metrics: dict, x: np.ndarray) -> None:
     if mass is not None:
         ax.barh(y - h / 2, p[rows], h, color=MASS_COLOR, label="target mass")
     ax.barh(y + h / 2 if mass is not None else y, q[rows], h, color=SAMPLE_COLOR, label="model frequency")
-    ax.set_yticks(y, [_label(target.cell_means[i].tolist(), i) if i < k else "elsewhere" for i in rows], fontsize=7)
+    ax.set_yticks(y, [_label(means[i].tolist(), i) if i < k else "elsewhere" for i in rows], fontsize=7)
     if target.target_modes is not None:
         for tick, i in zip(ax.get_yticklabels(), rows):
             if i < k and not bool(target.target_modes[i]):
@@ -168,8 +177,8 @@ def _is_plane(target: Target | None, samples, dims: tuple[int, int]) -> bool:
     return d == 2 and tuple(dims) == (0, 1) and target is not None and target.log_density is not None
 
 
-def _box(*arrays: np.ndarray) -> tuple[float, float]:
-    """A common range for all the arrays (1st and 99th percentiles, widened by 10%)."""
+def _box(*arrays: np.ndarray | None) -> tuple[float, float]:
+    """A common range for all the arrays (None ones left out) (1st and 99th percentiles, widened by 10%)."""
     v = np.concatenate([a.reshape(-1) for a in arrays if a is not None and a.size])
     if not v.size:
         return -1.0, 1.0
@@ -280,7 +289,7 @@ def plot_evaluation(
 
 def plot_panels(
     path: str | Path,
-    panels: list[tuple[str, np.ndarray | torch.Tensor]],
+    panels: Sequence[tuple[str, np.ndarray | torch.Tensor]],
     target: Target | None,
     suptitle: str | None = None,
     subtitles: list[str] | None = None,
@@ -296,13 +305,13 @@ def plot_panels(
     points = [_as_points(s, target, dims) for _, s in panels]
     plane = all(_is_plane(target, s, dims) for _, s in panels)
     ref = None if reference is None or plane else _as_points(reference, None, dims)[0]
-    if plane:
+    lims: tuple[float, float] | tuple[tuple[float, float], tuple[float, float]] | None = None
+    if plane and target is not None:  # (a plane has a target)
         half = _half_width(target)
         grid = _density(target, half)
     else:
         every = [p for p, _ in points] + ([ref] if ref is not None else [])
-        lims = (_box(*every),) if every[0].shape[1] == 1 else (_box(*[a[:, 0] for a in every]), _box(*[a[:, 1] for a in every]))
-        lims = lims[0] if len(lims) == 1 else lims
+        lims = _box(*every) if every[0].shape[1] == 1 else (_box(*[a[:, 0] for a in every]), _box(*[a[:, 1] for a in every]))
     nrows = math.ceil(len(panels) / 4)
     ncols = math.ceil(len(panels) / nrows)  # balanced rows of at most 4
     fig = Figure(figsize=(3.2 * ncols, 3.2 * nrows + (0.35 if suptitle else 0.0)), layout="constrained")

@@ -23,29 +23,35 @@ processes each rank keeps its share and the partial gradients are summed (`rtbcl
 `elbo` in the log is mean(log p_F(tau) - log p_B(tau | x)) on fresh bridge trajectories: a lower
 bound on E_data[log p_theta(x)], which approaches -H(p_data) (`data_log_prob`) as the prior fits.
 With `pretrain.ema` > 0 the saved weights are an exponential moving average of the trained ones.
+
+The learning-rate schedule is a function of the step and of the run's original planned length N
+(kept in its state): a resumed run continues it exactly, a run extended past N stays at lr_final
+(`rtbcli.trainer`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import base_metadata, sampler_tensors, save_checkpoint
+from .checkpoint import sampler_tensors
+from .checkpointer import RunInfo, save_run, schedule_steps
 from .config import Preset
 from .data import samples_for_check, scale_advice
 from .distributed import Dist
-from .errors import InputError, Interrupted, RtbcliWarning, RunError
-from .runtime import JsonlLog, Timer, atomic_group, make_generator, make_progress
+from .errors import RtbcliWarning, RunError
+from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
-from .state import load_state, restore_optimizer, save_state
+from .state import RunState, restore_optimizer
 from .tasks import Task
-from .training import RunPaths, StopSignals, config_differences, earlier_log, learning_rate, new_run_id, resume_command
+from .trainer import Recipe, Schedule, learning_rate, run_loop
+from .trainer_checks import check_pretrain_resumable
+from .training import RunPaths, earlier_log, new_run_id
 
 
 @dataclass
@@ -66,7 +72,7 @@ class PretrainResult:
 def _share(x: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
     rank, world = shard
     n = x.shape[0] // world
-    return x[rank * n:(rank + 1) * n]
+    return x[rank * n : (rank + 1) * n]
 
 
 def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
@@ -96,7 +102,7 @@ def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Ge
     w = sampler.net.state.weight
     x = task.data.sample(n, gen, dtype=w.dtype, device=w.device)
     traj = bridge_sample(x, sampler.steps, sampler.sigma2, gen)  # drawn for the global batch ...
-    lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]):(shard[0] + 1) * (n // shard[1])])  # ... this rank's share
+    lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]) : (shard[0] + 1) * (n // shard[1])])  # ... this rank's share
     return -(lp.mean() if shard[1] == 1 else lp.sum() / n)
 
 
@@ -115,127 +121,195 @@ def new_sampler(preset: Preset, seed: int, device) -> DiffusionSampler:
         return DiffusionSampler.from_spec(preset.dim, preset.sampler).to(device)
 
 
-def check_resumable(checkpoint, preset: Preset, device: torch.device):
-    if checkpoint.kind != "prior":
-        raise InputError(f"'{checkpoint.path}' is a finetuned checkpoint: resume it with `rtbcli finetune --resume`")
-    state = load_state(checkpoint.path, "pretrain")
-    if state.meta.get("run_id") != checkpoint.meta.get("run_id") or state.step != checkpoint.step:
-        raise InputError(f"the state file beside '{checkpoint.path}' belongs to another run or step: resume from the checkpoint it was saved with")
-    saved, mine = state.preset(), preset.updated("pretrain", steps=state.preset().pretrain.steps)
-    if saved != mine:
-        diff = ", ".join(config_differences(saved.model_dump(), mine.model_dump()))
-        raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
-                         f"and other settings except --steps")
-    if state.meta.get("device") != device.type:
-        raise InputError(f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
-                         f"resume with --device {state.meta.get('device')}")
-    if preset.pretrain.steps <= state.step:
-        raise InputError(f"the run is at step {state.step}; --steps {preset.pretrain.steps} would end it before that: give a larger total")
-    return state
+@dataclass
+class PretrainRun:
+    """A pretraining run between steps: what `setup` builds and `train_step` advances."""
+
+    sampler: DiffusionSampler  # trained
+    ema: DiffusionSampler | None  # its moving average (pretrain.ema > 0), what is saved
+    opt: torch.optim.Adam
+    sched: torch.optim.lr_scheduler.LambdaLR | None
+    gen: torch.Generator  # every draw of a step
+    check_gen: torch.Generator  # the logged ELBO's own draws
+    task: Task
+    info: RunInfo
+    step: int = 0
+    log_lines: tuple[str, ...] = ()
+
+    @property
+    def kept(self) -> DiffusionSampler:
+        """What is logged and saved: the moving average, or the trained sampler."""
+        return self.ema if self.ema is not None else self.sampler
 
 
-def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, device: torch.device = torch.device("cpu"),
-             log_path: Path | None = None, log_every: int = 100, progress: bool = True, resume_from=None, save_every: int = 1000,
-             dist: Dist | None = None) -> PretrainResult:
-    """Train a prior sampler on the preset's data and save it to `out` (atomically).
+def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
+    """One step: the estimator's loss on a fresh global batch, one Adam step, the moving average.
+    Returns this process's share of the loss (on the device)."""
+    cfg = run.info.preset.pretrain
+    batch_loss = pairs_loss if cfg.estimator == "pairs" else trajectory_loss
+    n = cfg.batch_size * (run.sampler.steps if cfg.estimator == "pairs" else 1)
+    loss = batch_loss(run.sampler, run.task, n, run.gen, (dist.rank, dist.world))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    dist.sum_grads(list(run.sampler.parameters()))
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    if run.ema is not None:
+        with torch.no_grad():
+            for pe, p in zip(run.ema.parameters(), run.sampler.parameters()):
+                pe.lerp_(p, 1.0 - cfg.ema)
+    return loss.detach()
 
-    `resume_from` (a prior checkpoint with its state file) continues that run exactly, to
-    `preset.pretrain.steps` in all.
-    """
-    dist = dist or Dist()
-    cfg = preset.pretrain
+
+def setup(
+    preset: Preset,
+    preset_ref: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    resume_from=None,
+    dist: Dist | None = None,
+) -> PretrainRun:
+    """The run object: a freshly initialised sampler, or (`resume_from`, a prior checkpoint with
+    its state file) the saved run, restored exactly (the settings checked first)."""
+    dist, cfg = dist or Dist(), preset.pretrain
     dist.check_batch(cfg.batch_size)
-    state = check_resumable(resume_from, preset, device) if resume_from is not None else None
+    state = check_pretrain_resumable(resume_from, preset, device) if resume_from is not None else None
     task = Task(preset, allow_import=False).to(device)  # pretraining never calls the reward
     if dist.is_main and state is None:
         advice = scale_advice(samples_for_check(task.data, 5000, seed), preset.sampler.sigma2)
         if advice:
-            warnings.warn(advice, RtbcliWarning, stacklevel=2)
+            warnings.warn(advice, RtbcliWarning, stacklevel=3)
+    if state is not None:
+        seed = int(state.meta["seed"])
     sampler = new_sampler(preset, seed, device)
     ema = copy.deepcopy(sampler).requires_grad_(False) if cfg.ema > 0 else None
-    kept = ema if ema is not None else sampler  # what is logged and saved
-    gen = make_generator(seed, device)
-    check_gen = make_generator(seed + 1, device)  # the logged ELBO's own draws
+    info = RunInfo(
+        "pretrain",
+        new_run_id() if state is None else state.meta["run_id"],
+        seed,
+        device,
+        preset,
+        preset_ref,
+        cfg.steps,
+        cfg.steps if state is None else schedule_steps(state),
+        dist.world,
+        Path(out),
+        state_meta={"lr_schedule": cfg.lr_schedule},
+    )
     opt = torch.optim.Adam(sampler.parameters(), lr=cfg.lr)
-    batch_loss = pairs_loss if cfg.estimator == "pairs" else trajectory_loss
-    n = cfg.batch_size * (preset.sampler.steps if cfg.estimator == "pairs" else 1)
-    first, run_id, log_lines = 0, new_run_id(), []
+    run = PretrainRun(sampler, ema, opt, None, make_generator(seed, device), make_generator(seed + 1, device), task, info)
     if state is not None:
-        sampler.load_state_dict(state.section("param.policy"))
-        if ema is not None:
-            ema.load_state_dict(state.section("ema"))
-        restore_optimizer(opt, state.tensors, state.adam_groups)
-        gen.set_state(state.generator_state("data"))
-        check_gen.set_state(state.generator_state("check"))
-        first, run_id, seed = state.step, state.meta["run_id"], int(state.meta["seed"])
-        log_lines = earlier_log(state, resume_from.path)
-    paths, main, shard = RunPaths(Path(out)), dist.is_main, (dist.rank, dist.world)
-    data_lp = float(task.data_log_prob(samples_for_check(task.data, 20_000, seed + 2)).mean()) if task.data_is_exact else None
+        restore(run, state, resume_from.path)
+    run.sched = Schedule(cfg, info.schedule_steps).scheduler(opt, run.step)
+    return run
 
-    def save(path: Path, step: int, status: str, log_to: Path | None, loss_v: float, elbo: float) -> None:
-        if not main:
+
+def restore(run: PretrainRun, state: RunState, checkpoint: Path) -> None:
+    """Continue exactly where the saved run stopped: weights, moving average, Adam, generators, step, log."""
+    run.sampler.load_state_dict(state.section("param.policy"))
+    if run.ema is not None:
+        run.ema.load_state_dict(state.section("ema"))
+    for g in run.opt.param_groups:  # the schedule's base lr (a version-1 state saved only the scheduled one)
+        g["initial_lr"] = g["lr"]
+    restore_optimizer(run.opt, state.tensors, state.adam_groups)
+    run.gen.set_state(state.generator_state("data"))
+    run.check_gen.set_state(state.generator_state("check"))
+    run.step, run.log_lines = state.step, tuple(earlier_log(state, checkpoint))
+
+
+class PretrainRecipe(Recipe):
+    """Pretraining as `run_loop` drives it: its step, its log record, its files."""
+
+    command, name = "pretrain", "pretrain"
+
+    def __init__(self, run: PretrainRun, dist: Dist, log: JsonlLog):
+        self.run, self.dist, self.log = run, dist, log
+        self.preset, self.device, self.total, self.first = run.info.preset, run.info.device, run.info.steps, run.step
+        self.loss = self.elbo = float("nan")
+        task, seed = run.task, run.info.seed
+        self.data_lp = float(task.data_log_prob(samples_for_check(task.data, 20_000, seed + 2)).mean()) if task.data_is_exact else None
+
+    def step(self) -> torch.Tensor:
+        return train_step(self.run, self.dist)
+
+    def record(self, loss: torch.Tensor, step: int, rate: float, seconds: float) -> tuple[dict, str]:
+        self.loss = self.dist.sum(loss).item()  # the global loss; the host syncs of the loop, at logging time only
+        if not math.isfinite(self.loss):  # the same on every rank
+            self.log.close()
+            raise RunError(f"pretraining diverged at step {step} (loss {self.loss}): nothing was saved; lower --lr", every_rank=True)
+        r = self.run
+        self.elbo = bridge_elbo(r.kept, r.task, 256, r.check_gen) if self.dist.is_main else float("nan")
+        lr = learning_rate(step - 1, r.info.preset.pretrain, r.info.schedule_steps)  # the schedule's lr of this step
+        rec = {
+            "step": step,
+            "loss": self.loss,
+            "elbo": self.elbo,
+            "data_log_prob": self.data_lp,
+            "lr": lr,
+            "steps_per_s": rate,
+            "seconds": seconds,
+        }
+        status = f"loss {self.loss:.3f}  elbo {self.elbo:.3f}" + (f" (data {self.data_lp:.3f})" if self.data_lp is not None else "")
+        return rec, status
+
+    def save(self, path: Path, step: int, status: str, log_to: Path | None) -> None:
+        if not self.dist.is_main:
             return
-        run = {"command": "pretrain", "device": device.type, "seed": seed, "steps": cfg.steps, "run_id": run_id, "status": status,
-               "processes": dist.world, "out": str(paths.out)}
-        meta = base_metadata("prior", preset, preset_ref, step, seed, run)
-        meta.update(final_loss=f"{loss_v:.6g}", final_elbo=f"{elbo:.6g}", seconds=f"{timer.elapsed:.1f}", run_id=run_id)
-        save_checkpoint(path, sampler_tensors(kept, "policy"), meta)
-        state_meta = {"kind": "pretrain", "run_id": run_id, "step": step, "planned_steps": cfg.steps, "seed": seed, "device": device.type,
-                      "config": preset.model_dump_json(), "preset": preset_ref, "lr_schedule": cfg.lr_schedule, "log": str(log_to) if log_to else ""}
-        extra = {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
-        save_state(RunPaths(path).state, params={f"policy.{k}": v for k, v in sampler.state_dict().items()}, opt=opt,
-                   generators={"data": gen, "check": check_gen}, meta=state_meta, extra=extra)
+        r = self.run
+        top = {"final_loss": f"{self.loss:.6g}", "final_elbo": f"{self.elbo:.6g}", "seconds": f"{self.timer.elapsed:.1f}"}
+        extra = {f"ema.{k}": v for k, v in r.ema.state_dict().items()} if r.ema is not None else {}
+        save_run(
+            path,
+            r.info,
+            step,
+            status,
+            log_to,
+            tensors=sampler_tensors(r.kept, "policy"),
+            params={f"policy.{k}": v for k, v in r.sampler.state_dict().items()},
+            opt=r.opt,
+            generators={"data": r.gen, "check": r.check_gen},
+            extra=extra,
+            top=top,
+        )
 
-    log = JsonlLog(log_path if main else None, preamble=log_lines)
-    timer = Timer()
-    loss_v = elbo = float("nan")
-    step_seconds: list[float] = []
-    with StopSignals() as signals, make_progress(enabled=progress and main) as bar:
-        job = bar.add_task("pretrain", total=cfg.steps, completed=first, rate="", status="")
-        for step in range(first + 1, cfg.steps + 1):
-            t_step = time.perf_counter()
-            lr = learning_rate(step - 1, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = batch_loss(sampler, task, n, gen, shard)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.sum_grads(list(sampler.parameters()))
-            opt.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), sampler.parameters()):
-                        pe.lerp_(p, 1.0 - cfg.ema)
-            bar.advance(job)
-            if step % log_every == 0 or step == cfg.steps:
-                loss_v = dist.sum(loss).item()  # the global loss; the host syncs of the loop, at logging time only
-                if not math.isfinite(loss_v):  # the same on every rank
-                    log.close()
-                    raise RunError(f"pretraining diverged at step {step} (loss {loss_v}): nothing was saved; lower --lr", every_rank=True)
-                elbo = bridge_elbo(kept, task, 256, check_gen) if main else float("nan")
-                rate = (step - first) / timer.elapsed
-                log.write(step=step, loss=loss_v, elbo=elbo, data_log_prob=data_lp, lr=lr, steps_per_s=rate, seconds=timer.elapsed)
-                status = f"loss {loss_v:.3f}  elbo {elbo:.3f}" + (f" (data {data_lp:.3f})" if data_lp is not None else "")
-                bar.update(job, rate=f"{rate:.1f} it/s", status=status)
-            step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
-            if step < cfg.steps and dist.any(signals.requested is not None):
-                with atomic_group():  # checkpoint, state and log of one step, put in place together
-                    save(paths.partial, step, "interrupted", paths.partial_log, loss_v, elbo)
-                    log.snapshot(paths.partial_log if main else None)
-                log.discard()  # the partial log holds its records
-                dist.barrier()
-                raise Interrupted(f"{signals.name} at step {step} of {cfg.steps}: saved to {paths.partial}; continue with "
-                                  f"`{resume_command('pretrain', paths.partial, preset, device)}`", signals.exit_code)
-            if save_every and step % save_every == 0 and step < cfg.steps:
-                with atomic_group():  # checkpoint, state and log of one step, put in place together
-                    save(paths.partial, step, "running", paths.partial_log, loss_v, elbo)
-                    log.snapshot(paths.partial_log if main else None)
-    seconds = timer.elapsed
-    with atomic_group():  # the checkpoint and its state together
-        save(paths.out, cfg.steps, "finished", log_path, loss_v, elbo)
-    if main:
-        log.commit()
-        paths.remove_partial()
-    ran = cfg.steps - first
-    return PretrainResult(paths.out, log_path, cfg.steps, first, seconds, ran / seconds if seconds > 0 else 0.0, loss_v, elbo, data_lp,
-                          step_seconds)
+
+def pretrain(
+    preset: Preset,
+    preset_ref: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    log_path: Path | None = None,
+    log_every: int = 100,
+    progress: bool = True,
+    resume_from=None,
+    save_every: int = 1000,
+    dist: Dist | None = None,
+) -> PretrainResult:
+    """Train a prior sampler on the preset's data and save it to `out` (atomically).
+
+    `resume_from` (a prior checkpoint with its state file) continues that run exactly, to
+    `preset.pretrain.steps` in all (the schedule keeps the run's original length).
+    """
+    dist = dist or Dist()
+    run = setup(preset, preset_ref, out, seed=seed, device=device, resume_from=resume_from, dist=dist)
+    log = JsonlLog(log_path if dist.is_main else None, preamble=list(run.log_lines))
+    recipe = PretrainRecipe(run, dist, log)
+    done = run_loop(recipe, RunPaths(Path(out)), log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)
+    ran, s = run.info.steps - recipe.first, done.seconds
+    return PretrainResult(
+        Path(out),
+        log_path,
+        run.info.steps,
+        recipe.first,
+        s,
+        ran / s if s > 0 else 0.0,
+        recipe.loss,
+        recipe.elbo,
+        recipe.data_lp,
+        done.step_seconds,
+    )

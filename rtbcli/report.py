@@ -200,7 +200,7 @@ def summary_table(summary: dict) -> Table:
     )
     t.add_column("method", no_wrap=True)
     for key in cols:
-        t.add_column(reg.METRICS[key].short if key in reg.METRICS else "train s", justify="right", no_wrap=True)
+        t.add_column((reg.METRICS[key].short or key) if key in reg.METRICS else "train s", justify="right", no_wrap=True)
     for i, row in enumerate(rows):
         style = "dim" if i == 0 else ("italic" if i == len(rows) - 1 else None)
         cells = ["diverged", *["-"] * (len(cols) - 1)] if row.get("diverged") else [summary_cell(row, key) for key in cols]

@@ -182,9 +182,12 @@ def reproduce(
 def _prior_stage(plan: _Plan):
     """Stage 1: the prior (copied from --prior or the shipped one, or pretrained) as out/prior.safetensors."""
     prior_file, preset = plan.out / "prior.safetensors", plan.preset
+    shipped = preset.reproduce.shipped_prior
     if plan.prior_path is None and plan.use_shipped:
-        plan.say(1, f"prior: the shipped prior ({preset.reproduce.shipped_prior})")
-        shutil.copyfile(shipped_prior(preset.reproduce.shipped_prior), prior_file)
+        if shipped is None:  # not reached: planning checks it
+            raise InputError(f"--quick starts from a shipped prior, and preset '{plan.ref}' has none: give --prior or --pretrain-steps")
+        plan.say(1, f"prior: the shipped prior ({shipped})")
+        shutil.copyfile(shipped_prior(shipped), prior_file)
     elif plan.prior_path is None:
         p = preset if plan.budget.pretrain_steps is None else preset.updated("pretrain", steps=plan.budget.pretrain_steps)
         plan.say(1, f"prior: pretraining {p.pretrain.steps:,} steps, batch {p.pretrain.batch_size}")
@@ -236,8 +239,8 @@ def _evaluate_stage(plan: _Plan, prior_ck, rows: list[dict]) -> tuple[dict, dict
     n, seed, device, preset = plan.budget.eval_n, plan.seed, plan.device, plan.preset
     plan.say(len(plan.methods) + 2, f"evaluating {len(plan.methods) + 1} samplers on n = {n:,} (and the target's samples)")
     # the preset names its reward, so the checkpoints' Python reward may be imported (as `evaluate --reward` would)
-    named = {"reward": preset.reward.function, "reward_kwargs": preset.reward.kwargs} if isinstance(preset.reward, PythonRewardSpec) else {}
-    ev_prior = evaluate(prior_ck, n, seed, device, beta=preset.beta, **named)
+    reward, reward_kwargs = (preset.reward.function, preset.reward.kwargs) if isinstance(preset.reward, PythonRewardSpec) else (None, None)
+    ev_prior = evaluate(prior_ck, n, seed, device, beta=preset.beta, reward=reward, reward_kwargs=reward_kwargs)
     prior_row = {"method": "prior (no fine-tuning)", "label": "prior", **metrics_of(ev_prior.metrics)}
     reference = ev_prior.reference
     panels, subtitles = [("prior", ev_prior.samples)], [subtitle(prior_row)]
@@ -247,7 +250,7 @@ def _evaluate_stage(plan: _Plan, prior_ck, rows: list[dict]) -> tuple[dict, dict
     for row in rows:
         if row["checkpoint"] is None:
             continue
-        ev = evaluate(load_checkpoint(row["checkpoint"]), n, seed, device, **named)
+        ev = evaluate(load_checkpoint(row["checkpoint"]), n, seed, device, reward=reward, reward_kwargs=reward_kwargs)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))
         subtitles.append(subtitle(row))

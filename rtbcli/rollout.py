@@ -11,6 +11,11 @@ those activations, and then
 
 This replaces the batched forward pass with gradient that would recompute the same activations.
 The tests check both against autograd through `DiffusionSampler.step_log_probs` in float64.
+
+`policy_grad` is the one interface: the fused backward (`backward`, which restates DriftNet's
+layout and calls aten's GELU backward) for the network it was written for (`fused_layout`), and
+autograd of one batched re-forward of all T*B transitions for any other drift network.
+benchmarks/bench_backward.py times the two.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 
 from .gaussian import centred_log_prob
-from .sampler import DiffusionSampler
+from .sampler import DiffusionSampler, DriftNet
 
 
 class Workspace:
@@ -51,8 +56,13 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(sampler: DiffusionSampler, ws: Workspace, extra_var: float = 0.0, generator: torch.Generator | None = None,
-            shard: tuple[int, int] = (0, 1)) -> Rollout:
+def rollout(
+    sampler: DiffusionSampler,
+    ws: Workspace,
+    extra_var: float = 0.0,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Rollout:
     """Sample ws.n trajectories of the behaviour policy (variance sigma2 dt + extra_var), keeping activations.
 
     `shard` = (rank, world): this rank's share of a global batch of world * ws.n (see `DiffusionSampler.run`).
@@ -124,3 +134,35 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
         p.grad = g if p.grad is None else p.grad + g
     with torch.enable_grad():
         s.time_table().backward(g_temb)  # the time MLP and the phases, T rows
+
+
+def fused_layout(net: nn.Module) -> bool:
+    """Whether `backward` knows `net`'s layout: a DriftNet (not a subclass, which may change
+    forward) whose body is GELU, then [Linear, GELU] * L, then the output Linear."""
+    if type(net) is not DriftNet:
+        return False
+    kinds = [type(m) for m in net.body]
+    n = (len(kinds) - 2) // 2
+    return (
+        len(kinds) >= 2
+        and kinds == [nn.GELU] + [nn.Linear, nn.GELU] * n + [nn.Linear]
+        and all(m.approximate == "none" for m in net.body if isinstance(m, nn.GELU))
+    )
+
+
+def autograd_backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
+    """`backward` by autograd: one batched re-forward of all T*n transitions with gradient, for
+    any drift network."""
+    s = ro.sampler
+    with torch.enable_grad():
+        step_lpf = centred_log_prob(ro.traj[1:] - s.means(ro.traj), s.step_var)
+        step_lpf.backward(grad_step_lpf)
+
+
+def policy_grad(ro: Rollout, grad_step_lpf: torch.Tensor, fused: bool | None = None) -> None:
+    """Accumulate into the sampler's .grad the gradient of sum_{i,b} g[i, b] * log p(x_{i+1} | x_i)
+    (the un-inflated policy): the fused `backward` where the layout allows it (`fused=None`), else
+    autograd of a batched re-forward (`autograd_backward`); `fused` forces one."""
+    if fused is None:
+        fused = fused_layout(ro.sampler.net) and ro.pre is not None
+    (backward if fused else autograd_backward)(ro, grad_step_lpf)

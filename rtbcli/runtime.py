@@ -9,9 +9,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -262,8 +262,11 @@ class LineProgress:
     def _print(self, task: int) -> None:
         t = self.tasks[task]
         t["last"] = time.monotonic()
-        self.console.print(f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}".rstrip(),
-                           markup=False, highlight=False)
+        self.console.print(
+            f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}".rstrip(),
+            markup=False,
+            highlight=False,
+        )
 
 
 class Timer:

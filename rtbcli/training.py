@@ -19,7 +19,6 @@ left as it was (writes go to a temporary name that is removed).
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import signal
 import threading
@@ -169,18 +168,3 @@ def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k} {a} vs {b}" if len(repr(a)) + len(repr(b)) < 60 else f"{prefix}{k}")
     return sorted(out)
-
-
-def learning_rate(step: int, cfg) -> float:
-    """lr at (0-indexed) `step` of a run with `cfg.steps` steps (a PretrainSpec or FinetuneSpec):
-    constant; cosine from lr to lr_final; or wsd (constant, then linear to lr_final over the last
-    `decay_fraction` of the run)."""
-    n = cfg.steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / n))
-    start = n * (1 - cfg.decay_fraction)
-    if step < start:
-        return cfg.lr
-    return cfg.lr + (cfg.lr_final - cfg.lr) * (step - start) / max(n - start, 1)

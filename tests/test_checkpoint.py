@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import rtbcli
 from rtbcli import __version__
-from rtbcli.checkpoint import base_metadata, load_checkpoint, sampler_tensors, save_checkpoint
+from rtbcli.checkpoint import FORMAT_VERSION, READS, base_metadata, load_checkpoint, sampler_tensors, save_checkpoint
 from rtbcli.errors import InputError
 from rtbcli.sampler import DiffusionSampler
 from test_sampler import seeded
@@ -34,10 +37,13 @@ def test_round_trip_tensors_and_metadata(tmp_path, tiny_preset):
 
 def test_no_pickle_in_the_file(tmp_path, tiny_preset):
     path = tmp_path / "p.safetensors"
-    save_checkpoint(path, sampler_tensors(DiffusionSampler(2, steps=10, hidden=16, time_features=8), "policy"),
-                    base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
+    save_checkpoint(
+        path,
+        sampler_tensors(DiffusionSampler(2, steps=10, hidden=16, time_features=8), "policy"),
+        base_metadata("prior", tiny_preset, "tiny", 0, 0, {}),
+    )
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
-    header = json.loads(path.read_bytes()[8:8 + header_len])  # plain JSON header, then raw tensor bytes
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])  # plain JSON header, then raw tensor bytes
     assert header["__metadata__"]["format"] == "rtbcli-checkpoint"
 
 
@@ -58,12 +64,15 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, tiny_preset,
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "not found"),
-    (b"", "not a readable safetensors file"),
-    (b"\x00" * 64, "not a readable safetensors file"),
-    (b"this is text, not tensors", "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "not found"),
+        (b"", "not a readable safetensors file"),
+        (b"\x00" * 64, "not a readable safetensors file"),
+        (b"this is text, not tensors", "not a readable safetensors file"),
+    ],
+)
 def test_missing_or_corrupt_files(tmp_path, content, match):
     path = tmp_path / "x.safetensors"
     if content is not None:
@@ -94,6 +103,7 @@ def test_wrong_kind(tmp_path, tiny_prior):
 
 def test_saved_files_follow_the_umask(tmp_path, tiny_preset):
     import os
+
     path = tmp_path / "p.safetensors"
     save_checkpoint(path, {"a": torch.zeros(1)}, base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
     mask = os.umask(0)
@@ -104,6 +114,7 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_preset):
 @pytest.mark.parametrize("config,match", [("{not json", "no readable config"), ('{"name": "x"}', "checkpoint config: missing key")])
 def test_unreadable_config_in_metadata(tmp_path, tiny_prior, config, match):
     from safetensors import safe_open
+
     with safe_open(str(tiny_prior), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -112,3 +123,64 @@ def test_unreadable_config_in_metadata(tmp_path, tiny_prior, config, match):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(InputError, match=match):
         load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- files of earlier versions
+DATA = Path(__file__).parent / "data"  # format-1 files written by c07af99 (tests/data/make_v1_files.py)
+SHIPPED = sorted((Path(rtbcli.__file__).parent / "data").glob("prior-*.safetensors"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_prior_loads_and_samples(path):
+    ck = load_checkpoint(path, expect_kind="prior")
+    assert ck.meta["format_version"] in READS and ck.step > 0
+    x = ck.sampler("policy").sample(8, 0.0, torch.Generator().manual_seed(0))[-1]
+    assert x.shape == (8, ck.preset.dim) and torch.isfinite(x).all()
+
+
+def copy_v1(tmp_path: Path, stem: str) -> Path:
+    for p in DATA.glob(f"{stem}.*"):
+        shutil.copyfile(p, tmp_path / p.name)
+    return tmp_path / f"{stem}.safetensors"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_version_1_partial_run_resumes_to_the_weights_version_1_finished_with(tmp_path):
+    """c07af99 stopped an rtb run (cosine lr, exploration) at step 3 of 6, and also finished it: this
+    rtbcli resumes the step-3 files to the same checkpoint, bit for bit, and the same log."""
+    from rtbcli.finetune import finetune
+
+    assert len(SHIPPED) >= 3
+    partial = load_checkpoint(copy_v1(tmp_path, "v1-rtb.partial"))
+    finished = load_checkpoint(DATA / "v1-rtb.safetensors")
+    assert partial.meta["format_version"] == finished.meta["format_version"] == "1" and partial.step == 3
+    assert finished.learned_log_z() == pytest.approx(finished.scalar("log_z"))
+    out = tmp_path / "done.safetensors"
+    finetune(partial, partial.preset, "tiny", "rtb", out, progress=False, resume=True, log_path=out.with_suffix(".jsonl"), log_every=1)
+    done = load_checkpoint(out)
+    assert done.meta["format_version"] == FORMAT_VERSION and done.step == 6
+    assert done.tensors.keys() == finished.tensors.keys()
+    assert [k for k in done.tensors if not torch.equal(done.tensors[k], finished.tensors[k])] == []
+    timing = {"steps_per_s", "seconds"}
+    logs = [
+        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in p.read_text().splitlines()]
+        for p in (out.with_suffix(".jsonl"), DATA / "v1-rtb.jsonl")
+    ]
+    assert logs[0] == logs[1] and len(logs[0]) == 6
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_version_1_finished_runs_extend(tmp_path):
+    """A finished version-1 fine-tuning run and pretraining run continue past their end (the
+    schedules' length is the planned length version 1 saved)."""
+    from rtbcli.finetune import finetune
+    from rtbcli.pretrain import pretrain
+    from rtbcli.state import load_state
+
+    ft = load_checkpoint(copy_v1(tmp_path, "v1-rtb"))
+    finetune(ft, ft.preset.updated("finetune", steps=8), "tiny", "rtb", tmp_path / "more.safetensors", progress=False, resume=True)
+    assert load_checkpoint(tmp_path / "more.safetensors").step == 8
+    assert load_state(tmp_path / "more.safetensors", "finetune").meta["schedule_steps"] == "6"
+    prior = load_checkpoint(copy_v1(tmp_path, "v1-prior"))
+    pretrain(prior.preset.updated("pretrain", steps=6), "tiny", tmp_path / "p.safetensors", progress=False, resume_from=prior)
+    assert load_checkpoint(tmp_path / "p.safetensors").step == 6

@@ -1,10 +1,11 @@
-"""What the fine-tuning loop (`rtbcli.finetune.finetune`) does, observed from inside a real run.
+"""What a fine-tuning step (`rtbcli.finetune.train_step`) does, observed from outside.
 
 Issue 13: exploration switched off in the loop, uniform SNIS weights and no tempering, all at
 once, left the suite green; the pieces were tested, not that the loop uses them. Here each test
-wraps what the loop calls (`rtbcli.finetune.rollout`, the loss functions the registry looks up
-in `rtbcli.objectives` at call time), records what every step used, and recomputes it by hand
-from the recorded trajectories and the policy's weights as they were at that step (float64).
+builds a run with `setup` and calls `train_step` itself, step by step, recording what every step
+used (its s_e, its trajectories, the policy's weights before it, and the arguments and value of
+the loss functions the registry looks up in `rtbcli.objectives` at call time), and recomputes it
+by hand from the recorded trajectories and weights (float64).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rtbcli import finetune as finetune_module
 from rtbcli import objectives
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.config import Preset
+from rtbcli.distributed import Dist
 from rtbcli.evaluate import evaluate
 from rtbcli.finetune import exploration_std, finetune
 from rtbcli.pretrain import pretrain
@@ -31,22 +33,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder:
-    """Records every rollout of a run (its s_e^2, trajectories, and the policy's weights then) and
-    the arguments and value of every call to the wrapped loss functions."""
+    """Runs a fine-tuning run step by step (`setup`, then `train_step`), recording every step's s_e^2,
+    trajectories and the policy's weights before it; and records the arguments and value of every
+    call to the wrapped loss functions."""
 
     def __init__(self, monkeypatch):
         self.rollouts: list[dict] = []
         self.calls: dict[str, list[dict]] = {}
         self.monkeypatch = monkeypatch
-        real = finetune_module.rollout
 
-        def rollout(sampler, ws, extra_var=0.0, generator=None, shard=(0, 1)):
-            ro = real(sampler, ws, extra_var, generator, shard)
-            self.rollouts.append({"extra_var": extra_var, "traj": ro.traj.detach().clone(),
-                                  "state": {k: v.detach().clone() for k, v in sampler.state_dict().items()}})
-            return ro
-
-        monkeypatch.setattr(finetune_module, "rollout", rollout)
+    def train(self, prior_path, preset, algo, tmp_path, **kw) -> None:
+        run = finetune_module.setup(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / f"{algo}.safetensors", dtype=F64, **kw)
+        for _ in range(preset.finetune.steps):
+            state = {k: v.detach().clone() for k, v in run.policy.state_dict().items()}
+            st = finetune_module.train_step(run, Dist())
+            self.rollouts.append({"extra_var": st.exploration * st.exploration, "traj": st.traj.detach().clone(), "state": state})
+        assert run.step == preset.finetune.steps
 
     def wrap(self, name: str, *arg_names: str) -> None:
         real = getattr(objectives, name)
@@ -71,8 +73,7 @@ def policy_at(preset: Preset, state: dict) -> DiffusionSampler:
 
 
 def run(prior_path, preset, algo, tmp_path, **kw):
-    return finetune(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / f"{algo}.safetensors", progress=False,
-                    dtype=F64, **kw)
+    return finetune(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / f"{algo}.safetensors", progress=False, dtype=F64, **kw)
 
 
 # ----------------------------------------------------------------------------- exploration
@@ -90,7 +91,7 @@ def test_behaviour_variance_follows_the_schedule_at_every_step(tmp_path, tiny_pr
     n = 20
     preset = tiny_preset.updated("finetune", steps=n, batch_size=16, exploration=s0, exploration_hold=hold, exploration_end=end)
     rec = Recorder(monkeypatch)
-    run(tiny_prior, preset, algo, tmp_path)
+    rec.train(tiny_prior, preset, algo, tmp_path)
     used = [r["extra_var"] for r in rec.rollouts]
     assert len(used) == n
     expected = [authors_schedule(it, n, s0, hold, end) ** 2 for it in range(n)]
@@ -107,7 +108,7 @@ def test_trajectories_come_from_the_inflated_behaviour_policy(tmp_path, tiny_pri
     s0 = 0.7
     preset = tiny_preset.updated("finetune", steps=2, batch_size=64, exploration=s0)
     rec = Recorder(monkeypatch)
-    run(tiny_prior, preset, "rtb", tmp_path)
+    rec.train(tiny_prior, preset, "rtb", tmp_path)
     first = rec.rollouts[0]
     policy = policy_at(preset, first["state"])
     traj = first["traj"]
@@ -122,7 +123,7 @@ def test_trajectories_come_from_the_inflated_behaviour_policy(tmp_path, tiny_pri
 def test_no_exploration_on_policy_or_for_legacy(tmp_path, tiny_prior, tiny_preset, monkeypatch, algo, on_policy):
     preset = tiny_preset.updated("finetune", steps=5, batch_size=16, exploration=0.5)
     rec = Recorder(monkeypatch)
-    run(tiny_prior, preset, algo, tmp_path, on_policy=on_policy)
+    rec.train(tiny_prior, preset, algo, tmp_path, on_policy=on_policy)
     assert [r["extra_var"] for r in rec.rollouts] == [0.0] * 5
 
 
@@ -151,7 +152,7 @@ def test_reinforce_kl_weights_are_the_snis_softmax_of_the_loop_batch(tmp_path, t
     preset = tiny_preset.updated("", beta=0.5).updated("finetune", steps=3, batch_size=32, exploration=0.5, snis=snis, lr=1e-2)
     rec = Recorder(monkeypatch)
     rec.wrap("reinforce_kl_loss", "lpf", "lpp", "log_r", "alpha", "weights")
-    run(tiny_prior, preset, "reinforce-kl", tmp_path)
+    rec.train(tiny_prior, preset, "reinforce-kl", tmp_path)
     calls = rec.calls["reinforce_kl_loss"]
     assert len(calls) == len(rec.rollouts) == 3
     temper = preset.sampler.steps if snis == "tempered" else 1.0
@@ -176,7 +177,7 @@ def test_reinforce_kl_weights_are_uniform_on_policy(tmp_path, tiny_prior, tiny_p
     preset = tiny_preset.updated("finetune", steps=3, batch_size=32, exploration=0.5, snis="exact")
     rec = Recorder(monkeypatch)
     rec.wrap("reinforce_kl_loss", "lpf", "lpp", "log_r", "alpha", "weights")
-    run(tiny_prior, preset, "reinforce-kl", tmp_path, on_policy=True)
+    rec.train(tiny_prior, preset, "reinforce-kl", tmp_path, on_policy=True)
     for c in rec.calls["reinforce_kl_loss"]:
         torch.testing.assert_close(c["weights"], torch.full((32,), 1 / 32, dtype=F64), rtol=0, atol=1e-15)
 
@@ -193,7 +194,7 @@ def test_beta_reaches_the_residual(tmp_path, tiny_prior, tiny_preset, frozen_pri
         rec.wrap("rtb_loss", "log_z", "lpf", "lpp", "log_r", "beta")
     else:
         rec.wrap("trust_pcl_loss", "v_s0", "step_lpf", "step_lpp", "rewards", "alpha")
-    run(tiny_prior, preset, algo, tmp_path)
+    rec.train(tiny_prior, preset, algo, tmp_path)
     calls = rec.calls["rtb_loss" if algo == "rtb" else "trust_pcl_loss"]
     assert len(calls) == 3
     moved = 0.0
@@ -222,7 +223,7 @@ def test_legacy_lambda_reaches_the_legacy_loss(tmp_path, tiny_prior, tiny_preset
     preset = tiny_preset.updated("finetune", steps=3, batch_size=32, lr=3e-2, legacy_lambda=lam)
     rec = Recorder(monkeypatch)
     rec.wrap("legacy_rl_loss", "lpf", "lpp", "log_r", "lam")
-    run(tiny_prior, preset, "legacy-rl", tmp_path)
+    rec.train(tiny_prior, preset, "legacy-rl", tmp_path)
     calls = rec.calls["legacy_rl_loss"]
     assert len(calls) == 3
     for r, c in zip(rec.rollouts, calls):
@@ -238,7 +239,8 @@ def test_legacy_lambda_reaches_the_legacy_loss(tmp_path, tiny_prior, tiny_preset
 
 # ----------------------------------------------------------------------------- training learns
 LEARN = {
-    "name": "learn-1d", "beta": 1.0,
+    "name": "learn-1d",
+    "beta": 1.0,
     "prior_data": {"means": [[-5.0], [0.0], [5.0]], "variance": 1.0},
     "reward": {"type": "mixture_ratio", "mixture": {"means": [[-5.0], [5.0]], "variance": 1.0, "weights": [1, 3]}},
     "sampler": {"steps": 10, "hidden": 16, "time_features": 8, "layers": 2},
@@ -270,13 +272,20 @@ def test_training_learns_the_mode_weights(tmp_path, learn_task, algo):
 
 
 # ----------------------------------------------------------------------------- the learning-rate schedule
+def steps_of(prior_path, preset, algo, tmp_path):
+    """A fresh fine-tuning run (`setup`) in float64, to step with `train_step`."""
+    return finetune_module.setup(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / "x.safetensors", dtype=F64)
+
+
 @pytest.mark.parametrize("algo", ["rtb", "trust-pcl"])
 def test_every_adam_step_uses_the_scheduled_learning_rates(tmp_path, tiny_prior, tiny_preset, monkeypatch, algo):
     """wsd over 10 steps, decaying over the last half to lr_final: the policy's lr and log Z's (trust-pcl:
-    V's, alpha lr_logz) both follow lr(step) / lr, step by step, and the log records the policy's."""
+    V's, alpha lr_logz) both follow lr(step) / lr, step by step (as Adam reads them when it steps), and
+    the log records the policy's."""
     n, lr, lr_logz, final = 10, 4e-3, 0.2, 1e-3
     preset = tiny_preset.updated("", beta=0.5).updated(
-        "finetune", steps=n, batch_size=16, lr=lr, lr_logz=lr_logz, lr_schedule="wsd", decay_fraction=0.5, lr_final=final)
+        "finetune", steps=n, batch_size=16, lr=lr, lr_logz=lr_logz, lr_schedule="wsd", decay_fraction=0.5, lr_final=final
+    )
     seen: list[list[float]] = []
     real_step = torch.optim.Adam.step
 
@@ -285,32 +294,53 @@ def test_every_adam_step_uses_the_scheduled_learning_rates(tmp_path, tiny_prior,
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    run(tiny_prior, preset, algo, tmp_path, log_path=tmp_path / "log.jsonl")
-    by_hand = [lr if it < 5 else lr + (final - lr) * (it - 5) / 5 for it in range(n)]  # written out, not training.learning_rate
+    run = steps_of(tiny_prior, preset, algo, tmp_path)
+    stats = [finetune_module.train_step(run, Dist()) for _ in range(n)]
+    by_hand = [lr if it < 5 else lr + (final - lr) * (it - 5) / 5 for it in range(n)]  # written out, not trainer.learning_rate
     v_scale = 2.0 if algo == "trust-pcl" else 1.0  # alpha = 1 / beta
     assert [s[0] for s in seen] == pytest.approx(by_hand, rel=1e-12)
     assert [s[1] for s in seen] == pytest.approx([v_scale * lr_logz * f / lr for f in by_hand], rel=1e-12)
+    assert [st.lr for st in stats] == [s[0] for s in seen]  # what a step reports is what Adam used
+    monkeypatch.undo()
+    finetune(
+        load_checkpoint(tiny_prior),
+        preset,
+        "tiny",
+        algo,
+        tmp_path / "log.safetensors",
+        progress=False,
+        log_path=tmp_path / "log.jsonl",
+        dtype=F64,
+    )
     logged = [r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
     assert logged and logged[-1] == pytest.approx(by_hand[-1], rel=1e-12)
 
 
 @pytest.mark.parametrize("algo", ["rtb", "trust-pcl"])
-def test_every_adam_step_gets_the_clipped_policy_gradient(tmp_path, tiny_prior, tiny_preset, monkeypatch, algo):
-    """With grad_clip c the policy gradient Adam sees has norm min(norm, c) in RTB's units (trust-pcl's
-    gradient, alpha^2 RTB's, is clipped at alpha^2 c); the log records the norm before clipping."""
+def test_every_adam_step_gets_the_clipped_policy_gradient(tmp_path, tiny_prior, tiny_preset, algo):
+    """With grad_clip c the policy gradient Adam steps with (left in .grad by the step) has norm min(norm, c)
+    in RTB's units (trust-pcl's gradient, alpha^2 RTB's, is clipped at alpha^2 c); the step reports the
+    norm before clipping, in RTB's units."""
     clip, alpha = 0.05, 2.0
     preset = tiny_preset.updated("", beta=1 / alpha).updated("finetune", steps=4, batch_size=16, grad_clip=clip)
-    norms: list[float] = []
-    real_step = torch.optim.Adam.step
-
-    def step(self, *a, **kw):
-        params = self.param_groups[0]["params"]
-        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))))
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
-    run(tiny_prior, preset, algo, tmp_path, log_path=tmp_path / "log.jsonl")
     unit = alpha * alpha if algo == "trust-pcl" else 1.0
-    logged = [r["grad_norm"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "grad_norm" in r]
-    assert logged and min(logged) > 2 * clip  # the clip binds: these norms were cut to it
-    assert [n / unit for n in norms] == pytest.approx([clip] * 4, rel=1e-5)
+    run, norms = steps_of(tiny_prior, preset, algo, tmp_path), []
+    for _ in range(4):
+        st = finetune_module.train_step(run, Dist())
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in run.policy.parameters()])))
+        assert float(st.grad_norm) > 2 * clip  # the clip binds: this norm was cut to it
+        assert norm / unit == pytest.approx(clip, rel=1e-5)
+        norms.append(float(st.grad_norm))
+    finetune(
+        load_checkpoint(tiny_prior),
+        preset,
+        "tiny",
+        algo,
+        tmp_path / "log.safetensors",
+        progress=False,
+        log_path=tmp_path / "log.jsonl",
+        log_every=1,
+        dtype=F64,
+    )
+    logged = [r["grad_norm"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())]
+    assert logged == pytest.approx(norms, rel=1e-9)  # the log records the norm before clipping, in RTB's units

@@ -91,7 +91,7 @@ class ReplayBuffer:
         slots = (self.head + torch.arange(n, device=self.device)) % self.capacity
         self.x.index_copy_(0, slots, x.detach().to(self.x))
         self.log_r.index_copy_(0, slots, log_r.detach().to(self.log_r))
-        if log_pi is not None:
+        if log_pi is not None and self.log_pi is not None:  # both or neither (checked above)
             self.log_pi.index_copy_(0, slots, log_pi.detach().to(self.log_pi))
         self.head = (self.head + n) % self.capacity
         self.size = min(self.size + n, self.capacity)

@@ -44,6 +44,8 @@ class LangevinScale(nn.Module):
     """NN2(t): sin/cos(t k + phase) (k = linspace(0.1, 100, n_freq)) -> Linear(2 n_freq, h)
     -> [GELU, Linear(h, h)] x (layers - 1) -> GELU -> Linear(h, out); last layer weight 0, bias `init`."""
 
+    freqs: torch.Tensor  # a registered buffer (nn.Module's __getattr__ is typed Tensor | Module)
+
     def __init__(self, out: int = 1, hidden: int = 64, n_freq: int = 64, layers: int = 3, init: float = 0.01):
         super().__init__()
         self.register_buffer("freqs", torch.linspace(0.1, 100.0, n_freq))

@@ -36,6 +36,8 @@ class BrownianPrior(nn.Module):
     (empty) buffer that fixes the dtype and device of `sample`.
     """
 
+    anchor: torch.Tensor  # a registered buffer (nn.Module's __getattr__ is typed Tensor | Module)
+
     def __init__(self, dim: int, steps: int = 100, sigma2: float = 1.0):
         super().__init__()
         if dim < 1 or steps < 1 or not sigma2 > 0:
