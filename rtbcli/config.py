@@ -295,7 +295,7 @@ class FinetuneSpec(Strict):
     """Local search runs at the replay steps with step % ls_every < 2 (the paper's ls_cycle)."""
     ls_steps: PosInt = 200
     """MALA iterations per local search ..."""
-    ls_burn_in: int = Field(100, ge=0)
+    ls_burn_in: Annotated[int, Field(ge=0)] = 100
     """... of which the first this-many are burn-in; the later states go into the local-search buffer."""
     ls_step_size: PosFloat = 0.1
     """MALA's initial step size, adapted toward acceptance 0.574."""

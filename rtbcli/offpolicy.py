@@ -1,5 +1,6 @@
 """Off-policy tools of fine-tuning (Sendera et al. 2024; docs/maths.md#energy-mode): the replay
-buffer alternated with forward batches, local search, and the paper's exploration schedule.
+buffer alternated with forward batches, and local search (the paper's exploration schedule is
+`rtbcli.trainer.exploration_linear`).
 
 As gfn-diffusion's energy_sampling/train.py does with `--both_ways --sampling buffer
 [--local_search]`, steps alternate by their (0-indexed) number `it`:
@@ -34,19 +35,12 @@ from collections.abc import Callable
 import torch
 
 from .energy.buffer import ReplayBuffer, backward_trajectories
+from .energy.langevin import LangevinSampler
 from .energy.local_search import SWITCH_OFF, log_density_and_grad, mala
 from .errors import InputError
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
 REPLAY_OBJECTIVES = ("rtb", "trust-pcl", "vargrad")  # the trajectory-balance objectives: no behaviour log-probability needed
-
-
-def exploration_linear(it: int, s0: float, end_step: int, total: int) -> float:
-    """The paper's schedule (gfn-diffusion `--exploration_wd`): s_e = s0 max(0, 1 - it / end_step),
-    0 from `end_step` on and at the last step of the run (`total` steps), as every rtbcli run."""
-    if it >= total - 1:
-        return 0.0
-    return s0 * max(0.0, 1.0 - it / end_step)
 
 
 def uses_offpolicy(cfg) -> bool:
@@ -133,6 +127,7 @@ class OffPolicy:
         x, _, _ = self.buffer.sample(n, self.gen)
         c = self.cfg
         res = mala(x, self.log_density, c.ls_steps, c.ls_burn_in, c.ls_step_size, keep_chain=True, generator=self.gen)
+        assert res.chain is not None and res.chain_log_pi is not None  # keep_chain
         states = res.chain.reshape(-1, x.shape[-1])
         with torch.no_grad():
             log_r = log_reward(states)
@@ -147,6 +142,13 @@ class OffPolicy:
         source = self.ls_buffer if self.ls_buffer is not None else self.buffer
         x, log_r, _ = source.sample(n, self.gen)
         return backward_trajectories(x, self.steps, self.sigma2, self.gen), log_r
+
+    def log_record(self, replayed: bool) -> dict:
+        """What a log record adds (at logging time: host reads allowed)."""
+        rec: dict[str, bool | int | float] = {"replayed": replayed, "buffer": len(self.buffer)}
+        if self.ls_buffer is not None:
+            rec.update(ls_buffer=len(self.ls_buffer), ls_step_size=float(self.ls_step_size), ls_acceptance=float(self.ls_acceptance))
+        return rec
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -164,3 +166,28 @@ class OffPolicy:
         if self.ls_buffer is not None:
             self.ls_buffer.load_state_dict({k[10:]: v for k, v in d.items() if k.startswith("ls_buffer.")})
         self.gen.set_state(d["rng"])
+
+
+# ---------------------------------------------------------------------- the Langevin parametrisation
+def _no_target(x: torch.Tensor) -> torch.Tensor:
+    raise InputError("this Langevin policy has no gradient target yet: set policy.net.log_density (log pi, or log r)")
+
+
+def langevin_policy(
+    spec, dim: int, seed: int, *, nn1: dict[str, torch.Tensor] | None = None, weights: dict[str, torch.Tensor] | None = None
+) -> LangevinSampler:
+    """A policy with the Langevin parametrisation (`rtbcli.energy.langevin`) for the sampler `spec`
+    (a SamplerSpec): NN1 from `nn1` (a DiffusionSampler's state: the prior's drift) with a fresh NN2
+    (zero last layer, bias 0.01), its random initial values drawn from `seed` alone; or every weight
+    from `weights` (a Langevin policy's state, e.g. a finetuned checkpoint's). Its gradient target
+    (`policy.net.log_density`) is set by the run: a checkpoint never holds code."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        p = LangevinSampler(dim, _no_target, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers)
+    if weights is not None:
+        p.load_state_dict(weights, strict=True)
+    elif nn1 is not None:
+        missing, unexpected = p.load_state_dict(nn1, strict=False)
+        if unexpected or any(not k.startswith("net.scale.") for k in missing):
+            raise InputError(f"the prior's drift does not fit the Langevin policy's NN1 (missing {missing}, unexpected {unexpected})")
+    return p

@@ -11,8 +11,9 @@ import torch
 
 from rtbcli.config import FinetuneSpec
 from rtbcli.errors import InputError
-from rtbcli.offpolicy import OffPolicy, check_gradient, check_options, exploration_linear
+from rtbcli.offpolicy import OffPolicy, check_gradient, check_options
 from rtbcli.sampler import bridge_log_prob
+from rtbcli.trainer import exploration_linear
 
 D, T, SIGMA2 = 2, 10, 1.0
 CENTRE = torch.tensor([3.0, -2.0], dtype=torch.float64)
