@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from .energy.buffer import ReplayBuffer, backward_trajectories
-from .energy.langevin import LangevinSampler
+from .energy.langevin import LangevinDriftNet, LangevinSampler
 from .energy.local_search import SWITCH_OFF, log_density_and_grad, mala
 from .errors import InputError
 
@@ -191,3 +191,17 @@ def langevin_policy(
         if unexpected or any(not k.startswith("net.scale.") for k in missing):
             raise InputError(f"the prior's drift does not fit the Langevin policy's NN1 (missing {missing}, unexpected {unexpected})")
     return p
+
+
+def load_langevin_policy(
+    checkpoint, log_density: LogDensity, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LangevinSampler:
+    """A finetuned checkpoint's Langevin policy (`checkpoint`: a `rtbcli.checkpoint.Checkpoint`), with its gradient target given
+    again: log pi in energy mode, else log r, differentiable (a checkpoint never holds code)."""
+    if checkpoint.kind != "finetuned" or not checkpoint.preset.finetune.langevin:
+        raise InputError(f"'{checkpoint.path}' holds no policy with the Langevin parametrisation: load it with Checkpoint.sampler")
+    p = langevin_policy(checkpoint.preset.sampler, checkpoint.preset.dim, 0, weights=checkpoint.section("policy"))
+    net = p.net
+    assert isinstance(net, LangevinDriftNet)
+    net.log_density = log_density
+    return p.to(device=device, dtype=dtype)

@@ -24,7 +24,7 @@ from rtbcli.energy import LangevinSampler
 from rtbcli.energy.buffer import backward_trajectories
 from rtbcli.errors import Interrupted
 from rtbcli.finetune import attach_offpolicy, finetune, setup, train_step
-from rtbcli.offpolicy import OffPolicy
+from rtbcli.offpolicy import OffPolicy, load_langevin_policy
 from rtbcli.sampler import DiffusionSampler
 from rtbcli.tasks import Task
 from test_host_syncs import host_reads
@@ -249,7 +249,11 @@ def test_a_run_with_the_tools_stopped_and_resumed_is_the_same_run(tools, tmp_pat
             assert torch.equal(a[k], b[k]), (name, k)
     if tools.get("langevin"):
         ck = load_file(str(tmp_path / "x.safetensors"))
-        assert any(k.startswith("policy.net.scale.") for k in ck)  # the checkpoint stores NN2
+        assert any(k.startswith("policy.net.scale.") for k in ck)  # the checkpoint stores NN2 ...
+        task = Task(preset)
+        lp = load_langevin_policy(load_checkpoint(tmp_path / "x.safetensors"), task.log_reward, dtype=F64)  # ... loaded with the target
+        assert all(torch.equal(v.float(), ck[f"policy.{k}"]) for k, v in lp.state_dict().items())
+        assert torch.isfinite(lp.sample(8)).all()
 
 
 # ----------------------------------------------------------------------------- bad options through the command line
