@@ -99,7 +99,9 @@ class Checkpoint:
         from .objectives import OBJECTIVES
 
         obj = OBJECTIVES.get(self.algo or "")
-        value = self.scalar(obj.scalar) if obj is not None and obj.scalar is not None else None
+        if obj is None or obj.scalar is None:
+            return None
+        value = self.scalar(obj.scalar)
         return None if value is None else obj.log_z(value, float(self.meta.get("alpha", 1.0)))
 
 

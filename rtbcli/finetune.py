@@ -48,6 +48,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,6 +107,8 @@ def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: s
     tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
     name = OBJECTIVES[algo].scalar
     if name is not None:
+        if scalar is None:
+            raise ValueError(f"{algo} learns {name}, but no value was given to save")
         tensors[name] = scalar.detach().to("cpu", torch.float32).reshape(())
     return tensors
 
@@ -176,7 +179,7 @@ class FinetuneRun:
     prior: DiffusionSampler  # frozen
     scalar: nn.Parameter | None  # log Z (rtb), V(s0) (trust-pcl), or none
     opt: torch.optim.Adam
-    sched: torch.optim.lr_scheduler.LambdaLR
+    sched: torch.optim.lr_scheduler.LambdaLR | None  # set by setup once a resumed run's step is known
     schedule: Schedule
     gen: torch.Generator  # every trajectory's noise
     ws: Workspace
@@ -242,6 +245,7 @@ def train_step(run: FinetuneRun, dist: Dist) -> StepStats:
     loss = run.obj.loss(batch, run.scalar, run.hp)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
+    assert step_lpf.grad is not None  # the loss depends on every trajectory's log-probabilities
     policy_grad(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
     grad_norm = _update(run, dist)
     detached = Batch(batch.step_lpf.detach(), batch.step_lpp, batch.log_r, batch.lb)
@@ -254,6 +258,7 @@ def _update(run: FinetuneRun, dist: Dist) -> torch.Tensor:
     dist.sum_grads(list(run.policy.parameters()))
     grad_norm = nn.utils.clip_grad_norm_(run.policy.parameters(), run.clip) / run.grad_scale
     run.opt.step()
+    assert run.sched is not None, "setup builds the schedule"
     run.sched.step()
     run.step += 1
     return grad_norm
@@ -412,6 +417,7 @@ def setup(
     )
     attach_offpolicy(run, dist)
     if state is not None:
+        assert start.path is not None  # a checkpoint with a state file was loaded from a file
         restore(run, state, start.path)
     run.sched = schedule.scheduler(opt, run.step)
     return run
@@ -530,7 +536,7 @@ class FinetuneRecipe(Recipe):
         r = self.run
         self.last_good, self.last_good_step = self.snapshot(), step
         self.loss, self.mean_log_r = float(st.loss), float(st.batch.log_r.mean())
-        rec = {
+        rec: dict[str, Any] = {
             "step": step,
             "loss": self.loss,
             "mean_log_r": self.mean_log_r,
@@ -541,7 +547,7 @@ class FinetuneRecipe(Recipe):
             "seconds": seconds,
         }
         shown = ""
-        if r.scalar is not None:
+        if r.scalar is not None and r.obj.scalar is not None:
             v = float(r.scalar.detach())
             rec.update({r.obj.scalar: v, "log_z": r.learned_log_z()})
             shown = f"{r.obj.scalar_label} {v:.4f}  "

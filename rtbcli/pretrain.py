@@ -153,6 +153,7 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     loss.backward()
     dist.sum_grads(list(run.sampler.parameters()))
     run.opt.step()
+    assert run.sched is not None, "setup builds the schedule"
     run.sched.step()
     run.step += 1
     if run.ema is not None:

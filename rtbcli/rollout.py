@@ -37,10 +37,9 @@ class Workspace:
         w = sampler.net.state.weight
         hidden = sampler.net.state.out_features
         layers = sum(isinstance(m, nn.Linear) for m in sampler.net.body)  # hidden Linears + the output
-        kw = {"dtype": w.dtype, "device": w.device}
         self.n = n
-        self.traj = torch.empty(sampler.steps + 1, n, sampler.dim, **kw)
-        self.pre = torch.empty(layers, sampler.steps, n, hidden, **kw)
+        self.traj = torch.empty(sampler.steps + 1, n, sampler.dim, dtype=w.dtype, device=w.device)
+        self.pre = torch.empty(layers, sampler.steps, n, hidden, dtype=w.dtype, device=w.device)
         self.post = torch.empty_like(self.pre)
 
 

@@ -138,7 +138,7 @@ def atomic_group() -> Iterator[None]:
                 os.replace(tmp, path)
                 mine.pop(0)
         finally:
-            if block:
+            if old is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
     finally:
         for tmp, _ in mine:
@@ -194,6 +194,7 @@ class JsonlLog:
     def commit(self) -> None:
         self.close()
         if self.part:
+            assert self.path is not None  # a log with a part file has a destination
             os.replace(self.part, self.path)
 
 

@@ -35,6 +35,8 @@ from .gaussian import LOG_2PI, centred_log_prob, gaussian_log_prob  # noqa: F401
 class TimeEncoding(nn.Module):
     """PIS-style time features: sin/cos(t * k + phase), k = linspace(0.1, 100, n), then an MLP."""
 
+    freqs: torch.Tensor  # a registered buffer
+
     def __init__(self, n_freq: int = 64, hidden: int = 64):
         super().__init__()
         self.register_buffer("freqs", torch.linspace(0.1, 100.0, n_freq))
@@ -147,7 +149,7 @@ class DiffusionSampler(nn.Module):
             x = h = traj[i]
             for k, (bias, weight) in enumerate(weights):
                 bias = bias[i] if k == 0 else bias
-                if pre is None:
+                if pre is None or post is None:
                     h = F.gelu(torch.addmm(bias, h, weight))
                 else:
                     a = torch.addmm(bias, h, weight, out=pre[k, i])

@@ -72,8 +72,7 @@ def check_compatible(prior: Checkpoint, preset: Preset) -> None:
         raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
     a, b = prior.preset.prior_data, preset.prior_data
     if data_identity(a) != data_identity(b):
-        both = isinstance(a, MixtureSpec) and isinstance(b, MixtureSpec)
-        what = f"; {mixture_difference(a, b)}" if both else ""
+        what = f"; {mixture_difference(a, b)}" if isinstance(a, MixtureSpec) and isinstance(b, MixtureSpec) else ""
         raise InputError(
             f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}{what}: "
             f"fine-tune under the preset the prior was pretrained with (its data define the target)"
@@ -84,6 +83,7 @@ def check_finetune_resumable(start: Checkpoint, algo: str, preset: Preset, devic
     """The state beside a finetuned checkpoint, checked against the run that would continue it."""
     if start.kind != "finetuned":
         raise InputError(f"--resume needs a finetuned checkpoint; '{start.path}' is a prior: start a run with --prior")
+    assert start.path is not None  # loaded from a file
     state = load_state(start.path, "finetune")
     # a warm-started run's checkpoints number their steps on from the checkpoint it started from
     if state.meta.get("run_id") != start.meta.get("run_id") or state.step + int(state.meta.get("step_offset", 0)) != start.step:
@@ -112,6 +112,7 @@ def check_finetune_resumable(start: Checkpoint, algo: str, preset: Preset, devic
 def check_pretrain_resumable(checkpoint: Checkpoint, preset: Preset, device: torch.device) -> RunState:
     if checkpoint.kind != "prior":
         raise InputError(f"'{checkpoint.path}' is a finetuned checkpoint: resume it with `rtbcli finetune --resume`")
+    assert checkpoint.path is not None  # loaded from a file
     state = load_state(checkpoint.path, "pretrain")
     if state.meta.get("run_id") != checkpoint.meta.get("run_id") or state.step != checkpoint.step:
         raise InputError(

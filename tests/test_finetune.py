@@ -10,7 +10,8 @@ import torch
 from rtbcli import objectives
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.errors import InputError, RunError
-from rtbcli.finetune import exploration_std, finetune
+from rtbcli.finetune import finetune
+from rtbcli.trainer import exploration_std
 
 
 def test_exploration_schedule_matches_the_authors():

@@ -22,10 +22,11 @@ from rtbcli.checkpoint import load_checkpoint
 from rtbcli.config import Preset
 from rtbcli.distributed import Dist
 from rtbcli.evaluate import evaluate
-from rtbcli.finetune import exploration_std, finetune
+from rtbcli.finetune import finetune
 from rtbcli.pretrain import pretrain
 from rtbcli.sampler import DiffusionSampler
 from rtbcli.tasks import Task
+from rtbcli.trainer import exploration_std
 
 F64 = torch.float64
 
