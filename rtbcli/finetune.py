@@ -67,7 +67,7 @@ from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler
 from .state import RunState, restore_optimizer
 from .tasks import Task
-from .trainer import Recipe, Schedule, exploration_std, run_loop  # noqa: F401 (exploration_std: re-exported)
+from .trainer import Recipe, Schedule, run_loop  # exploration_std: re-exported
 from .trainer_checks import check_compatible, check_finetune_resumable  # check_compatible: re-exported
 from .training import RunPaths, earlier_log, new_run_id
 
