@@ -39,10 +39,12 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +57,10 @@ from .checkpoint import Checkpoint, sampler_tensors, save_checkpoint
 from .checkpointer import RunInfo, save_run, schedule_steps
 from .config import Preset, PythonRewardSpec
 from .distributed import Dist
+from .energy.langevin import LangevinDriftNet
 from .errors import InputError, RtbcliWarning, RunError
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
+from .offpolicy import OffPolicy, check_gradient, check_options, langevin_policy, uses_offpolicy
 from .rewards import PythonReward, check_reward_output
 from .rollout import Rollout, Workspace, policy_grad, rollout, step_log_probs
 from .runtime import JsonlLog, make_generator
@@ -109,20 +113,35 @@ def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: s
     return tensors
 
 
-def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype):
+def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype, *, langevin: bool = False, seed: int = 0):
     """(prior, policy, initial scalar, prior sha256, prior path, step offset) from a checkpoint.
 
     A prior checkpoint starts a run: the policy is a copy of the prior, log Z = V(s0) = 0. A
     finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
     V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
+    `langevin`: the policy has the Langevin parametrisation (`start_policy`).
     """
     ids = starting_point_ids(start)
     if start.kind == "prior":
-        return start.sampler("policy", device, dtype), start.sampler("policy", device, dtype), 0.0, *ids
-    prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
+        return start.sampler("policy", device, dtype), start_policy(start, langevin, seed, device, dtype), 0.0, *ids
+    prior, policy = start.sampler("prior", device, dtype), start_policy(start, langevin, seed, device, dtype)
     log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
     init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
     return prior, policy, init, *ids
+
+
+def start_policy(start: Checkpoint, langevin: bool, seed: int, device, dtype) -> DiffusionSampler:
+    """The policy a run starts from: the checkpoint's sampler (a prior's, or a finetuned run's policy).
+    With the Langevin parametrisation (`rtbcli.offpolicy.langevin_policy`): NN1 from that sampler
+    and a fresh NN2, or a Langevin checkpoint's policy whole; the run sets its gradient target."""
+    saved_lp = start.kind == "finetuned" and start.preset.finetune.langevin
+    if not langevin and not saved_lp:
+        return start.sampler("policy", device, dtype)
+    if not langevin:
+        raise InputError(f"'{start.path}' holds a policy with the Langevin parametrisation: keep it on (--langevin)")
+    weights = start.section("policy")
+    lp = langevin_policy(start.preset.sampler, start.preset.dim, seed, **({"weights": weights} if saved_lp else {"nn1": weights}))
+    return lp.to(device=device, dtype=dtype)
 
 
 def starting_point_ids(start: Checkpoint) -> tuple[str, str, int]:
@@ -174,6 +193,8 @@ class FinetuneRun:
     step: int  # steps done (of this run; a warm start's checkpoints add info.checkpoint offset)
     offset: int = 0  # a warm-started run's checkpoints count on from the checkpoint it started from
     log_lines: tuple[str, ...] = ()  # a resumed run's earlier log records
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # energy mode: the target's log pi (x (N, d) -> (N,))
+    offpolicy: OffPolicy | None = None  # the replay buffer and local search (`rtbcli.offpolicy`); None when they are off
 
     def learned_log_z(self) -> float | None:
         return None if self.scalar is None else self.obj.log_z(float(self.scalar.detach()), self.hp.alpha)
@@ -190,6 +211,7 @@ class StepStats:
     lr: float  # the policy's learning rate of this step
     traj: torch.Tensor  # this process's trajectories (T + 1, n, d): a view of the run's workspace, clone to keep
     log_z: torch.Tensor | None  # the learned scalar before the step
+    replayed: bool = False  # the step trained on replayed trajectories (`rtbcli.offpolicy`), not on a forward batch
 
 
 def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch, torch.Tensor]:
@@ -210,24 +232,70 @@ def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch,
 def train_step(run: FinetuneRun, dist: Dist) -> StepStats:
     """One step (module docstring): trajectories from the behaviour policy without gradient, their
     log-probabilities, the objective's gradient (autograd for log Z / V and d loss / d step lpf,
-    `policy_grad` for the policy's weights), one Adam step."""
+    `policy_grad` for the policy's weights), one Adam step. With replay on, every other step is a
+    `replay_step` instead, and forward batches feed the buffer (`rtbcli.offpolicy`)."""
+    if run.offpolicy is not None and run.offpolicy.replays(run.step):
+        return replay_step(run, dist)
     s_e = run.schedule.exploration(run.step) if run.explore else 0.0
     lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
     ro = rollout(run.policy, run.ws, s_e * s_e, run.gen, (dist.rank, dist.world))
     batch, step_lpf = score(run, ro, s_e, dist)
+    if run.offpolicy is not None:
+        run.offpolicy.add(ro.traj[-1], batch.log_r)
     loss = run.obj.loss(batch, run.scalar, run.hp)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
     assert step_lpf.grad is not None  # the loss depends on every trajectory's log-probabilities
     policy_grad(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
+    grad_norm = _update(run, dist)
+    detached = Batch(batch.step_lpf.detach(), batch.step_lpp, batch.log_r, batch.lb)
+    return StepStats(loss.detach(), detached, grad_norm, s_e, lr, ro.traj, log_z)
+
+
+def _update(run: FinetuneRun, dist: Dist) -> torch.Tensor:
+    """Sum the gradients over processes, clip, one Adam step and one schedule step; the policy
+    gradient's norm before clipping in RTB's units (no host sync)."""
     dist.sum_grads(list(run.policy.parameters()))
-    grad_norm = nn.utils.clip_grad_norm_(run.policy.parameters(), run.clip) / run.grad_scale  # no host sync
+    grad_norm = nn.utils.clip_grad_norm_(run.policy.parameters(), run.clip) / run.grad_scale
     run.opt.step()
     assert run.sched is not None, "setup builds the schedule"
     run.sched.step()
     run.step += 1
-    detached = Batch(batch.step_lpf.detach(), batch.step_lpp, batch.log_r, batch.lb)
-    return StepStats(loss.detach(), detached, grad_norm, s_e, lr, ro.traj, log_z)
+    return grad_norm
+
+
+def replay_step(run: FinetuneRun, dist: Dist) -> StepStats:
+    """A step on replayed trajectories (`rtbcli.offpolicy`; one process): states drawn from the
+    buffer by rank (after local search, when due), their trajectories by the backward process; lpf
+    by autograd of one batched forward pass of the policy over them, lpp from the frozen prior,
+    log r from the buffer. No behaviour log-probability: the trajectory-balance objectives only."""
+    assert run.offpolicy is not None
+    lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
+    traj, log_r = run.offpolicy.replay(run.step, run.ws.n, lambda x: _log_reward(run, x, dist))
+    with torch.no_grad():
+        step_lpp = run.prior.step_log_probs(traj)
+    step_lpf = run.policy.step_log_probs(traj)
+    batch = Batch(step_lpf, step_lpp, log_r, None)
+    loss = run.obj.loss(batch, run.scalar, run.hp)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _update(run, dist)
+    return StepStats(loss.detach(), Batch(step_lpf.detach(), step_lpp, log_r, None), grad_norm, 0.0, lr, traj, log_z, True)
+
+
+def _differentiable_log_reward(task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
+    """log r with autograd (the Langevin parametrisation's gradient): a Python reward's own function
+    (`PythonReward` calls it without gradient), or the task's reward."""
+    r = task.reward
+    if isinstance(r, PythonReward):
+        return functools.partial(r.function, **r.kwargs)
+    return task.log_reward
+
+
+def _log_reward(run: FinetuneRun, x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """log r of states that no rollout drew (local search's), under a reward generator of their own."""
+    with reward_rng(x.device, run.info.seed, run.step, dist.rank, 1):
+        return run.task.log_reward(x)
 
 
 def _optimizer(policy: DiffusionSampler, scalar: nn.Parameter | None, cfg, scale: tuple[float, float]) -> torch.optim.Adam:
@@ -317,7 +385,7 @@ def setup(
     if state is not None:
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
     task = Task(preset).to(device)
-    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype)
+    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, langevin=cfg.langevin, seed=seed)
     prior.requires_grad_(False)
     _check_reward(task, prior, seed, device)
     if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
@@ -347,11 +415,36 @@ def setup(
         0,
         offset,
     )
+    attach_offpolicy(run, dist)
     if state is not None:
         assert start.path is not None  # a checkpoint with a state file was loaded from a file
         restore(run, state, start.path)
     run.sched = schedule.scheduler(opt, run.step)
     return run
+
+
+def attach_offpolicy(run: FinetuneRun, dist: Dist) -> None:
+    """Check the off-policy options against the run (energy mode: `run.log_density` set) and build
+    its `OffPolicy` (None when replay and local search are off); give a Langevin policy its gradient
+    target, log pi in energy mode, else log r (`rtbcli.offpolicy`). One-line InputErrors name the fix."""
+    cfg, energy = run.info.preset.finetune, run.log_density is not None
+    check_options(cfg, run.info.state_meta["algo"], energy=energy, processes=dist.world)
+    p = run.policy
+    w = p.net.state.weight
+    probe = torch.zeros(4, p.dim, dtype=w.dtype, device=w.device)
+    if cfg.langevin:
+        net = p.net
+        assert isinstance(net, LangevinDriftNet)  # `start_policy` built it
+        target = run.log_density if run.log_density is not None else _differentiable_log_reward(run.task)
+        check_gradient(target, probe, "switch the Langevin parametrisation off (langevin = false / --no-langevin)")
+        net.log_density = target
+    if cfg.local_search and run.log_density is not None:  # `check_options`: local search is energy mode's
+        check_gradient(run.log_density, probe)
+    run.offpolicy = None
+    if uses_offpolicy(cfg):
+        run.offpolicy = OffPolicy(
+            cfg, p.dim, p.steps, p.sigma2, log_density=run.log_density, seed=run.info.seed, device=w.device, dtype=w.dtype
+        )
 
 
 def restore(run: FinetuneRun, state: RunState, checkpoint: Path) -> None:
@@ -364,6 +457,8 @@ def restore(run: FinetuneRun, state: RunState, checkpoint: Path) -> None:
         g["initial_lr"] = g["lr"]
     restore_optimizer(run.opt, state.tensors, state.adam_groups)
     run.gen.set_state(state.generator_state("rollout"))
+    if run.offpolicy is not None:
+        run.offpolicy.load_state_dict(state.section("offpolicy"))
     run.step, run.log_lines = state.step, tuple(earlier_log(state, checkpoint))
 
 
@@ -459,6 +554,8 @@ class FinetuneRecipe(Recipe):
         elif st.batch.lb is not None:  # reinforce-kl off-policy: how many trajectories the weights rest on (a count)
             rec["weights_ess"] = ess = float(1.0 / snis_weights(st.batch.lpf, st.batch.lb, r.hp.temper).pow(2).sum())
             shown = f"ESS {ess:.1f}  "
+        if r.offpolicy is not None:
+            rec.update(r.offpolicy.log_record(st.replayed))
         self.warn_low_ess()
         return rec, f"loss {self.loss:.4g}  {shown}E[log r] {self.mean_log_r:.3f}"
 
@@ -482,6 +579,7 @@ class FinetuneRecipe(Recipe):
         params = {f"policy.{k}": v for k, v in r.policy.state_dict().items()}
         if r.scalar is not None:
             params["scalar"] = r.scalar.detach()
+        extra = None if r.offpolicy is None else {f"offpolicy.{k}": v for k, v in r.offpolicy.state_dict().items()}
         save_run(
             path,
             r.info,
@@ -493,6 +591,7 @@ class FinetuneRecipe(Recipe):
             opt=r.opt,
             generators={"rollout": r.gen},
             checkpoint_step=r.offset + step,
+            extra=extra,
         )
 
 
