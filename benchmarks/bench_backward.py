@@ -52,9 +52,16 @@ def main() -> None:
             if r >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    report = {"device": device.type, "threads": args.threads, "torch": torch.__version__, "batch": 500, "T": s.steps,
-              "median_ms": {k: round(v * 1e3, 2) for k, v in med.items()}, "autograd_over_fused": round(med["autograd"] / med["fused"], 2),
-              "n": args.rounds}
+    report = {
+        "device": device.type,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "batch": 500,
+        "T": s.steps,
+        "median_ms": {k: round(v * 1e3, 2) for k, v in med.items()},
+        "autograd_over_fused": round(med["autograd"] / med["fused"], 2),
+        "n": args.rounds,
+    }
     if args.json:
         print(json.dumps(report))
         return

@@ -100,8 +100,11 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {
         "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "batch": 500, "T": 100,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batch": 500,
+        "T": 100,
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "p90_s": {k: round(sorted(v)[int(0.9 * (len(v) - 1))], 4) for k, v in times.items()},
         "n": {k: len(v) for k, v in times.items()},

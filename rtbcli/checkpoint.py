@@ -73,7 +73,7 @@ class Checkpoint:
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under `prefix.`, with the prefix removed."""
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def sampler(self, prefix: str = "policy", device: torch.device | str = "cpu", dtype=torch.float32) -> DiffusionSampler:
         """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior").
@@ -100,7 +100,9 @@ class Checkpoint:
         if t is None:
             return None
         if t.numel() != 1:
-            raise InputError(f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged")
+            raise InputError(
+                f"checkpoint '{self.path}': '{name}' should be a single number, it has shape {tuple(t.shape)}: the file is damaged"
+            )
         return float(t.reshape(()))
 
     def learned_log_z(self) -> float | None:
@@ -108,7 +110,9 @@ class Checkpoint:
         from .objectives import OBJECTIVES
 
         obj = OBJECTIVES.get(self.algo or "")
-        value = self.scalar(obj.scalar) if obj is not None and obj.scalar is not None else None
+        if obj is None or obj.scalar is None:
+            return None
+        value = self.scalar(obj.scalar)
         return None if value is None else obj.log_z(value, float(self.meta.get("alpha", 1.0)))
 
 
@@ -157,12 +161,18 @@ def load_checkpoint(path: Path | str, expect_kind: str | None = None) -> Checkpo
     except PermissionError:
         raise InputError(f"checkpoint '{path}' cannot be read: permission denied") from None
     except Exception as e:  # safetensors raises several types for non-safetensors input
-        raise InputError(f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli") from None
+        raise InputError(
+            f"'{path}' is not a readable safetensors file ({e.__class__.__name__}): give a checkpoint written by rtbcli"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise InputError(f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`")
+        raise InputError(
+            f"'{path}' is a safetensors file but not an rtbcli checkpoint: give a file written by `rtbcli pretrain` or `rtbcli finetune`"
+        )
     if meta.get("format_version") not in READS:
-        raise InputError(f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
-                         f"{' and '.join(READS)}: upgrade rtbcli")
+        raise InputError(
+            f"checkpoint '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
+            f"{' and '.join(READS)}: upgrade rtbcli"
+        )
     if meta.get("kind") not in KINDS:
         raise InputError(f"checkpoint '{path}' has an unknown kind '{meta.get('kind')}'")
     try:

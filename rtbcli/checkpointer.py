@@ -55,17 +55,35 @@ class RunInfo:
     def checkpoint_metadata(self, step: int, status: str, top: dict | None = None, **extra) -> dict[str, str]:
         """The checkpoint's metadata at `step` (the number the checkpoint carries): `top` adds
         top-level keys, `extra` options inside `run`."""
-        run = {"command": self.command, "device": self.device.type, "steps": self.steps, "schedule_steps": self.schedule_steps,
-               "processes": self.processes, "out": str(self.out), "status": status, **self.run_meta, **extra}
+        run = {
+            "command": self.command,
+            "device": self.device.type,
+            "steps": self.steps,
+            "schedule_steps": self.schedule_steps,
+            "processes": self.processes,
+            "out": str(self.out),
+            "status": status,
+            **self.run_meta,
+            **extra,
+        }
         meta = base_metadata(self.kind, self.preset, self.preset_ref, step, self.seed, run)
         meta.update(run_id=self.run_id, **self.checkpoint_meta, **(top or {}))
         return meta
 
     def state_metadata(self, step: int, log_to: Path | None) -> dict[str, str]:
-        return {"kind": self.command, "run_id": self.run_id, "step": step, "planned_steps": self.steps,
-                "schedule_steps": self.schedule_steps, "seed": self.seed, "device": self.device.type,
-                "config": self.preset.model_dump_json(), "preset": self.preset_ref, "log": str(log_to) if log_to else "",
-                **self.state_meta}
+        return {
+            "kind": self.command,
+            "run_id": self.run_id,
+            "step": step,
+            "planned_steps": self.steps,
+            "schedule_steps": self.schedule_steps,
+            "seed": self.seed,
+            "device": self.device.type,
+            "config": self.preset.model_dump_json(),
+            "preset": self.preset_ref,
+            "log": str(log_to) if log_to else "",
+            **self.state_meta,
+        }
 
 
 def schedule_steps(state: RunState) -> int:
@@ -73,9 +91,21 @@ def schedule_steps(state: RunState) -> int:
     return int(state.meta.get("schedule_steps", state.meta["planned_steps"]))
 
 
-def save_run(path: Path, info: RunInfo, step: int, status: str, log_to: Path | None, *, tensors: dict[str, torch.Tensor],
-             params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, generators: dict[str, torch.Generator],
-             extra: dict[str, torch.Tensor] | None = None, checkpoint_step: int | None = None, top: dict | None = None) -> None:
+def save_run(
+    path: Path,
+    info: RunInfo,
+    step: int,
+    status: str,
+    log_to: Path | None,
+    *,
+    tensors: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+    extra: dict[str, torch.Tensor] | None = None,
+    checkpoint_step: int | None = None,
+    top: dict | None = None,
+) -> None:
     """The checkpoint of `step` at `path` and its state beside it (both atomic; call inside an
     `atomic_group` so that they are put in place together). `checkpoint_step`: the step the
     checkpoint carries, when it differs (a warm-started run counts on from its start); `top`:

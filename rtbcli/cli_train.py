@@ -229,6 +229,14 @@ def finetune(
     on_policy: bool = typer.Option(False, "--on-policy", help="No exploration; reinforce-kl then uses uniform weights."),
     snis: Snis | None = typer.Option(None, help=field_help(FinetuneSpec, "snis")),
     legacy_lambda: float | None = typer.Option(None, help=field_help(FinetuneSpec, "legacy_lambda")),
+    # the off-policy tools (rtbcli.offpolicy), each off by default
+    exploration_end_step: int | None = typer.Option(None, help=field_help(FinetuneSpec, "exploration_end_step")),
+    replay: bool | None = typer.Option(None, "--replay/--no-replay", help=field_help(FinetuneSpec, "replay")),
+    buffer_size: int | None = typer.Option(None, help=field_help(FinetuneSpec, "buffer_size")),
+    local_search: bool | None = typer.Option(None, "--local-search/--no-local-search", help=field_help(FinetuneSpec, "local_search")),
+    ls_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_every")),
+    ls_step_size: float | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_step_size")),
+    langevin: bool | None = typer.Option(None, "--langevin/--no-langevin", help=field_help(FinetuneSpec, "langevin")),
     seed: int | None = typer.Option(None, help="Random seed [default: 0]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: finetuned-ALGO.safetensors]."),
@@ -274,6 +282,17 @@ def finetune(
         exploration=exploration,
         snis=snis,
         legacy_lambda=legacy_lambda,
+    )
+    p = with_overrides(  # the off-policy tools
+        p,
+        "finetune",
+        exploration_end_step=exploration_end_step,
+        replay=replay,
+        buffer_size=buffer_size,
+        local_search=local_search,
+        ls_every=ls_every,
+        ls_step_size=ls_step_size,
+        langevin=langevin,
     )
     if preset is None and target is None:  # energy mode: a checkpoint's own target is never imported unless named again
         require_named(p)

@@ -306,11 +306,36 @@ class FinetuneSpec(Strict):
     """reinforce-kl importance weights: softmax of the log-ratio / T (tempered, the authors') or / 1 (exact)."""
     legacy_lambda: NonNegFloat = 1.0
     """legacy-rl: weight lambda of the squared log-ratio penalty (1.0 is the authors' tuned value)."""
+    exploration_end_step: PosInt | None = None
+    """The paper's exploration schedule instead of the fractions above: s_e = exploration * max(0, 1 - step / this), 0 from
+    this step on (e.g. 5000 with exploration 0.1-0.2); none: the fractional schedule."""
+    replay: bool = False
+    """Replay buffer: every other step trains on buffer states' backward (bridge) trajectories instead of a forward batch,
+    as the paper's code alternates (rtb, trust-pcl, vargrad; rtbcli.offpolicy)."""
+    buffer_size: PosInt = 600_000
+    """The replay buffer keeps the last this-many terminal states (FIFO), drawn by rank of log r (energy mode: log pi)."""
+    buffer_rank_k: PosFloat = 0.01
+    """Rank prioritisation: P(rank i) is proportional to 1 / (k N + i) (smaller k: steeper)."""
+    local_search: bool = False
+    """Local search (energy mode, with replay): MALA toward pi on buffer states every ls_every steps; replayed states
+    then come from the local-search buffer."""
+    ls_every: PosInt = 100
+    """Local search runs at the replay steps with step % ls_every < 2 (the paper's ls_cycle)."""
+    ls_steps: PosInt = 200
+    """MALA iterations per local search ..."""
+    ls_burn_in: Annotated[int, Field(ge=0)] = 100
+    """... of which the first this-many are burn-in; the later states go into the local-search buffer."""
+    ls_step_size: PosFloat = 0.1
+    """MALA's initial step size, adapted toward acceptance 0.574."""
+    langevin: bool = False
+    """Langevin parametrisation: drift = NN1(x, t) + NN2(t) clip(grad log r(x)) (energy mode: grad log pi)."""
 
     @model_validator(mode="after")
     def _order(self) -> FinetuneSpec:
         if self.exploration_end < self.exploration_hold:
             raise ValueError("exploration_end must not come before exploration_hold")
+        if self.ls_burn_in >= self.ls_steps:
+            raise ValueError(f"ls_burn_in ({self.ls_burn_in}) must be below ls_steps ({self.ls_steps})")
         return self
 
 

@@ -171,30 +171,7 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
     from . import __version__
 
     src, out, to = Path(src), Path(out), str(getattr(to, "value", to))  # `to` may be a str Enum
-    if to not in TARGETS:
-        raise InputError(f"cannot convert to '{to}': choose {' or '.join(TARGETS)}")
-    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
-        raise InputError(f"the output '{out}' is the input checkpoint itself: choose another file name (the input is never changed)")
-    ck = load_checkpoint(src)
-    if ck.kind != "finetuned":
-        raise InputError(
-            f"checkpoint '{src}' is a {ck.kind} checkpoint, which has no log Z or V_soft(s0): "
-            f"give one written by `rtbcli finetune --algo {' or --algo '.join(TARGETS)}`"
-        )
-    algo = ck.algo
-    if algo is None or algo not in TARGETS:
-        raise InputError(
-            f"checkpoint '{src}' was fine-tuned with '{algo}', which learns no log Z or V_soft(s0): "
-            f"only {' and '.join(TARGETS)} checkpoints can be converted"
-        )
-    if algo == to:
-        others = " or ".join(f"--to {name}" for name in TARGETS if name != to)
-        raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert ({others} converts the other way)")
-    src_name, dst_name = _scalar_of(algo), _scalar_of(to)
-    if src_name not in ck.tensors or ck.tensors[src_name].numel() != 1 or dst_name in ck.tensors:
-        raise InputError(
-            f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged"
-        )
+    ck, algo, src_name, dst_name = _convertible(src, to, out)
     beta = _checkpoint_beta(ck)
     value = ck.scalar(src_name)
     if value is None:  # not reached: the tensor was checked above
@@ -240,6 +217,35 @@ def convert_checkpoint(src: Path, to: str, out: Path) -> dict:
         "source_sha256": ck.sha256,
         "sha256": sha256_file(out),
     }
+
+
+def _convertible(src: Path, to: str, out: Path) -> tuple[Checkpoint, str, str, str]:
+    """The checkpoint `src`, its objective and the two scalar names, once every check of `convert_checkpoint` has passed."""
+    if to not in TARGETS:
+        raise InputError(f"cannot convert to '{to}': choose {' or '.join(TARGETS)}")
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        raise InputError(f"the output '{out}' is the input checkpoint itself: choose another file name (the input is never changed)")
+    ck = load_checkpoint(src)
+    if ck.kind != "finetuned":
+        raise InputError(
+            f"checkpoint '{src}' is a {ck.kind} checkpoint, which has no log Z or V_soft(s0): "
+            f"give one written by `rtbcli finetune --algo {' or --algo '.join(TARGETS)}`"
+        )
+    algo = ck.algo
+    if algo is None or algo not in TARGETS:
+        raise InputError(
+            f"checkpoint '{src}' was fine-tuned with '{algo}', which learns no log Z or V_soft(s0): "
+            f"only {' and '.join(TARGETS)} checkpoints can be converted"
+        )
+    if algo == to:
+        others = " or ".join(f"--to {name}" for name in TARGETS if name != to)
+        raise InputError(f"checkpoint '{src}' is already a {to} checkpoint: nothing to convert ({others} converts the other way)")
+    src_name, dst_name = _scalar_of(algo), _scalar_of(to)
+    if src_name not in ck.tensors or ck.tensors[src_name].numel() != 1 or dst_name in ck.tensors:
+        raise InputError(
+            f"checkpoint '{src}' is labelled {algo} but lacks a single '{src_name}' tensor (or also has '{dst_name}'): it is damaged"
+        )
+    return ck, algo, src_name, dst_name
 
 
 def _checkpoint_beta(ck: Checkpoint) -> float:

@@ -39,6 +39,7 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -47,6 +48,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,18 +57,20 @@ from .checkpoint import Checkpoint, sampler_tensors, save_checkpoint
 from .checkpointer import RunInfo, save_run, schedule_steps
 from .config import Preset, PythonRewardSpec
 from .distributed import Dist
+from .energy.langevin import LangevinDriftNet
 from .energy.loading import check_target_output
 from .energy.options import BROWNIAN  # `--prior brownian`: energy mode's drift-free prior, recorded as its prior_path
 from .energy.prior import BrownianPrior
 from .errors import InputError, RtbcliWarning, RunError
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
+from .offpolicy import OffPolicy, check_gradient, check_options, langevin_policy, uses_offpolicy
 from .rewards import PythonReward, check_reward_output
 from .rollout import Rollout, Workspace, policy_grad, rollout, step_log_probs
 from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler
 from .state import RunState, restore_optimizer
 from .tasks import Task
-from .trainer import Recipe, Schedule, exploration_std, run_loop  # exploration_std: re-exported
+from .trainer import Recipe, Schedule, run_loop  # exploration_std: re-exported
 from .trainer_checks import check_compatible, check_finetune_resumable  # check_compatible: re-exported
 from .training import RunPaths, earlier_log, new_run_id
 
@@ -106,40 +110,61 @@ def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler | Browni
     tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
     name = OBJECTIVES[algo].scalar
     if name is not None:
+        if scalar is None:
+            raise ValueError(f"{algo} learns {name}, but no value was given to save")
         tensors[name] = scalar.detach().to("cpu", torch.float32).reshape(())
     return tensors
 
 
-def brownian_start(preset: Preset, seed: int, device, dtype) -> tuple[BrownianPrior, DiffusionSampler]:
+def brownian_start(preset: Preset, seed: int, device, dtype, langevin: bool = False) -> tuple[BrownianPrior, DiffusionSampler]:
     """Energy mode's start: the Brownian prior of the preset's sampler settings, and a policy with
-    zero drift (its output layer is zero-initialised: the same law), its other weights drawn from `seed`."""
+    zero drift (its output layer is zero-initialised: the same law), its other weights drawn from `seed`
+    (`langevin`: a fresh Langevin policy, `rtbcli.offpolicy.langevin_policy`, whose drift starts at 0.01 grad log pi)."""
     s = preset.sampler
     prior = BrownianPrior(preset.dim, s.steps, s.sigma2).to(device=device, dtype=dtype)
+    if langevin:
+        return prior, langevin_policy(s, preset.dim, seed).to(device=device, dtype=dtype)
     with torch.random.fork_rng(devices=[]):  # torch's global generator is left as it was
         torch.manual_seed(seed)
         policy = prior.fresh_policy(s.hidden, s.time_features, s.layers)
     return prior, policy
 
 
-def starting_point(start: Checkpoint | None, algo: str, beta: float, device, dtype, preset: Preset | None = None, seed: int = 0):
+def starting_point(
+    start: Checkpoint | None, algo: str, beta: float, device, dtype, *, langevin: bool = False, seed: int = 0, preset: Preset | None = None
+):
     """(prior, policy, initial scalar, prior sha256, prior path, step offset) from a checkpoint.
 
     A prior checkpoint starts a run: the policy is a copy of the prior, log Z = V(s0) = 0. A
     finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
     V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
-    No checkpoint (energy mode, `--prior brownian`): the preset's Brownian prior and a zero-drift
-    policy (`brownian_start`), log Z = 0.
+    `langevin`: the policy has the Langevin parametrisation (`start_policy`). No checkpoint (energy
+    mode, `--prior brownian`): the preset's Brownian prior and a zero-drift policy (`brownian_start`), log Z = 0.
     """
     ids = starting_point_ids(start)
     if start is None:
         assert preset is not None
-        return *brownian_start(preset, seed, device, dtype), 0.0, *ids
+        return *brownian_start(preset, seed, device, dtype, langevin), 0.0, *ids
     if start.kind == "prior":
-        return start.sampler("policy", device, dtype), start.sampler("policy", device, dtype), 0.0, *ids
-    prior, policy = start.sampler("prior", device, dtype), start.sampler("policy", device, dtype)
+        return start.sampler("policy", device, dtype), start_policy(start, langevin, seed, device, dtype), 0.0, *ids
+    prior, policy = start.sampler("prior", device, dtype), start_policy(start, langevin, seed, device, dtype)
     log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
     init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
     return prior, policy, init, *ids
+
+
+def start_policy(start: Checkpoint, langevin: bool, seed: int, device, dtype) -> DiffusionSampler:
+    """The policy a run starts from: the checkpoint's sampler (a prior's, or a finetuned run's policy).
+    With the Langevin parametrisation (`rtbcli.offpolicy.langevin_policy`): NN1 from that sampler
+    and a fresh NN2, or a Langevin checkpoint's policy whole; the run sets its gradient target."""
+    saved_lp = start.kind == "finetuned" and start.preset.finetune.langevin
+    if not langevin and not saved_lp:
+        return start.sampler("policy", device, dtype)
+    if not langevin:
+        raise InputError(f"'{start.path}' holds a policy with the Langevin parametrisation: keep it on (--langevin)")
+    weights = start.section("policy")
+    lp = langevin_policy(start.preset.sampler, start.preset.dim, seed, **({"weights": weights} if saved_lp else {"nn1": weights}))
+    return lp.to(device=device, dtype=dtype)
 
 
 def starting_point_ids(start: Checkpoint | None) -> tuple[str, str, int]:
@@ -180,7 +205,7 @@ class FinetuneRun:
     prior: DiffusionSampler | BrownianPrior  # frozen
     scalar: nn.Parameter | None  # log Z (rtb), V(s0) (trust-pcl), or none
     opt: torch.optim.Adam
-    sched: torch.optim.lr_scheduler.LambdaLR
+    sched: torch.optim.lr_scheduler.LambdaLR | None  # set by setup once a resumed run's step is known
     schedule: Schedule
     gen: torch.Generator  # every trajectory's noise
     ws: Workspace
@@ -194,7 +219,8 @@ class FinetuneRun:
     step: int  # steps done (of this run; a warm start's checkpoints add info.checkpoint offset)
     offset: int = 0  # a warm-started run's checkpoints count on from the checkpoint it started from
     log_lines: tuple[str, ...] = ()  # a resumed run's earlier log records
-    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # energy mode: the target's log pi (None otherwise)
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # energy mode: the target's log pi (x (N, d) -> (N,))
+    offpolicy: OffPolicy | None = None  # the replay buffer and local search (`rtbcli.offpolicy`); None when they are off
 
     def learned_log_z(self) -> float | None:
         return None if self.scalar is None else self.obj.log_z(float(self.scalar.detach()), self.hp.alpha)
@@ -211,6 +237,7 @@ class StepStats:
     lr: float  # the policy's learning rate of this step
     traj: torch.Tensor  # this process's trajectories (T + 1, n, d): a view of the run's workspace, clone to keep
     log_z: torch.Tensor | None  # the learned scalar before the step
+    replayed: bool = False  # the step trained on replayed trajectories (`rtbcli.offpolicy`), not on a forward batch
 
 
 def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch, torch.Tensor]:
@@ -231,22 +258,70 @@ def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch,
 def train_step(run: FinetuneRun, dist: Dist) -> StepStats:
     """One step (module docstring): trajectories from the behaviour policy without gradient, their
     log-probabilities, the objective's gradient (autograd for log Z / V and d loss / d step lpf,
-    `policy_grad` for the policy's weights), one Adam step."""
+    `policy_grad` for the policy's weights), one Adam step. With replay on, every other step is a
+    `replay_step` instead, and forward batches feed the buffer (`rtbcli.offpolicy`)."""
+    if run.offpolicy is not None and run.offpolicy.replays(run.step):
+        return replay_step(run, dist)
     s_e = run.schedule.exploration(run.step) if run.explore else 0.0
     lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
     ro = rollout(run.policy, run.ws, s_e * s_e, run.gen, (dist.rank, dist.world))
     batch, step_lpf = score(run, ro, s_e, dist)
+    if run.offpolicy is not None:
+        run.offpolicy.add(ro.traj[-1], batch.log_r)
     loss = run.obj.loss(batch, run.scalar, run.hp)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
+    assert step_lpf.grad is not None  # the loss depends on every trajectory's log-probabilities
     policy_grad(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
-    dist.sum_grads(list(run.policy.parameters()))
-    grad_norm = nn.utils.clip_grad_norm_(run.policy.parameters(), run.clip) / run.grad_scale  # no host sync
-    run.opt.step()
-    run.sched.step()
-    run.step += 1
+    grad_norm = _update(run, dist)
     detached = Batch(batch.step_lpf.detach(), batch.step_lpp, batch.log_r, batch.lb)
     return StepStats(loss.detach(), detached, grad_norm, s_e, lr, ro.traj, log_z)
+
+
+def _update(run: FinetuneRun, dist: Dist) -> torch.Tensor:
+    """Sum the gradients over processes, clip, one Adam step and one schedule step; the policy
+    gradient's norm before clipping in RTB's units (no host sync)."""
+    dist.sum_grads(list(run.policy.parameters()))
+    grad_norm = nn.utils.clip_grad_norm_(run.policy.parameters(), run.clip) / run.grad_scale
+    run.opt.step()
+    assert run.sched is not None, "setup builds the schedule"
+    run.sched.step()
+    run.step += 1
+    return grad_norm
+
+
+def replay_step(run: FinetuneRun, dist: Dist) -> StepStats:
+    """A step on replayed trajectories (`rtbcli.offpolicy`; one process): states drawn from the
+    buffer by rank (after local search, when due), their trajectories by the backward process; lpf
+    by autograd of one batched forward pass of the policy over them, lpp from the frozen prior,
+    log r from the buffer. No behaviour log-probability: the trajectory-balance objectives only."""
+    assert run.offpolicy is not None
+    lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
+    traj, log_r = run.offpolicy.replay(run.step, run.ws.n, lambda x: _log_reward(run, x, dist))
+    with torch.no_grad():
+        step_lpp = run.prior.step_log_probs(traj)
+    step_lpf = run.policy.step_log_probs(traj)
+    batch = Batch(step_lpf, step_lpp, log_r, None)
+    loss = run.obj.loss(batch, run.scalar, run.hp)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _update(run, dist)
+    return StepStats(loss.detach(), Batch(step_lpf.detach(), step_lpp, log_r, None), grad_norm, 0.0, lr, traj, log_z, True)
+
+
+def _differentiable_log_reward(task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
+    """log r with autograd (the Langevin parametrisation's gradient): a Python reward's own function
+    (`PythonReward` calls it without gradient), or the task's reward."""
+    r = task.reward
+    if isinstance(r, PythonReward):
+        return functools.partial(r.function, **r.kwargs)
+    return task.log_reward
+
+
+def _log_reward(run: FinetuneRun, x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """log r of states that no rollout drew (local search's), under a reward generator of their own."""
+    with reward_rng(x.device, run.info.seed, run.step, dist.rank, 1):
+        return run.task.log_reward(x)
 
 
 def _optimizer(policy: DiffusionSampler, scalar: nn.Parameter | None, cfg, scale: tuple[float, float]) -> torch.optim.Adam:
@@ -269,8 +344,19 @@ def _check_reward(task: Task, prior: DiffusionSampler | BrownianPrior, seed: int
         check_reward_output(task.reward if task.has_reward else task.log_reward, x)
 
 
-def _run_info(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, out: Path, seed: int, device, on_policy: bool,
-              dist: Dist, state: RunState | None, task: Task) -> tuple[RunInfo, int]:
+def _run_info(
+    start: Checkpoint | None,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    seed: int,
+    device,
+    on_policy: bool,
+    dist: Dist,
+    state: RunState | None,
+    task: Task,
+) -> tuple[RunInfo, int]:
     """What the run's files record, fresh or as the saved run recorded it; and the step offset."""
     prior_sha, prior_path, offset = starting_point_ids(start)
     warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset and start is not None else {}
@@ -288,9 +374,21 @@ def _run_info(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: s
         top["target"] = preset.target.log_density
         if preset.target.sha256:
             top["target_sha256"] = preset.target.sha256
-    info = RunInfo("finetune", run_id, seed, device, preset, preset_ref, preset.finetune.steps, length, dist.world, Path(out),
-                   checkpoint_meta=top, run_meta={"on_policy": on_policy, **warm},
-                   state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)})
+    info = RunInfo(
+        "finetune",
+        run_id,
+        seed,
+        device,
+        preset,
+        preset_ref,
+        preset.finetune.steps,
+        length,
+        dist.world,
+        Path(out),
+        checkpoint_meta=top,
+        run_meta={"on_policy": on_policy, **warm},
+        state_meta={"algo": algo, "on_policy": on_policy, "step_offset": offset, "warm_start": json.dumps(warm)},
+    )
     return info, offset
 
 
@@ -298,19 +396,36 @@ def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
     """Energy mode starts from the Brownian prior (no checkpoint) or from an energy-mode checkpoint, and a
     data-mode run from a prior checkpoint: a one-line InputError naming the fix otherwise."""
     if start is None and not preset.energy:
-        raise InputError(f"--prior brownian samples a target with no data, but preset '{preset.name}' has [prior_data]: "
-                         f"give --target file.py:fn or an energy preset (gmm25-energy, funnel, manywell-energy)")
+        raise InputError(
+            f"--prior brownian samples a target with no data, but preset '{preset.name}' has [prior_data]: "
+            f"give --target file.py:fn or an energy preset (gmm25-energy, funnel, manywell-energy)"
+        )
     if start is not None and start.preset.energy != preset.energy:
         if preset.energy:
-            raise InputError(f"preset '{preset.name}' samples a target from the Brownian prior, and '{start.path}' is a pretrained "
-                             f"prior's run: use --prior brownian (or leave --prior out)")
-        raise InputError(f"'{start.path}' samples a target from the Brownian prior, and preset '{preset.name}' has [prior_data]: "
-                         f"continue it under its own target (leave out --preset)")
+            raise InputError(
+                f"preset '{preset.name}' samples a target from the Brownian prior, and '{start.path}' is a pretrained "
+                f"prior's run: use --prior brownian (or leave --prior out)"
+            )
+        raise InputError(
+            f"'{start.path}' samples a target from the Brownian prior, and preset '{preset.name}' has [prior_data]: "
+            f"continue it under its own target (leave out --preset)"
+        )
 
 
-def setup(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
-          device: torch.device = torch.device("cpu"), on_policy: bool = False, dtype: torch.dtype = torch.float32,
-          resume: bool = False, dist: Dist | None = None) -> FinetuneRun:
+def setup(
+    start: Checkpoint | None,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    on_policy: bool = False,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    dist: Dist | None = None,
+) -> FinetuneRun:
     """The run object: fresh from a prior, warm-started from a finetuned checkpoint, or (`resume`)
     the saved run of a finetuned checkpoint, restored exactly (the settings checked first).
     `start` None: energy mode's fresh run from the preset's Brownian prior (`--prior brownian`)."""
@@ -329,7 +444,7 @@ def setup(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, 
     task = Task(preset).to(device)
     if task.energy is not None:  # record the target's dimension and (a user's) file hash with the run's config
         preset = preset.updated("target", dim=task.energy.dim, sha256=getattr(task.energy, "sha256", None))
-    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, preset, seed)
+    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, langevin=cfg.langevin, seed=seed, preset=preset)
     prior.requires_grad_(False)
     _check_reward(task, prior, seed, device)
     if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
@@ -340,15 +455,56 @@ def setup(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, 
     opt = _optimizer(policy, scalar, cfg, scale)
     schedule = Schedule(cfg, info.schedule_steps)
     hp = HyperParams(beta=preset.beta, temper=float(policy.steps) if cfg.snis == "tempered" else 1.0, legacy_lambda=cfg.legacy_lambda)
-    run = FinetuneRun(policy, prior, scalar, opt, None, schedule, make_generator(seed, device), Workspace(policy, b_local), task, obj, hp,
-                      obj.explores and not on_policy, cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf, scale[0],
-                      info, 0, offset)
+    run = FinetuneRun(
+        policy,
+        prior,
+        scalar,
+        opt,
+        None,
+        schedule,
+        make_generator(seed, device),
+        Workspace(policy, b_local),
+        task,
+        obj,
+        hp,
+        obj.explores and not on_policy,
+        cfg.grad_clip * scale[0] if cfg.grad_clip is not None else math.inf,
+        scale[0],
+        info,
+        0,
+        offset,
+    )
     run.log_density = None if task.energy is None else task.energy.log_density
+    attach_offpolicy(run, dist)
     if state is not None:
-        assert start is not None
+        assert start is not None and start.path is not None  # a checkpoint with a state file was loaded from a file
         restore(run, state, start.path)
     run.sched = schedule.scheduler(opt, run.step)
     return run
+
+
+def attach_offpolicy(run: FinetuneRun, dist: Dist) -> None:
+    """Check the off-policy options against the run (energy mode: `run.log_density` set) and build
+    its `OffPolicy` (None when replay and local search are off); give a Langevin policy its gradient
+    target, log pi in energy mode, else log r (`rtbcli.offpolicy`). One-line InputErrors name the fix."""
+    cfg, energy = run.info.preset.finetune, run.log_density is not None
+    check_options(cfg, run.info.state_meta["algo"], energy=energy, processes=dist.world)
+    p = run.policy
+    w = p.net.state.weight
+    probe = torch.zeros(4, p.dim, dtype=w.dtype, device=w.device)
+    if cfg.langevin:
+        net = p.net
+        assert isinstance(net, LangevinDriftNet)  # `start_policy` built it
+        target = run.log_density if run.log_density is not None else _differentiable_log_reward(run.task)
+        check_gradient(target, probe, "switch the Langevin parametrisation off (langevin = false / --no-langevin)")
+        net.log_density = target
+    if cfg.local_search and run.log_density is not None:  # `check_options`: local search is energy mode's
+        check_gradient(run.log_density, probe)
+    run.offpolicy = None
+    if uses_offpolicy(cfg):
+        run.offpolicy = OffPolicy(
+            cfg, p.dim, p.steps, p.sigma2, log_density=run.log_density, seed=run.info.seed, device=w.device, dtype=w.dtype
+        )
 
 
 def restore(run: FinetuneRun, state: RunState, checkpoint: Path) -> None:
@@ -361,6 +517,8 @@ def restore(run: FinetuneRun, state: RunState, checkpoint: Path) -> None:
         g["initial_lr"] = g["lr"]
     restore_optimizer(run.opt, state.tensors, state.adam_groups)
     run.gen.set_state(state.generator_state("rollout"))
+    if run.offpolicy is not None:
+        run.offpolicy.load_state_dict(state.section("offpolicy"))
     run.step, run.log_lines = state.step, tuple(earlier_log(state, checkpoint))
 
 
@@ -390,7 +548,13 @@ class FinetuneRecipe(Recipe):
     def __init__(self, run: FinetuneRun, dist: Dist, paths: RunPaths, log: JsonlLog):
         self.run, self.dist, self.paths, self.log = run, dist, paths, log
         i = run.info
-        self.name, self.preset, self.device, self.total, self.first = f"finetune {i.state_meta['algo']}", i.preset, i.device, i.steps, run.step
+        self.name, self.preset, self.device, self.total, self.first = (
+            f"finetune {i.state_meta['algo']}",
+            i.preset,
+            i.device,
+            i.steps,
+            run.step,
+        )
         # --snis exact warns once if its weights collapse
         self.watch = Watch(i.device, run.obj.weighs_behaviour and run.explore and run.hp.temper == 1.0)
         self.last_good, self.last_good_step = self.snapshot(), run.step
@@ -422,24 +586,36 @@ class FinetuneRecipe(Recipe):
             return RunError(f"{reason} by step {step} in process {self.dist.rank} of {self.dist.world}: {advice}", every_rank=every_rank)
         meta = self.run.info.checkpoint_metadata(self.run.offset + self.last_good_step, "diverged", diverged_at=step)
         save_checkpoint(self.paths.last_good, self.last_good, meta)
-        return RunError(f"{reason} by step {step}: the last good state (step {self.last_good_step}) is in {self.paths.last_good}; "
-                        f"{advice}", every_rank=every_rank)
+        return RunError(
+            f"{reason} by step {step}: the last good state (step {self.last_good_step}) is in {self.paths.last_good}; {advice}",
+            every_rank=every_rank,
+        )
 
     def record(self, st: StepStats, step: int, rate: float, seconds: float) -> tuple[dict, str]:
         self.check()
         r = self.run
         self.last_good, self.last_good_step = self.snapshot(), step
         self.loss, self.mean_log_r = float(st.loss), float(st.batch.log_r.mean())
-        rec = {"step": step, "loss": self.loss, "mean_log_r": self.mean_log_r, "exploration": st.exploration, "lr": st.lr,
-               "grad_norm": float(st.grad_norm), "steps_per_s": rate, "seconds": seconds}
+        rec: dict[str, Any] = {
+            "step": step,
+            "loss": self.loss,
+            "mean_log_r": self.mean_log_r,
+            "exploration": st.exploration,
+            "lr": st.lr,
+            "grad_norm": float(st.grad_norm),
+            "steps_per_s": rate,
+            "seconds": seconds,
+        }
         shown = ""
-        if r.scalar is not None:
+        if r.scalar is not None and r.obj.scalar is not None:
             v = float(r.scalar.detach())
             rec.update({r.obj.scalar: v, "log_z": r.learned_log_z()})
             shown = f"{r.obj.scalar_label} {v:.4f}  "
         elif st.batch.lb is not None:  # reinforce-kl off-policy: how many trajectories the weights rest on (a count)
             rec["weights_ess"] = ess = float(1.0 / snis_weights(st.batch.lpf, st.batch.lb, r.hp.temper).pow(2).sum())
             shown = f"ESS {ess:.1f}  "
+        if r.offpolicy is not None:
+            rec.update(r.offpolicy.log_record(st.replayed))
         self.warn_low_ess()
         return rec, f"loss {self.loss:.4g}  {shown}E[log r] {self.mean_log_r:.3f}"
 
@@ -447,9 +623,13 @@ class FinetuneRecipe(Recipe):
         w = self.watch
         if w.ess and float(w.low_ess) < ESS_WARN:
             w.ess = False  # warned once
-            warnings.warn(f"the exact SNIS weights' effective sample size fell to {float(w.low_ess):.1f} of "
-                          f"{self.run.info.preset.finetune.batch_size} at step {int(w.low_step)}: the gradient rests on a few "
-                          f"trajectories; use --snis tempered or a smaller --exploration", RtbcliWarning, stacklevel=4)
+            warnings.warn(
+                f"the exact SNIS weights' effective sample size fell to {float(w.low_ess):.1f} of "
+                f"{self.run.info.preset.finetune.batch_size} at step {int(w.low_step)}: the gradient rests on a few "
+                f"trajectories; use --snis tempered or a smaller --exploration",
+                RtbcliWarning,
+                stacklevel=4,
+            )
 
     def save(self, path: Path, step: int, status: str, log_to: Path | None) -> None:
         """Checkpoint and resumable state of `step` (rank 0 only)."""
@@ -459,14 +639,40 @@ class FinetuneRecipe(Recipe):
         params = {f"policy.{k}": v for k, v in r.policy.state_dict().items()}
         if r.scalar is not None:
             params["scalar"] = r.scalar.detach()
-        save_run(path, r.info, step, status, log_to, tensors=finetuned_tensors(r.policy, r.prior, r.info.state_meta["algo"], r.scalar),
-                 params=params, opt=r.opt, generators={"rollout": r.gen}, checkpoint_step=r.offset + step)
+        extra = None if r.offpolicy is None else {f"offpolicy.{k}": v for k, v in r.offpolicy.state_dict().items()}
+        save_run(
+            path,
+            r.info,
+            step,
+            status,
+            log_to,
+            tensors=finetuned_tensors(r.policy, r.prior, r.info.state_meta["algo"], r.scalar),
+            params=params,
+            opt=r.opt,
+            generators={"rollout": r.gen},
+            checkpoint_step=r.offset + step,
+            extra=extra,
+        )
 
 
-def finetune(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: str, out: Path, *, seed: int = 0,
-             device: torch.device = torch.device("cpu"), on_policy: bool = False, log_path: Path | None = None,
-             log_every: int = 50, progress: bool = True, dtype: torch.dtype = torch.float32, resume: bool = False,
-             save_every: int = 1000, dist: Dist | None = None) -> FinetuneResult:
+def finetune(
+    start: Checkpoint | None,
+    preset: Preset,
+    preset_ref: str,
+    algo: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    on_policy: bool = False,
+    log_path: Path | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    save_every: int = 1000,
+    dist: Dist | None = None,
+) -> FinetuneResult:
     """Fine-tune with `algo` under `preset` (beta and budget from it).
 
     `start` is a prior checkpoint (a new run), None (energy mode: a new run from the preset's Brownian
@@ -483,5 +689,16 @@ def finetune(start: Checkpoint | None, preset: Preset, preset_ref: str, algo: st
     done = run_loop(recipe, paths, log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)
     ran, s = run.info.steps - recipe.first, done.seconds
     med = statistics.median(done.step_seconds) if done.step_seconds else 0.0
-    return FinetuneResult(paths.out, log_path, algo, run.info.steps, recipe.first, s, ran / s if s > 0 else 0.0, recipe.loss,
-                          run.learned_log_z(), recipe.mean_log_r, done.step_seconds or [med])
+    return FinetuneResult(
+        paths.out,
+        log_path,
+        algo,
+        run.info.steps,
+        recipe.first,
+        s,
+        ran / s if s > 0 else 0.0,
+        recipe.loss,
+        run.learned_log_z(),
+        recipe.mean_log_r,
+        done.step_seconds or [med],
+    )

@@ -72,7 +72,7 @@ class PretrainResult:
 def _share(x: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
     rank, world = shard
     n = x.shape[0] // world
-    return x[rank * n:(rank + 1) * n]
+    return x[rank * n : (rank + 1) * n]
 
 
 def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
@@ -102,7 +102,7 @@ def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Ge
     w = sampler.net.state.weight
     x = task.data.sample(n, gen, dtype=w.dtype, device=w.device)
     traj = bridge_sample(x, sampler.steps, sampler.sigma2, gen)  # drawn for the global batch ...
-    lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]):(shard[0] + 1) * (n // shard[1])])  # ... this rank's share
+    lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]) : (shard[0] + 1) * (n // shard[1])])  # ... this rank's share
     return -(lp.mean() if shard[1] == 1 else lp.sum() / n)
 
 
@@ -153,6 +153,7 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     loss.backward()
     dist.sum_grads(list(run.sampler.parameters()))
     run.opt.step()
+    assert run.sched is not None, "setup builds the schedule"
     run.sched.step()
     run.step += 1
     if run.ema is not None:
@@ -162,8 +163,16 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     return loss.detach()
 
 
-def setup(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, device: torch.device = torch.device("cpu"),
-          resume_from=None, dist: Dist | None = None) -> PretrainRun:
+def setup(
+    preset: Preset,
+    preset_ref: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    resume_from=None,
+    dist: Dist | None = None,
+) -> PretrainRun:
     """The run object: a freshly initialised sampler, or (`resume_from`, a prior checkpoint with
     its state file) the saved run, restored exactly (the settings checked first)."""
     dist, cfg = dist or Dist(), preset.pretrain
@@ -178,8 +187,19 @@ def setup(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, device: 
         seed = int(state.meta["seed"])
     sampler = new_sampler(preset, seed, device)
     ema = copy.deepcopy(sampler).requires_grad_(False) if cfg.ema > 0 else None
-    info = RunInfo("pretrain", new_run_id() if state is None else state.meta["run_id"], seed, device, preset, preset_ref, cfg.steps,
-                   cfg.steps if state is None else schedule_steps(state), dist.world, Path(out), state_meta={"lr_schedule": cfg.lr_schedule})
+    info = RunInfo(
+        "pretrain",
+        new_run_id() if state is None else state.meta["run_id"],
+        seed,
+        device,
+        preset,
+        preset_ref,
+        cfg.steps,
+        cfg.steps if state is None else schedule_steps(state),
+        dist.world,
+        Path(out),
+        state_meta={"lr_schedule": cfg.lr_schedule},
+    )
     opt = torch.optim.Adam(sampler.parameters(), lr=cfg.lr)
     run = PretrainRun(sampler, ema, opt, None, make_generator(seed, device), make_generator(seed + 1, device), task, info)
     if state is not None:
@@ -224,8 +244,15 @@ class PretrainRecipe(Recipe):
         r = self.run
         self.elbo = bridge_elbo(r.kept, r.task, 256, r.check_gen) if self.dist.is_main else float("nan")
         lr = learning_rate(step - 1, r.info.preset.pretrain, r.info.schedule_steps)  # the schedule's lr of this step
-        rec = {"step": step, "loss": self.loss, "elbo": self.elbo, "data_log_prob": self.data_lp, "lr": lr, "steps_per_s": rate,
-               "seconds": seconds}
+        rec = {
+            "step": step,
+            "loss": self.loss,
+            "elbo": self.elbo,
+            "data_log_prob": self.data_lp,
+            "lr": lr,
+            "steps_per_s": rate,
+            "seconds": seconds,
+        }
         status = f"loss {self.loss:.3f}  elbo {self.elbo:.3f}" + (f" (data {self.data_lp:.3f})" if self.data_lp is not None else "")
         return rec, status
 
@@ -235,14 +262,35 @@ class PretrainRecipe(Recipe):
         r = self.run
         top = {"final_loss": f"{self.loss:.6g}", "final_elbo": f"{self.elbo:.6g}", "seconds": f"{self.timer.elapsed:.1f}"}
         extra = {f"ema.{k}": v for k, v in r.ema.state_dict().items()} if r.ema is not None else {}
-        save_run(path, r.info, step, status, log_to, tensors=sampler_tensors(r.kept, "policy"),
-                 params={f"policy.{k}": v for k, v in r.sampler.state_dict().items()}, opt=r.opt,
-                 generators={"data": r.gen, "check": r.check_gen}, extra=extra, top=top)
+        save_run(
+            path,
+            r.info,
+            step,
+            status,
+            log_to,
+            tensors=sampler_tensors(r.kept, "policy"),
+            params={f"policy.{k}": v for k, v in r.sampler.state_dict().items()},
+            opt=r.opt,
+            generators={"data": r.gen, "check": r.check_gen},
+            extra=extra,
+            top=top,
+        )
 
 
-def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, device: torch.device = torch.device("cpu"),
-             log_path: Path | None = None, log_every: int = 100, progress: bool = True, resume_from=None, save_every: int = 1000,
-             dist: Dist | None = None) -> PretrainResult:
+def pretrain(
+    preset: Preset,
+    preset_ref: str,
+    out: Path,
+    *,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    log_path: Path | None = None,
+    log_every: int = 100,
+    progress: bool = True,
+    resume_from=None,
+    save_every: int = 1000,
+    dist: Dist | None = None,
+) -> PretrainResult:
     """Train a prior sampler on the preset's data and save it to `out` (atomically).
 
     `resume_from` (a prior checkpoint with its state file) continues that run exactly, to
@@ -254,5 +302,15 @@ def pretrain(preset: Preset, preset_ref: str, out: Path, *, seed: int = 0, devic
     recipe = PretrainRecipe(run, dist, log)
     done = run_loop(recipe, RunPaths(Path(out)), log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)
     ran, s = run.info.steps - recipe.first, done.seconds
-    return PretrainResult(Path(out), log_path, run.info.steps, recipe.first, s, ran / s if s > 0 else 0.0, recipe.loss, recipe.elbo,
-                          recipe.data_lp, done.step_seconds)
+    return PretrainResult(
+        Path(out),
+        log_path,
+        run.info.steps,
+        recipe.first,
+        s,
+        ran / s if s > 0 else 0.0,
+        recipe.loss,
+        recipe.elbo,
+        recipe.data_lp,
+        done.step_seconds,
+    )

@@ -37,10 +37,9 @@ class Workspace:
         w = sampler.net.state.weight
         hidden = sampler.net.state.out_features
         layers = sum(isinstance(m, nn.Linear) for m in sampler.net.body)  # hidden Linears + the output
-        kw = {"dtype": w.dtype, "device": w.device}
         self.n = n
-        self.traj = torch.empty(sampler.steps + 1, n, sampler.dim, **kw)
-        self.pre = torch.empty(layers, sampler.steps, n, hidden, **kw)
+        self.traj = torch.empty(sampler.steps + 1, n, sampler.dim, dtype=w.dtype, device=w.device)
+        self.pre = torch.empty(layers, sampler.steps, n, hidden, dtype=w.dtype, device=w.device)
         self.post = torch.empty_like(self.pre)
 
 
@@ -51,17 +50,28 @@ class Rollout:
     sampler: DiffusionSampler
     traj: torch.Tensor  # (T + 1, n, d)
     residual: torch.Tensor  # (T, n, d): x_{i+1} - (x_i + dt f(x_i, t_i))
-    pre: torch.Tensor  # (L, T, n, hidden): pre-activations of the GELU layers
-    post: torch.Tensor  # (L, T, n, hidden): their outputs
+    pre: torch.Tensor | None  # (L, T, n, hidden): pre-activations of the GELU layers (None: a network `backward` does not know)
+    post: torch.Tensor | None  # (L, T, n, hidden): their outputs
 
 
 @torch.no_grad()
-def rollout(sampler: DiffusionSampler, ws: Workspace, extra_var: float = 0.0, generator: torch.Generator | None = None,
-            shard: tuple[int, int] = (0, 1)) -> Rollout:
+def rollout(
+    sampler: DiffusionSampler,
+    ws: Workspace,
+    extra_var: float = 0.0,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Rollout:
     """Sample ws.n trajectories of the behaviour policy (variance sigma2 dt + extra_var), keeping activations.
 
     `shard` = (rank, world): this rank's share of a global batch of world * ws.n (see `DiffusionSampler.run`).
+    A sampler that replaces the fused loop `run` (`rtbcli.energy.LangevinSampler`) samples with its
+    own plain loop (`sample`; one process) and keeps no activations: `policy_grad` then takes
+    autograd of a batched re-forward.
     """
+    if type(sampler).run is not DiffusionSampler.run:
+        traj = sampler.sample(ws.n, extra_var, generator)
+        return Rollout(sampler, traj, traj[1:] - sampler.means(traj), None, None)
     traj = sampler.run(ws.traj, extra_var, generator, ws.pre, ws.post, shard)
     out = [m for m in sampler.net.body if isinstance(m, nn.Linear)][-1]
     drift = torch.nn.functional.linear(ws.post[-1], out.weight, out.bias)  # f at every (t_i, x_i)
@@ -106,6 +116,7 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     net = s.net
     linears = [m for m in net.body if isinstance(m, nn.Linear)]
     hidden, out = linears[:-1], linears[-1]
+    assert ro.pre is not None and ro.post is not None, "the fused backward needs the rollout's activations"
     T, n, H = ro.pre.shape[1:]
     d = s.dim
     g_f = (grad_step_lpf[..., None] * ro.residual * (s.dt / s.step_var)).reshape(-1, d)  # dL/df, (T*n, d)
@@ -138,8 +149,11 @@ def fused_layout(net: nn.Module) -> bool:
         return False
     kinds = [type(m) for m in net.body]
     n = (len(kinds) - 2) // 2
-    return len(kinds) >= 2 and kinds == [nn.GELU] + [nn.Linear, nn.GELU] * n + [nn.Linear] and \
-        all(m.approximate == "none" for m in net.body if isinstance(m, nn.GELU))
+    return (
+        len(kinds) >= 2
+        and kinds == [nn.GELU] + [nn.Linear, nn.GELU] * n + [nn.Linear]
+        and all(m.approximate == "none" for m in net.body if isinstance(m, nn.GELU))
+    )
 
 
 def autograd_backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:

@@ -9,9 +9,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -138,7 +138,7 @@ def atomic_group() -> Iterator[None]:
                 os.replace(tmp, path)
                 mine.pop(0)
         finally:
-            if block:
+            if old is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
     finally:
         for tmp, _ in mine:
@@ -194,6 +194,7 @@ class JsonlLog:
     def commit(self) -> None:
         self.close()
         if self.part:
+            assert self.path is not None  # a log with a part file has a destination
             os.replace(self.part, self.path)
 
 
@@ -262,8 +263,11 @@ class LineProgress:
     def _print(self, task: int) -> None:
         t = self.tasks[task]
         t["last"] = time.monotonic()
-        self.console.print(f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}".rstrip(),
-                           markup=False, highlight=False)
+        self.console.print(
+            f"{t['description']} {t['done']}/{t['total']}  {t.get('rate', '')}  {t.get('status', '')}".rstrip(),
+            markup=False,
+            highlight=False,
+        )
 
 
 class Timer:

@@ -35,6 +35,8 @@ from .gaussian import LOG_2PI, centred_log_prob, gaussian_log_prob  # noqa: F401
 class TimeEncoding(nn.Module):
     """PIS-style time features: sin/cos(t * k + phase), k = linspace(0.1, 100, n), then an MLP."""
 
+    freqs: torch.Tensor  # a registered buffer
+
     def __init__(self, n_freq: int = 64, hidden: int = 64):
         super().__init__()
         self.register_buffer("freqs", torch.linspace(0.1, 100.0, n_freq))
@@ -77,8 +79,7 @@ class DriftNet(nn.Module):
 class DiffusionSampler(nn.Module):
     """A drift network with its fixed Gaussian transition kernel (docs/maths.md#the-sampler)."""
 
-    def __init__(self, dim: int, steps: int = 100, sigma2: float = 5.0, hidden: int = 64,
-                 time_features: int = 64, layers: int = 2):
+    def __init__(self, dim: int, steps: int = 100, sigma2: float = 5.0, hidden: int = 64, time_features: int = 64, layers: int = 2):
         super().__init__()
         self.dim, self.steps, self.sigma2 = dim, steps, float(sigma2)
         self.dt = 1.0 / steps
@@ -113,8 +114,15 @@ class DiffusionSampler(nn.Module):
         return self.run(traj, extra_var, generator)
 
     @torch.no_grad()
-    def run(self, traj: torch.Tensor, extra_var: float = 0.0, generator: torch.Generator | None = None,
-            pre: torch.Tensor | None = None, post: torch.Tensor | None = None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    def run(
+        self,
+        traj: torch.Tensor,
+        extra_var: float = 0.0,
+        generator: torch.Generator | None = None,
+        pre: torch.Tensor | None = None,
+        post: torch.Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> torch.Tensor:
         """The sampling loop, into `traj` (T + 1, n, d); optionally keeping every activation.
 
         Written in fused kernels: dt is folded into the output layer, the time table (with the
@@ -135,13 +143,13 @@ class DiffusionSampler(nn.Module):
         else:
             n = traj.shape[1]
             noise = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
-            traj[1:].copy_(noise[:, rank * n:(rank + 1) * n])
+            traj[1:].copy_(noise[:, rank * n : (rank + 1) * n])
         traj[1:].mul_(math.sqrt(self.step_var + extra_var))
         for i in range(self.steps):
             x = h = traj[i]
             for k, (bias, weight) in enumerate(weights):
                 bias = bias[i] if k == 0 else bias
-                if pre is None:
+                if pre is None or post is None:
                     h = F.gelu(torch.addmm(bias, h, weight))
                 else:
                     a = torch.addmm(bias, h, weight, out=pre[k, i])

@@ -39,8 +39,9 @@ def state_path(checkpoint: Path) -> Path:
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Adam's per-parameter state as named tensors, and its groups' hyperparameters."""
     sd = opt.state_dict()
-    tensors = {f"adam.{i}.{k}": v.detach().cpu().clone() for i, st in sd["state"].items() for k, v in st.items()
-               if isinstance(v, torch.Tensor)}
+    tensors = {
+        f"adam.{i}.{k}": v.detach().cpu().clone() for i, st in sd["state"].items() for k, v in st.items() if isinstance(v, torch.Tensor)
+    }
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     return tensors, groups
 
@@ -77,7 +78,7 @@ class RunState:
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def generator_state(self, name: str) -> torch.Tensor:
         return self.tensors[f"rng.{name}"]
@@ -93,8 +94,15 @@ class RunState:
         return Preset.model_validate_json(self.meta["config"])
 
 
-def save_state(path: Path, *, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, generators: dict[str, torch.Generator],
-               meta: dict[str, str], extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_state(
+    path: Path,
+    *,
+    params: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+    meta: dict[str, str],
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the state atomically (a temporary file, then a rename)."""
     adam, groups = optimizer_tensors(opt)
     tensors = {f"param.{k}": v.detach().cpu().contiguous().clone() for k, v in params.items()}
@@ -112,24 +120,35 @@ def load_state(checkpoint: Path, kind: str) -> RunState:
     path = state_path(checkpoint)
     fresh = "--warm-start" if kind == "finetune" else "`rtbcli pretrain` without --resume"
     if not path.exists():
-        instead = "to start a new run from the checkpoint instead, use --warm-start" if kind == "finetune" else \
-            "to start over, run `rtbcli pretrain` without --resume"
-        raise InputError(f"'{checkpoint}' has no resumable state beside it ({path.name} is missing): resume needs the state "
-                         f"file that the run wrote; {instead}")
+        instead = (
+            "to start a new run from the checkpoint instead, use --warm-start"
+            if kind == "finetune"
+            else "to start over, run `rtbcli pretrain` without --resume"
+        )
+        raise InputError(
+            f"'{checkpoint}' has no resumable state beside it ({path.name} is missing): resume needs the state "
+            f"file that the run wrote; {instead}"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for damaged files
-        raise InputError(f"state file '{path}' cannot be read ({e.__class__.__name__}): it is damaged; start a new run with {fresh}") from None
+        raise InputError(
+            f"state file '{path}' cannot be read ({e.__class__.__name__}): it is damaged; start a new run with {fresh}"
+        ) from None
     if meta.get("format") != FORMAT:
         raise InputError(f"'{path}' is not an rtbcli state file")
     if meta.get("format_version") not in READS:
-        raise InputError(f"state file '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
-                         f"{' and '.join(READS)}: "
-                         f"resume it with the rtbcli that wrote it, or start a new run with {fresh}")
+        raise InputError(
+            f"state file '{path}' has format version {meta.get('format_version')}, this rtbcli reads versions "
+            f"{' and '.join(READS)}: "
+            f"resume it with the rtbcli that wrote it, or start a new run with {fresh}"
+        )
     if meta.get("kind") != kind:
-        raise InputError(f"state file '{path}' is from a {meta.get('kind')} run, not a {kind} run: use `rtbcli {meta.get('kind')} --resume`")
+        raise InputError(
+            f"state file '{path}' is from a {meta.get('kind')} run, not a {kind} run: use `rtbcli {meta.get('kind')} --resume`"
+        )
     state = RunState(tensors, meta, path)
     try:  # what every resume reads: a damaged or hand-edited file is named here, not half-way through
         state.step, state.planned_steps, state.adam_groups, state.preset()

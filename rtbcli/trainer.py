@@ -64,6 +64,14 @@ def exploration_std(it: int, total: int, s0: float, hold: float = 0.1, end: floa
     return s0 * max(0.0, 1.0 - it / (end * total)) if end > 0 else 0.0
 
 
+def exploration_linear(it: int, s0: float, end_step: int, total: int) -> float:
+    """The paper's schedule (gfn-diffusion `--exploration_wd`, end_step = 5,000): s_e = s0 max(0, 1 - it / end_step),
+    0 from `end_step` on, and 0 at the last step of a run planned for `total` steps, as every schedule here."""
+    if it >= total - 1:
+        return 0.0
+    return s0 * max(0.0, 1.0 - it / end_step)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The schedules of a run planned for `length` steps (`cfg`: a PretrainSpec or FinetuneSpec)."""
@@ -77,6 +85,8 @@ class Schedule:
 
     def exploration(self, it: int) -> float:
         c = self.cfg
+        if getattr(c, "exploration_end_step", None) is not None:  # the paper's: linear to 0 at an absolute step
+            return exploration_linear(it, c.exploration, c.exploration_end_step, self.length)
         return exploration_std(it, self.length, c.exploration, c.exploration_hold, c.exploration_end)
 
     def scheduler(self, opt: torch.optim.Optimizer, step: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -129,8 +139,9 @@ class LoopResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of every step (with its logging)
 
 
-def run_loop(r: Recipe, paths: RunPaths, log: JsonlLog, log_path: Path | None, dist: Dist, *, log_every: int, save_every: int,
-             progress: bool) -> LoopResult:
+def run_loop(
+    r: Recipe, paths: RunPaths, log: JsonlLog, log_path: Path | None, dist: Dist, *, log_every: int, save_every: int, progress: bool
+) -> LoopResult:
     """Run steps r.first + 1 .. r.total: log every `log_every` steps and at the end, save the
     partial files every `save_every` steps and on SIGINT/SIGTERM (then raise Interrupted), and
     save the finished run (`training` module docstring: the files)."""
@@ -178,5 +189,8 @@ def _stop(r: Recipe, paths: RunPaths, log: JsonlLog, dist: Dist, signals: StopSi
     _save_partial(r, paths, log, dist, step, "interrupted")
     log.discard()  # the partial log holds its records
     dist.barrier()
-    raise Interrupted(f"{signals.name} at step {step} of {r.total}: saved to {paths.partial}; continue with "
-                      f"`{resume_command(r.command, paths.partial, r.preset, r.device)}`", signals.exit_code)
+    raise Interrupted(
+        f"{signals.name} at step {step} of {r.total}: saved to {paths.partial}; continue with "
+        f"`{resume_command(r.command, paths.partial, r.preset, r.device)}`",
+        signals.exit_code,
+    )

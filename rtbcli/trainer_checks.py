@@ -63,38 +63,48 @@ def check_compatible(prior: Checkpoint, preset: Preset) -> None:
     prior pretrained on other data is refused.
     """
     if prior.preset.dim != preset.dim:
-        raise InputError(f"the prior samples dimension {prior.preset.dim} but the preset's task has dimension {preset.dim}: use a prior pretrained on this preset")
+        raise InputError(
+            f"the prior samples dimension {prior.preset.dim} but the preset's task has dimension {preset.dim}: use a prior pretrained on this preset"
+        )
     if prior.preset.sampler != preset.sampler:
         mine, theirs = prior.preset.sampler.model_dump(), preset.sampler.model_dump()
         diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
         raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
     a, b = prior.preset.prior_data, preset.prior_data
     if data_identity(a) != data_identity(b):
-        both = isinstance(a, MixtureSpec) and isinstance(b, MixtureSpec)
-        what = f"; {mixture_difference(a, b)}" if both else ""
-        raise InputError(f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}{what}: "
-                         f"fine-tune under the preset the prior was pretrained with (its data define the target)")
+        what = f"; {mixture_difference(a, b)}" if isinstance(a, MixtureSpec) and isinstance(b, MixtureSpec) else ""
+        raise InputError(
+            f"the prior was pretrained on {describe_data(a)} but the preset's prior_data are {describe_data(b)}{what}: "
+            f"fine-tune under the preset the prior was pretrained with (its data define the target)"
+        )
 
 
 def check_finetune_resumable(start: Checkpoint, algo: str, preset: Preset, device: torch.device) -> RunState:
     """The state beside a finetuned checkpoint, checked against the run that would continue it."""
     if start.kind != "finetuned":
         raise InputError(f"--resume needs a finetuned checkpoint; '{start.path}' is a prior: start a run with --prior")
+    assert start.path is not None  # loaded from a file
     state = load_state(start.path, "finetune")
     # a warm-started run's checkpoints number their steps on from the checkpoint it started from
     if state.meta.get("run_id") != start.meta.get("run_id") or state.step + int(state.meta.get("step_offset", 0)) != start.step:
-        raise InputError(f"the state file beside '{start.path}' belongs to another run or step: resume from the checkpoint it was saved with")
+        raise InputError(
+            f"the state file beside '{start.path}' belongs to another run or step: resume from the checkpoint it was saved with"
+        )
     if state.meta["algo"] != algo:
-        raise InputError(f"'{start.path}' is a {state.meta['algo']} run: resume it with --algo {state.meta['algo']} (or start a new "
-                         f"{algo} run from it with --warm-start)")
+        raise InputError(
+            f"'{start.path}' is a {state.meta['algo']} run: resume it with --algo {state.meta['algo']} (or start a new "
+            f"{algo} run from it with --warm-start)"
+        )
     saved = state.preset()
     mine = preset.updated("finetune", steps=saved.finetune.steps)
     if isinstance(saved.reward, PythonRewardSpec) and isinstance(mine.reward, PythonRewardSpec):
         mine = mine.updated("reward", sha256=saved.reward.sha256)  # the run recorded its file's hash; a changed file only warns
     if saved != mine:
         diff = ", ".join(config_differences(saved.model_dump(), mine.model_dump()))
-        raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
-                         f"and other settings except --steps, or start a new run with --warm-start")
+        raise InputError(
+            f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
+            f"and other settings except --steps, or start a new run with --warm-start"
+        )
     check_device_and_steps(state, device, preset.finetune.steps)
     return state
 
@@ -102,21 +112,28 @@ def check_finetune_resumable(start: Checkpoint, algo: str, preset: Preset, devic
 def check_pretrain_resumable(checkpoint: Checkpoint, preset: Preset, device: torch.device) -> RunState:
     if checkpoint.kind != "prior":
         raise InputError(f"'{checkpoint.path}' is a finetuned checkpoint: resume it with `rtbcli finetune --resume`")
+    assert checkpoint.path is not None  # loaded from a file
     state = load_state(checkpoint.path, "pretrain")
     if state.meta.get("run_id") != checkpoint.meta.get("run_id") or state.step != checkpoint.step:
-        raise InputError(f"the state file beside '{checkpoint.path}' belongs to another run or step: resume from the checkpoint it was saved with")
+        raise InputError(
+            f"the state file beside '{checkpoint.path}' belongs to another run or step: resume from the checkpoint it was saved with"
+        )
     saved, mine = state.preset(), preset.updated("pretrain", steps=state.preset().pretrain.steps)
     if saved != mine:
         diff = ", ".join(config_differences(saved.model_dump(), mine.model_dump()))
-        raise InputError(f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
-                         f"and other settings except --steps")
+        raise InputError(
+            f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
+            f"and other settings except --steps"
+        )
     check_device_and_steps(state, device, preset.pretrain.steps)
     return state
 
 
 def check_device_and_steps(state: RunState, device: torch.device, steps: int) -> None:
     if state.meta.get("device") != device.type:
-        raise InputError(f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
-                         f"resume with --device {state.meta.get('device')}")
+        raise InputError(
+            f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
+            f"resume with --device {state.meta.get('device')}"
+        )
     if steps <= state.step:
         raise InputError(f"the run is at step {state.step}; --steps {steps} would end it before that: give a larger total")

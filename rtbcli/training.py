@@ -25,6 +25,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,9 +90,9 @@ class StopSignals:
     loop then runs without them).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL/SIG_IGN or None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -116,7 +117,7 @@ class StopSignals:
 
     @property
     def name(self) -> str:
-        return SIGNAL_NAMES.get(self.requested, "a signal")
+        return "a signal" if self.requested is None else SIGNAL_NAMES.get(signal.Signals(self.requested), "a signal")
 
 
 def resume_command(command: str, partial: Path, preset, device) -> str:

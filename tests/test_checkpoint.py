@@ -37,10 +37,13 @@ def test_round_trip_tensors_and_metadata(tmp_path, tiny_preset):
 
 def test_no_pickle_in_the_file(tmp_path, tiny_preset):
     path = tmp_path / "p.safetensors"
-    save_checkpoint(path, sampler_tensors(DiffusionSampler(2, steps=10, hidden=16, time_features=8), "policy"),
-                    base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
+    save_checkpoint(
+        path,
+        sampler_tensors(DiffusionSampler(2, steps=10, hidden=16, time_features=8), "policy"),
+        base_metadata("prior", tiny_preset, "tiny", 0, 0, {}),
+    )
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
-    header = json.loads(path.read_bytes()[8:8 + header_len])  # plain JSON header, then raw tensor bytes
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])  # plain JSON header, then raw tensor bytes
     assert header["__metadata__"]["format"] == "rtbcli-checkpoint"
 
 
@@ -61,12 +64,15 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, tiny_preset,
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "not found"),
-    (b"", "not a readable safetensors file"),
-    (b"\x00" * 64, "not a readable safetensors file"),
-    (b"this is text, not tensors", "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "not found"),
+        (b"", "not a readable safetensors file"),
+        (b"\x00" * 64, "not a readable safetensors file"),
+        (b"this is text, not tensors", "not a readable safetensors file"),
+    ],
+)
 def test_missing_or_corrupt_files(tmp_path, content, match):
     path = tmp_path / "x.safetensors"
     if content is not None:
@@ -97,6 +103,7 @@ def test_wrong_kind(tmp_path, tiny_prior):
 
 def test_saved_files_follow_the_umask(tmp_path, tiny_preset):
     import os
+
     path = tmp_path / "p.safetensors"
     save_checkpoint(path, {"a": torch.zeros(1)}, base_metadata("prior", tiny_preset, "tiny", 0, 0, {}))
     mask = os.umask(0)
@@ -107,6 +114,7 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_preset):
 @pytest.mark.parametrize("config,match", [("{not json", "no readable config"), ('{"name": "x"}', "checkpoint config: missing key")])
 def test_unreadable_config_in_metadata(tmp_path, tiny_prior, config, match):
     from safetensors import safe_open
+
     with safe_open(str(tiny_prior), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -154,8 +162,10 @@ def test_a_version_1_partial_run_resumes_to_the_weights_version_1_finished_with(
     assert done.tensors.keys() == finished.tensors.keys()
     assert [k for k in done.tensors if not torch.equal(done.tensors[k], finished.tensors[k])] == []
     timing = {"steps_per_s", "seconds"}
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in p.read_text().splitlines()]
-            for p in (out.with_suffix(".jsonl"), DATA / "v1-rtb.jsonl")]
+    logs = [
+        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in p.read_text().splitlines()]
+        for p in (out.with_suffix(".jsonl"), DATA / "v1-rtb.jsonl")
+    ]
     assert logs[0] == logs[1] and len(logs[0]) == 6
 
 

@@ -10,7 +10,8 @@ import torch
 from rtbcli import objectives
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.errors import InputError, RunError
-from rtbcli.finetune import exploration_std, finetune
+from rtbcli.finetune import finetune
+from rtbcli.trainer import exploration_std
 
 
 def test_exploration_schedule_matches_the_authors():
@@ -109,6 +110,7 @@ def test_warm_start_continues_policy_prior_and_scalar(tmp_path, tiny_prior, tiny
     log_z = ck.scalar("log_z")
     assert abs(log_z) > 0
     from rtbcli.finetune import starting_point
+
     for algo, expected in (("rtb", log_z), ("trust-pcl", 2.0 * log_z), ("reinforce-kl", 0.0)):
         prior, policy, init, sha, path, offset = starting_point(ck, algo, 0.5, "cpu", torch.float32)
         assert init == pytest.approx(expected, rel=1e-6) and sha == ck.meta["prior_sha256"] and offset == 4
@@ -142,6 +144,7 @@ def test_reward_returning_nan_is_an_input_error(tmp_path, tiny_prior, tiny_prese
     preset = tiny_preset.model_copy(update={"reward": None}).model_dump()
     preset["reward"] = {"type": "python", "function": str(tmp_path / "nan.py") + ":log_reward"}
     from rtbcli.config import Preset
+
     out = tmp_path / "x.safetensors"
     with pytest.raises(InputError, match="NaN or inf on 256 of 256 samples of the prior"):
         finetune(load_checkpoint(tiny_prior), Preset.model_validate(preset), "tiny", "rtb", out, progress=False)
@@ -156,13 +159,16 @@ def test_legacy_rl_refuses_beta_other_than_one(tmp_path, tiny_prior, tiny_preset
     assert not out.exists()
 
 
-@pytest.mark.parametrize("n,expected", [
-    (1, [0.0]),
-    (2, [0.5, 0.0]),
-    (3, [0.5, 0.5 * (1 - 1 / 2.7), 0.0]),
-    (5, [0.5, 0.5 * (1 - 1 / 4.5), 0.5 * (1 - 2 / 4.5), 0.5 * (1 - 3 / 4.5), 0.0]),
-    (9, [0.5] + [0.5 * (1 - it / 8.1) for it in range(1, 8)] + [0.0]),  # 0.5 (1 - 8 / 8.1) = 0.006 at the last step before the fix
-])
+@pytest.mark.parametrize(
+    "n,expected",
+    [
+        (1, [0.0]),
+        (2, [0.5, 0.0]),
+        (3, [0.5, 0.5 * (1 - 1 / 2.7), 0.0]),
+        (5, [0.5, 0.5 * (1 - 1 / 4.5), 0.5 * (1 - 2 / 4.5), 0.5 * (1 - 3 / 4.5), 0.0]),
+        (9, [0.5] + [0.5 * (1 - it / 8.1) for it in range(1, 8)] + [0.0]),  # 0.5 (1 - 8 / 8.1) = 0.006 at the last step before the fix
+    ],
+)
 def test_short_runs_end_without_exploration(n, expected):
     assert [exploration_std(it, n, 0.5) for it in range(n)] == pytest.approx(expected, rel=1e-12, abs=0)
 
@@ -171,6 +177,7 @@ def other_means(preset):
     data = preset.model_dump()
     data["prior_data"]["means"][3] = [-10.0, 6.0]
     from rtbcli.config import Preset
+
     return Preset.model_validate(data)
 
 
@@ -209,6 +216,7 @@ def test_prior_pretrained_on_another_data_file_is_refused(tmp_path, tiny_preset)
         p = data_preset(path).model_dump()
         p["reward"] = {"type": "mixture", "mixture": {"means": [[1.0, 1.0]], "variance": 2.0}}
         from rtbcli.config import Preset
+
         return tiny(Preset.model_validate(p)).updated("finetune", steps=1, batch_size=8)
 
     prior = tmp_path / "prior.safetensors"
@@ -233,14 +241,22 @@ def test_exact_snis_warns_once_when_its_ess_collapses(tmp_path, tiny_prior, tiny
     log = tmp_path / "log.jsonl"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        finetune(load_checkpoint(tiny_prior), preset, "tiny", "reinforce-kl", tmp_path / "x.safetensors", progress=False,
-                 log_path=log, log_every=1)
+        finetune(
+            load_checkpoint(tiny_prior),
+            preset,
+            "tiny",
+            "reinforce-kl",
+            tmp_path / "x.safetensors",
+            progress=False,
+            log_path=log,
+            log_every=1,
+        )
     with warnings.catch_warnings(record=True) as unlogged:  # logging only at the last step, which does not explore
         warnings.simplefilter("always")
-        finetune(load_checkpoint(tiny_prior), preset, "tiny", "reinforce-kl", tmp_path / "y.safetensors", progress=False,
-                 log_every=1000)
-    assert [str(w.message) for w in unlogged if issubclass(w.category, RtbcliWarning)] == [str(w.message) for w in caught
-                                                                                           if issubclass(w.category, RtbcliWarning)]
+        finetune(load_checkpoint(tiny_prior), preset, "tiny", "reinforce-kl", tmp_path / "y.safetensors", progress=False, log_every=1000)
+    assert [str(w.message) for w in unlogged if issubclass(w.category, RtbcliWarning)] == [
+        str(w.message) for w in caught if issubclass(w.category, RtbcliWarning)
+    ]
     ours = [w for w in caught if issubclass(w.category, RtbcliWarning)]
     ess = [json.loads(line)["weights_ess"] for line in log.read_text().splitlines()]
     if snis == "exact":

@@ -38,6 +38,7 @@ def host_reads():
             if caller.startswith(PACKAGE):
                 counts[f"{name} {Path(caller).name}:{sys._getframe(1).f_lineno}"] += 1
             return method(self, *args, **kwargs)
+
         return call
 
     for name, method in originals.items():
@@ -73,8 +74,15 @@ def test_finetune_steps_read_nothing_back(algo, tiny_prior, tiny_preset, tmp_pat
 
 def test_pretrain_steps_read_nothing_back(tiny_preset, tmp_path):
     def run_for(steps):
-        pretrain(tiny_preset.updated("pretrain", steps=steps), "tiny", tmp_path / f"{steps}.safetensors", seed=1, progress=False,
-                 log_every=steps, save_every=0)
+        pretrain(
+            tiny_preset.updated("pretrain", steps=steps),
+            "tiny",
+            tmp_path / f"{steps}.safetensors",
+            seed=1,
+            progress=False,
+            log_every=steps,
+            save_every=0,
+        )
 
     short, long = reads_of(run_for)
     assert sum(short.values()) > 0

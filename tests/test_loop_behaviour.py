@@ -22,10 +22,11 @@ from rtbcli.checkpoint import load_checkpoint
 from rtbcli.config import Preset
 from rtbcli.distributed import Dist
 from rtbcli.evaluate import evaluate
-from rtbcli.finetune import exploration_std, finetune
+from rtbcli.finetune import finetune
 from rtbcli.pretrain import pretrain
 from rtbcli.sampler import DiffusionSampler
 from rtbcli.tasks import Task
+from rtbcli.trainer import exploration_std
 
 F64 = torch.float64
 
@@ -73,8 +74,7 @@ def policy_at(preset: Preset, state: dict) -> DiffusionSampler:
 
 
 def run(prior_path, preset, algo, tmp_path, **kw):
-    return finetune(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / f"{algo}.safetensors", progress=False,
-                    dtype=F64, **kw)
+    return finetune(load_checkpoint(prior_path), preset, "tiny", algo, tmp_path / f"{algo}.safetensors", progress=False, dtype=F64, **kw)
 
 
 # ----------------------------------------------------------------------------- exploration
@@ -240,7 +240,8 @@ def test_legacy_lambda_reaches_the_legacy_loss(tmp_path, tiny_prior, tiny_preset
 
 # ----------------------------------------------------------------------------- training learns
 LEARN = {
-    "name": "learn-1d", "beta": 1.0,
+    "name": "learn-1d",
+    "beta": 1.0,
     "prior_data": {"means": [[-5.0], [0.0], [5.0]], "variance": 1.0},
     "reward": {"type": "mixture_ratio", "mixture": {"means": [[-5.0], [5.0]], "variance": 1.0, "weights": [1, 3]}},
     "sampler": {"steps": 10, "hidden": 16, "time_features": 8, "layers": 2},
@@ -284,7 +285,8 @@ def test_every_adam_step_uses_the_scheduled_learning_rates(tmp_path, tiny_prior,
     the log records the policy's."""
     n, lr, lr_logz, final = 10, 4e-3, 0.2, 1e-3
     preset = tiny_preset.updated("", beta=0.5).updated(
-        "finetune", steps=n, batch_size=16, lr=lr, lr_logz=lr_logz, lr_schedule="wsd", decay_fraction=0.5, lr_final=final)
+        "finetune", steps=n, batch_size=16, lr=lr, lr_logz=lr_logz, lr_schedule="wsd", decay_fraction=0.5, lr_final=final
+    )
     seen: list[list[float]] = []
     real_step = torch.optim.Adam.step
 
@@ -301,8 +303,16 @@ def test_every_adam_step_uses_the_scheduled_learning_rates(tmp_path, tiny_prior,
     assert [s[1] for s in seen] == pytest.approx([v_scale * lr_logz * f / lr for f in by_hand], rel=1e-12)
     assert [st.lr for st in stats] == [s[0] for s in seen]  # what a step reports is what Adam used
     monkeypatch.undo()
-    finetune(load_checkpoint(tiny_prior), preset, "tiny", algo, tmp_path / "log.safetensors", progress=False, log_path=tmp_path / "log.jsonl",
-             dtype=F64)
+    finetune(
+        load_checkpoint(tiny_prior),
+        preset,
+        "tiny",
+        algo,
+        tmp_path / "log.safetensors",
+        progress=False,
+        log_path=tmp_path / "log.jsonl",
+        dtype=F64,
+    )
     logged = [r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
     assert logged and logged[-1] == pytest.approx(by_hand[-1], rel=1e-12)
 
@@ -322,7 +332,16 @@ def test_every_adam_step_gets_the_clipped_policy_gradient(tmp_path, tiny_prior, 
         assert float(st.grad_norm) > 2 * clip  # the clip binds: this norm was cut to it
         assert norm / unit == pytest.approx(clip, rel=1e-5)
         norms.append(float(st.grad_norm))
-    finetune(load_checkpoint(tiny_prior), preset, "tiny", algo, tmp_path / "log.safetensors", progress=False, log_path=tmp_path / "log.jsonl",
-             log_every=1, dtype=F64)
+    finetune(
+        load_checkpoint(tiny_prior),
+        preset,
+        "tiny",
+        algo,
+        tmp_path / "log.safetensors",
+        progress=False,
+        log_path=tmp_path / "log.jsonl",
+        log_every=1,
+        dtype=F64,
+    )
     logged = [r["grad_norm"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())]
     assert logged == pytest.approx(norms, rel=1e-9)  # the log records the norm before clipping, in RTB's units

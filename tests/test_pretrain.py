@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-
 from torch.distributions import MultivariateNormal
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.config import Preset
-from rtbcli.trainer import learning_rate
 from rtbcli.pretrain import bridge_elbo, new_sampler, pairs_loss, pretrain, trajectory_loss
 from rtbcli.sampler import DiffusionSampler, bridge_sample
 from rtbcli.tasks import Task
+from rtbcli.trainer import learning_rate
 from test_sampler import seeded
 
 

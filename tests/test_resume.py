@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 import rtbcli.pretrain
 import rtbcli.state
-from rtbcli.cli import run
 from conftest import to_toml
+from rtbcli.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"pretrain": 150}  # planned steps of each run here (logs every 100 steps), and of fine-tuning (every 50)
@@ -78,10 +78,40 @@ def files(tmp_path_factory, tiny_preset, tiny_prior):
 def command(files, what: str, out) -> list[str]:
     """The rtbcli command of a run of STEPS steps: `what` is pretrain or an objective."""
     if what == "pretrain":
-        return ["pretrain", "--preset", str(files["preset"]), "--steps", str(STEPS[what]), "--seed", "2", "--out", str(out), "--quiet",
-                "--device", "cpu"]
-    return ["finetune", "--prior", str(files["prior"]), "--reward", files["reward"], "--algo", what, "--steps", str(N),
-            "--batch-size", "8", "--seed", "5", "--out", str(out), "--quiet", "--device", "cpu"]
+        return [
+            "pretrain",
+            "--preset",
+            str(files["preset"]),
+            "--steps",
+            str(STEPS[what]),
+            "--seed",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    return [
+        "finetune",
+        "--prior",
+        str(files["prior"]),
+        "--reward",
+        files["reward"],
+        "--algo",
+        what,
+        "--steps",
+        str(N),
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +210,48 @@ def test_a_resumed_run_extends_a_finished_one_and_a_warm_started_run_resumes(fil
     cmd = command(files, "rtb", first)
     cmd[cmd.index("--steps") + 1] = "4"
     assert run(cmd) == 0
-    assert run(["finetune", "--warm-start", str(first), "--reward", files["reward"], "--steps", "3", "--batch-size", "8",
-                "--out", str(warm), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        run(
+            [
+                "finetune",
+                "--warm-start",
+                str(first),
+                "--reward",
+                files["reward"],
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--out",
+                str(warm),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert run(["finetune", "--resume", str(warm), "--reward", files["reward"], "--steps", "5", "--out", str(more), "--quiet",
-                "--json", "--device", "cpu"]) == 0
+    assert (
+        run(
+            [
+                "finetune",
+                "--resume",
+                str(warm),
+                "--reward",
+                files["reward"],
+                "--steps",
+                "5",
+                "--out",
+                str(more),
+                "--quiet",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["resumed_at"] == 3
     meta = safe_open(str(more), "pt").metadata()
     assert meta["step"] == "9" and json.loads(meta["run"])["warm_started_from"] == str(first)
@@ -193,8 +260,13 @@ def test_a_resumed_run_extends_a_finished_one_and_a_warm_started_run_resumes(fil
 # --------------------------------------------------------------------------- a random moment, a real process
 def stop_at_random(cmd: list[str], cwd: Path, rng: random.Random) -> dict:
     """Run `rtbcli CMD` in a process of its own; once its loop has started, wait a random moment (from `rng`) and send it SIGINT."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STOP_AT": "0", "REWARD_SLEEP_S": "0.003",  # fine-tuning takes over 0.24 s
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "STOP_AT": "0",
+        "REWARD_SLEEP_S": "0.003",  # fine-tuning takes over 0.24 s
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
     cmd = [c for c in cmd if c != "--quiet"]  # its progress says when the loop has started
     p = subprocess.Popen([sys.executable, "-m", "rtbcli", *cmd], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
     first = p.stderr.readline()
@@ -220,7 +292,9 @@ def random_stops(files):
         folder = files["dir"] / f"random-{what}"
         folder.mkdir()
         result, rng = {}, random.Random(1000 + k)
-        thread = threading.Thread(target=lambda r=result, w=what, f=folder, g=rng: r.update(stop_at_random(command(files, w, "x.safetensors"), f, g)))
+        thread = threading.Thread(
+            target=lambda r=result, w=what, f=folder, g=rng: r.update(stop_at_random(command(files, w, "x.safetensors"), f, g))
+        )
         thread.start()
         jobs[what] = (thread, result, folder)
     yield jobs
@@ -310,30 +384,49 @@ def damaged_copy(finished, folder: Path, **meta) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("case, match", [
-    ("no state", "has no resumable state beside it (copy.state.safetensors is missing)"),
-    ("format version", "has format version 0, this rtbcli reads versions 1 and 2"),
-    ("another objective", "is a rtb run: resume it with --algo rtb"),
-    ("another preset", "--resume continues a run under its own preset, but the preset given differs ("),
-    ("fewer steps", "the run is at step 4; --steps 3 would end it before that"),
-    ("damaged config", "is damaged (ValidationError in its metadata): start a new run with --warm-start"),
-    ("negative save-every", "--save-every must be 0 (off) or a positive number of steps (got -1)"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no state", "has no resumable state beside it (copy.state.safetensors is missing)"),
+        ("format version", "has format version 0, this rtbcli reads versions 1 and 2"),
+        ("another objective", "is a rtb run: resume it with --algo rtb"),
+        ("another preset", "--resume continues a run under its own preset, but the preset given differs ("),
+        ("fewer steps", "the run is at step 4; --steps 3 would end it before that"),
+        ("damaged config", "is damaged (ValidationError in its metadata): start a new run with --warm-start"),
+        ("negative save-every", "--save-every must be 0 (off) or a positive number of steps (got -1)"),
+    ],
+)
 def test_bad_resume_is_a_one_line_error_and_overwrites_nothing(case, match, files, finished, tmp_path, capsys):
-    copy = damaged_copy(finished, tmp_path, **({} if case == "no state" else {"format_version": "0"} if case == "format version"
-                                               else {"config": "{}"} if case == "damaged config" else {"format_version": "1"}))
+    copy = damaged_copy(
+        finished,
+        tmp_path,
+        **(
+            {}
+            if case == "no state"
+            else {"format_version": "0"}
+            if case == "format version"
+            else {"config": "{}"}
+            if case == "damaged config"
+            else {"format_version": "1"}
+        ),
+    )
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"an earlier result")
     args = ["finetune", "--resume", str(copy), "--reward", files["reward"], "--steps", "6", "--out", str(out), "--quiet"]
-    args += {"another objective": ["--algo", "trust-pcl"], "another preset": ["--preset", str(files["preset"]), "--lr", "0.5"],
-             "fewer steps": ["--steps", "3"], "negative save-every": ["--save-every", "-1"]}.get(case, [])
+    args += {
+        "another objective": ["--algo", "trust-pcl"],
+        "another preset": ["--preset", str(files["preset"]), "--lr", "0.5"],
+        "fewer steps": ["--steps", "3"],
+        "negative save-every": ["--save-every", "-1"],
+    }.get(case, [])
     capsys.readouterr()
     assert run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rtbcli: error: ") and match in err[0], err
     assert out.read_bytes() == b"an earlier result"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["copy.safetensors", "out.safetensors"]
-                                                                + ([] if case == "no state" else ["copy.state.safetensors"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["copy.safetensors", "out.safetensors"] + ([] if case == "no state" else ["copy.state.safetensors"])
+    )
 
 
 def test_pretrain_resume_refuses_other_settings_and_finetuned_checkpoints(files, finished, tmp_path, capsys):
@@ -341,8 +434,10 @@ def test_pretrain_resume_refuses_other_settings_and_finetuned_checkpoints(files,
     cmd = command(files, "pretrain", out)
     cmd[cmd.index("--steps") + 1] = "3"
     assert run(cmd) == 0
-    for args, match in ((["--batch-size", "16"], "only --steps (a new total) may be given"),
-                        (["--preset", str(files["preset"])], "give one of --preset, --data and --resume")):
+    for args, match in (
+        (["--batch-size", "16"], "only --steps (a new total) may be given"),
+        (["--preset", str(files["preset"])], "give one of --preset, --data and --resume"),
+    ):
         capsys.readouterr()
         assert run(["pretrain", "--resume", str(out), "--steps", "5", "--out", str(tmp_path / "q.safetensors"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -364,12 +459,31 @@ def test_extending_a_finished_run_continues_the_schedules_at_their_final_values(
 
     lr, final = 1e-2, 1e-3
     preset = load_checkpoint(files["prior"]).preset.updated(
-        "finetune", steps=6, batch_size=8, lr=lr, lr_schedule="cosine", lr_final=final, exploration=0.5)
+        "finetune", steps=6, batch_size=8, lr=lr, lr_schedule="cosine", lr_final=final, exploration=0.5
+    )
     first, more = tmp_path / "first.safetensors", tmp_path / "more.safetensors"
-    finetune(load_checkpoint(files["prior"]), preset, "tiny", algo, first, seed=1, progress=False, log_path=first.with_suffix(".jsonl"),
-             log_every=1)
-    finetune(load_checkpoint(first), preset.updated("finetune", steps=10), "tiny", algo, more, progress=False, resume=True,
-             log_path=more.with_suffix(".jsonl"), log_every=1)
+    finetune(
+        load_checkpoint(files["prior"]),
+        preset,
+        "tiny",
+        algo,
+        first,
+        seed=1,
+        progress=False,
+        log_path=first.with_suffix(".jsonl"),
+        log_every=1,
+    )
+    finetune(
+        load_checkpoint(first),
+        preset.updated("finetune", steps=10),
+        "tiny",
+        algo,
+        more,
+        progress=False,
+        resume=True,
+        log_path=more.with_suffix(".jsonl"),
+        log_every=1,
+    )
     logs = [[json.loads(line) for line in p.with_suffix(".jsonl").read_text().splitlines()] for p in (first, more)]
     assert [r["step"] for r in logs[1]] == list(range(1, 11)) and logs[1][:6] == logs[0]
     assert logs[0][1]["exploration"] > 0 and logs[0][1]["lr"] > 5 * final  # the schedules were on
@@ -381,7 +495,8 @@ def test_extending_a_finished_run_continues_the_schedules_at_their_final_values(
 
 # --------------------------------------------------------------------------- a reward that draws random numbers
 RANDOM_REWARD = REWARD.replace("import os, signal, time", "import os, signal, time\nimport torch").replace(
-    "    return -(x - 3.0).pow(2).sum(-1) / 20", "    return -(x - 3.0).pow(2).sum(-1) / 20 + 1e-3 * torch.rand(x.shape[:-1])")
+    "    return -(x - 3.0).pow(2).sum(-1) / 20", "    return -(x - 3.0).pow(2).sum(-1) / 20 + 1e-3 * torch.rand(x.shape[:-1])"
+)
 
 
 def test_a_reward_drawing_from_torch_s_global_generator_resumes_exactly(files, tmp_path, monkeypatch, capsys):

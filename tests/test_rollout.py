@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from rtbcli.rollout import Workspace, backward, fused_layout, policy_grad, rollout, step_log_probs
-from rtbcli.sampler import DiffusionSampler, DriftNet
 from rtbcli.runtime import keep_freed_memory
+from rtbcli.sampler import DiffusionSampler, DriftNet
 from test_sampler import seeded
 
 
@@ -95,9 +95,20 @@ def test_the_fused_backward_s_assumptions_about_driftnet_s_layout():
     (or let `fused_layout` send the new network to autograd) and then this list."""
     net = DriftNet(3, hidden=16, n_freq=8, n_layers=2)
     assert [(n, tuple(p.shape)) for n, p in net.named_parameters()] == [
-        ("time.phase", (8,)), ("time.mlp.0.weight", (16, 16)), ("time.mlp.0.bias", (16,)), ("time.mlp.2.weight", (16, 16)),
-        ("time.mlp.2.bias", (16,)), ("state.weight", (16, 3)), ("state.bias", (16,)), ("body.1.weight", (16, 16)),
-        ("body.1.bias", (16,)), ("body.3.weight", (16, 16)), ("body.3.bias", (16,)), ("body.5.weight", (3, 16)), ("body.5.bias", (3,))]
+        ("time.phase", (8,)),
+        ("time.mlp.0.weight", (16, 16)),
+        ("time.mlp.0.bias", (16,)),
+        ("time.mlp.2.weight", (16, 16)),
+        ("time.mlp.2.bias", (16,)),
+        ("state.weight", (16, 3)),
+        ("state.bias", (16,)),
+        ("body.1.weight", (16, 16)),
+        ("body.1.bias", (16,)),
+        ("body.3.weight", (16, 16)),
+        ("body.3.bias", (16,)),
+        ("body.5.weight", (3, 16)),
+        ("body.5.bias", (3,)),
+    ]
     assert [type(m) for m in net.body] == [nn.GELU, nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
     assert fused_layout(net)
     net.body[0] = nn.GELU(approximate="tanh")
@@ -129,8 +140,10 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them():
         pytest.skip("no glibc mallinfo2 here")
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                                   "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+        ]
 
     info.restype = MallInfo2
     libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]

@@ -45,15 +45,19 @@ class ReplayBuffer:
         dtype: torch.dtype = torch.float32,
         rank_k: float = 0.01,
         with_log_pi: bool = False,
+        rank_by_log_pi: bool = False,
     ):
         if capacity <= 0:
             raise InputError(f"the buffer size must be > 0, got {capacity}: set a positive buffer size")
+        if rank_by_log_pi and not with_log_pi:
+            raise InputError("a buffer ranked by log pi must keep log pi (with_log_pi=True)")
         if not rank_k > 0:
             raise InputError(f"the rank weight k must be > 0, got {rank_k}")
         self.capacity, self.dim, self.rank_k = int(capacity), int(dim), float(rank_k)
         self.x = torch.empty(self.capacity, self.dim, dtype=dtype, device=device)
         self.log_r = torch.empty(self.capacity, dtype=dtype, device=device)
         self.log_pi = torch.empty(self.capacity, dtype=dtype, device=device) if with_log_pi else None
+        self.rank_by_log_pi = rank_by_log_pi  # rank by log pi (energy mode, as the paper's code) instead of log r
         self.size = 0  # states held (a Python int: known without a sync)
         self.head = 0  # the slot the next state goes to; when full, the oldest state's slot
         self._order: torch.Tensor | None = None  # slots by decreasing log r, cached until the next add
@@ -95,9 +99,10 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ sampling
     def order(self) -> torch.Tensor:
-        """Slots of the held states by decreasing log r (NaN last; ties by slot): shape (size,)."""
+        """Slots of the held states by decreasing log r, or log pi if `rank_by_log_pi` (NaN last; ties by slot): shape (size,)."""
         if self._order is None:
-            key = torch.nan_to_num(self.log_r[: self.size], nan=float("-inf"))
+            held = self.log_pi if self.rank_by_log_pi and self.log_pi is not None else self.log_r
+            key = torch.nan_to_num(held[: self.size], nan=float("-inf"))
             self._order = torch.sort(key, descending=True, stable=True).indices
         return self._order
 

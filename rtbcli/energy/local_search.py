@@ -102,9 +102,9 @@ def mala(
     """
     if steps <= 0 or not 0 <= burn_in < steps:
         raise InputError(f"local search needs steps > 0 and 0 <= burn_in < steps, got steps={steps}, burn_in={burn_in}")
+    if not isinstance(step_size, torch.Tensor) and not step_size > 0:  # a tensor is not read back (no host sync)
+        raise InputError(f"the local-search step size must be > 0, got {step_size}: set a positive step size")
     eta = torch.as_tensor(step_size, dtype=x.dtype, device=x.device).clone()
-    if not bool(eta > 0):  # a host check, once, before the loop
-        raise InputError(f"the local-search step size must be > 0, got {float(eta)}: set a positive step size")
     x = x.detach().clone()
     lp, g = log_density_and_grad(log_density, x, switch_off)
     rate = torch.zeros((), dtype=x.dtype, device=x.device)  # the last measured acceptance rate

@@ -34,8 +34,18 @@ def main():
     p = preset()
     pretrain(p, "tiny", HERE / "v1-prior.safetensors", seed=0, progress=False, log_path=HERE / "v1-prior.jsonl")
     RunPaths.remove_partial = lambda self: None  # keep the step-3 save beside the finished run
-    finetune(load_checkpoint(HERE / "v1-prior.safetensors"), p, "tiny", "rtb", HERE / "v1-rtb.safetensors", seed=3, progress=False,
-             log_path=HERE / "v1-rtb.jsonl", log_every=1, save_every=3)
+    finetune(
+        load_checkpoint(HERE / "v1-prior.safetensors"),
+        p,
+        "tiny",
+        "rtb",
+        HERE / "v1-rtb.safetensors",
+        seed=3,
+        progress=False,
+        log_path=HERE / "v1-rtb.jsonl",
+        log_every=1,
+        save_every=3,
+    )
 
 
 if __name__ == "__main__":
