@@ -190,7 +190,7 @@ def evaluate(
     use_reward = task.reward is not None and not task.reward_unnamed
     if task.energy is not None and tgt.sample is not None:
         require_pot()  # W2 needs POT: say so before sampling
-    run = _Run(ck, task, tgt, ck.sampler("policy", device), finetuned, use_reward, task.beta if finetuned else None, n, seed, device, chunk)
+    run = _Run(ck, task, tgt, _policy(ck, task, device), finetuned, use_reward, task.beta if finetuned else None, n, seed, device, chunk)
     x = _sample_and_score(run)
     m = {
         "checkpoint": str(ck.path),
@@ -214,6 +214,20 @@ def evaluate(
     (_energy_table if task.energy is not None else _data_log_z)(run, m, x, y)
     m.update(suite_of(task).extra_metrics(task, x, tgt, finetuned, seed, lw))
     return Evaluation(m, x, None if y is None else y.float(), tgt, task, ref)
+
+
+def _policy(ck: Checkpoint, task: Task, device: torch.device):
+    """The checkpoint's policy; one with the Langevin parametrisation gets its gradient target again (energy mode:
+    log pi; else log r, `rtbcli.finetune`'s differentiable reward), since a checkpoint holds no code."""
+    if not (ck.kind == "finetuned" and ck.preset.finetune.langevin):
+        return ck.sampler("policy", device)
+    from .finetune import _differentiable_log_reward
+    from .offpolicy import load_langevin_policy
+
+    if task.reward_unnamed:
+        task.reward(torch.zeros(1, task.dim))  # raises the one-line message naming the reference to pass
+    target = task.energy.log_density if task.energy is not None else _differentiable_log_reward(task)
+    return load_langevin_policy(ck, target, device)
 
 
 def _sample_and_score(run: _Run) -> torch.Tensor:

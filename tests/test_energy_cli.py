@@ -313,3 +313,14 @@ def test_the_run_hands_the_target_to_the_training_step(tmp_path):
     assert type(run.prior).__name__ == "BrownianPrior" and run.info.checkpoint_meta["prior_path"] == "brownian"
     traj = run.prior.sample(3)
     torch.testing.assert_close(run.policy.means(traj), traj[:-1])  # the policy starts as the prior: zero drift
+
+
+def test_a_langevin_policy_starts_from_the_brownian_prior_and_evaluates(tmp_path, capsys):
+    """--langevin in energy mode: a fresh Langevin policy (drift 0.01 clip(grad log pi)), and evaluate gives it log pi again."""
+    out = tmp_path / "lp.safetensors"
+    code, _, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=2), "--langevin", "--out", out, "--quiet")
+    assert code == 0, err
+    code, text, err = cli(capsys, "evaluate", out, "--n", 64, "--json")
+    assert code == 0, err
+    m = json.loads(text)
+    assert all(math.isfinite(m[k]) for k in ("elbo", "log_z_rw", "eubo", "w2"))
