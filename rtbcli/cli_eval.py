@@ -127,7 +127,7 @@ evaluate.__doc__ = (evaluate.__doc__ or "") + examples(
     "rtbcli evaluate rtb.safetensors --plot rtb.png",
     "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
     "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'",
-    "rtbcli evaluate gmm25.safetensors --json   (energy mode: delta_log_z, delta_log_z_rw, w2, eubo)",
+    "rtbcli evaluate gmm25.safetensors --json",
 )
 
 

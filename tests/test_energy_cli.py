@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -324,3 +325,12 @@ def test_a_langevin_policy_starts_from_the_brownian_prior_and_evaluates(tmp_path
     assert code == 0, err
     m = json.loads(text)
     assert all(math.isfinite(m[k]) for k in ("elbo", "log_z_rw", "eubo", "w2"))
+
+
+def test_evaluate_without_pot_names_the_install_command(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "g.safetensors"
+    assert cli(capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=2), "--out", out, "--quiet")[0] == 0
+    monkeypatch.setitem(sys.modules, "ot", None)  # `import ot` raises ImportError
+    code, text, err = cli(capsys, "evaluate", out, "--json")
+    one_line_error(code, err, "pip install 'rtbcli[pot]'")
+    assert text == ""
