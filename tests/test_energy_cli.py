@@ -251,7 +251,8 @@ def test_a_user_target_is_named_again_never_imported_from_the_checkpoint(tmp_pat
 
     ck = load_checkpoint(out)
     assert ck.meta["target"] == ref and ck.meta["target_sha256"] and ck.preset.target.dim == 2
-    for argv in (("evaluate", out), ("finetune", "--warm-start", out, "--out", tmp_path / "w.safetensors")):
+    resume = ("finetune", "--resume", out, "--steps", 8, "--out", tmp_path / "r.safetensors")
+    for argv in (("evaluate", out), ("finetune", "--warm-start", out, "--out", tmp_path / "w.safetensors"), resume):
         code, _, err = cli(capsys, *argv)
         one_line_error(code, err, f"name it again with --target {ref}")
     code, text, err = cli(capsys, "evaluate", out, "--target", ref, "--json")
@@ -334,3 +335,12 @@ def test_evaluate_without_pot_names_the_install_command(tmp_path, capsys, monkey
     code, text, err = cli(capsys, "evaluate", out, "--json")
     one_line_error(code, err, "pip install 'rtbcli[pot]'")
     assert text == ""
+
+
+def test_resume_with_the_user_target_named_again(tmp_path, capsys, user_run):
+    out, ref = user_run
+    code, text, err = cli(
+        capsys, "finetune", "--resume", out, "--target", ref, "--steps", 8, "--out", tmp_path / "r.safetensors", "--json", "--quiet"
+    )
+    assert code == 0, err
+    assert json.loads(text)["resumed_at"] == 4
