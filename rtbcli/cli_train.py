@@ -369,6 +369,8 @@ def finetune(
     )
     function = p.reward.function if isinstance(p.reward, PythonRewardSpec) else ""
     hint = f" --reward {function}" if function.startswith(("/", ".")) else ""
+    if p.target is not None and not p.target.log_density.startswith("rtbcli."):  # a user's target is named again
+        hint += f" --target {p.target.log_density}"
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
 
 
