@@ -12,7 +12,10 @@ Metadata values are strings (JSON where structured):
 What a training run puts there, and what changed between format versions: `rtbcli.checkpointer`.
 
 Tensors: `policy.*` (the sampler's own network, for every kind); finetuned checkpoints add
-`prior.*` (the frozen prior) and `log_z` (rtb) or `v_soft_s0` (trust-pcl).
+`prior.*` (the frozen prior) and `log_z` (rtb) or `v_soft_s0` (trust-pcl). In energy mode (a
+config with a `target`) the frozen prior is the Brownian one, defined by the config's sampler
+settings alone: no `prior.*` tensors, `prior_path` = "brownian", and `target` (the reference) and
+`target_sha256` (a user's file) in the metadata. A user's target is never imported on loading.
 """
 
 from __future__ import annotations
@@ -73,7 +76,15 @@ class Checkpoint:
         return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def sampler(self, prefix: str = "policy", device: torch.device | str = "cpu", dtype=torch.float32) -> DiffusionSampler:
-        """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior")."""
+        """Build the sampler stored under `prefix` ("policy" or, for finetuned, "prior").
+
+        In energy mode (a config with a target) the prior is the drift-free `BrownianPrior` of the
+        config's sampler settings: no network, no `prior.*` tensors (it has none to store)."""
+        if prefix == "prior" and self.preset.energy:
+            from .energy.prior import BrownianPrior
+
+            spec = self.preset.sampler
+            return BrownianPrior(self.preset.dim, spec.steps, spec.sigma2).to(device=device, dtype=dtype)  # type: ignore[return-value]
         with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave torch's global generator alone
             s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
         state = self.section(prefix)
@@ -105,7 +116,7 @@ class Checkpoint:
         return None if value is None else obj.log_z(value, float(self.meta.get("alpha", 1.0)))
 
 
-def sampler_tensors(sampler: DiffusionSampler, prefix: str) -> dict[str, torch.Tensor]:
+def sampler_tensors(sampler: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The sampler's state under `prefix.`, as contiguous float32 CPU tensors."""
     return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sampler.state_dict().items()}
 

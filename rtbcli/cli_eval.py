@@ -36,6 +36,12 @@ def evaluate(
         None, "--reward", help="Name the checkpoint's Python reward again ('rewards.py:function'); loading a checkpoint never imports code."
     ),
     reward_arg: list[str] | None = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
+    target: str | None = typer.Option(
+        None,
+        "--target",
+        help="Name an energy-mode checkpoint's own target again ('target.py:log_pi'); loading a checkpoint never imports code.",
+    ),
+    target_arg: list[str] | None = typer.Option(None, "--target-arg", help="KEY=VALUE keyword argument for the target (repeatable)."),
     reference: Path | None = typer.Option(
         None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."
     ),
@@ -62,7 +68,17 @@ def evaluate(
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
     dev = resolve_device(device)
-    ev = run_evaluate(ck, n or ck.preset.evaluate.n, seed, dev, reward=reward, reward_kwargs=parse_kwargs(reward_arg), reference=reference)
+    ev = run_evaluate(
+        ck,
+        n or ck.preset.evaluate.n,
+        seed,
+        dev,
+        reward=reward,
+        reward_kwargs=parse_kwargs(reward_arg),
+        reference=reference,
+        target=target,
+        target_kwargs=parse_kwargs(target_arg),
+    )
     m = ev.metrics
     if plot is not None:
         _plot(plot, checkpoint, ck, ev, seed, dev, pair)
@@ -111,6 +127,7 @@ evaluate.__doc__ = (evaluate.__doc__ or "") + examples(
     "rtbcli evaluate rtb.safetensors --plot rtb.png",
     "rtbcli evaluate moons-rtb.safetensors --reward favour.py:log_reward --json",
     "rtbcli evaluate rtb.safetensors --require 'kl_mode < 0.05' --require 'ess_fraction > 0.1'",
+    "rtbcli evaluate gmm25.safetensors --json",
 )
 
 

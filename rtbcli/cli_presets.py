@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import emit_json, examples, handle_errors, out_console
+from .energy.loading import resolve_target
 from .errors import InputError
 from .preset_toml import own_task_template, render_preset
 from .presets_loader import load_preset, shipped_preset_text, shipped_presets
@@ -34,14 +35,15 @@ def list_presets(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     rows: list[dict[str, Any]] = []
     for name in shipped_presets():
         p, _ = load_preset(name, resolve=False)
+        p = resolve_target(p, allow_import=False)  # a shipped target's dimension
         rows.append(
             {
                 "name": name,
                 "description": p.description,
-                "dim": p.prior_data.dim,
+                "dim": p.target.dim if p.target is not None else p.prior_data.dim if p.prior_data is not None else None,
                 "beta": p.beta,
-                "data": p.prior_data.kind,
-                "reward": None if p.reward is None else p.reward.type,
+                "data": p.prior_data.kind if p.prior_data is not None else "none (energy: Brownian prior)",
+                "reward": "derived (energy)" if p.target is not None else None if p.reward is None else p.reward.type,
             }
         )
     if as_json:

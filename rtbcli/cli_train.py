@@ -17,6 +17,7 @@ import typer
 
 from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
 from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec
+from .energy.options import ENERGY_PRESETS, check_same_dim, is_brownian, require_named, target_preset, with_target
 from .errors import InputError
 from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from .presets_loader import DEFAULT_PRESET, load_preset
@@ -34,6 +35,10 @@ else:
     Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
 ALGO_HELP = "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
+TARGET_HELP = (
+    "Energy mode: the log-density to sample, 'path/to/target.py:log_pi', 'package.module:log_pi' or a shipped "
+    "'rtbcli.energy.targets:gmm25' (funnel, manywell); name a checkpoint's own target again (never imported from a checkpoint)."
+)
 SAVE_HELP = "Save a resumable checkpoint (X.partial.safetensors) every N steps; 0: only at the end and on SIGINT/SIGTERM."
 
 
@@ -178,7 +183,12 @@ pretrain.__doc__ = (pretrain.__doc__ or "") + examples(
 
 # --------------------------------------------------------------------------- finetune
 def finetune(
-    prior: Path | None = typer.Option(None, "--prior", help="Start a run from this prior checkpoint (from `rtbcli pretrain`)."),
+    prior: Path | None = typer.Option(
+        None,
+        "--prior",
+        help="Start a run from this prior checkpoint (from `rtbcli pretrain`), or from 'brownian': the drift-free prior of energy "
+        "mode (no data; implied by --target or a preset with [target]).",
+    ),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this finetuned run exactly: its optimiser, schedule and random state."
     ),
@@ -199,6 +209,14 @@ def finetune(
         None, "--reward", help="Your reward: 'path/to/rewards.py:function' or 'package.module:function', returning log r(x)."
     ),
     reward_arg: list[str] | None = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
+    target: str | None = typer.Option(None, "--target", help=TARGET_HELP),
+    target_arg: list[str] | None = typer.Option(None, "--target-arg", help="KEY=VALUE keyword argument for the target (repeatable)."),
+    dim: int | None = typer.Option(None, "--dim", help="Your target's dimension d (unless its function has a `dim` attribute)."),
+    sigma2: float | None = typer.Option(
+        None,
+        "--sigma2",
+        help="Energy mode: the Brownian prior's variance sigma2 (its law at T is N(0, sigma2 I)) [default: the preset's; 5.0 where it says nothing].",
+    ),
     beta: float | None = typer.Option(None, help="Inverse temperature of the target p_prior r^beta [default: the preset's]."),
     alpha: float | None = typer.Option(None, help="Trust-PCL temperature alpha = 1/beta (give this or --beta)."),
     steps: int | None = typer.Option(None, help=field_help(FinetuneSpec, "steps", "; with --resume, the new total")),
@@ -227,22 +245,16 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Fine-tune a prior so that its samples follow p_prior(x) r(x)^beta."""
-    from .checkpoint import load_checkpoint
     from .evaluate import with_reward
     from .finetune import finetune as run_finetune
     from .suites import check_suite
     from .tasks import Task
 
     b = resolve_beta(beta, alpha)
-    given = [(n, v) for n, v in (("--prior", prior), ("--resume", resume), ("--warm-start", warm_start)) if v is not None]
-    if len(given) != 1:
-        raise InputError(
-            "give exactly one of --prior (start from a prior), --resume (continue a run) and --warm-start (a new run from a finetuned checkpoint)"
-        )
-    ((start_opt, start_path),) = given
-    start = load_checkpoint(start_path, expect_kind="prior" if prior is not None else "finetuned")
+    start_path, start = _start(prior, resume, warm_start, preset, target)
     is_resume = resume is not None
     if is_resume:
+        assert start is not None
         if seed is not None and seed != start.meta_int("seed"):
             raise InputError("--seed cannot change when resuming: the run continues with its own random state")
         if on_policy and not json.loads(start.meta.get("run", "{}")).get("on_policy", False):
@@ -255,7 +267,7 @@ def finetune(
             raise InputError(f"checkpoint '{start.path}' records no algorithm (no 'algo' metadata): it is damaged")
     else:
         algo_name = algo.value if algo is not None else DEFAULT_OBJECTIVE
-    p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
+    p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
     p = with_overrides(
@@ -282,6 +294,8 @@ def finetune(
         ls_step_size=ls_step_size,
         langevin=langevin,
     )
+    if preset is None and target is None:  # energy mode: a checkpoint's own target is never imported unless named again
+        require_named(p)
     if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
         from .rewards import UnnamedReward
 
@@ -295,7 +309,7 @@ def finetune(
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
     check_writable(out, "--out")
     positive_or_zero("--save-every", save_every)
-    if out.resolve() == Path(start_path).resolve():
+    if start is not None and out.resolve() == Path(start_path).resolve():
         raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
     dist, dev = _start_distributed(device, p.finetune.batch_size)
     try:
@@ -355,13 +369,59 @@ def finetune(
     )
     function = p.reward.function if isinstance(p.reward, PythonRewardSpec) else ""
     hint = f" --reward {function}" if function.startswith(("/", ".")) else ""
+    if p.target is not None and not p.target.log_density.startswith("rtbcli."):  # a user's target is named again
+        hint += f" --target {p.target.log_density}"
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
+
+
+def _start(prior: Path | None, resume: Path | None, warm_start: Path | None, preset: str | None, target: str | None):
+    """(path, checkpoint) the run starts from; (None, None) for energy mode's Brownian prior: `--prior brownian`, or no
+    start option with --target or a preset with [target]."""
+    from .checkpoint import load_checkpoint
+
+    brownian = is_brownian(prior)
+    given = [(n, v) for n, v in (("--prior", None if brownian else prior), ("--resume", resume), ("--warm-start", warm_start)) if v]
+    if not given and (brownian or target is not None or (preset is not None and load_preset(preset)[0].energy)):
+        return None, None
+    if len(given) != 1 or brownian:
+        raise InputError(
+            "give exactly one of --prior (start from a prior, or 'brownian'), --resume (continue a run) and --warm-start (a new run "
+            "from a finetuned checkpoint)"
+        )
+    ((_, path),) = given
+    return path, load_checkpoint(path, expect_kind="prior" if prior is not None else "finetuned")
+
+
+def _energy_preset(start, preset: str | None, target: str | None, kwargs: dict, dim: int | None, sigma2: float | None):
+    """The run's preset and its name: the checkpoint's, or --preset's, or (energy mode without a preset) --target's,
+    with --target / --target-arg / --dim naming or replacing its target and --sigma2 the Brownian prior's variance."""
+    if start is None and preset is None:
+        if target is None:
+            raise InputError(f"--prior brownian samples a target: give --target file.py:fn or an energy preset ({ENERGY_PRESETS})")
+        p, ref = target_preset(target, kwargs, dim), target
+    else:
+        p, ref = (start.preset, start.meta.get("preset", "reference")) if preset is None else load_preset(preset)
+    if start is None and not p.energy:
+        raise InputError(
+            f"--prior brownian samples a target with no data, but preset '{p.name}' has [prior_data]: give --target file.py:fn "
+            f"or an energy preset ({ENERGY_PRESETS})"
+        )
+    p = with_target(p, target, kwargs, dim)
+    if sigma2 is not None:
+        if not p.energy:
+            raise InputError("--sigma2 sets the Brownian prior's variance (energy mode): a pretrained prior keeps its own")
+        p = with_overrides(p, "sampler", sigma2=sigma2)
+    if start is not None and p.energy:
+        check_same_dim(p, start.preset)
+    return p, ref
 
 
 finetune.__doc__ = (finetune.__doc__ or "") + examples(
     "rtbcli finetune --prior prior.safetensors --algo rtb --out rtb.safetensors",
     "rtbcli finetune --prior moons-prior.safetensors --reward favour.py:log_reward --steps 1000 --out moons-rtb.safetensors",
     "rtbcli finetune --resume rtb.partial.safetensors",
+    "rtbcli finetune --preset gmm25-energy --steps 2000 --out gmm25.safetensors",
+    "rtbcli finetune --prior brownian --target target.py:log_pi --dim 2 --sigma2 5 --out mine.safetensors",
 )
 
 

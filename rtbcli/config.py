@@ -208,6 +208,34 @@ class PythonRewardSpec(Strict):
 RewardSpec = Annotated[MixtureRewardSpec | PythonRewardSpec, Field(discriminator="type")]
 
 
+# ----------------------------------------------------------------------------- energy mode
+class TargetSpec(Strict):
+    """Energy mode: sample pi(x) = exp(log_density(x)) / Z with no data (docs/maths.md#energy-mode).
+
+    The prior is the drift-free Brownian sampler (terminal law N(0, sigma2 I), `sampler.sigma2`),
+    the reward is derived, log r = log pi - log N(0, sigma2 I) at beta = 1, so a preset with a
+    [target] has no [prior_data] and no [reward]. The function takes x of shape (B, d) and returns
+    log pi(x), shape (B,), unnormalised; it is called with gradient where local search or the
+    Langevin parametrisation need grad log pi.
+    """
+
+    log_density: str
+    """'path/to/target.py:log_pi' (relative to the preset file), 'my_package.targets:log_pi', or a shipped target
+    'rtbcli.energy.targets:gmm25' (also funnel, manywell), which brings its exact log Z and exact sampler."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the function (a [target.kwargs] table); for a shipped target, to its constructor."""
+    dim: PosInt | None = None
+    """The dimension d: a shipped target knows its own; a user's is given here (or --dim) or read from the function's `dim` attribute."""
+    sha256: str | None = None
+    """The target file's SHA-256; filled in when the target is loaded (a different file later is a warning)."""
+
+    @field_validator("log_density")
+    @classmethod
+    def _function(cls, v: str, info: ValidationInfo) -> str:
+        path, attr = parse_reference(v, "target")
+        return f"{resolve_path(path, info)}:{attr}" if path is not None else v
+
+
 # ----------------------------------------------------------------------------- sampler, budgets
 class SamplerSpec(Strict):
     """The diffusion sampler: T Gaussian steps from x_0 = 0 (docs/maths.md#the-sampler)."""
@@ -357,10 +385,12 @@ class Preset(Strict):
     """One line on what the task is."""
     beta: PosFloat = 1.0
     """Inverse temperature: the target is p_prior * r^beta."""
-    prior_data: DataSpec
+    prior_data: DataSpec | None = None
     """The data the prior is pretrained on: a mixture (means, variance, weights), a data file (path) or a shipped dataset."""
+    target: TargetSpec | None = None
+    """Energy mode, instead of [prior_data]: the log-density to sample, from the Brownian prior with no data."""
     reward: RewardSpec | None = None
-    """The reward r(x) > 0, through log r; needed to fine-tune."""
+    """The reward r(x) > 0, through log r; needed to fine-tune (derived from the target in energy mode)."""
     sampler: SamplerSpec = SamplerSpec()
     pretrain: PretrainSpec = PretrainSpec()
     finetune: FinetuneSpec = FinetuneSpec()
@@ -376,8 +406,44 @@ class Preset(Strict):
                 raise ValueError(f"it has both {' and '.join(keys)}: give one kind of data (a mixture, a data file or a shipped dataset)")
         return v
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _data_or_target(cls, data: Any, handler: Any) -> Any:
+        """A preset without [target] needs [prior_data]: reported as that missing key, beside any other problem."""
+        if not (isinstance(data, dict) and "prior_data" not in data and "target" not in data):
+            return handler(data)
+        missing = {"type": "missing", "loc": ("prior_data",), "input": data}
+        try:
+            handler(data)
+        except ValidationError as e:
+            details = [{k: err[k] for k in ("type", "loc", "input", "ctx") if k in err} for err in e.errors()]
+            raise ValidationError.from_exception_data(e.title, [*details, missing]) from None  # type: ignore[list-item]
+        raise ValidationError.from_exception_data(cls.__name__, [missing])  # type: ignore[list-item]
+
+    @model_validator(mode="after")
+    def _energy(self) -> Preset:
+        if self.target is None:
+            return self
+        if self.prior_data is not None:
+            raise ValueError(
+                "a preset with [target] samples it from the Brownian prior with no data: remove [prior_data] "
+                "(or remove [target] to fine-tune a pretrained prior)"
+            )
+        if self.reward is not None:
+            raise ValueError("a preset with [target] derives its reward (log r = log pi - log N(0, sigma2 I)): remove [reward]")
+        if self.beta != 1.0:
+            raise ValueError(f"a preset with [target] samples pi itself, at beta = 1 (got beta = {self.beta:g}): remove beta")
+        return self
+
+    @property
+    def energy(self) -> bool:
+        """Energy mode: a [target] sampled from the Brownian prior, no prior data."""
+        return self.target is not None
+
     @model_validator(mode="after")
     def _dims(self) -> Preset:
+        if self.prior_data is None:
+            return self
         rd, dd = (self.reward.dim if self.reward is not None else None), self.prior_data.dim
         if rd is not None and dd is not None and rd != dd:
             raise ValueError(f"reward.mixture has dimension {rd}, prior_data has {dd}")
@@ -393,6 +459,11 @@ class Preset(Strict):
 
     @property
     def dim(self) -> int:
+        if self.target is not None:
+            if self.target.dim is None:
+                raise InputError(f"preset '{self.name}': the dimension of its target is not known: give dim = D in [target] (or --dim D)")
+            return self.target.dim
+        assert self.prior_data is not None  # a preset has one of prior_data and target (`_energy`)
         if self.prior_data.dim is None:
             raise InputError(
                 f"preset '{self.name}': the dimension of its data file is not known yet (load the preset with rtbcli.presets_loader.load_preset)"
@@ -427,10 +498,12 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     first = min(errors, key=lambda e: rank.get(e["type"], 1))
     loc = [str(p) for i, p in enumerate(first["loc"]) if not (p in TAGS and i > 0 and first["loc"][i - 1] in ("prior_data", "reward"))]
     key = ".".join(loc) or "(top level)"
+    if not loc and first["type"] == "value_error":
+        return f"{where}: {first['msg'].replace('Value error, ', '')}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
     if first["type"] == "extra_forbidden":
         what = f"unknown key '{key}'"
     elif first["type"] == "missing":
-        what = f"missing key '{key}'"
+        what = f"missing key '{key}'" + (" (or give [target], a log-density to sample with no data)" if key == "prior_data" else "")
     else:
         what = f"bad value for '{key}': {first['msg'].replace('Value error, ', '')}"
     more = len(errors) - 1

@@ -31,11 +31,13 @@ import torch
 from .checkpoint import Checkpoint
 from .config import Preset, PythonRewardSpec
 from .data import load_array
+from .energy.metrics import log_weights, require_pot, table_from_weights, w2_exact
+from .energy.options import check_same_dim, with_target
 from .errors import InputError
 from .metric_registry import floor_keys
 from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, reference_comparison, sample_metrics
 from .objectives import OBJECTIVES
-from .rewards import UnnamedReward, check_reward_output, parse_reference
+from .rewards import check_reward_output, parse_reference
 from .runtime import make_generator
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .suites import prior_target, suite_of, tilted_target
@@ -44,6 +46,7 @@ from .tasks import Task
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MIN_COMPARED = 4  # reference rows that tier 2 needs: two halves of at least 2 (`metrics.reference_comparison`)
+W2_MAX = 2_000  # W2 (exact optimal transport, n^2 memory and more time) compares at most this many samples of each side
 MAX_FLOATS = 1 << 27  # trajectories are drawn in chunks of at most this many numbers
 
 
@@ -93,8 +96,8 @@ def target_of(
     if ck.kind == "finetuned" or beta is not None:
         if task.reward is None:
             raise InputError("scoring against p_data r^beta needs a reward: give --reward path/to/rewards.py:function")
-        if isinstance(task.reward, UnnamedReward):
-            task.reward(torch.zeros(1, task.dim))  # raises the one-line message naming the reference to pass
+        if task.reward_unnamed:
+            task.reward(torch.zeros(1, task.dim))  # raises the one-line message naming the reference to pass (--reward, --target)
         return task, tilted_target(task, task.beta)
     return task, prior_target(task)
 
@@ -167,22 +170,27 @@ def evaluate(
     reward: str | None = None,
     reward_kwargs: dict | None = None,
     reference: str | Path | torch.Tensor | None = None,
+    target: str | None = None,
+    target_kwargs: dict | None = None,
 ) -> Evaluation:
     """Sample n points from the checkpoint's policy and score them (see the module docstring).
 
     `beta` scores a prior checkpoint against the tilted target p_data r^beta (the starting point
     of a fine-tuning); the importance weights are then relative to the prior itself. `reward`
     names a checkpoint's Python reward again (or another one); `reference` gives reference
-    samples of the target (a data file or an (m, d) tensor).
+    samples of the target (a data file or an (m, d) tensor). `target` names an energy-mode
+    checkpoint's target again (`target_kwargs` its keyword arguments), as `reward` does a reward.
     """
     # only naming the reward (`reward=`) allows importing it: new kwargs alone change its arguments, not that
-    preset = with_reward(ck.preset, reward, reward_kwargs)
-    task, target = target_of(ck, beta, preset, named=reward is not None, device=device)
+    preset = with_target(with_reward(ck.preset, reward, reward_kwargs), target, target_kwargs)
+    if preset.energy:
+        check_same_dim(preset, ck.preset)
+    task, tgt = target_of(ck, beta, preset, named=reward is not None or target is not None, device=device)
     finetuned = ck.kind == "finetuned" or beta is not None
-    use_reward = task.reward is not None and not isinstance(task.reward, UnnamedReward)
-    run = _Run(
-        ck, task, target, ck.sampler("policy", device), finetuned, use_reward, task.beta if finetuned else None, n, seed, device, chunk
-    )
+    use_reward = task.reward is not None and not task.reward_unnamed
+    if task.energy is not None and tgt.sample is not None:
+        require_pot()  # W2 needs POT: say so before sampling
+    run = _Run(ck, task, tgt, _policy(ck, task, device), finetuned, use_reward, task.beta if finetuned else None, n, seed, device, chunk)
     x = _sample_and_score(run)
     m = {
         "checkpoint": str(ck.path),
@@ -195,17 +203,31 @@ def evaluate(
         "seed": seed,
         "step": ck.step,
         "beta": run.beta,
-        "target": target.description,
-        "target_method": target.method,
+        "target": tgt.description,
+        "target_method": tgt.method,
     }
     lw = _importance_weights(run, m)
     # exact target samples: the floor of every sample metric, and the EUBO's bridge trajectories
-    y = target.sample(n, make_generator(seed + 1, torch.device("cpu"))) if target.sample is not None else None
+    y = tgt.sample(n, make_generator(seed + 1, torch.device("cpu"))) if tgt.sample is not None else None
     ref = _reference_comparison(run, m, x, y, reference)
     _mode_metrics(run, m, x, y)
-    _data_log_z(run, m, y)
-    m.update(suite_of(task).extra_metrics(task, x, target, finetuned, seed, lw))
-    return Evaluation(m, x, None if y is None else y.float(), target, task, ref)
+    (_energy_table if task.energy is not None else _data_log_z)(run, m, x, y)
+    m.update(suite_of(task).extra_metrics(task, x, tgt, finetuned, seed, lw))
+    return Evaluation(m, x, None if y is None else y.float(), tgt, task, ref)
+
+
+def _policy(ck: Checkpoint, task: Task, device: torch.device):
+    """The checkpoint's policy; one with the Langevin parametrisation gets its gradient target again (energy mode:
+    log pi; else log r, `rtbcli.finetune`'s differentiable reward), since a checkpoint holds no code."""
+    if not (ck.kind == "finetuned" and ck.preset.finetune.langevin):
+        return ck.sampler("policy", device)
+    from .finetune import _differentiable_log_reward
+    from .offpolicy import load_langevin_policy
+
+    if task.reward_unnamed:
+        task.reward(torch.zeros(1, task.dim))  # raises the one-line message naming the reference to pass
+    target = task.energy.log_density if task.energy is not None else _differentiable_log_reward(task)
+    return load_langevin_policy(ck, target, device)
 
 
 def _sample_and_score(run: _Run) -> torch.Tensor:
@@ -298,7 +320,7 @@ def _mode_metrics(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
         }
 
 
-def _data_log_z(run: _Run, m: dict, y: torch.Tensor | None) -> None:
+def _data_log_z(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -> None:
     """Tier 3: log Z_data by importance sampling against the data density, the ELBO and (over exact target samples with
     bridge trajectories) the EUBO; for a prior, log_z_is and ess_fraction are these data-relative ones."""
     s, task, finetuned, beta = run.scores, run.task, run.finetuned, run.beta
@@ -321,3 +343,35 @@ def _data_log_z(run: _Run, m: dict, y: torch.Tensor | None) -> None:
         )
         sb = _score(policy, None, task, back, finetuned, run.chunk)
         m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())
+
+
+def _log_pi(run: _Run, x: torch.Tensor) -> torch.Tensor:
+    """log pi of the energy target on points x (n, d), in float64 chunks on the run's device, returned on the CPU."""
+    energy = run.task.energy
+    assert energy is not None
+    return torch.cat([energy.log_density(p.to(run.device, torch.float64)).double().cpu() for p in x.split(run.chunk)])
+
+
+def _energy_table(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    """Energy mode, Table 1 of Sendera et al. 2024 (`rtbcli.energy.metrics.table_from_weights`): on the model's
+    trajectories lw = log pi(x_T) + lpb - lpf gives elbo and log_z_rw, and with the true log Z the derived delta_log_z
+    and delta_log_z_rw; over the exact samples y with bridge trajectories, eubo; W2 between the first W2_MAX of the
+    model's and of the exact samples (`n_w2`), beside its floor (`w2_floor`: two independent sets of exact samples)."""
+    s, energy, policy = run.scores, run.task.energy, run.policy
+    assert energy is not None
+    lw = log_weights(_log_pi(run, x), s["lpb"], s["lpf"])
+    lw_t = None
+    if y is not None:
+        back = bridge_sample(
+            y.to(device=run.device, dtype=policy.net.state.weight.dtype),
+            policy.steps,
+            policy.sigma2,
+            make_generator(run.seed + 2, run.device),
+        )
+        sb = _score(policy, None, run.task, back, False, run.chunk)
+        lw_t = log_weights(_log_pi(run, y), sb["lpb"], sb["lpf"])
+    k = min(run.n, W2_MAX)
+    m["log_z_true"] = energy.log_z  # None for a user's target: no exact log Z
+    m.update(table_from_weights(lw, energy.log_z, lw_t, x[:k], None if y is None else y[:k]))
+    if y is not None and run.target.sample is not None:  # the floor: two independent sets of exact samples
+        m["w2_floor"], m["n_w2"] = w2_exact(y[:k], run.target.sample(k, make_generator(run.seed + 5, torch.device("cpu")))), k

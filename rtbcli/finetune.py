@@ -58,6 +58,9 @@ from .checkpointer import RunInfo, save_run, schedule_steps
 from .config import Preset, PythonRewardSpec
 from .distributed import Dist
 from .energy.langevin import LangevinDriftNet
+from .energy.loading import check_target_output
+from .energy.options import BROWNIAN  # `--prior brownian`: energy mode's drift-free prior, recorded as its prior_path
+from .energy.prior import BrownianPrior
 from .errors import InputError, RtbcliWarning, RunError
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
 from .offpolicy import OffPolicy, check_gradient, check_options, langevin_policy, uses_offpolicy
@@ -102,8 +105,8 @@ def objective(algo: str) -> Objective:
     return OBJECTIVES[algo]
 
 
-def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: str, scalar: torch.Tensor | None) -> dict:
-    """A finetuned checkpoint's tensors: policy.*, prior.*, and the objective's learned scalar."""
+def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler | BrownianPrior, algo: str, scalar: torch.Tensor | None) -> dict:
+    """A finetuned checkpoint's tensors: policy.*, prior.* (none for the Brownian prior), and the objective's learned scalar."""
     tensors = {**sampler_tensors(policy, "policy"), **sampler_tensors(prior, "prior")}
     name = OBJECTIVES[algo].scalar
     if name is not None:
@@ -113,15 +116,35 @@ def finetuned_tensors(policy: DiffusionSampler, prior: DiffusionSampler, algo: s
     return tensors
 
 
-def starting_point(start: Checkpoint, algo: str, beta: float, device, dtype, *, langevin: bool = False, seed: int = 0):
+def brownian_start(preset: Preset, seed: int, device, dtype, langevin: bool = False) -> tuple[BrownianPrior, DiffusionSampler]:
+    """Energy mode's start: the Brownian prior of the preset's sampler settings, and a policy with
+    zero drift (its output layer is zero-initialised: the same law), its other weights drawn from `seed`
+    (`langevin`: a fresh Langevin policy, `rtbcli.offpolicy.langevin_policy`, whose drift starts at 0.01 grad log pi)."""
+    s = preset.sampler
+    prior = BrownianPrior(preset.dim, s.steps, s.sigma2).to(device=device, dtype=dtype)
+    if langevin:
+        return prior, langevin_policy(s, preset.dim, seed).to(device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # torch's global generator is left as it was
+        torch.manual_seed(seed)
+        policy = prior.fresh_policy(s.hidden, s.time_features, s.layers)
+    return prior, policy
+
+
+def starting_point(
+    start: Checkpoint | None, algo: str, beta: float, device, dtype, *, langevin: bool = False, seed: int = 0, preset: Preset | None = None
+):
     """(prior, policy, initial scalar, prior sha256, prior path, step offset) from a checkpoint.
 
     A prior checkpoint starts a run: the policy is a copy of the prior, log Z = V(s0) = 0. A
     finetuned checkpoint warm-starts one: its policy, its frozen prior, and its log Z (or
     V(s0)/alpha) converted to what `algo` learns at this beta (log Z, or V(s0) = log Z / beta).
-    `langevin`: the policy has the Langevin parametrisation (`start_policy`).
+    `langevin`: the policy has the Langevin parametrisation (`start_policy`). No checkpoint (energy
+    mode, `--prior brownian`): the preset's Brownian prior and a zero-drift policy (`brownian_start`), log Z = 0.
     """
     ids = starting_point_ids(start)
+    if start is None:
+        assert preset is not None
+        return *brownian_start(preset, seed, device, dtype, langevin), 0.0, *ids
     if start.kind == "prior":
         return start.sampler("policy", device, dtype), start_policy(start, langevin, seed, device, dtype), 0.0, *ids
     prior, policy = start.sampler("prior", device, dtype), start_policy(start, langevin, seed, device, dtype)
@@ -144,8 +167,11 @@ def start_policy(start: Checkpoint, langevin: bool, seed: int, device, dtype) ->
     return lp.to(device=device, dtype=dtype)
 
 
-def starting_point_ids(start: Checkpoint) -> tuple[str, str, int]:
-    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`)."""
+def starting_point_ids(start: Checkpoint | None) -> tuple[str, str, int]:
+    """(prior sha256, prior path, step offset) of a run starting from `start` (`starting_point`);
+    the Brownian prior (no checkpoint) is recorded as the path "brownian"."""
+    if start is None:
+        return "", BROWNIAN, 0
     if start.kind == "prior":
         return start.sha256, str(start.path), 0
     return start.meta.get("prior_sha256", ""), start.meta.get("prior_path", ""), start.step
@@ -176,7 +202,7 @@ class FinetuneRun:
     """A fine-tuning run between steps: what `setup` builds and `train_step` advances."""
 
     policy: DiffusionSampler
-    prior: DiffusionSampler  # frozen
+    prior: DiffusionSampler | BrownianPrior  # frozen
     scalar: nn.Parameter | None  # log Z (rtb), V(s0) (trust-pcl), or none
     opt: torch.optim.Adam
     sched: torch.optim.lr_scheduler.LambdaLR | None  # set by setup once a resumed run's step is known
@@ -309,15 +335,17 @@ def _optimizer(policy: DiffusionSampler, scalar: nn.Parameter | None, cfg, scale
     return torch.optim.Adam(groups)
 
 
-def _check_reward(task: Task, prior: DiffusionSampler, seed: int, device: torch.device) -> None:
-    """The reward is finite and of the right shape on prior samples (a one-line InputError if not)."""
+def _check_reward(task: Task, prior: DiffusionSampler | BrownianPrior, seed: int, device: torch.device) -> None:
+    """The reward (energy mode: the target first) is finite and of the right shape on prior samples (a one-line InputError if not)."""
     x = prior.sample(PROBE_N, 0.0, make_generator(seed + 7919, device))[-1]
     with reward_rng(device, seed, -1):
+        if task.energy is not None:
+            check_target_output(task.energy, x)
         check_reward_output(task.reward if task.has_reward else task.log_reward, x)
 
 
 def _run_info(
-    start: Checkpoint,
+    start: Checkpoint | None,
     preset: Preset,
     preset_ref: str,
     algo: str,
@@ -331,7 +359,7 @@ def _run_info(
 ) -> tuple[RunInfo, int]:
     """What the run's files record, fresh or as the saved run recorded it; and the step offset."""
     prior_sha, prior_path, offset = starting_point_ids(start)
-    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset else {}
+    warm = {"warm_started_from": str(start.path), "warm_started_sha256": start.sha256} if offset and start is not None else {}
     run_id, length = new_run_id(), preset.finetune.steps
     if state is not None:
         run_id, length = state.meta["run_id"], schedule_steps(state)
@@ -342,6 +370,10 @@ def _run_info(
         top["reward"] = preset.reward.function if isinstance(preset.reward, PythonRewardSpec) else preset.reward.type
         if isinstance(task.reward, PythonReward) and task.reward.sha256:
             top["reward_sha256"] = task.reward.sha256
+    if preset.target is not None:  # energy mode: the Brownian prior (prior_path "brownian") and the target's reference
+        top["target"] = preset.target.log_density
+        if preset.target.sha256:
+            top["target_sha256"] = preset.target.sha256
     info = RunInfo(
         "finetune",
         run_id,
@@ -360,8 +392,28 @@ def _run_info(
     return info, offset
 
 
+def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
+    """Energy mode starts from the Brownian prior (no checkpoint) or from an energy-mode checkpoint, and a
+    data-mode run from a prior checkpoint: a one-line InputError naming the fix otherwise."""
+    if start is None and not preset.energy:
+        raise InputError(
+            f"--prior brownian samples a target with no data, but preset '{preset.name}' has [prior_data]: "
+            f"give --target file.py:fn or an energy preset (gmm25-energy, funnel, manywell-energy)"
+        )
+    if start is not None and start.preset.energy != preset.energy:
+        if preset.energy:
+            raise InputError(
+                f"preset '{preset.name}' samples a target from the Brownian prior, and '{start.path}' is a pretrained "
+                f"prior's run: use --prior brownian (or leave --prior out)"
+            )
+        raise InputError(
+            f"'{start.path}' samples a target from the Brownian prior, and preset '{preset.name}' has [prior_data]: "
+            f"continue it under its own target (leave out --preset)"
+        )
+
+
 def setup(
-    start: Checkpoint,
+    start: Checkpoint | None,
     preset: Preset,
     preset_ref: str,
     algo: str,
@@ -375,17 +427,24 @@ def setup(
     dist: Dist | None = None,
 ) -> FinetuneRun:
     """The run object: fresh from a prior, warm-started from a finetuned checkpoint, or (`resume`)
-    the saved run of a finetuned checkpoint, restored exactly (the settings checked first)."""
+    the saved run of a finetuned checkpoint, restored exactly (the settings checked first).
+    `start` None: energy mode's fresh run from the preset's Brownian prior (`--prior brownian`)."""
     obj, dist, cfg = objective(algo), dist or Dist(), preset.finetune
     if not obj.uses_beta and abs(preset.beta - 1.0) > 1e-12:
         raise InputError(f"{algo} ignores beta (its fixed point is p_theta exp(r / 2 lambda), not p_theta r^beta): run it at beta = 1")
-    check_compatible(start, preset)
+    check_energy_start(start, preset)
+    if start is not None:
+        check_compatible(start, preset)
+    if resume and start is None:
+        raise InputError("--resume needs a finetuned checkpoint to continue")
     b_local = dist.check_batch(cfg.batch_size)
-    state = check_finetune_resumable(start, algo, preset, device) if resume else None
+    state = check_finetune_resumable(start, algo, preset, device) if resume and start is not None else None
     if state is not None:
         seed, on_policy = int(state.meta["seed"]), state.meta.get("on_policy") == "True"
     task = Task(preset).to(device)
-    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, langevin=cfg.langevin, seed=seed)
+    if task.energy is not None:  # record the target's dimension and (a user's) file hash with the run's config
+        preset = preset.updated("target", dim=task.energy.dim, sha256=getattr(task.energy, "sha256", None))
+    prior, policy, init, _, _, _ = starting_point(start, algo, preset.beta, device, dtype, langevin=cfg.langevin, seed=seed, preset=preset)
     prior.requires_grad_(False)
     _check_reward(task, prior, seed, device)
     if isinstance(task.reward, PythonReward):  # record the reward file's hash with the run's config
@@ -415,9 +474,10 @@ def setup(
         0,
         offset,
     )
+    run.log_density = None if task.energy is None else task.energy.log_density
     attach_offpolicy(run, dist)
     if state is not None:
-        assert start.path is not None  # a checkpoint with a state file was loaded from a file
+        assert start is not None and start.path is not None  # a checkpoint with a state file was loaded from a file
         restore(run, state, start.path)
     run.sched = schedule.scheduler(opt, run.step)
     return run
@@ -596,7 +656,7 @@ class FinetuneRecipe(Recipe):
 
 
 def finetune(
-    start: Checkpoint,
+    start: Checkpoint | None,
     preset: Preset,
     preset_ref: str,
     algo: str,
@@ -615,7 +675,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune with `algo` under `preset` (beta and budget from it).
 
-    `start` is a prior checkpoint (a new run), or a finetuned one: `resume=True` continues that
+    `start` is a prior checkpoint (a new run), None (energy mode: a new run from the preset's Brownian
+    prior, `--prior brownian`), or a finetuned one: `resume=True` continues that
     run exactly from its saved state (to `preset.finetune.steps` in all; the schedules keep the
     run's original length, see the module docstring); otherwise it is a warm start with a fresh
     optimiser and schedule (see `starting_point`).

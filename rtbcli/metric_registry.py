@@ -225,8 +225,51 @@ METRICS: dict[str, Metric] = {
             short="log Z_data (IS)",
             row=True,
         ),
-        _m("elbo", "ELBO <= log Z_data", "3", label="ELBO", row=True),
-        _m("eubo", "EUBO >= log Z_data", "3", label="EUBO", row=True),
+        _m("elbo", "ELBO <= log Z_data (energy mode: mean(lw), lw = log pi + lpb - lpf)", "3", label="ELBO", row=True),
+        _m(
+            "eubo",
+            "EUBO >= log Z_data (energy mode: mean(lw) over exact samples of pi with bridge trajectories)",
+            "3",
+            label="EUBO",
+            row=True,
+        ),
+        # energy mode: Table 1 of Sendera et al. 2024 (rtbcli.energy.metrics.table_from_weights derives them, in one place)
+        _m(
+            "log_z_rw",
+            "energy mode: log mean exp(lw), lw = log pi + lpb - lpf (log Z^RW; log_z_is_data of the Brownian prior's law)",
+            "suite",
+            label="log Z, importance-weighted (RW)",
+            short="log Z (RW)",
+            row=True,
+        ),
+        _m(
+            "delta_log_z",
+            "energy mode: |log_z_true - elbo| (Table 1's delta log Z)",
+            "suite",
+            label="delta log Z (ELBO)",
+            short="dlogZ",
+            row=True,
+        ),
+        _m(
+            "delta_log_z_rw",
+            "energy mode: |log_z_true - log_z_rw| (Table 1's delta log Z^RW)",
+            "suite",
+            label="delta log Z (RW)",
+            short="dlogZ RW",
+            row=True,
+        ),
+        _m(
+            "w2",
+            "energy mode: exact 2-Wasserstein distance (POT emd2, squared Euclidean cost) between n_w2 model and n_w2 exact samples",
+            "suite",
+            "num",
+            "w2_floor",
+            label="W2, exact OT (n = {n_w2:,})",
+            short="W2",
+            row=True,
+        ),
+        _m("w2_floor", "energy mode: the same between two independent sets of n_w2 exact samples", "suite", row=True),
+        _m("n_w2", "energy mode: samples of each side of w2", "suite", "count", row=True),
         _m("plot", "the figure written", "output", "text"),
     )
 }
@@ -251,9 +294,22 @@ SUMMARY_COLUMNS = (
     "log_z_is_data",
     "elbo",
     "eubo",
+    "delta_log_z",
+    "delta_log_z_rw",
+    "w2",
 )
 BESIDE_MODES_ONLY_IN_JSON = ("sw2", "mmd2", "eubo", "log_z_is_data")
-HEADLINE = ("mode_coverage", "kl_mode", "off_target", "kl_hist", "sw2", "mmd2")  # a figure's headline, where present
+HEADLINE = (
+    "mode_coverage",
+    "kl_mode",
+    "off_target",
+    "kl_hist",
+    "sw2",
+    "mmd2",
+    "delta_log_z",
+    "delta_log_z_rw",
+    "w2",
+)  # a figure's headline, where present
 
 
 def metric(key: str) -> Metric:

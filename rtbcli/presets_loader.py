@@ -3,6 +3,8 @@
 The schema they are validated against is `rtbcli.config`; this module finds the file, parses the
 TOML, anchors its relative paths at the file's folder, and (with `resolve`) reads a data file
 once so that its dimension and SHA-256 become part of the preset (`rtbcli.data.resolve_data`).
+A shipped energy target's dimension is filled in (`rtbcli.energy.loading.resolve_target`); a
+user's target is imported only where it is used (`rtbcli finetune`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import ValidationError
 
 from .config import DATA_SUFFIXES, Preset, describe_validation_error
 from .data import resolve_data
+from .energy.loading import resolve_target
 from .errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -72,7 +75,7 @@ def load_preset(name_or_path: str | Path | None = None, resolve: bool = True) ->
         raise InputError(f"unknown preset '{ref}': choose one of {', '.join(shipped_presets())}, or give a path to a .toml file")
     preset = parse_preset(text, label, base)
     if resolve:
-        preset = resolve_data(preset, label)
+        preset = resolve_target(resolve_data(preset, label), allow_import=False)
     return preset, ref
 
 

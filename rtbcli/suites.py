@@ -9,12 +9,17 @@ adds, on top of the generic evaluation:
   (of the class c at beta = 1, where the target is p(x | c)), the classifier's class fraction,
   diversity and nearest-training-image distance beside real images', and image-grid figures.
 
+- `energy` (a preset with [target]): the target pi / Z, exact for the shipped targets (log Z, samples;
+  gmm25's mode cells), and the Table 1 metrics of Sendera et al. 2024 (`rtbcli.evaluate`).
+
 Everything else gets the generic `Suite`, which adds nothing. Suites own their targets:
 `prior_target(task)` and `tilted_target(task, beta)` here are what evaluation compares with (the
 suite's own where it has one, else the generic ones of `rtbcli.targets`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -23,8 +28,10 @@ from .datasets.digits import check_digit, digits_data
 from .datasets.digits_metrics import digits_report
 from .datasets.manywell import ManyWell, well_mass_errors
 from .datasets.manywell import tilted_target as manywell_tilted_target
+from .energy.targets import GMM25
 from .errors import InputError
-from .targets import Target, accepted_rows, generic_prior_target, generic_tilted_target
+from .metrics import hist_edges, mixture_bin_masses
+from .targets import Target, accepted_rows, generic_prior_target, generic_tilted_target, shell_mass
 from .tasks import Task
 
 MANYWELL_REWARD = "rtbcli.rewards.manywell:tilt"
@@ -163,7 +170,46 @@ class DigitsSuite(Suite):
         plot_digit_grids(path, panels, title=title, n=self.figure_samples)
 
 
+class EnergySuite(Suite):
+    """Energy mode (a [target], the Brownian prior): the target pi / Z itself, exact where the target ships with rtbcli
+    (its log Z and exact sampler; for gmm25 also its 25 mode cells and histogram masses); a user's target has neither."""
+
+    name = "energy"
+
+    def tilted_target(self, task: Task, beta: float) -> Target:
+        energy = task.energy
+        assert energy is not None
+        shipped = energy.shipped
+        if shipped is None:
+            return Target(description=f"pi = exp({energy.reference}) / Z (no exact samples or log Z)", method="density")
+        target = Target(
+            description=f"pi = {shipped.name} (d = {shipped.dim}, exact log Z and samples)",
+            method="exact",
+            log_z=float(shipped.log_z),
+            log_z_exact=True,
+            sample=lambda n, g: shipped.sample(n, g, dtype=torch.float64),
+            log_density=lambda x: shipped.log_density(x.double()),
+        )
+        return _with_gmm25_cells(target, shipped, task) if isinstance(shipped, GMM25) else target
+
+
+def _with_gmm25_cells(target: Target, gmm: GMM25, task: Task) -> Target:
+    """gmm25's mode metrics: 25 equal-weight cells of radius 1.5 (the reference task's, docs/maths.md#metrics) and exact bin masses."""
+    ev, radius = task.preset.evaluate, 1.5
+    k = gmm.means.shape[0]
+    w = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    m = shell_mass(2, gmm.variance, radius)
+    target.cell_means, target.radius = gmm.means, radius
+    target.cell_masses = torch.cat([w * m, torch.tensor([1.0 - m], dtype=torch.float64)])
+    target.target_modes, target.mode_weights = w > 0, w
+    target.bin_masses = mixture_bin_masses(gmm.means, w, math.sqrt(gmm.variance), hist_edges(ev.hist_half_width, ev.hist_bin))
+    target.hist_half_width, target.hist_bin = ev.hist_half_width, ev.hist_bin
+    return target
+
+
 def suite_of(task: Task) -> Suite:
+    if task.energy is not None:
+        return EnergySuite()
     spec = task.preset.prior_data
     if isinstance(spec, DatasetSpec):
         if spec.dataset == "manywell32":

@@ -6,18 +6,28 @@
   p_data * r is exactly q), `mixture` is log q;
 - Python rewards call the user's function. A task built from a checkpoint's stored config
   (`allow_import=False`) does not import it: the first call asks the user to name it again.
+
+Energy mode (a preset with [target], no [prior_data]): the prior is the drift-free Brownian
+sampler, whose terminal law N(0, sigma2 I) plays the data's part (`data`, exact), and the reward
+is derived, log r = log pi - log N(0, sigma2 I) (`rtbcli.energy.EnergyReward`), so that at beta = 1
+the tilted target p_data r is pi / Z. A user's target follows the rewards' rule: not imported from
+a checkpoint's config (`allow_import=False`) until named again (`--target`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import MixtureRewardSpec, Preset, PythonRewardSpec
 from .data import EmpiricalData, GaussianMixture, data_source  # noqa: F401  (GaussianMixture: part of the public API here)
 from .errors import InputError
-from .rewards import load_python_reward
+from .rewards import UnnamedReward, load_python_reward
+
+if TYPE_CHECKING:
+    from .energy.loading import LoadedTarget, UnnamedTarget
 
 
 @dataclass
@@ -60,9 +70,32 @@ class Task:
     def __init__(self, preset: Preset, beta: float | None = None, *, allow_import: bool = True):
         self.preset = preset
         self.beta = float(preset.beta if beta is None else beta)
-        self.data = data_source(preset.prior_data)
-        self.reward = build_reward(preset.reward, self.data, allow_import)
+        self.energy: LoadedTarget | UnnamedTarget | None = None  # energy mode: the target (`rtbcli.energy.loading`)
+        if preset.target is not None:
+            self.data, self.reward = self._energy(preset, allow_import)
+        else:
+            assert preset.prior_data is not None  # a preset has one of prior_data and target
+            self.data = data_source(preset.prior_data)
+            self.reward = build_reward(preset.reward, self.data, allow_import)
         self.device = torch.device("cpu")  # where the reward is called (`to`, or evaluate's --device)
+
+    def _energy(self, preset: Preset, allow_import: bool):
+        """Energy mode: the Brownian prior's terminal law N(0, sigma2 I) as the data, and the derived reward."""
+        from .energy.loading import UnnamedTarget, load_target
+        from .energy.prior import EnergyReward
+
+        energy = self.energy = load_target(preset.target, allow_import=allow_import)
+        d, s2 = energy.dim, preset.sampler.sigma2
+        data = GaussianMixture(torch.zeros(1, d, dtype=torch.float64), torch.ones(1, dtype=torch.float64), s2)
+        reward = energy if isinstance(energy, UnnamedTarget) else EnergyReward(energy.log_density, s2)
+        return data, reward
+
+    @property
+    def reward_unnamed(self) -> bool:
+        """The checkpoint's own Python reward or target, not imported until the user names it again."""
+        from .energy.loading import UnnamedTarget
+
+        return isinstance(self.reward, (UnnamedReward, UnnamedTarget))
 
     @property
     def dim(self) -> int:

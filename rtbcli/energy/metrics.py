@@ -64,6 +64,11 @@ def _ot():
     return ot
 
 
+def require_pot() -> None:
+    """An InputError naming the install command where POT (W2's optimal transport) is missing."""
+    _ot()
+
+
 def w2_exact(x: torch.Tensor, y: torch.Tensor, max_iter: int = 10_000_000) -> float:
     """Exact 2-Wasserstein distance between the empirical laws of x (n, d) and y (m, d):
     sqrt(ot.emd2(1/n, 1/m, C)), C_ij = |x_i - y_j|^2, in float64 on the CPU."""
@@ -77,6 +82,27 @@ def w2_exact(x: torch.Tensor, y: torch.Tensor, max_iter: int = 10_000_000) -> fl
     cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2).numpy()
     a, b = ot.unif(len(x)), ot.unif(len(y))
     return math.sqrt(max(float(ot.emd2(a, b, cost, numItermax=max_iter)), 0.0))
+
+
+def table_from_weights(
+    lw: torch.Tensor,
+    log_z: float | None,
+    lw_target: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Table 1's numbers from log-weights, in one place (`table_metrics` and `rtbcli evaluate` both call it):
+    elbo and log_z_rw from lw; with the true log Z, log_z_true and the derived delta_log_z = |log_z_true - elbo| and
+    delta_log_z_rw = |log_z_true - log_z_rw|; eubo from lw_target (exact samples with bridge trajectories); w2 between
+    model samples x and exact samples y (`w2_exact`)."""
+    out = {"elbo": elbo(lw), "log_z_rw": log_z_rw(lw)}
+    if log_z is not None:
+        out.update(log_z_true=float(log_z), delta_log_z=delta_log_z(lw, log_z), delta_log_z_rw=delta_log_z_rw(lw, log_z))
+    if lw_target is not None:
+        out["eubo"] = eubo(lw_target)
+    if x is not None and y is not None:
+        out["w2"] = w2_exact(x, y)
+    return out
 
 
 @torch.no_grad()
@@ -103,17 +129,7 @@ def table_metrics(
     exact = target.sample(k, generator, dtype=ref_dtype).to(ref_device)
     back = bridge_sample(exact, sampler.steps, sampler.sigma2, generator)
     lw_t = log_weights(target.log_density(exact), bridge_log_prob(back, sampler.sigma2), sampler.log_prob(back))
-    log_z = float(target.log_z)
-    out = {
-        "k": float(k),
-        "log_z_true": log_z,
-        "elbo": elbo(lw),
-        "log_z_rw": log_z_rw(lw),
-        "delta_log_z": delta_log_z(lw, log_z),
-        "delta_log_z_rw": delta_log_z_rw(lw, log_z),
-        "eubo": eubo(lw_t),
-    }
+    ref = None
     if with_w2:
         ref = target.sample_stratified(k, generator, dtype=ref_dtype) if stratified_reference else exact
-        out["w2"] = w2_exact(x, ref)
-    return out
+    return {"k": float(k), **table_from_weights(lw, float(target.log_z), lw_t, x if with_w2 else None, ref)}

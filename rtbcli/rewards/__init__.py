@@ -36,18 +36,20 @@ def _identifier_path(text: str) -> bool:
     return bool(text) and all(p.isidentifier() and not keyword.iskeyword(p) for p in text.split("."))
 
 
-def parse_reference(ref: str) -> tuple[str | None, str]:
-    """'file.py:name' -> (file path, name); 'package.module:name' -> (None, name). InputError otherwise."""
-    how = "give 'path/to/rewards.py:function' or 'package.module:function'"
+def parse_reference(ref: str, what: str = "reward") -> tuple[str | None, str]:
+    """'file.py:name' -> (file path, name); 'package.module:name' -> (None, name). InputError otherwise.
+
+    `what` names the thing referred to in the messages ("reward", "target")."""
+    how = f"give 'path/to/{what}s.py:function' or 'package.module:function'"
     if not isinstance(ref, str) or ref.count(":") < 1:
-        raise InputError(f"reward '{ref}' names no function: {how}")
+        raise InputError(f"{what} '{ref}' names no function: {how}")
     where, attr = ref.rsplit(":", 1)
     if not _identifier_path(attr):
-        raise InputError(f"reward '{ref}': '{attr}' is not a Python name: {how}")
+        raise InputError(f"{what} '{ref}': '{attr}' is not a Python name: {how}")
     if where.endswith(".py") or "/" in where or os.sep in where:
         return where, attr
     if not _identifier_path(where):
-        raise InputError(f"reward '{ref}': '{where}' is neither a .py file nor a module name: {how}")
+        raise InputError(f"{what} '{ref}': '{where}' is neither a .py file nor a module name: {how}")
     return None, attr
 
 
@@ -56,24 +58,26 @@ def is_trusted(ref: str) -> bool:
     return parse_reference(ref)[0] is None and ref.startswith(TRUSTED_PREFIX)
 
 
-def import_function(ref: str) -> tuple[Callable, str | None]:
-    """The callable a reference names, and the SHA-256 of the file it came from (None if unknown)."""
-    path, attr = parse_reference(ref)
+def import_function(ref: str, what: str = "reward") -> tuple[Callable, str | None]:
+    """The callable a reference names, and the SHA-256 of the file it came from (None if unknown).
+
+    `what` names the thing referred to in the messages ("reward", "target")."""
+    path, attr = parse_reference(ref, what)
     sha: str | None
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise InputError(f"reward file '{path}' not found: check the path (a preset's paths are relative to the preset file)")
-        name = "rtbcli_reward_" + hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:16]
+            raise InputError(f"{what} file '{path}' not found: check the path (a preset's paths are relative to the preset file)")
+        name = f"rtbcli_{what}_" + hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:16]
         spec = importlib.util.spec_from_file_location(name, p)
         if spec is None or spec.loader is None:
-            raise InputError(f"reward file '{path}' cannot be imported: give a .py file")
+            raise InputError(f"{what} file '{path}' cannot be imported: give a .py file")
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(p.resolve().parent))  # so that the file can import its neighbours
         try:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as e:
-            raise InputError(f"reward file '{path}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix the file") from None
+            raise InputError(f"{what} file '{path}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix the file") from None
         finally:
             sys.path.remove(str(p.resolve().parent))
         sys.modules[name] = module
@@ -88,11 +92,11 @@ def import_function(ref: str) -> tuple[Callable, str | None]:
         except ModuleNotFoundError as e:
             if e.name and modname.startswith(e.name):
                 raise InputError(
-                    f"reward module '{modname}' not found: install it, run from its folder, or give a file (path/to/rewards.py:{attr})"
+                    f"{what} module '{modname}' not found: install it, run from its folder, or give a file (path/to/{what}s.py:{attr})"
                 ) from None
-            raise InputError(f"reward module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
+            raise InputError(f"{what} module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
         except (Exception, SystemExit) as e:
-            raise InputError(f"reward module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
+            raise InputError(f"{what} module '{modname}' failed to import ({e.__class__.__name__}: {_first_line(e)}): fix it") from None
         finally:
             if added:
                 sys.path.remove(os.getcwd())
@@ -101,10 +105,10 @@ def import_function(ref: str) -> tuple[Callable, str | None]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"reward {where} has no '{attr}': name a function defined there")
+            raise InputError(f"{what} {where} has no '{attr}': name a function defined there")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"reward {where}: '{attr}' is a {type(obj).__name__}, not a function: name a function taking x (B, d)")
+        raise InputError(f"{what} {where}: '{attr}' is a {type(obj).__name__}, not a function: name a function taking x (B, d)")
     return obj, sha
 
 
