@@ -96,6 +96,24 @@ def finish(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
     return p.returncode, err
 
 
+class Watched:
+    """A job whose end is recorded (wall clock) by a thread as it happens, so a test that looks at it
+    later still knows when it ended."""
+
+    def __init__(self, p: subprocess.Popen):
+        self.code, self.err, self.ended = -1, "", float("nan")
+        self.thread = threading.Thread(target=self._wait, args=(p,))
+        self.thread.start()
+
+    def _wait(self, p: subprocess.Popen) -> None:
+        self.code, self.err = finish(p)
+        self.ended = time.time()
+
+    def result(self) -> tuple[int, str, float]:
+        self.thread.join(timeout=150)
+        return self.code, self.err, self.ended
+
+
 def rtbcli_lines(err: str) -> list[str]:
     """What rtbcli itself printed on stderr (torchrun adds its own report, with a traceback of its own)."""
     return [line for line in err.splitlines() if line.startswith("rtbcli: ")]
@@ -176,13 +194,13 @@ def failing_jobs(tmp_path_factory, tiny_prior):
         p = torchrun(
             "-m", "rtbcli", "finetune", "--prior", tiny_prior, *args, "--out", "ft.safetensors", "--quiet", "--device", "cpu", cwd=d
         )
-        jobs[name] = (p, d, time.monotonic())
+        jobs[name] = (Watched(p), d, time.monotonic())
     yield jobs
     for job, _, _ in jobs.values():  # each ends by itself within seconds (the tests below check how)
         if isinstance(job, threading.Thread):
             job.join(timeout=150)
         else:
-            job.wait(timeout=120)
+            job.result()
 
 
 def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_preset_file, tiny_prior):
@@ -249,9 +267,8 @@ def test_a_killed_process_ends_the_job_and_leaves_no_half_written_file(failing_j
 def test_a_failure_on_one_rank_ends_every_rank_with_one_line(name, cause, failing_jobs):
     """The reward raises (or returns NaN) on rank 1 only: every process ends within seconds of the
     failure (timed from it, not from the job's start, whose imports take long under load), exit code 1."""
-    p, d, _ = failing_jobs[name]
-    code, err = finish(p)
-    ended = time.time()
+    job, d, _ = failing_jobs[name]
+    code, err, ended = job.result()
     assert code == 1 and ended - float((d / "failed-at").read_text()) < 30, err
     assert_no_rtbcli_traceback(err)
     lines = rtbcli_lines(err)
@@ -268,8 +285,8 @@ def test_a_failure_on_one_rank_ends_every_rank_with_one_line(name, cause, failin
 def test_a_batch_that_the_processes_cannot_share_is_a_one_line_error(failing_jobs):
     """--batch-size 7 with 2 processes: rank 0 prints one line and exits 2 (torchrun, as for any
     failed worker, exits 1 and names that exit code); nothing is written."""
-    p, d, _ = failing_jobs["batch"]
-    code, err = finish(p)
+    job, d, _ = failing_jobs["batch"]
+    code, err, _ = job.result()
     assert code == 1, err
     assert rtbcli_lines(err) == [
         "rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"
