@@ -125,6 +125,11 @@ def reproduce(
     budget; `methods` the preset's list of methods.
     """
     preset, ref = load_preset(preset_ref)
+    if preset.target is not None:
+        raise InputError(
+            f"reproduce does not run energy-mode presets yet: train with `rtbcli finetune --preset {ref}` and score with "
+            f"`rtbcli evaluate CKPT --json` (delta_log_z, delta_log_z_rw, w2, eubo)"
+        )
     if preset.reward is None:
         raise InputError(f"preset '{ref}' names no reward: reproduce compares fine-tuning methods, give a preset with a [reward]")
     check_suite(Task(preset, allow_import=False))

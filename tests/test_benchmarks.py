@@ -12,7 +12,7 @@ import pytest
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import run
 from rtbcli.datasets import digits as dd
-from rtbcli.presets_loader import load_preset
+from rtbcli.presets_loader import load_preset, shipped_presets
 from rtbcli.reproduce import shipped_prior
 from test_cli import assert_one_line_error, error_line
 
@@ -72,7 +72,7 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monke
 
 def test_reproduce_unknown_preset_is_bad_input(tmp_path, capsys):
     code, err = error_line(capsys, "reproduce", "--preset", "nope", "--quick", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "unknown preset 'nope': choose one of digits, manywell32, reference")
+    assert_one_line_error(code, err, f"unknown preset 'nope': choose one of {', '.join(sorted(shipped_presets()))}")
     assert not (tmp_path / "o").exists()
 
 
@@ -152,3 +152,9 @@ def test_summary_table_markdown_reads_the_registry():
     every = mod.markdown(summary, every=True).splitlines()
     assert every[0] == ("| method | modes | mode KL | off-target | hist KL | sliced W2 | log Z | log Z (IS) | ELBO | EUBO | train s |")
     assert every[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.500 | 0.021 | 0.019 | -0.100 | 0.200 | 61 |"
+
+
+def test_reproduce_says_it_does_not_run_energy_presets_yet(tmp_path, capsys):
+    code, err = error_line(capsys, "reproduce", "--preset", "gmm25-energy", "--quick", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "reproduce does not run energy-mode presets yet: train with `rtbcli finetune --preset gmm25-energy`")
+    assert not (tmp_path / "o").exists()
