@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import shlex
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     blocks.sort(key=lambda b: not any(c.startswith("rtbcli presets init") for c in b))
     commands = [c for b in blocks for c in b]
     assert len(commands) >= 15, commands  # the tour, resuming and stopping
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")  # the files README's commands name
     monkeypatch.chdir(tmp_path)
     steps, ran, left_out = defaults(), [], []
     for command in commands:
