@@ -34,6 +34,7 @@ else:
     Algo = Enum("Algo", [(k, k) for k in OBJECTIVES], type=str)
     Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
 ALGO_HELP = "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"
+RESUME_STEPS = "; with --resume, the new total (the schedules keep the run's original length: past it, lr_final and no exploration)"
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
 TARGET_HELP = (
     "Energy mode: the log-density to sample, 'path/to/target.py:log_pi', 'package.module:log_pi' or a shipped "
@@ -81,7 +82,7 @@ def pretrain(
     data: Path | None = typer.Option(
         None, "--data", help="Pretrain on the rows of this .npy/.csv/.safetensors file (default sampler settings)."
     ),
-    steps: int | None = typer.Option(None, help=field_help(PretrainSpec, "steps")),
+    steps: int | None = typer.Option(None, help=field_help(PretrainSpec, "steps", RESUME_STEPS)),
     batch_size: int | None = typer.Option(None, help=field_help(PretrainSpec, "batch_size")),
     lr: float | None = typer.Option(None, help=field_help(PretrainSpec, "lr")),
     lr_schedule: Schedule | None = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
@@ -105,13 +106,13 @@ def pretrain(
         raise InputError("give one of --preset, --data and --resume")
     start = None
     if resume is not None:
+        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
+            raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
         start = load_checkpoint(resume, expect_kind="prior")
         p, ref = start.preset, start.meta.get("preset", "")
         if seed is not None and seed != start.meta_int("seed"):
             raise InputError("--seed cannot change when resuming: the run continues with its own random state")
         seed, out = start.meta_int("seed"), resume_out(start, out)
-        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
-            raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
     elif data is not None:
         p, ref = data_preset(data), str(data)
     else:
@@ -138,40 +139,7 @@ def pretrain(
         _leave(dist)
     if not dist.is_main:
         return
-    res = {
-        "checkpoint": str(r.out),
-        "log": str(r.log),
-        "preset": ref,
-        "steps": r.steps,
-        "resumed_at": r.first_step or None,
-        "seconds": round(r.seconds, 2),
-        "steps_per_s": round(r.steps_per_s, 2),
-        "loss": r.loss,
-        "elbo": r.elbo,
-        "data_log_prob": r.data_log_prob,
-        "device": dev.type,
-        "processes": dist.world,
-    }
-    if as_json:
-        return emit_json(res)
-    out_console.print(
-        kv_table(
-            "pretrain",
-            [
-                ("checkpoint", r.out),
-                ("log", r.log),
-                ("preset", ref),
-                ("device", f"{dev.type} x {dist.world}"),
-                ("steps", r.steps),
-                ("wall time (s)", r.seconds),
-                ("steps/s", r.steps_per_s),
-                ("final loss", r.loss),
-                ("ELBO of log p_theta(x), data", r.elbo),
-                ("E_data log p_data(x)", r.data_log_prob),
-            ],
-        )
-    )
-    out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out} --reward rewards.py:log_reward")
+    _report_pretrain(r, ref, dev, dist.world, as_json)
 
 
 pretrain.__doc__ = (pretrain.__doc__ or "") + examples(
@@ -219,7 +187,7 @@ def finetune(
     ),
     beta: float | None = typer.Option(None, help="Inverse temperature of the target p_prior r^beta [default: the preset's]."),
     alpha: float | None = typer.Option(None, help="Trust-PCL temperature alpha = 1/beta (give this or --beta)."),
-    steps: int | None = typer.Option(None, help=field_help(FinetuneSpec, "steps", "; with --resume, the new total")),
+    steps: int | None = typer.Option(None, help=field_help(FinetuneSpec, "steps", RESUME_STEPS)),
     batch_size: int | None = typer.Option(None, help=field_help(FinetuneSpec, "batch_size")),
     lr: float | None = typer.Option(None, help=field_help(FinetuneSpec, "lr")),
     lr_logz: float | None = typer.Option(None, help=field_help(FinetuneSpec, "lr_logz")),
@@ -253,20 +221,7 @@ def finetune(
     b = resolve_beta(beta, alpha)
     start_path, start = _start(prior, resume, warm_start, preset, target)
     is_resume = resume is not None
-    if is_resume:
-        assert start is not None
-        if seed is not None and seed != start.meta_int("seed"):
-            raise InputError("--seed cannot change when resuming: the run continues with its own random state")
-        if on_policy and not json.loads(start.meta.get("run", "{}")).get("on_policy", False):
-            raise InputError(
-                "--on-policy cannot change when resuming: the run continues with its own exploration schedule; "
-                "start a new run with --warm-start --on-policy"
-            )
-        algo_name = algo.value if algo is not None else start.algo
-        if algo_name is None:
-            raise InputError(f"checkpoint '{start.path}' records no algorithm (no 'algo' metadata): it is damaged")
-    else:
-        algo_name = algo.value if algo is not None else DEFAULT_OBJECTIVE
+    algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
     p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
@@ -282,10 +237,6 @@ def finetune(
         exploration=exploration,
         snis=snis,
         legacy_lambda=legacy_lambda,
-    )
-    p = with_overrides(  # the off-policy tools
-        p,
-        "finetune",
         exploration_end_step=exploration_end_step,
         replay=replay,
         buffer_size=buffer_size,
@@ -293,18 +244,8 @@ def finetune(
         ls_every=ls_every,
         ls_step_size=ls_step_size,
         langevin=langevin,
-    )
-    if preset is None and target is None:  # energy mode: a checkpoint's own target is never imported unless named again
-        require_named(p)
-    if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
-        from .rewards import UnnamedReward
-
-        unnamed = Task(p, allow_import=False).reward
-        if isinstance(unnamed, UnnamedReward):  # its reference is the recorded reward's function
-            raise InputError(
-                f"this checkpoint records the Python reward '{unnamed.reference}', and loading a checkpoint never imports "
-                f"code: name it again with --reward {unnamed.reference}"
-            )
+    )  # the last seven: the off-policy tools
+    _check_named_again(p, preset, target, reward)
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
     check_writable(out, "--out")
@@ -332,6 +273,43 @@ def finetune(
         _leave(dist)
     if not dist.is_main:
         return
+    _report_finetune(r, p, dev, dist.world, as_json)
+
+
+def _algo_of_run(start, algo, seed: int | None, on_policy: bool) -> str:
+    """The objective a resumed run continues with, once what cannot change on a resume is checked."""
+    assert start is not None
+    if seed is not None and seed != start.meta_int("seed"):
+        raise InputError("--seed cannot change when resuming: the run continues with its own random state")
+    if on_policy and not json.loads(start.meta.get("run", "{}")).get("on_policy", False):
+        raise InputError(
+            "--on-policy cannot change when resuming: the run continues with its own exploration schedule; "
+            "start a new run with --warm-start --on-policy"
+        )
+    algo_name = algo.value if algo is not None else start.algo
+    if algo_name is None:
+        raise InputError(f"checkpoint '{start.path}' records no algorithm (no 'algo' metadata): it is damaged")
+    return algo_name
+
+
+def _check_named_again(p, preset: str | None, target: str | None, reward: str | None) -> None:
+    """A checkpoint's own Python target or reward is never imported unless the command names it again."""
+    from .rewards import UnnamedReward
+    from .tasks import Task
+
+    if preset is None and target is None:  # energy mode: a checkpoint's own target is never imported unless named again
+        require_named(p)
+    if preset is None and reward is None:  # the reward comes from the checkpoint: never imported unless named again
+        unnamed = Task(p, allow_import=False).reward
+        if isinstance(unnamed, UnnamedReward):  # its reference is the recorded reward's function
+            raise InputError(
+                f"this checkpoint records the Python reward '{unnamed.reference}', and loading a checkpoint never imports "
+                f"code: name it again with --reward {unnamed.reference}"
+            )
+
+
+def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
+    """The finished run: one JSON object, or a table and the evaluate command to run next."""
     res = {
         "checkpoint": str(r.out),
         "log": str(r.log),
@@ -346,7 +324,7 @@ def finetune(
         "log_z": r.log_z,
         "mean_log_r": r.mean_log_r,
         "device": dev.type,
-        "processes": dist.world,
+        "processes": processes,
     }
     if as_json:
         return emit_json(res)
@@ -357,7 +335,7 @@ def finetune(
                 ("checkpoint", r.out),
                 ("log", r.log),
                 ("beta / alpha", f"{p.beta:g} / {1 / p.beta:g}"),
-                ("device", f"{dev.type} x {dist.world}"),
+                ("device", f"{dev.type} x {processes}"),
                 ("steps", r.steps),
                 ("wall time (s)", r.seconds),
                 ("steps/s", r.steps_per_s),
@@ -372,6 +350,44 @@ def finetune(
     if p.target is not None and not p.target.log_density.startswith("rtbcli."):  # a user's target is named again
         hint += f" --target {p.target.log_density}"
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
+
+
+def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool) -> None:
+    """The finished run: one JSON object, or a table and what to run next."""
+    res = {
+        "checkpoint": str(r.out),
+        "log": str(r.log),
+        "preset": ref,
+        "steps": r.steps,
+        "resumed_at": r.first_step or None,
+        "seconds": round(r.seconds, 2),
+        "steps_per_s": round(r.steps_per_s, 2),
+        "loss": r.loss,
+        "elbo": r.elbo,
+        "data_log_prob": r.data_log_prob,
+        "device": dev.type,
+        "processes": processes,
+    }
+    if as_json:
+        return emit_json(res)
+    out_console.print(
+        kv_table(
+            "pretrain",
+            [
+                ("checkpoint", r.out),
+                ("log", r.log),
+                ("preset", ref),
+                ("device", f"{dev.type} x {processes}"),
+                ("steps", r.steps),
+                ("wall time (s)", r.seconds),
+                ("steps/s", r.steps_per_s),
+                ("final loss", r.loss),
+                ("ELBO of log p_theta(x), data", r.elbo),
+                ("E_data log p_data(x)", r.data_log_prob),
+            ],
+        )
+    )
+    out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out} --reward rewards.py:log_reward")
 
 
 def _start(prior: Path | None, resume: Path | None, warm_start: Path | None, preset: str | None, target: str | None):

@@ -253,7 +253,7 @@ class SamplerSpec(Strict):
 
 
 LrSchedule = Literal["constant", "cosine", "wsd"]
-"""constant; cosine to lr_final; or wsd: constant, then linear decay to lr_final (`training.learning_rate`)."""
+"""constant; cosine to lr_final; or wsd: constant, then linear decay to lr_final (`trainer.learning_rate`)."""
 
 
 class PretrainSpec(Strict):
