@@ -573,14 +573,16 @@ class FinetuneRecipe(Recipe):
         """Stop on the first non-finite reward or loss, naming which came first (a host sync)."""
         r, b = int(self.watch.bad_reward), int(self.watch.bad)
         if r and (not b or r <= b):
-            raise self.diverged("the reward returned NaN or inf", self.run.step, True)
+            what = "the reward" if self.run.log_density is None else "the target's log-density (through the reward it implies)"
+            raise self.diverged(f"{what} returned NaN or inf", self.run.step, True)
         params_ok = all(bool(torch.isfinite(p).all()) for g in self.run.opt.param_groups for p in g["params"])
         if b or not params_ok:
             raise self.diverged("the loss or the parameters became non-finite", self.run.step, True)
 
     def diverged(self, reason: str, step: int, every_rank: bool) -> RunError:
         """The error for a failed run; rank 0 keeps the last good state. `every_rank`: every process saw it."""
-        advice = "try a lower --lr or --lr-logz" + (" or fix the reward" if "reward" in reason else "")
+        fix = " or fix the target" if "target" in reason else " or fix the reward" if "reward" in reason else ""
+        advice = "try a lower --lr or --lr-logz" + fix
         self.log.close()
         if not self.dist.is_main:  # a failure of this process alone (the reward raised here): rank 0 does not know the cause
             return RunError(f"{reason} by step {step} in process {self.dist.rank} of {self.dist.world}: {advice}", every_rank=every_rank)

@@ -281,7 +281,8 @@ def test_nan_from_the_target_mid_run_exits_1_and_keeps_the_last_good_checkpoint(
     ref = write_target(tmp_path, "calls.append(1)\n    v = -0.5 * x.pow(2).sum(-1)\n    return v if len(calls) < 60 else v * float('nan')")
     out = tmp_path / "n.safetensors"
     code, _, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=80), "--target", ref, "--out", out, "--quiet")
-    one_line_error(code, err, "the reward returned NaN or inf by step", exit_code=1)
+    one_line_error(code, err, "the target's log-density (through the reward it implies) returned NaN or inf by step", exit_code=1)
+    assert "or fix the target" in err
     from rtbcli.checkpoint import load_checkpoint
 
     good = load_checkpoint(tmp_path / "n.last-good.safetensors")
