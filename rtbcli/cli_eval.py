@@ -137,10 +137,14 @@ def sample(
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("samples.npy"), "--out", "-o", help="Output: .npy (float32, shape (n, d)) or .csv."),
+    reward: str | None = typer.Option(None, "--reward", help="A Langevin-parametrised policy's Python reward, named again."),
+    target: str | None = typer.Option(None, "--target", help="A Langevin-parametrised policy's own target, named again."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
-    """Draw samples x_T from a checkpoint's own policy and save them as .npy or .csv (no reward needed)."""
+    """Draw samples x_T from a checkpoint's own policy and save them as .npy or .csv (no reward needed, except by a
+    Langevin-parametrised policy, whose drift uses the gradient of its user-written target or reward)."""
     from .checkpoint import load_checkpoint
+    from .evaluate import sampling_policy
     from .sampling import draw_samples, save_samples
 
     if n <= 0:
@@ -149,7 +153,8 @@ def sample(
         raise InputError(f"--out '{out}' must end in .npy or .csv")
     check_writable(out, "--out")
     ck = load_checkpoint(checkpoint)
-    x = draw_samples(ck, n, seed, resolve_device(device))
+    dev = resolve_device(device)
+    x = draw_samples(ck, n, seed, dev, policy=sampling_policy(ck, dev, reward, target))
     save_samples(out, x)
     res = {"out": str(out), "n": n, "dim": x.shape[1], "checkpoint": str(checkpoint), "kind": ck.kind, "algo": ck.algo, "seed": seed}
     if as_json:

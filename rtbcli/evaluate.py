@@ -216,6 +216,15 @@ def evaluate(
     return Evaluation(m, x, None if y is None else y.float(), tgt, task, ref)
 
 
+def sampling_policy(ck: Checkpoint, device: torch.device, reward: str | None = None, target: str | None = None) -> DiffusionSampler:
+    """The policy `rtbcli sample` draws from: the checkpoint's own, or, with the Langevin parametrisation, one given its
+    gradient target again (a shipped target needs no naming; a user's reward or target is named with `reward`/`target`)."""
+    if not (ck.kind == "finetuned" and ck.preset.finetune.langevin):
+        return ck.sampler("policy", device)
+    preset = with_target(with_reward(ck.preset, reward, None), target, None)
+    return _policy(ck, Task(preset, allow_import=reward is not None or target is not None), device)
+
+
 def _policy(ck: Checkpoint, task: Task, device: torch.device):
     """The checkpoint's policy; one with the Langevin parametrisation gets its gradient target again (energy mode:
     log pi; else log r, `rtbcli.finetune`'s differentiable reward), since a checkpoint holds no code."""

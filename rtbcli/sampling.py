@@ -9,15 +9,22 @@ import torch
 
 from .checkpoint import Checkpoint
 from .runtime import atomic_path, make_generator
+from .sampler import DiffusionSampler
 
 
 @torch.no_grad()
 def draw_samples(
-    ck: Checkpoint, n: int, seed: int = 0, device: torch.device = torch.device("cpu"), chunk: int = 50_000, which: str = "policy"
+    ck: Checkpoint,
+    n: int,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    chunk: int = 50_000,
+    which: str = "policy",
+    policy: DiffusionSampler | None = None,
 ) -> np.ndarray:
-    """n samples x_T from the checkpoint's own policy (or, `which="prior"`, a finetuned checkpoint's frozen prior),
-    on-policy, no exploration, float32 (n, d)."""
-    policy = ck.sampler(which, device)
+    """n samples x_T from the checkpoint's own policy (or, `which="prior"`, a finetuned checkpoint's frozen prior;
+    or `policy`, built from it elsewhere: `rtbcli.evaluate.sampling_policy`), on-policy, no exploration, float32 (n, d)."""
+    policy = policy if policy is not None else ck.sampler(which, device)
     gen = make_generator(seed, device)
     parts = [policy.sample(min(chunk, n - i), 0.0, gen)[-1].cpu() for i in range(0, n, chunk)]
     return torch.cat(parts).numpy().astype(np.float32)

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,6 +328,10 @@ def test_a_langevin_policy_starts_from_the_brownian_prior_and_evaluates(tmp_path
     assert code == 0, err
     m = json.loads(text)
     assert all(math.isfinite(m[k]) for k in ("elbo", "log_z_rw", "eubo", "w2"))
+    code, _, err = cli(capsys, "sample", out, "--n", 50, "--out", tmp_path / "lp.npy")  # its weights need the Langevin net
+    assert code == 0, err
+    x = np.load(tmp_path / "lp.npy")
+    assert x.shape == (50, 2) and np.isfinite(x).all()
 
 
 def test_evaluate_without_pot_names_the_install_command(tmp_path, capsys, monkeypatch):
