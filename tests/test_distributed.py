@@ -29,6 +29,7 @@ from rtbcli.errors import InputError
 from rtbcli.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # torchrun jobs: seconds of start-up each (the module's fixture starts four)
 HELPER = Path(__file__).with_name("torchrun_commands.py")
 ALGOS = ["rtb", "trust-pcl", "reinforce-kl"]
 FAILING_REWARD = '''

@@ -36,7 +36,7 @@ SKIPPED = {  # a command's first words -> why it is not run here, and what cover
     "rtbcli finetune --resume rtb.partial.safetensors": "needs a stopped run: tests/test_resume.py stops and resumes runs",
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def shell_blocks(text: str) -> list[list[str]]:
