@@ -127,7 +127,7 @@ def reproduce_energy(
             runs.append(_one(p, ref, config, seed, out, budget.eval_n, device, progress, console))
     target = table_target(preset)
     table = load_table1()
-    published = [{"method": r["method"], **r[target]} for r in table["rows"]] if target is not None else []
+    published = [{"method": r["method"], "amortized": r["amortized"], **r[target]} for r in table["rows"]] if target is not None else []
     summary = {
         "command": "reproduce",
         "mode": "energy",
@@ -228,8 +228,16 @@ def energy_table(summary: dict) -> Table:
         c = summary["published_citation"]
         t.add_section()
         t.add_row(
-            f"[italic]published: Sendera et al. 2024, Table 1 / C.1 (arXiv {c['arxiv']}), 25,000 steps, 5 runs[/]", "", "", "", "", ""
+            f"[italic]published (Sendera et al. 2024, arXiv {c['arxiv']}, Table 1 / C.1; 25,000 steps, 5 runs)[/]", "", "", "", "", ""
         )
         for r in summary["published"]:
-            t.add_row(r["method"], _pm(r["delta_log_z"]), _pm(r["delta_log_z_rw"]), _pm(r["w2"], 2), "", "", style="dim")
+            t.add_row(
+                r["method"] + ("" if r["amortized"] else " (MCMC)"),
+                _pm(r["delta_log_z"]),
+                _pm(r["delta_log_z_rw"]),
+                _pm(r["w2"], 2),
+                "",
+                "",
+                style="dim",
+            )
     return t

@@ -54,7 +54,7 @@ def test_every_configuration_runs_for_two_seeds_and_prints_a_table(tmp_path):
     console = Console(width=200, record=True)
     console.print(energy_table(summary))
     text = console.export_text()
-    for name in (*CONFIGS, "exact sampler (W2 floor)", "TB + Expl. + LS", "GGNS", "2402.05098"):
+    for name in (*CONFIGS, "exact sampler (W2 floor)", "TB + Expl. + LS", "GGNS (MCMC)", "2402.05098"):
         assert name in text
 
 
