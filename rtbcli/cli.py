@@ -91,7 +91,7 @@ def reproduce(
         False,
         "--quick",
         help="Reduced budget (minutes on 2 CPU threads), starting from the preset's shipped prior (energy presets: "
-        "1 seed, TB+Expl+LS and VarGrad+Expl, 700 steps).",
+        "1 seed, TB+Expl+LS and VarGrad+Expl, 1,000 steps).",
     ),
     prior: Path | None = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
     seed: int = typer.Option(0, help="Random seed for every stage (energy presets: the first of --seeds)."),

@@ -33,7 +33,7 @@ from .runtime import atomic_write_text
 EXPLORATION = 0.2  # the paper's extra exploration std, decaying linearly to 0 ...
 EXPLORATION_END = 5_000  # ... by this step of the 25,000 (scaled to shorter budgets)
 PAPER_STEPS = 25_000
-QUICK_STEPS = 700  # 2 configurations on gmm25 in about 14 min on 2 CPU threads (measured: 0.52-0.63 s per step)
+QUICK_STEPS = 1_000  # gmm25: 700 steps of each quick configuration took 22-25 s on 2 CPU threads (unshared)
 QUICK_CONFIGS = ("TB+Expl+LS", "VarGrad+Expl")
 DEFAULT_SEEDS = 5
 METRICS = ("delta_log_z", "delta_log_z_rw", "w2", "w2_floor", "eubo")

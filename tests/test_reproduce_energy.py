@@ -60,7 +60,7 @@ def test_every_configuration_runs_for_two_seeds_and_prints_a_table(tmp_path):
 
 def test_energy_budgets_and_aggregation():
     preset, _ = load_preset("gmm25-energy")
-    assert budget_for(preset, True) == Budget(700, 300, 2_000, None)
+    assert budget_for(preset, True) == Budget(1_000, 300, 2_000, None)
     assert budget_for(preset, False) == Budget(25_000, 300, 2_000, None)
     assert exploration_end_step(25_000) == 5_000 and exploration_end_step(1_000) == 200
     row = aggregate("TB", [{"checkpoint": "a", "w2": 1.0, "train_seconds": 2.0}, {"checkpoint": "b", "w2": 3.0, "train_seconds": 2.0}])
