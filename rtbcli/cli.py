@@ -88,10 +88,16 @@ def reproduce(
         None, "--preset", "-p", help=f"The task: {_shipped_list()}, or a .toml file [default: {DEFAULT_PRESET}]."
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="Reduced budget (minutes on 2 CPU threads), starting from the preset's shipped prior."
+        False,
+        "--quick",
+        help="Reduced budget (minutes on 2 CPU threads), starting from the preset's shipped prior (energy presets: "
+        "1 seed, TB+Expl+LS and VarGrad+Expl, 1,000 steps).",
     ),
     prior: Path | None = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
-    seed: int = typer.Option(0, help="Random seed for every stage."),
+    seed: int = typer.Option(0, help="Random seed for every stage (energy presets: the first of --seeds)."),
+    seeds: int | None = typer.Option(
+        None, "--seeds", help="Energy presets: seeds per configuration, mean ± std over them [default: 5; quick: 1]."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Folder for checkpoints, logs, figure.png and summary.json [default: runs/reproduce-PRESET[-quick]]."
@@ -112,7 +118,7 @@ def reproduce(
     from .reproduce import budget_for
     from .reproduce import reproduce as run_reproduce
 
-    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--n", n), ("--pretrain-steps", pretrain_steps)):
+    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--n", n), ("--pretrain-steps", pretrain_steps), ("--seeds", seeds)):
         positive(name, v)
     p, _ = load_preset(preset)
     budget = replace(
@@ -133,9 +139,16 @@ def reproduce(
         progress=not quiet,
         budget=budget,
         preset_ref=preset,
+        seeds=seeds,
     )
     if as_json:
         return emit_json(summary)
+    if summary.get("mode") == "energy":
+        from .reproduce_energy import energy_table
+
+        out_console.print(energy_table(summary))
+        out_console.print(f"summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s")
+        return None
     out_console.print(summary_table(summary))
     out_console.print(
         f"figure: {summary['figure']}   summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s"
@@ -143,7 +156,10 @@ def reproduce(
 
 
 reproduce.__doc__ = (reproduce.__doc__ or "") + examples(
-    "rtbcli reproduce --quick", "rtbcli reproduce --preset manywell32 --quick", "rtbcli reproduce --out runs/full --device cpu"
+    "rtbcli reproduce --quick",
+    "rtbcli reproduce --preset manywell32 --quick",
+    "rtbcli reproduce --preset gmm25-energy --quick",
+    "rtbcli reproduce --out runs/full --device cpu",
 )
 
 

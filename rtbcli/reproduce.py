@@ -54,7 +54,12 @@ class Budget:
 
 
 def budget_for(preset: Preset, quick: bool) -> Budget:
-    """The full budget is the preset's finetune and evaluate sections; --quick its [reproduce] section."""
+    """The full budget is the preset's finetune and evaluate sections; --quick its [reproduce] section (energy presets:
+    the paper's budget, and --quick `reproduce_energy.QUICK_STEPS` steps at the preset's batch and K)."""
+    if preset.target is not None:
+        from .reproduce_energy import QUICK_STEPS
+
+        return Budget(QUICK_STEPS if quick else preset.finetune.steps, preset.finetune.batch_size, preset.evaluate.n, None)
     if quick:
         r = preset.reproduce
         return Budget(r.quick_steps, r.quick_batch_size, r.quick_n, None, r.quick_lr)
@@ -118,18 +123,19 @@ def reproduce(
     budget: Budget | None = None,
     preset_ref: str | None = None,
     methods: list[str] | None = None,
+    seeds: int | None = None,
 ) -> dict:
     """Run the whole comparison on a preset; returns the summary (also written to out/summary.json).
 
     `preset_ref` names the task (default: the reference task); `budget` overrides the quick or full
-    budget; `methods` the preset's list of methods.
+    budget; `methods` the preset's list of methods. An energy preset runs `reproduce_energy` (`seeds` seeds per
+    configuration: default 1 with --quick, else 5).
     """
     preset, ref = load_preset(preset_ref)
     if preset.target is not None:
-        raise InputError(
-            f"reproduce does not run energy-mode presets yet: train with `rtbcli finetune --preset {ref}` and score with "
-            f"`rtbcli evaluate CKPT --json` (delta_log_z, delta_log_z_rw, w2, eubo)"
-        )
+        return _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget)
+    if seeds is not None:
+        raise InputError("--seeds runs several seeds of an energy preset (gmm25-energy, funnel, manywell-energy): give --seed here")
     if preset.reward is None:
         raise InputError(f"preset '{ref}' names no reward: reproduce compares fine-tuning methods, give a preset with a [reward]")
     check_suite(Task(preset, allow_import=False))
@@ -182,6 +188,30 @@ def reproduce(
     }
     atomic_write_text(plan.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget) -> dict:
+    """An energy preset: every configuration from the Brownian prior, for every seed (`rtbcli.reproduce_energy`)."""
+    from .reproduce_energy import DEFAULT_SEEDS, reproduce_energy
+
+    if prior_path is not None:
+        raise InputError(f"preset '{ref}' samples a target from the Brownian prior: drop --prior")
+    if budget is not None and budget.pretrain_steps is not None:
+        raise InputError(f"preset '{ref}' samples a target from the Brownian prior: drop --pretrain-steps")
+    path = Path(out) if out is not None else default_out(ref, quick)
+    prepare_out(path, overwrite)
+    return reproduce_energy(
+        preset,
+        ref,
+        path,
+        budget or budget_for(preset, quick),
+        quick=quick,
+        seeds=seeds if seeds is not None else (1 if quick else DEFAULT_SEEDS),
+        first_seed=seed,
+        device=device,
+        progress=progress,
+        console=console,
+    )
 
 
 def _prior_stage(plan: _Plan):

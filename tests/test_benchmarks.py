@@ -154,7 +154,13 @@ def test_summary_table_markdown_reads_the_registry():
     assert every[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.500 | 0.021 | 0.019 | -0.100 | 0.200 | 61 |"
 
 
-def test_reproduce_says_it_does_not_run_energy_presets_yet(tmp_path, capsys):
-    code, err = error_line(capsys, "reproduce", "--preset", "gmm25-energy", "--quick", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "reproduce does not run energy-mode presets yet: train with `rtbcli finetune --preset gmm25-energy`")
+def test_reproduce_of_an_energy_preset_refuses_a_prior_it_would_not_use(tmp_path, capsys):
+    """Energy presets train from the Brownian prior (tests/test_reproduce_energy.py runs them): --prior is bad input."""
+    code, err = error_line(capsys, "reproduce", "--preset", "gmm25-energy", "--quick", "--prior", tmp_path / "p", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "preset 'gmm25-energy' samples a target from the Brownian prior: drop --prior")
     assert not (tmp_path / "o").exists()
+
+
+def test_seeds_is_for_energy_presets(tmp_path, capsys):
+    code, err = error_line(capsys, "reproduce", "--preset", "digits", "--quick", "--seeds", "2", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--seeds runs several seeds of an energy preset")
