@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError, RtbcliWarning
-from ..rewards import RewardFailed, import_function, parse_reference
+from ..rewards import RewardFailed, checked_output, import_function, parse_reference
 from .targets import ENERGY_TARGETS, EnergyTarget
 
 SHIPPED_PREFIX = "rtbcli.energy.targets:"
@@ -62,16 +62,7 @@ class LogDensity:
             out = self.function(x, **self.kwargs)
         except Exception as e:
             raise TargetFailed(f"the target '{self.reference}' raised {e.__class__.__name__}: {str(e).strip()[:200]}") from None
-        if not isinstance(out, torch.Tensor):
-            raise TargetFailed(
-                f"the target '{self.reference}' returned a {type(out).__name__}, not a torch tensor: return log pi(x) as a tensor of shape (B,)"
-            )
-        if out.shape != x.shape[:-1]:
-            raise TargetFailed(
-                f"the target '{self.reference}' returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
-                f"return log pi(x) of shape {tuple(x.shape[:-1])}"
-            )
-        return out.to(x.dtype)
+        return checked_output(out, x, f"the target '{self.reference}'", "log pi(x)", TargetFailed)
 
 
 @dataclass

@@ -136,16 +136,19 @@ class PythonReward:
                 out = self.function(x, **self.kwargs)
             except Exception as e:
                 raise RewardFailed(f"the reward '{self.reference}' raised {e.__class__.__name__}: {_first_line(e)}") from None
-        if not isinstance(out, torch.Tensor):
-            raise RewardFailed(
-                f"the reward '{self.reference}' returned a {type(out).__name__}, not a torch tensor: return log r(x) as a tensor of shape (B,)"
-            )
-        if out.shape != x.shape[:-1]:
-            raise RewardFailed(
-                f"the reward '{self.reference}' returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: "
-                f"return log r(x) of shape {tuple(x.shape[:-1])}"
-            )
-        return out.to(x.dtype)
+        return checked_output(out, x, f"the reward '{self.reference}'", "log r(x)", RewardFailed)
+
+
+def checked_output(out: object, x: torch.Tensor, who: str, what: str, error: type[RunError]) -> torch.Tensor:
+    """A user function's value at x, checked to be a tensor of shape x.shape[:-1] (in x's dtype), else `error`
+    naming `who` (e.g. "the reward 'r.py:f'") and what it should return (e.g. "log r(x)")."""
+    if not isinstance(out, torch.Tensor):
+        raise error(f"{who} returned a {type(out).__name__}, not a torch tensor: return {what} as a tensor of shape (B,)")
+    if out.shape != x.shape[:-1]:
+        raise error(
+            f"{who} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: return {what} of shape {tuple(x.shape[:-1])}"
+        )
+    return out.to(x.dtype)
 
 
 @dataclass
