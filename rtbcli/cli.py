@@ -107,6 +107,12 @@ def reproduce(
     batch_size: int | None = typer.Option(None, help="Fine-tuning batch size [default: the preset's; quick: reproduce.quick_batch_size]."),
     n: int | None = typer.Option(None, "--n", "-n", help="Samples per evaluation [default: the preset's; quick: reproduce.quick_n]."),
     pretrain_steps: int | None = typer.Option(None, help="Pretraining steps when no --prior is given [default: the preset's]."),
+    configs: str | None = typer.Option(
+        None,
+        "--configs",
+        help="Energy presets: the configurations to run, comma-separated (e.g. 'TB+Expl+LS,VarGrad+Expl') "
+        "[default: all; quick: TB+Expl+LS,VarGrad+Expl].",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json's content as one JSON object."),
 ):
@@ -140,14 +146,20 @@ def reproduce(
         budget=budget,
         preset_ref=preset,
         seeds=seeds,
+        configs=None if configs is None else [c.strip() for c in configs.split(",") if c.strip()],
     )
     if as_json:
         return emit_json(summary)
     if summary.get("mode") == "energy":
-        from .reproduce_energy import energy_table
+        from .reproduce_energy import energy_table, goal_table
 
         out_console.print(energy_table(summary))
-        out_console.print(f"summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s")
+        goals = goal_table(summary)
+        if goals is not None:
+            out_console.print(goals)
+        out_console.print(
+            f"figure: {summary.get('figure')}   summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s"
+        )
         return None
     out_console.print(summary_table(summary))
     out_console.print(

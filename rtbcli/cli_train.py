@@ -205,6 +205,7 @@ def finetune(
     ls_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_every")),
     ls_step_size: float | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_step_size")),
     langevin: bool | None = typer.Option(None, "--langevin/--no-langevin", help=field_help(FinetuneSpec, "langevin")),
+    eval_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "eval_every")),
     seed: int | None = typer.Option(None, help="Random seed [default: 0]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: finetuned-ALGO.safetensors]."),
@@ -243,8 +244,9 @@ def finetune(
         local_search=local_search,
         ls_every=ls_every,
         ls_step_size=ls_step_size,
-        langevin=langevin,
-    )  # the last seven: the off-policy tools
+        langevin=langevin,  # the seven above: the off-policy tools
+        eval_every=eval_every,
+    )
     _check_named_again(p, preset, target, reward)
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))

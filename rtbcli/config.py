@@ -329,6 +329,10 @@ class FinetuneSpec(Strict):
     """MALA's initial step size, adapted toward acceptance 0.574."""
     langevin: bool = False
     """Langevin parametrisation: drift = NN1(x, t) + NN2(t) clip(grad log r(x)) (energy mode: grad log pi)."""
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    """Energy mode: every this-many steps (and at the last), log Table 1's metrics (elbo, log_z_rw, with an exact log Z
+    delta_log_z and delta_log_z_rw, with exact samples eubo and w2) on [evaluate] n on-policy samples, beside the training
+    wall time so far (evaluations excluded): the time to reach a number. 0: never."""
 
     @model_validator(mode="after")
     def _order(self) -> FinetuneSpec:

@@ -384,3 +384,8 @@ def _energy_table(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
     m.update(table_from_weights(lw, energy.log_z, lw_t, x[:k], None if y is None else y[:k]))
     if y is not None and run.target.sample is not None:  # the floor: two independent sets of exact samples
         m["w2_floor"], m["n_w2"] = w2_exact(y[:k], run.target.sample(k, make_generator(run.seed + 5, torch.device("cpu")))), k
+    shipped = getattr(energy, "shipped", None)
+    if y is not None and hasattr(shipped, "sample_stratified"):  # 25GMM: also against the paper's equal-count reference
+        assert shipped is not None
+        strat = shipped.sample_stratified(k, make_generator(run.seed + 6, torch.device("cpu")), dtype=torch.float64)
+        m["w2_stratified"], m["w2_stratified_floor"] = w2_exact(x[:k], strat), w2_exact(y[:k], strat)

@@ -59,6 +59,7 @@ from .config import Preset, PythonRewardSpec
 from .distributed import Dist
 from .energy.langevin import LangevinDriftNet
 from .energy.loading import check_target_output
+from .energy.metrics import require_pot, table_metrics
 from .energy.options import BROWNIAN  # `--prior brownian`: energy mode's drift-free prior, recorded as its prior_path
 from .energy.prior import BrownianPrior
 from .errors import InputError, RtbcliWarning, RunError
@@ -569,6 +570,19 @@ class FinetuneRecipe(Recipe):
         self.watch.update(st, self.run.step)
         return st
 
+    def evaluate(self, step: int) -> dict | None:
+        """Energy mode (`eval_every`): Table 1's metrics of the policy now (`rtbcli.energy.table_metrics`, on [evaluate]
+        n samples), on rank 0, from a generator of its own: the training's random streams are untouched."""
+        r = self.run
+        energy = r.task.energy
+        if energy is None or not self.dist.is_main:
+            return None
+        seconds = self.timer.elapsed  # training time to this step
+        target = getattr(energy, "shipped", None) or energy
+        gen = make_generator(_mix(r.info.seed, step, 2), self.device)
+        metrics = table_metrics(r.policy, target, r.info.preset.evaluate.n, gen, with_w2=_has_pot())
+        return {"step": step, "eval": metrics, "seconds": seconds}
+
     def check(self) -> None:
         """Stop on the first non-finite reward or loss, naming which came first (a host sync)."""
         r, b = int(self.watch.bad_reward), int(self.watch.bad)
@@ -688,7 +702,17 @@ def finetune(
     paths = RunPaths(Path(out))
     log = JsonlLog(log_path if dist.is_main else None, preamble=list(run.log_lines))
     recipe = FinetuneRecipe(run, dist, paths, log)
-    done = run_loop(recipe, paths, log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)
+    done = run_loop(
+        recipe,
+        paths,
+        log,
+        log_path,
+        dist,
+        log_every=log_every,
+        save_every=save_every,
+        progress=progress,
+        eval_every=run.info.preset.finetune.eval_every,
+    )
     ran, s = run.info.steps - recipe.first, done.seconds
     med = statistics.median(done.step_seconds) if done.step_seconds else 0.0
     return FinetuneResult(
@@ -704,3 +728,12 @@ def finetune(
         recipe.mean_log_r,
         done.step_seconds or [med],
     )
+
+
+def _has_pot() -> bool:
+    """Whether W2's optimal transport (POT, an optional extra) is installed: the in-loop evaluation leaves w2 out if not."""
+    try:
+        require_pot()
+    except InputError:
+        return False
+    return True

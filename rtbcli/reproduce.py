@@ -124,6 +124,7 @@ def reproduce(
     preset_ref: str | None = None,
     methods: list[str] | None = None,
     seeds: int | None = None,
+    configs: list[str] | None = None,
 ) -> dict:
     """Run the whole comparison on a preset; returns the summary (also written to out/summary.json).
 
@@ -133,7 +134,9 @@ def reproduce(
     """
     preset, ref = load_preset(preset_ref)
     if preset.target is not None:
-        return _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget)
+        return _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs)
+    if configs is not None:
+        raise InputError("--configs chooses configurations of an energy preset (gmm25-energy, funnel, manywell-energy): drop it here")
     if seeds is not None:
         raise InputError("--seeds runs several seeds of an energy preset (gmm25-energy, funnel, manywell-energy): give --seed here")
     if preset.reward is None:
@@ -190,10 +193,11 @@ def reproduce(
     return summary
 
 
-def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget) -> dict:
+def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs) -> dict:
     """An energy preset: every configuration from the Brownian prior, for every seed (`rtbcli.reproduce_energy`)."""
-    from .reproduce_energy import DEFAULT_SEEDS, reproduce_energy
+    from .reproduce_energy import DEFAULT_SEEDS, config_names, reproduce_energy
 
+    config_names(configs, quick)  # before anything is written
     if prior_path is not None:
         raise InputError(f"preset '{ref}' samples a target from the Brownian prior: drop --prior")
     if budget is not None and budget.pretrain_steps is not None:
@@ -211,6 +215,7 @@ def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, 
         device=device,
         progress=progress,
         console=console,
+        configs=configs,
     )
 
 

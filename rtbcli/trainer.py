@@ -125,6 +125,10 @@ class Recipe:
         """The checkpoint and state of `step` (rank 0 writes)."""
         raise NotImplementedError
 
+    def evaluate(self, step: int) -> dict | None:
+        """An evaluation record for the log at `step` (`run_loop`'s eval_every), or None; its time is not training time."""
+        return None
+
     def check(self) -> None:
         """Raise a RunError if the run has diverged (before any save)."""
 
@@ -140,11 +144,22 @@ class LoopResult:
 
 
 def run_loop(
-    r: Recipe, paths: RunPaths, log: JsonlLog, log_path: Path | None, dist: Dist, *, log_every: int, save_every: int, progress: bool
+    r: Recipe,
+    paths: RunPaths,
+    log: JsonlLog,
+    log_path: Path | None,
+    dist: Dist,
+    *,
+    log_every: int,
+    save_every: int,
+    progress: bool,
+    eval_every: int = 0,
 ) -> LoopResult:
-    """Run steps r.first + 1 .. r.total: log every `log_every` steps and at the end, save the
-    partial files every `save_every` steps and on SIGINT/SIGTERM (then raise Interrupted), and
-    save the finished run (`training` module docstring: the files)."""
+    """Run steps r.first + 1 .. r.total: log every `log_every` steps and at the end, evaluate
+    (`Recipe.evaluate`) every `eval_every` steps and at the end, save the partial files every
+    `save_every` steps and on SIGINT/SIGTERM (then raise Interrupted), and save the finished run
+    (`training` module docstring: the files). The wall time of evaluations is left out of the
+    run's time (`seconds`, the step rate)."""
     timer, step_seconds, step = Timer(), [], r.first
     r.timer = timer  # the run's wall time so far, for what a recipe saves
     try:
@@ -160,6 +175,12 @@ def run_loop(
                     log.write(**rec)
                     bar.update(job, rate=f"{rate:.1f} it/s", status=status)
                 step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
+                if eval_every and (step % eval_every == 0 or step == r.total):
+                    t_eval = time.perf_counter()
+                    evaluation = r.evaluate(step)
+                    timer.start += time.perf_counter() - t_eval  # evaluation is not training time
+                    if evaluation is not None:
+                        log.write(**evaluation)
                 if step < r.total and dist.any(signals.requested is not None):
                     _stop(r, paths, log, dist, signals, step)
                 if save_every and step % save_every == 0 and step < r.total:

@@ -147,6 +147,16 @@ def test_gmm25_energy_trains_and_evaluates_end_to_end(tmp_path, capsys):
     assert m["log_z_true"] == 0.0 and m["delta_log_z"] == pytest.approx(abs(m["log_z_true"] - m["elbo"]))
     assert m["delta_log_z_rw"] == pytest.approx(abs(m["log_z_true"] - m["log_z_rw"]))
     assert m["elbo"] <= m["log_z_rw"] and m["n_target_modes"] == 25  # Jensen; gmm25's mode cells
+    # and W2 against the paper's stratified reference, recomputed from the same samples and the same draw
+    from rtbcli.energy import get_target, w2_exact
+    from rtbcli.evaluate import evaluate
+    from rtbcli.runtime import make_generator
+
+    ev = evaluate(ck, 300, 0)
+    strat = get_target("gmm25").sample_stratified(300, make_generator(6, torch.device("cpu")), dtype=torch.float64)
+    assert ev.metrics["w2_stratified"] == pytest.approx(w2_exact(ev.samples, strat), rel=1e-6)  # (samples kept in float32)
+    assert ev.metrics["w2_stratified_floor"] == pytest.approx(w2_exact(ev.target_samples, strat), rel=1e-6)
+    assert m["w2_stratified"] == pytest.approx(ev.metrics["w2_stratified"], rel=1e-9)
 
 
 class Gauss:

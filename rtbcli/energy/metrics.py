@@ -115,7 +115,9 @@ def table_metrics(
     `steps`, `sigma2`) and its backward process is the bridge with the sampler's sigma2. Returns
     log_z_true, elbo (mean lw), log_z_rw (log mean exp lw), delta_log_z, delta_log_z_rw, eubo (K exact
     samples with bridge trajectories) and, if `with_w2`, w2 between the K terminal states and K exact
-    samples (`stratified_reference`: gmm25's equal-count draw, as the paper-era code). Everything in
+    samples (`stratified_reference`: gmm25's equal-count draw, as the paper-era code; else, for gmm25, both: w2 and
+    w2_stratified); a target without exact samples
+    (no `sample`: a user's) gives elbo and log_z_rw only, with the deltas where it has a `log_z`. Everything in
     float64 Python numbers; reads back to the host, so call it at evaluation time, not per step.
     """
     from ..sampler import bridge_log_prob, bridge_sample
@@ -125,6 +127,9 @@ def table_metrics(
     traj = sampler.sample(k, 0.0, generator)
     x = traj[-1]
     lw = log_weights(target.log_density(x), bridge_log_prob(traj, sampler.sigma2), sampler.log_prob(traj))
+    log_z = getattr(target, "log_z", None)
+    if not hasattr(target, "sample"):  # a user's target: no exact samples, so no eubo or w2
+        return {"k": float(k), **table_from_weights(lw, None if log_z is None else float(log_z))}
     ref_dtype, ref_device = x.dtype, x.device
     exact = target.sample(k, generator, dtype=ref_dtype).to(ref_device)
     back = bridge_sample(exact, sampler.steps, sampler.sigma2, generator)
@@ -132,4 +137,7 @@ def table_metrics(
     ref = None
     if with_w2:
         ref = target.sample_stratified(k, generator, dtype=ref_dtype) if stratified_reference else exact
-    return {"k": float(k), **table_from_weights(lw, float(target.log_z), lw_t, x if with_w2 else None, ref)}
+    out = {"k": float(k), **table_from_weights(lw, None if log_z is None else float(log_z), lw_t, x if with_w2 else None, ref)}
+    if with_w2 and not stratified_reference and hasattr(target, "sample_stratified"):  # 25GMM: the paper's reference too
+        out["w2_stratified"] = w2_exact(x, target.sample_stratified(k, generator, dtype=ref_dtype))
+    return out
