@@ -113,6 +113,12 @@ def reproduce(
         help="Energy presets: the configurations to run, comma-separated (e.g. 'TB+Expl+LS,VarGrad+Expl') "
         "[default: all; quick: TB+Expl+LS,VarGrad+Expl].",
     ),
+    reuse: bool = typer.Option(
+        False,
+        "--reuse",
+        help="Energy presets: evaluate finished runs already in --out (same configuration, seed and settings) instead of "
+        "training them again: resume a cut-off grid, or collect seeds run as separate commands (--seed K --seeds 1) into one table.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json's content as one JSON object."),
 ):
@@ -147,6 +153,7 @@ def reproduce(
         preset_ref=preset,
         seeds=seeds,
         configs=None if configs is None else [c.strip() for c in configs.split(",") if c.strip()],
+        reuse=reuse,
     )
     if as_json:
         return emit_json(summary)

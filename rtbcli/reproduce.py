@@ -125,6 +125,7 @@ def reproduce(
     methods: list[str] | None = None,
     seeds: int | None = None,
     configs: list[str] | None = None,
+    reuse: bool = False,
 ) -> dict:
     """Run the whole comparison on a preset; returns the summary (also written to out/summary.json).
 
@@ -134,9 +135,12 @@ def reproduce(
     """
     preset, ref = load_preset(preset_ref)
     if preset.target is not None:
-        return _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs)
-    if configs is not None:
-        raise InputError("--configs chooses configurations of an energy preset (gmm25-energy, funnel, manywell-energy): drop it here")
+        return _reproduce_energy(
+            preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs, reuse
+        )
+    for name, named in (("--configs", configs is not None), ("--reuse", reuse)):
+        if named:
+            raise InputError(f"{name} applies to an energy preset (gmm25-energy, funnel, manywell-energy): drop it here")
     if seeds is not None:
         raise InputError("--seeds runs several seeds of an energy preset (gmm25-energy, funnel, manywell-energy): give --seed here")
     if preset.reward is None:
@@ -193,7 +197,9 @@ def reproduce(
     return summary
 
 
-def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs) -> dict:
+def _reproduce_energy(
+    preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs, reuse
+) -> dict:
     """An energy preset: every configuration from the Brownian prior, for every seed (`rtbcli.reproduce_energy`)."""
     from .reproduce_energy import DEFAULT_SEEDS, config_names, reproduce_energy
 
@@ -203,7 +209,7 @@ def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, 
     if budget is not None and budget.pretrain_steps is not None:
         raise InputError(f"preset '{ref}' samples a target from the Brownian prior: drop --pretrain-steps")
     path = Path(out) if out is not None else default_out(ref, quick)
-    prepare_out(path, overwrite)
+    prepare_out(path, overwrite or reuse)
     return reproduce_energy(
         preset,
         ref,
@@ -216,6 +222,7 @@ def _reproduce_energy(preset, ref, out, prior_path, quick, seed, seeds, device, 
         progress=progress,
         console=console,
         configs=configs,
+        reuse=reuse,
     )
 
 

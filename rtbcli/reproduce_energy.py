@@ -155,11 +155,25 @@ def reproduce_energy(
     progress: bool = True,
     console: Console | None = None,
     configs: list[str] | None = None,
+    reuse: bool = False,
 ) -> dict:
     """Train and score every configuration for every seed; returns the summary (also written to out/summary.json).
-    The caller has prepared `out`."""
+    The caller has prepared `out`. `reuse`: finished runs already in `out` (same configuration, seed and settings) are
+    evaluated, not trained again: a grid cut off part-way resumes, and seeds run as separate commands into one folder
+    come together in one table."""
     names = config_names(configs, quick)
     console = console or Console(stderr=True)
+    if reuse:  # every file that would be reused is checked before anything is trained
+        for name in names:
+            for seed in range(first_seed, first_seed + seeds):
+                stem = run_stem(name, seed)
+                reusable_seconds(
+                    out / f"{stem}.safetensors",
+                    out / f"{stem}.jsonl",
+                    preset_for(preset, CONFIGS[name], budget, quick),
+                    CONFIGS[name],
+                    seed,
+                )
     started, t_start = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
     runs, total, k = [], len(names) * seeds, 0
     panels: list[tuple[str, torch.Tensor]] = []  # the figure: each configuration's first seed, beside exact samples
@@ -170,7 +184,7 @@ def reproduce_energy(
         for seed in range(first_seed, first_seed + seeds):
             k += 1
             console.print(f"[bold cyan][{k}/{total}][/] {name}, seed {seed}: {p.finetune.steps:,} steps, batch {budget.batch_size}")
-            run, ev = _one(p, ref, config, seed, out, budget.eval_n, device, progress, console)
+            run, ev = _one(p, ref, config, seed, out, budget.eval_n, device, progress, console, reuse)
             runs.append(run)
             if ev is not None and not any(t == name for t, _ in panels):
                 if not panels and ev.target_samples is not None:
@@ -223,12 +237,20 @@ def reproduce_energy(
     return summary
 
 
-def _one(p: Preset, ref: str, config: Config, seed: int, out: Path, n: int, device, progress: bool, console: Console) -> tuple[dict, Any]:
+def _one(
+    p: Preset, ref: str, config: Config, seed: int, out: Path, n: int, device, progress: bool, console: Console, reuse: bool = False
+) -> tuple[dict, Any]:
     """One configuration and seed: train from the Brownian prior, evaluate; a run that diverges is a row saying so.
+    `reuse`: a finished run of the same configuration already in `out` is evaluated, not trained again.
     Returns the row and the evaluation (None: diverged)."""
-    stem = f"{config.name}-seed{seed}".replace("+", "_")
-    ck_path = out / f"{stem}.safetensors"
+    stem = run_stem(config.name, seed)
+    ck_path, log_path = out / f"{stem}.safetensors", out / f"{stem}.jsonl"
     run = {"config": config.name, "algo": config.algo, "seed": seed}
+    seconds = reusable_seconds(ck_path, log_path, p, config, seed) if reuse else None
+    if seconds is not None:
+        console.print(f"{config.name}, seed {seed}: reusing the finished run in {ck_path}")
+        ev = evaluate(load_checkpoint(ck_path), n, seed, device)
+        return _row(run, ck_path, p, seconds, ev, log_path, reused=True), ev
     try:
         r = finetune(
             None,
@@ -249,14 +271,52 @@ def _one(p: Preset, ref: str, config: Config, seed: int, out: Path, n: int, devi
         console.print(f"{config.name}, seed {seed} diverged: {e}")
         return {**run, "checkpoint": None, "diverged": str(e)}, None
     ev = evaluate(load_checkpoint(ck_path), n, seed, device)
+    return _row(run, ck_path, p, r.seconds, ev, log_path, reused=False), ev
+
+
+def run_stem(config: str, seed: int) -> str:
+    """The file stem of a configuration's run for a seed in the output folder: 'TB_Expl_LS-seed0'."""
+    return f"{config}-seed{seed}".replace("+", "_")
+
+
+def _row(run: dict, ck_path: Path, p: Preset, seconds: float, ev, log_path: Path, reused: bool) -> dict:
     return {
         **run,
         "checkpoint": str(ck_path),
+        "reused": reused,
         "steps": p.finetune.steps,
-        "train_seconds": round(r.seconds, 1),
+        "train_seconds": round(seconds, 1),
         **{m: ev.metrics.get(m) for m in METRICS},
-        "curve": learning_curve(out / f"{stem}.jsonl"),
-    }, ev
+        "curve": learning_curve(log_path),
+    }
+
+
+def reusable_seconds(ck_path: Path, log_path: Path, p: Preset, config: Config, seed: int) -> float | None:
+    """The training seconds of a finished run in `ck_path` of this configuration, seed and settings (None: no file).
+    A file that holds another run is an InputError: `--reuse` never mixes settings into one row."""
+    if not ck_path.exists():
+        return None
+    ck = load_checkpoint(ck_path)
+    run = json.loads(ck.meta.get("run", "{}"))
+    same = (
+        ck.kind == "finetuned"
+        and ck.algo == config.algo
+        and int(ck.meta.get("seed", -1)) == seed
+        and bool(run.get("on_policy")) == config.on_policy
+        and ck.preset.finetune == p.finetune
+        and ck.preset.sampler == p.sampler
+        and ck.preset.target is not None
+        and p.target is not None
+        and ck.preset.target.log_density == p.target.log_density
+    )
+    if not same:
+        raise InputError(
+            f"--reuse: {ck_path} holds a run with other settings than {config.name}, seed {seed}: remove it or choose another --out"
+        )
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()] if log_path.exists() else []
+    if run.get("status") != "finished" or not records or "seconds" not in records[-1]:
+        raise InputError(f"--reuse: {ck_path} is not a finished run with its log ({log_path.name}): remove it or choose another --out")
+    return float(records[-1]["seconds"])
 
 
 CURVE_KEYS = ("delta_log_z", "delta_log_z_rw", "w2", "w2_stratified")

@@ -89,7 +89,7 @@ def test_bad_configs_are_refused_before_anything_is_written(tmp_path, capsys):
         assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
     code = run(["reproduce", "--quick", "--configs", "TB", "--out", str(tmp_path / "y")])
-    assert code == 2 and "--configs chooses configurations of an energy preset" in capsys.readouterr().err
+    assert code == 2 and "--configs applies to an energy preset" in capsys.readouterr().err
 
 
 def test_time_to_goal_reads_the_first_evaluation_at_or_below_it():
@@ -140,3 +140,31 @@ def test_energy_budgets_and_aggregation():
     row = aggregate("TB", [{"checkpoint": "a", "w2": 1.0, "train_seconds": 2.0}, {"checkpoint": "b", "w2": 3.0, "train_seconds": 2.0}])
     assert row["w2"] == [2.0, 2**0.5] and row["train_seconds"] == [2.0, 0.0] and row["eubo"] is None
     assert aggregate("TB", [{"checkpoint": None, "diverged": "nan"}])["diverged"] == 1
+
+
+def test_reuse_collects_seeds_run_as_separate_commands_and_refuses_other_settings(tmp_path, capsys):
+    """Seed 1 run alone, then seeds 0-1 with --reuse into the same folder: seed 1 is evaluated again (same numbers, same
+    file), not trained; seed 0 is trained. A finished run of other settings is refused, nothing retrained over it."""
+    out = tmp_path / "rep"
+    base = ["reproduce", "--preset", "gmm25-energy", "--configs", "TB", "--steps", "3", "--batch-size", "8", "-n", "32", "--quiet"]
+    assert run([*base, "--seed", "1", "--seeds", "1", "--out", str(out), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["runs"][0]
+    ck = out / "TB-seed1.safetensors"
+    before = ck.read_bytes()
+    code = run([*base, "--seeds", "2", "--reuse", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    runs = {r["seed"]: r for r in json.loads(captured.out)["runs"]}
+    assert (runs[0]["reused"], runs[1]["reused"]) == (False, True) and ck.read_bytes() == before
+    assert runs[1]["train_seconds"] == first["train_seconds"] and runs[1]["delta_log_z"] == first["delta_log_z"]
+    assert runs[1]["curve"] == first["curve"]
+
+    other = ["reproduce", "--preset", "gmm25-energy", "--configs", "TB", "--steps", "4", "--batch-size", "8", "-n", "32", "--quiet"]
+    code = run([*other, "--seeds", "2", "--reuse", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert (
+        code == 2 and "TB-seed0.safetensors holds a run with other settings than TB, seed 0" in err and len(err.strip().splitlines()) == 1
+    )
+    assert ck.read_bytes() == before
+    code = run(["reproduce", "--quick", "--reuse", "--out", str(tmp_path / "y")])
+    assert code == 2 and "--reuse applies to an energy preset" in capsys.readouterr().err
