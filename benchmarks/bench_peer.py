@@ -15,6 +15,11 @@ The peer is torchgfn 2.4.1 set up, through its public API, the way its example
 'pairs' estimator, the same network work); `pretrain_trajectory_ratio` with rtbcli's
 'trajectory' estimator, torchgfn's own.
 
+At d = 32 (`--d32`, on by default) it also times energy-mode fine-tuning on ManyWell (rtbcli's
+`manywell-energy` preset: RTB against the Brownian prior, i.e. trajectory balance) against
+torchgfn's `TBGFlowNet` on its `many_well` target with the fixed Brownian-bridge backward, both
+from the same fresh network, at the preset's batch (300; `--batch-d32`): `d32_finetune_ratio`.
+
 Both sides run the same task, batch, T, per-step variance and network (the same 21,122 weights
 at the reference size: torchgfn's networks are loaded with rtbcli's prior, and the benchmark checks
 that both compute the same drift). rtbcli's steps are timed inside its own training loops
@@ -58,6 +63,8 @@ from rtbcli.runtime import keep_freed_memory
 EXTRA = "pip install 'rtbcli[bench]'"
 SHIPPED_PRIOR = Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
 D32 = 32  # ManyWell's dimension (rtbcli's manywell-energy preset, torchgfn's many_well target)
+# instruction-set limits, to emulate an AVX2 machine on an AVX-512 one (ATen's kernels, MKL's GEMM, oneDNN): reported as set
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 EXPLORATION = 0.5  # s_e of the example's (and rtbcli's) early steps; both sides explore alike
 
 STEP_CONTENTS = {
@@ -565,6 +572,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
+        "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
         "machine": platform.machine(),
         "torch": torch.__version__,
         "torchgfn": metadata.version("torchgfn"),
@@ -606,6 +614,7 @@ def show(rep: dict) -> None:
     con.print(
         f"[bold]rtbcli vs torchgfn {rep['torchgfn']}[/]: batch {rep['batch']}, T = {rep['T']}, {rep['device']} "
         f"({rep['cpu_capability']}, {rep['threads']} threads of {rep['cpu_count']}), torch {rep['torch']}, {rep['date']}"
+        + "".join(f", {k}={v}" for k, v in rep["isa_env"].items())
     )
     con.print(
         f"parameters: rtbcli {rep['params']['rtbcli']:,}, torchgfn {rep['params']['torchgfn']:,}; "

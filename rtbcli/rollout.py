@@ -5,8 +5,7 @@ sampling loop already evaluates the policy network at every state it visits. A `
 those activations, and then
 
 - the policy's and the behaviour's per-step log-probabilities come free from the residuals
-  x_{i+1} - mean_i = sqrt(sigma2 dt + s_e^2) eps (`step_log_probs`): the scaled noise the loop
-  drew, kept as it was drawn (equal to x_{i+1} - mean_i up to the rounding of x_{i+1});
+  x_{i+1} - mean_i = sqrt(sigma2 dt + s_e^2) eps (`step_log_probs`), exactly;
 - the gradient of any loss L(lpf, ...) is one batched backward pass over all T*B transitions
   (`backward`), given dL/d(step lpf) from autograd on the loss alone.
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from .gaussian import centred_log_prob
-from .sampler import THIN, DiffusionSampler, DriftNet
+from .sampler import DiffusionSampler, DriftNet
 
 
 class Workspace:
@@ -40,7 +39,6 @@ class Workspace:
         layers = sum(isinstance(m, nn.Linear) for m in sampler.net.body)  # hidden Linears + the output
         self.n = n
         self.traj = torch.empty(sampler.steps + 1, n, sampler.dim, dtype=w.dtype, device=w.device)
-        self.noise = torch.empty(sampler.steps, n, sampler.dim, dtype=w.dtype, device=w.device)  # the residuals
         self.pre = torch.empty(layers, sampler.steps, n, hidden, dtype=w.dtype, device=w.device)
         self.post = torch.empty_like(self.pre)
 
@@ -51,7 +49,7 @@ class Rollout:
 
     sampler: DiffusionSampler
     traj: torch.Tensor  # (T + 1, n, d)
-    residual: torch.Tensor  # (T, n, d): x_{i+1} - (x_i + dt f(x_i, t_i)), the scaled noise of each step
+    residual: torch.Tensor  # (T, n, d): x_{i+1} - (x_i + dt f(x_i, t_i))
     pre: torch.Tensor | None  # (L, T, n, hidden): pre-activations of the GELU layers (None: a network `backward` does not know)
     post: torch.Tensor | None  # (L, T, n, hidden): their outputs
 
@@ -74,10 +72,11 @@ def rollout(
     if type(sampler).run is not DiffusionSampler.run:
         traj = sampler.sample(ws.n, extra_var, generator)
         return Rollout(sampler, traj, traj[1:] - sampler.means(traj), None, None)
-    traj = sampler.run(ws.traj, extra_var, generator, ws.pre, ws.post, shard, ws.noise)
-    # x_{i+1} = mean_i + noise_i was drawn that way: the residuals are the noise itself, up to the
-    # rounding of x_{i+1} (no second pass of the output layer over all T*n states to recompute them)
-    return Rollout(sampler, traj, ws.noise, ws.pre, ws.post)
+    traj = sampler.run(ws.traj, extra_var, generator, ws.pre, ws.post, shard)
+    out = [m for m in sampler.net.body if isinstance(m, nn.Linear)][-1]
+    drift = torch.nn.functional.linear(ws.post[-1], out.weight, out.bias)  # f at every (t_i, x_i)
+    residual = traj[1:] - traj[:-1] - sampler.dt * drift
+    return Rollout(sampler, traj, residual, ws.pre, ws.post)
 
 
 def step_log_probs(residual: torch.Tensor, var: float) -> torch.Tensor:
@@ -95,6 +94,9 @@ def _sum_over_trajectories(g: torch.Tensor, T: int, n: int) -> torch.Tensor:
     return g.reshape(T, n, -1).sum(0).sum(0, dtype=torch.float64).to(g.dtype)
 
 
+THIN = 4  # state dimensions d up to which `_rows_times` beats a GEMM call
+
+
 def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g @ w for g (N, d), w (d, H): for small d as d fused multiply-adds of columns by rows, a
     single pass over the (N, H) result, where a GEMM call with inner dimension d is ~2x slower."""
@@ -105,15 +107,6 @@ def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     for j in range(1, d):
         out.addcmul_(g[:, j : j + 1], w[j])
     return out
-
-
-def _thin_t_mm(g: torch.Tensor, h: torch.Tensor, T: int) -> torch.Tensor:
-    """g.T @ h for g (T*n, d), h (T*n, H): for small d as T products of n rows, summed, which
-    is ~2x faster than one GEMM call with d output rows."""
-    d = g.shape[1]
-    if d > THIN:
-        return g.t() @ h
-    return torch.bmm(g.reshape(T, -1, d).transpose(1, 2), h.reshape(T, -1, h.shape[1])).sum(0)
 
 
 @torch.no_grad()  # by hand: no autograd graph through the weights (only the time MLP's, below)
@@ -144,7 +137,7 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     g_f = (grad_step_lpf[..., None] * ro.residual * (s.dt / s.step_var)).reshape(-1, d)  # dL/df, (T*n, d)
     post = ro.post.reshape(len(hidden) + 1, T * n, H)
     pre = ro.pre.reshape(len(hidden) + 1, T * n, H)
-    grads: dict[torch.Tensor, torch.Tensor] = {out.weight: _thin_t_mm(g_f, post[-1], T), out.bias: _sum_over_trajectories(g_f, T, n)}
+    grads: dict[torch.Tensor, torch.Tensor] = {out.weight: g_f.t() @ post[-1], out.bias: _sum_over_trajectories(g_f, T, n)}
     g_h = _rows_times(g_f, out.weight)
     for k in range(len(hidden), -1, -1):
         g_a = torch.ops.aten.gelu_backward(g_h, pre[k])
@@ -155,7 +148,7 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
         grads[layer.bias] = _sum_over_trajectories(g_a, T, n)
         g_h = g_a @ layer.weight
     x = ro.traj[:-1].reshape(-1, d)
-    grads[net.state.weight] = _thin_t_mm(x, g_a, T).t()  # x.T @ g: the fast layout for small d
+    grads[net.state.weight] = (x.t() @ g_a).t()  # x.T @ g: the fast layout for small d
     g_temb = g_a.reshape(T, n, H).sum(1)
     grads[net.state.bias] = _sum_over_trajectories(g_a, T, n)
     for p, g in grads.items():

@@ -31,8 +31,6 @@ from torch import nn
 
 from .gaussian import LOG_2PI, centred_log_prob, gaussian_log_prob  # noqa: F401  (re-exported)
 
-THIN = 4  # state dimensions d up to which products with inner (or outer) dimension d beat a GEMM call
-
 
 def _linear_gelu_fused() -> bool:
     """Whether oneDNN's fused Linear + exact GELU (`torch.ops.mkldnn._linear_pointwise`) is here."""
@@ -159,53 +157,39 @@ class DiffusionSampler(nn.Module):
         pre: torch.Tensor | None = None,
         post: torch.Tensor | None = None,
         shard: tuple[int, int] = (0, 1),
-        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sampling loop, into `traj` (T + 1, n, d); optionally keeping every activation.
 
         Written in fused kernels: dt is folded into the output layer, the time table (with the
-        state bias) is computed once, the output bias is added to all the noise in one pass
-        before the loop, and x_{i+1} is written in place over its pre-scaled noise.
+        state bias) is computed once, and x_{i+1} is written in place over its pre-scaled noise.
         `pre` and `post`, (L, T, n, hidden), receive the pre-activations and GELU outputs of the
-        L hidden layers at every step; `noise`, (T, n, d), the scaled noise of every step, which
-        is the residual x_{i+1} - (x_i + dt f(x_i, t_i)) (see `rtbcli.rollout`). With `shard` =
-        (rank, world) the noise is drawn for the global batch of world * n trajectories and this
-        rank keeps trajectories [rank * n, (rank + 1) * n): the same trajectories a single
-        process draws.
+        L hidden layers at every step (see `rtbcli.rollout`). With `shard` = (rank, world) the
+        noise is drawn for the global batch of world * n trajectories and this rank keeps
+        trajectories [rank * n, (rank + 1) * n): the same trajectories a single process draws.
         """
         w = self.net.state.weight
         layers = [m for m in self.net.body if isinstance(m, nn.Linear)]
-        table = self.time_table() + self.net.state.bias
-        weights = [w.t()] + [m.weight.t() for m in layers[:-1]]
-        biases = [table.unbind(0)] + [[m.bias] * self.steps for m in layers[:-1]]
+        weights = [(self.time_table() + self.net.state.bias, w.t())] + [(m.bias, m.weight.t()) for m in layers[:-1]]
         w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
-        eps = traj[1:] if noise is None else noise
+        traj[0].zero_()
         rank, world = shard
         if world == 1:
-            torch.randn(eps.shape, generator=generator, dtype=w.dtype, device=w.device, out=eps)
+            torch.randn(traj[1:].shape, generator=generator, dtype=w.dtype, device=w.device, out=traj[1:])
         else:
             n = traj.shape[1]
-            full = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
-            eps.copy_(full[:, rank * n : (rank + 1) * n])
-        eps.mul_(math.sqrt(self.step_var + extra_var))
-        if noise is None:
-            traj[1:].add_(b_out)
-        else:
-            torch.add(noise, b_out, out=traj[1:])
-        traj[0].zero_()
-        xs = traj.unbind(0)
-        keep = pre is not None and post is not None
-        pres = [p.unbind(0) for p in pre] if pre is not None and keep else None
-        posts = [p.unbind(0) for p in post] if post is not None and keep else None
+            noise = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
+            traj[1:].copy_(noise[:, rank * n : (rank + 1) * n])
+        traj[1:].mul_(math.sqrt(self.step_var + extra_var))
         for i in range(self.steps):
-            h = xs[i]
-            for k, weight in enumerate(weights):
-                if pres is None or posts is None:
-                    h = F.gelu(torch.addmm(biases[k][i], h, weight))
+            x = h = traj[i]
+            for k, (bias, weight) in enumerate(weights):
+                bias = bias[i] if k == 0 else bias
+                if pre is None or post is None:
+                    h = F.gelu(torch.addmm(bias, h, weight))
                 else:
-                    a = torch.addmm(biases[k][i], h, weight, out=pres[k][i])
-                    h = torch.ops.aten.gelu.out(a, out=posts[k][i])
-            xs[i + 1].add_(xs[i]).addmm_(h, w_out)
+                    a = torch.addmm(bias, h, weight, out=pre[k, i])
+                    h = torch.ops.aten.gelu.out(a, out=post[k, i])
+            traj[i + 1].add_(x).add_(b_out).addmm_(h, w_out)
         return traj
 
     # ------------------------------------------------------------------ scoring

@@ -67,7 +67,7 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
         assert rep["median_s"][key] > 0, key
     assert rep["batch"] == 8 and rep["T"] == 5 and rep["threads"] == 1 and rep["d32_batch"] == 6
     assert rep["params_d32"]["rtbcli"] == rep["params_d32"]["torchgfn"] > 21_122  # the same network at d = 32
-    assert rep["cpu_capability"] and rep["torch"] and rep["torchgfn"] and rep["date"]
+    assert rep["cpu_capability"] and rep["torch"] and rep["torchgfn"] and rep["date"] and isinstance(rep["isa_env"], dict)
     assert rep["params"]["rtbcli"] == rep["params"]["torchgfn"] == 21_122
     assert rep["drift_max_abs_diff"] < 1e-5  # the two networks compute the same function
     assert rep["peer_estimator_calls_per_trajectory"] == 5  # T network calls per trajectory on both sides
