@@ -15,6 +15,11 @@ The peer is torchgfn 2.4.1 set up, through its public API, the way its example
 'pairs' estimator, the same network work); `pretrain_trajectory_ratio` with rtbcli's
 'trajectory' estimator, torchgfn's own.
 
+At d = 32 (`--d32`, on by default) it also times energy-mode fine-tuning on ManyWell (rtbcli's
+`manywell-energy` preset: RTB against the Brownian prior, i.e. trajectory balance) against
+torchgfn's `TBGFlowNet` on its `many_well` target with the fixed Brownian-bridge backward, both
+from the same fresh network, at the preset's batch (300; `--batch-d32`): `d32_finetune_ratio`.
+
 Both sides run the same task, batch, T, per-step variance and network (the same 21,122 weights
 at the reference size: torchgfn's networks are loaded with rtbcli's prior, and the benchmark checks
 that both compute the same drift). rtbcli's steps are timed inside its own training loops
@@ -50,13 +55,16 @@ from pathlib import Path
 import torch
 
 from rtbcli.checkpoint import load_checkpoint
-from rtbcli.finetune import finetune
+from rtbcli.finetune import brownian_start, finetune
 from rtbcli.presets_loader import load_preset
 from rtbcli.pretrain import pretrain
 from rtbcli.runtime import keep_freed_memory
 
 EXTRA = "pip install 'rtbcli[bench]'"
 SHIPPED_PRIOR = Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
+D32 = 32  # ManyWell's dimension (rtbcli's manywell-energy preset, torchgfn's many_well target)
+# instruction-set limits, to emulate an AVX2 machine on an AVX-512 one (ATen's kernels, MKL's GEMM, oneDNN): reported as set
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 EXPLORATION = 0.5  # s_e of the example's (and rtbcli's) early steps; both sides explore alike
 
 STEP_CONTENTS = {
@@ -72,6 +80,10 @@ STEP_CONTENTS = {
     "rtbcli pretrain trajectory": "the 'trajectory' estimator (torchgfn's and the authors'): B whole bridge trajectories drawn "
     "in one vectorised pass, -mean log p_F of all T*B transitions in one forward with autograd, "
     "backward, Adam step",
+    "rtbcli finetune d32": "energy mode, manywell-energy preset (d = 32, on-policy): the fine-tuning step above with the "
+    "Brownian prior's closed-form log-probabilities in place of a network prior, log r from the ManyWell density",
+    "torchgfn finetune d32": "TBGFlowNet on its many_well target: Sampler.sample_trajectories (T estimator calls, autograd on), "
+    "loss(recalculate_all_logprobs=True) with the fixed Brownian-bridge backward; backward; Adam step",
     "torchgfn pretrain": "MLEDiffusion.loss: B data points, a Brownian bridge drawn back to 0 step by step (T steps), the policy's "
     "forward with grad at each step (T calls of B rows), -mean log p_F; backward; Adam step",
 }
@@ -213,6 +225,62 @@ class Peer:
         return out
 
 
+class ManyWellPeer:
+    """torchgfn 2.4.1's trajectory balance on its `many_well` target (d = 32, energy mode): a
+    pinned-Brownian forward estimator, the fixed Brownian-bridge backward, `TBGFlowNet`, on-policy
+    sampling, `loss(..., recalculate_all_logprobs=True)`, Adam (rtbcli's manywell-energy preset:
+    RTB against the Brownian prior, which is trajectory balance with that backward)."""
+
+    def __init__(self, net: torch.nn.Module, T: int, batch: int, sigma2: float, hidden: int, time_features: int, layers: int, device):
+        from gfn.estimators import PinnedBrownianMotionBackward, PinnedBrownianMotionForward
+        from gfn.gflownet import TBGFlowNet
+        from gfn.gym.diffusion_sampling import DiffusionSampling
+        from gfn.samplers import Sampler
+        from gfn.utils.modules import DiffusionFixedBackwardModule, DiffusionPISGradNetForward
+
+        self.batch, self.device, dim, sigma = batch, device, D32, math.sqrt(sigma2)
+        self.env = DiffusionSampling(target_str="many_well", target_kwargs=None, num_discretization_steps=T, device=device, debug=False)
+        module = DiffusionPISGradNetForward(
+            s_dim=dim,
+            harmonics_dim=time_features,
+            t_emb_dim=hidden,
+            s_emb_dim=hidden,
+            hidden_dim=hidden,
+            joint_layers=layers,
+            zero_init=True,
+            clipping=False,
+            gfn_clip=1e4,
+            t_scale=1.0,
+            log_var_range=4.0,
+            learn_variance=False,
+        )
+        load_drift_net(module, net)
+        pf = PinnedBrownianMotionForward(s_dim=dim, pf_module=module, sigma=sigma, num_discretization_steps=T, n_variance_outputs=0)
+        pb = PinnedBrownianMotionBackward(
+            s_dim=dim,
+            pb_module=DiffusionFixedBackwardModule(dim),
+            sigma=sigma,
+            num_discretization_steps=T,
+            n_variance_outputs=0,
+            pb_scale_range=0.0,
+        )
+        self.pf = pf.to(device)
+        self.gflownet = TBGFlowNet(pf=self.pf, pb=pb.to(device), init_logZ=0.0).to(device)
+        self.sampler = Sampler(estimator=self.pf)
+        self.opt = torch.optim.Adam(
+            [{"params": self.gflownet.pf.parameters(), "lr": 1e-3}, {"params": self.gflownet.logz_parameters(), "lr": 0.1}], lr=1e-3
+        )
+
+    def finetune_step(self) -> None:
+        trajectories = self.sampler.sample_trajectories(self.env, n=self.batch, save_logprobs=False, save_estimator_outputs=False)
+        self.opt.zero_grad()
+        loss = self.gflownet.loss(self.env, trajectories, recalculate_all_logprobs=True)
+        loss.backward()
+        self.opt.step()
+
+    timed = Peer.timed
+
+
 def load_drift_net(peer_module: torch.nn.Module, net: torch.nn.Module) -> None:
     """Copy rtbcli's DriftNet weights into torchgfn's DiffusionPISGradNetForward.
 
@@ -313,6 +381,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=6,
         help="GEMM-floor repetitions per round, half just before rtbcli's fine-tuning steps and half just after",
     )
+    ap.add_argument(
+        "--d32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time fine-tuning at d = 32 (ManyWell, energy mode) against torchgfn's many_well",
+    )
+    ap.add_argument("--batch-d32", type=int, default=None, help="trajectories per d = 32 step (default: the manywell-energy preset's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -320,6 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch", "steps_T", "rounds", "steps", "peer_steps", "floor_reps"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_d32 is not None and args.batch_d32 < 1:
+        fail(f"--batch-d32 must be at least 1, got {args.batch_d32}")
     if args.warmup < 0:
         fail(f"--warmup must be 0 or more, got {args.warmup}")
     cores = os.cpu_count() or 1
@@ -355,6 +432,7 @@ def main(argv=None) -> int:
             "rtbcli pretrain trajectory",
             "torchgfn pretrain",
             "gemm floor",
+            *(("rtbcli finetune d32", "torchgfn finetune d32") if args.d32 else ()),
         )
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -397,6 +475,30 @@ def main(argv=None) -> int:
             )
             return res.step_seconds[warm:]
 
+        if args.d32:  # ManyWell, d = 32: both sides start from the same network (rtbcli's fresh policy)
+            mw, _ = load_preset("manywell-energy")
+            b32 = args.batch_d32 or mw.finetune.batch_size
+            mw = mw.updated("sampler", steps=T).updated("finetune", steps=warm + args.steps, batch_size=b32)
+            _, policy32 = brownian_start(mw, 0, device, torch.float32)
+            peer32 = ManyWellPeer(
+                policy32.net, T, b32, mw.sampler.sigma2, mw.sampler.hidden, mw.sampler.time_features, mw.sampler.layers, device
+            )
+
+        def rtbcli_finetune_d32(r: int) -> list[float]:
+            res = finetune(
+                None,
+                mw,
+                "manywell-energy",
+                "rtb",
+                tmp / "mw.safetensors",
+                seed=r,
+                device=device,
+                progress=False,
+                log_every=log_every,
+                save_every=0,
+            )
+            return res.step_seconds[warm:]
+
         op_times: list[list[float]] = []
         half = (args.floor_reps + 1) // 2
 
@@ -410,9 +512,14 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             order = (0, 1) if r % 2 == 0 else (1, 0)  # who goes first alternates from round to round
             round_floor: list[float] = []
-            for loop in ("finetune", "pretrain"):
+            for loop in ("finetune", "pretrain", *(("d32",) if args.d32 else ())):
                 for side in order:
-                    if side == 0:
+                    if loop == "d32":
+                        if side == 0:
+                            times["rtbcli finetune d32"].append(rtbcli_finetune_d32(r))
+                        else:
+                            times["torchgfn finetune d32"].append(peer32.timed(peer32.finetune_step, warm + args.peer_steps)[warm:])
+                    elif side == 0:
                         if loop == "finetune":  # the floor's repetitions just before and just after it: the same load
                             floor_reps(half)
                             times["rtbcli finetune"].append(rtbcli_finetune(r))
@@ -435,6 +542,10 @@ def main(argv=None) -> int:
         ],
         "finetune_floor_ratio": [median(m) / median(f) for m, f in zip(times["rtbcli finetune"], times["gemm floor"])],
     }
+    if args.d32:
+        per_round["d32_finetune_ratio"] = [
+            median(p) / median(m) for p, m in zip(times["torchgfn finetune d32"], times["rtbcli finetune d32"])
+        ]
     gflop = sum(op["gflop"] for op in ops)
     for i, op in enumerate(ops):
         op["median_s"] = median([each[i] for each in op_times])
@@ -443,6 +554,13 @@ def main(argv=None) -> int:
         "pretrain_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain"],
         "finetune_floor_ratio": med["rtbcli finetune"] / med["gemm floor"],
         "pretrain_trajectory_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain trajectory"],
+        "d32_finetune_ratio": med["torchgfn finetune d32"] / med["rtbcli finetune d32"] if args.d32 else None,
+        "d32_batch": b32 if args.d32 else None,
+        "params_d32": (
+            {"rtbcli": sum(p.numel() for p in policy32.parameters()), "torchgfn": sum(p.numel() for p in peer32.pf.parameters())}
+            if args.d32
+            else None
+        ),
         "median_s": med,
         "per_round": per_round,
         "n_steps": {k: sum(len(rnd) for rnd in v) for k, v in times.items()},
@@ -454,6 +572,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
+        "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
         "machine": platform.machine(),
         "torch": torch.__version__,
         "torchgfn": metadata.version("torchgfn"),
@@ -495,6 +614,7 @@ def show(rep: dict) -> None:
     con.print(
         f"[bold]rtbcli vs torchgfn {rep['torchgfn']}[/]: batch {rep['batch']}, T = {rep['T']}, {rep['device']} "
         f"({rep['cpu_capability']}, {rep['threads']} threads of {rep['cpu_count']}), torch {rep['torch']}, {rep['date']}"
+        + "".join(f", {k}={v}" for k, v in rep["isa_env"].items())
     )
     con.print(
         f"parameters: rtbcli {rep['params']['rtbcli']:,}, torchgfn {rep['params']['torchgfn']:,}; "
@@ -522,6 +642,14 @@ def show(rep: dict) -> None:
         f"{rep['pretrain_trajectory_ratio']:.2f}x",
         " ".join(f"{x:.2f}" for x in pr["pretrain_trajectory_ratio"]),
     )
+    if rep["d32_finetune_ratio"] is not None:
+        t.add_row(
+            f"finetune d = 32 (ManyWell, batch {rep['d32_batch']})",
+            f"{m['rtbcli finetune d32'] * 1e3:.1f} ms",
+            f"{m['torchgfn finetune d32'] * 1e3:.1f} ms",
+            f"{rep['d32_finetune_ratio']:.2f}x",
+            " ".join(f"{x:.2f}" for x in pr["d32_finetune_ratio"]),
+        )
     t.add_row("GEMM floor (fine-tuning)", f"{m['gemm floor'] * 1e3:.1f} ms", "", "", "")
     t.add_row(
         "rtbcli finetune / floor", f"{rep['finetune_floor_ratio']:.2f}x", "", "", " ".join(f"{x:.2f}" for x in pr["finetune_floor_ratio"])

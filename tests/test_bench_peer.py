@@ -31,6 +31,8 @@ TINY = [
     "2",
     "--threads",
     "1",
+    "--batch-d32",
+    "6",
 ]
 
 
@@ -49,13 +51,23 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     p = run([*TINY, "--json"])
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    for key in ("finetune_ratio", "pretrain_ratio", "pretrain_trajectory_ratio", "finetune_floor_ratio"):
+    for key in ("finetune_ratio", "pretrain_ratio", "pretrain_trajectory_ratio", "finetune_floor_ratio", "d32_finetune_ratio"):
         assert rep[key] > 0, key
         assert len(rep["per_round"][key]) == 1 and rep["per_round"][key][0] > 0, key
-    for key in ("rtbcli finetune", "torchgfn finetune", "rtbcli pretrain", "rtbcli pretrain trajectory", "torchgfn pretrain", "gemm floor"):
+    for key in (
+        "rtbcli finetune",
+        "torchgfn finetune",
+        "rtbcli pretrain",
+        "rtbcli pretrain trajectory",
+        "torchgfn pretrain",
+        "gemm floor",
+        "rtbcli finetune d32",
+        "torchgfn finetune d32",
+    ):
         assert rep["median_s"][key] > 0, key
-    assert rep["batch"] == 8 and rep["T"] == 5 and rep["threads"] == 1
-    assert rep["cpu_capability"] and rep["torch"] and rep["torchgfn"] and rep["date"]
+    assert rep["batch"] == 8 and rep["T"] == 5 and rep["threads"] == 1 and rep["d32_batch"] == 6
+    assert rep["params_d32"]["rtbcli"] == rep["params_d32"]["torchgfn"] > 21_122  # the same network at d = 32
+    assert rep["cpu_capability"] and rep["torch"] and rep["torchgfn"] and rep["date"] and isinstance(rep["isa_env"], dict)
     assert rep["params"]["rtbcli"] == rep["params"]["torchgfn"] == 21_122
     assert rep["drift_max_abs_diff"] < 1e-5  # the two networks compute the same function
     assert rep["peer_estimator_calls_per_trajectory"] == 5  # T network calls per trajectory on both sides
@@ -69,6 +81,8 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
         "rtbcli pretrain",
         "rtbcli pretrain trajectory",
         "torchgfn pretrain",
+        "rtbcli finetune d32",
+        "torchgfn finetune d32",
     }
 
 
@@ -80,10 +94,26 @@ def test_without_torchgfn_it_names_the_extra_and_exits_2():
 
 
 @pytest.mark.parametrize(
-    "args, says", [(["--threads", "0"], "--threads"), (["--device", "tpu"], "unsupported device"), (["--batch", "0"], "--batch")]
+    "args, says",
+    [
+        (["--threads", "0"], "--threads"),
+        (["--device", "tpu"], "unsupported device"),
+        (["--batch", "0"], "--batch"),
+        (["--batch-d32", "0"], "--batch-d32"),
+    ],
 )
 def test_bad_input_is_one_line(args, says):
     p = run(args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0]
+
+
+def test_no_d32_leaves_the_d32_keys_out():
+    pytest.importorskip("gfn", reason="torchgfn is not installed (pip install 'rtbcli[bench]')")
+    pytest.importorskip("scipy", reason="torchgfn's diffusion environment needs scipy (pip install 'rtbcli[bench]')")
+    p = run([*TINY, "--no-d32", "--json"])
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["d32_finetune_ratio"] is None and "d32_finetune_ratio" not in rep["per_round"]
+    assert "rtbcli finetune d32" not in rep["median_s"]
