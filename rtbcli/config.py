@@ -250,6 +250,22 @@ class SamplerSpec(Strict):
     """Number of sin/cos time frequencies, k = linspace(0.1, 100)."""
     layers: PosInt = 2
     """Hidden Linear(hidden, hidden) + GELU blocks after the input sum."""
+    network: str | None = None
+    """Your own drift network instead of rtbcli's MLP (hidden, time_features and layers then unused): 'path/to/net.py:Class'
+    (relative to the preset file) or 'package.module:Class', a torch.nn.Module built as Class(**network_kwargs) whose
+    forward(x, t) takes x (B, d) and t (B,) in [0, 1] and returns the drift (B, d) (rtbcli.networks)."""
+    network_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the network's constructor (a [sampler.network_kwargs] table)."""
+    network_sha256: str | None = None
+    """The network file's SHA-256; filled in when the network is first loaded (a different file later is a warning)."""
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        path, attr = parse_reference(v, "network")
+        return f"{resolve_path(path, info)}:{attr}" if path is not None else v
 
 
 LrSchedule = Literal["constant", "cosine", "wsd"]

@@ -345,7 +345,7 @@ def _data_log_z(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -> 
     if y is not None:
         policy = run.policy
         back = bridge_sample(
-            y.to(device=run.device, dtype=policy.net.state.weight.dtype),
+            y.to(device=run.device, dtype=policy.anchor.dtype),
             policy.steps,
             policy.sigma2,
             make_generator(run.seed + 2, run.device),
@@ -372,7 +372,7 @@ def _energy_table(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
     lw_t = None
     if y is not None:
         back = bridge_sample(
-            y.to(device=run.device, dtype=policy.net.state.weight.dtype),
+            y.to(device=run.device, dtype=policy.anchor.dtype),
             policy.steps,
             policy.sigma2,
             make_generator(run.seed + 2, run.device),

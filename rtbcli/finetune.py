@@ -412,6 +412,16 @@ def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
         )
 
 
+def check_network_options(start: Checkpoint, cfg, dist: Dist) -> None:
+    """A user's network (`rtbcli.networks`) trains by autograd in one process, without the Langevin parametrisation."""
+    if start.preset.sampler.network is None:
+        return
+    if cfg.langevin:
+        raise InputError("the Langevin parametrisation is built on rtbcli's own drift network: switch it off (--no-langevin)")
+    if dist.world > 1:
+        raise InputError("a network of your own is fine-tuned in one process: run without torchrun")
+
+
 def setup(
     start: Checkpoint | None,
     preset: Preset,
@@ -435,6 +445,7 @@ def setup(
     check_energy_start(start, preset)
     if start is not None:
         check_compatible(start, preset)
+        check_network_options(start, cfg, dist)
     if resume and start is None:
         raise InputError("--resume needs a finetuned checkpoint to continue")
     b_local = dist.check_batch(cfg.batch_size)
@@ -490,7 +501,7 @@ def attach_offpolicy(run: FinetuneRun, dist: Dist) -> None:
     cfg, energy = run.info.preset.finetune, run.log_density is not None
     check_options(cfg, run.info.state_meta["algo"], energy=energy, processes=dist.world)
     p = run.policy
-    w = p.net.state.weight
+    w = p.anchor
     probe = torch.zeros(4, p.dim, dtype=w.dtype, device=w.device)
     if cfg.langevin:
         net = p.net

@@ -91,6 +91,15 @@ class DiffusionSampler(nn.Module):
         return cls(dim, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers)
 
     @property
+    def anchor(self) -> torch.Tensor:
+        """A parameter of the network: its dtype and device are the sampler's."""
+        return self.net.state.weight
+
+    def drift(self, x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """f(x, t_i) for states x (N, d) at step indices i (N,) (a gather of the time table)."""
+        return self.net(x, self.time_table()[i])
+
+    @property
     def step_var(self) -> float:
         """Variance of one forward step, sigma2 * dt."""
         return self.sigma2 * self.dt
