@@ -88,6 +88,10 @@ class Checkpoint:
 
             spec = self.preset.sampler
             return BrownianPrior(self.preset.dim, spec.steps, spec.sigma2).to(device=device, dtype=dtype)  # type: ignore[return-value]
+        if self.preset.sampler.model is not None:
+            from .lora import model_sampler
+
+            return model_sampler(self, prefix).to(device=device, dtype=dtype)
         if self.preset.sampler.network is not None:
             s = self._network_sampler()
         else:
@@ -137,7 +141,9 @@ class Checkpoint:
 
 def sampler_tensors(sampler: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The sampler's state under `prefix.`, as contiguous float32 CPU tensors."""
-    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sampler.state_dict().items()}
+    saved = getattr(sampler, "saved_state", None)  # a diffusers model's: `rtbcli.ddpm.DDPMSampler.saved_state`
+    state = saved() if saved is not None else sampler.state_dict()
+    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
 
 
 def base_metadata(kind: str, preset: Preset, preset_ref: str, step: int, seed: int, run: dict) -> dict[str, str]:

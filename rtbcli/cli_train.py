@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
-from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec
+from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec, SamplerSpec
 from .energy.options import ENERGY_PRESETS, check_same_dim, is_brownian, require_named, target_preset, with_target
 from .errors import InputError
 from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
@@ -199,6 +199,14 @@ def finetune(
     network: str | None = typer.Option(
         None, "--network", help="Name the checkpoint's own network class again ('net.py:Class'); loading a checkpoint never imports code."
     ),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", help=field_help(SamplerSpec, "lora_rank")),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help=field_help(SamplerSpec, "lora_alpha")),
+    lora_target: list[str] | None = typer.Option(
+        None,
+        "--lora-target",
+        help="A module name (suffix) LoRA adapts (repeatable) [default: the convolutions and time-embedding projections].",
+    ),  # fmt: skip
+    sampling_steps: int | None = typer.Option(None, "--sampling-steps", help=field_help(SamplerSpec, "sampling_steps")),
     dim: int | None = typer.Option(None, "--dim", help="Your target's dimension d (unless its function has a `dim` attribute)."),
     sigma2: float | None = typer.Option(
         None,
@@ -240,7 +248,26 @@ def finetune(
     from .tasks import Task
 
     b = resolve_beta(beta, alpha)
-    start_path, start = _start(prior, resume, warm_start, preset, target)
+    model_opts = {"--lora-rank": lora_rank, "--lora-alpha": lora_alpha, "--lora-target": lora_target, "--sampling-steps": sampling_steps}
+    if prior is not None and Path(prior).is_dir():  # a diffusers model folder
+        from .lora import folder_checkpoint
+
+        if preset is None:
+            raise InputError(
+                f"'{prior}' is a diffusers model, with no task of its own: give --preset (a task of its images: data, reward) and --reward"
+            )
+        if lora_rank is not None and lora_rank <= 0:
+            raise InputError(f"--lora-rank must be a positive rank (got {lora_rank})")
+        if (lora_alpha is not None or lora_target) and lora_rank is None:
+            raise InputError("--lora-alpha and --lora-target set LoRA's adapters: give --lora-rank too")
+        if network is not None:
+            raise InputError("--network names a checkpoint's network class: a diffusers model folder needs none")
+        start_path, start = prior, folder_checkpoint(prior, load_preset(preset)[0], sampling_steps, lora_rank, lora_alpha, lora_target)
+    else:
+        given = [k for k, v in model_opts.items() if v]
+        if given:
+            raise InputError(f"{given[0]} applies to a diffusers model folder (--prior DIR); a checkpoint keeps its own settings")
+        start_path, start = _start(prior, resume, warm_start, preset, target)
     if start is None and network is not None:
         raise InputError("--network names a checkpoint's own network class again: energy mode's Brownian prior has no network")
     if start is not None:
@@ -248,6 +275,10 @@ def finetune(
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
     p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
+    if start is not None and start.preset.sampler.model is not None:
+        from .lora import with_model_of
+
+        p = with_model_of(p, start)  # a run from a diffusers model folder keeps it in its [sampler]
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
     p = with_overrides(
@@ -484,3 +515,25 @@ def resolve_beta(beta: float | None, alpha: float | None) -> float | None:
             raise InputError(f"--alpha {alpha} and --beta {beta} disagree (alpha must be 1/beta): give only one")
         return beta
     return 1.0 / alpha if alpha is not None else beta
+
+
+# --------------------------------------------------------------------------- merge
+def merge(
+    checkpoint: Path = typer.Argument(..., help="A finetuned checkpoint of a diffusers model (`finetune --prior DIR`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The folder to write (new): a UNet2DModel with its DDPMScheduler config."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Write a fine-tuned diffusers model (its LoRA adapters merged into the weights) as a folder diffusers loads."""
+    from .checkpoint import load_checkpoint
+    from .lora import merge_checkpoint
+
+    if out.exists():
+        raise InputError(f"--out '{out}' exists: choose a new folder for the merged model")
+    check_writable(out, "--out")
+    path = merge_checkpoint(load_checkpoint(checkpoint, expect_kind="finetuned"), out)
+    if as_json:
+        return emit_json({"out": str(path), "checkpoint": str(checkpoint)})
+    out_console.print(f"wrote the merged model to {path} (diffusers: UNet2DModel.from_pretrained('{path}'))")
+
+
+merge.__doc__ = (merge.__doc__ or "") + examples("rtbcli merge lora.safetensors --out merged-model")

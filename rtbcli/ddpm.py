@@ -154,8 +154,18 @@ class DDPMSampler(DiffusionSampler):
         self.sigma2 = 1.0  # x at the start ~ N(0, I)
         self.dt = 1.0 / self.steps
         self.net = net  # type: ignore[assignment]  # an epsilon network, not a DriftNet
+        self.in_folder = False  # the weights are a model folder's (a frozen prior): a checkpoint saves none of them
+        self.scheduler_config: dict = {}  # a diffusers model's scheduler config, for a merged folder
         self._tables = schedule.tables()  # float64 on the CPU; `_t` keeps a copy per device and dtype
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps: nothing for a model folder's own weights, the adapters alone under LoRA, else everything."""
+        if self.in_folder:
+            return {}
+        state = self.state_dict()
+        lora = {k: v for k, v in state.items() if "lora_" in k}
+        return lora or state
 
     @property
     def anchor(self) -> torch.Tensor:
@@ -204,6 +214,11 @@ class DDPMSampler(DiffusionSampler):
     def step_log_probs(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
         return gaussian_log_prob(traj[1:], self.means(traj), self.step_var + extra_var)
 
+    def log_prob(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
+        """log N(traj[0]; 0, I) + the K transitions' log-probabilities: (B,). The start's term is the same for every
+        policy of the schedule (it cancels in the objectives, which use `step_log_probs`)."""
+        return self.start_log_prob(traj) + self.step_log_probs(traj, extra_var).sum(0)
+
     def start_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
         """log N(traj[0]; 0, I): shared by every policy of this schedule (it cancels in the objectives)."""
         return centred_log_prob(traj[0], 1.0)
@@ -243,7 +258,11 @@ class DDPMSampler(DiffusionSampler):
         scale, var = self._t("q_scale", traj), self._t("q_var", traj)
         return gaussian_log_prob(traj[:-1], scale[:, None, None] * traj[1:], var[:, None]).sum(0)
 
+    def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The reference backward process of this sampler is its noising process."""
+        return self.noise_trajectories(x_end, generator)
+
     def elbo(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """log p(x_start) + log p_theta(tau) - log q(tau | x0) on noising trajectories: a lower bound on log p_theta(x0), (B,)."""
+        """log p_theta(tau) (its start included) - log q(tau | x0) on noising trajectories: a lower bound on log p_theta(x0), (B,)."""
         traj = self.noise_trajectories(x0, generator)
-        return self.start_log_prob(traj) + self.log_prob(traj) - self.backward_log_prob(traj)
+        return self.log_prob(traj) - self.backward_log_prob(traj)

@@ -145,8 +145,9 @@ def starting_point(
     if start is None:
         assert preset is not None
         return *brownian_start(preset, seed, device, dtype, langevin), 0.0, *ids
-    if start.kind == "prior":
-        return start.sampler("policy", device, dtype), start_policy(start, langevin, seed, device, dtype), 0.0, *ids
+    if start.kind == "prior":  # the prior is the checkpoint's policy (a diffusers model folder's: its frozen base, "prior")
+        prior = start.sampler("prior" if start.preset.sampler.model is not None else "policy", device, dtype)
+        return prior, start_policy(start, langevin, seed, device, dtype), 0.0, *ids
     prior, policy = start.sampler("prior", device, dtype), start_policy(start, langevin, seed, device, dtype)
     log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
     init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
@@ -413,13 +414,18 @@ def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
 
 
 def check_network_options(start: Checkpoint, cfg, dist: Dist) -> None:
-    """A user's network (`rtbcli.networks`) trains by autograd in one process, without the Langevin parametrisation."""
-    if start.preset.sampler.network is None:
+    """A user's network (`rtbcli.networks`) or a diffusers model (`rtbcli.lora`) trains by autograd in one process,
+    without the Langevin parametrisation (and, a DDPM model, without the bridge's replay buffer)."""
+    spec = start.preset.sampler
+    if spec.network is None and spec.model is None:
         return
+    what = "a network of your own" if spec.network is not None else "a diffusers model"
     if cfg.langevin:
         raise InputError("the Langevin parametrisation is built on rtbcli's own drift network: switch it off (--no-langevin)")
     if dist.world > 1:
-        raise InputError("a network of your own is fine-tuned in one process: run without torchrun")
+        raise InputError(f"{what} is fine-tuned in one process: run without torchrun")
+    if spec.model is not None and cfg.replay:
+        raise InputError("the replay buffer draws pinned-bridge trajectories, not a DDPM's noising process: switch it off (--no-replay)")
 
 
 def setup(

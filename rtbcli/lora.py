@@ -17,6 +17,7 @@ there are any); only the adapters train (the base weights have requires_grad off
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ddpm import Schedule, schedule_from_config
+from .ddpm import DDPMSampler, Schedule, schedule_from_config
 from .errors import InputError
+from .hashing import sha256_file
 
 INSTALL = 'pip install "rtbcli[diffusers]"'
 DEFAULT_TARGETS = ("conv_in", "conv1", "conv2", "conv_out", "time_emb_proj", "linear_1", "linear_2", "to_q", "to_k", "to_v", "to_out.0")
@@ -145,3 +147,105 @@ def merged_folder(eps: UNetEps, scheduler_config: dict, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def folder_sha256(path: Path | str) -> str:
+    """The SHA-256 of a model folder: over its files' relative paths and contents (hidden files left out)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def model_sampler(ck, prefix: str = "policy") -> DDPMSampler:
+    """The sampler of a checkpoint whose [sampler] names a diffusers model: the folder's UNet (checked against the
+    recorded SHA-256), with LoRA adapters on the policy where the run has them, and the checkpoint's tensors under `prefix`
+    (none for the frozen prior, the adapters alone under LoRA). The folder holds weights and JSON only: no code runs."""
+    spec = ck.preset.sampler
+    eps, schedule, config = load_model(Path(spec.model), spec.sampling_steps)
+    if spec.model_sha256 is not None:
+        sha = folder_sha256(spec.model)
+        if sha != spec.model_sha256:
+            raise InputError(
+                f"the diffusers model '{spec.model}' is not the folder the run was made with (SHA-256 {sha[:12]}... vs "
+                f"{spec.model_sha256[:12]}...): restore that folder (the checkpoint's weights are built on it)"
+            )
+    if eps.dim != ck.preset.dim:
+        raise InputError(
+            f"the diffusers model '{spec.model}' makes images of {eps.shape} (d = {eps.dim}), the preset's data have d = {ck.preset.dim}: "
+            f"give a preset of this model's images"
+        )
+    state = ck.section(prefix)
+    if prefix == "policy" and spec.lora_rank is not None:
+        with torch.random.fork_rng(devices=[]):  # the adapters' initial A matrices (B starts at 0): fixed
+            torch.manual_seed(0)
+            add_lora(eps, spec.lora_rank, spec.lora_alpha, spec.lora_targets)
+    s = DDPMSampler(eps.dim, schedule, eps)
+    s.scheduler_config = config
+    s.in_folder = prefix == "prior"
+    if state:
+        missing, unexpected = s.load_state_dict(state, strict=False)
+        lora = spec.lora_rank is not None
+        if unexpected or (missing and not lora) or (lora and any("lora_" in k for k in missing)):
+            first = (unexpected or missing)[0]
+            raise InputError(
+                f"checkpoint '{ck.path}': its {prefix} weights do not fit the model '{spec.model}' (e.g. '{first}'): the file is damaged"
+            )
+    return s
+
+
+def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank: int | None, lora_alpha: float | None, lora_targets):
+    """A diffusers model folder as the prior a fine-tuning run starts from: a `Checkpoint` of kind prior with no tensors,
+    whose preset is `preset` with the model in its [sampler]."""
+    from .checkpoint import Checkpoint
+    from .config import Preset, SamplerSpec
+
+    require_diffusers()
+    model_folders(path)  # a one-line error for a folder that is not a model
+    spec = SamplerSpec.model_validate(
+        {
+            **preset.sampler.model_dump(),
+            "network": None,
+            "model": str(path),
+            "model_sha256": folder_sha256(path),
+            "sampling_steps": sampling_steps,
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+            "lora_targets": lora_targets or None,
+        },
+        context={"base_dir": Path.cwd()},
+    )
+    data = preset.model_dump()
+    data["sampler"] = spec.model_dump()
+    p = Preset.model_validate(data)
+    ck = Checkpoint(tensors={}, meta={"kind": "prior", "step": "0", "seed": "0"}, preset=p, path=Path(path), sha256=spec.model_sha256 or "")
+    ck.sampler("prior")  # the model loads and has the preset's dimension
+    return ck
+
+
+MODEL_FIELDS = ("model", "model_sha256", "sampling_steps", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def with_model_of(preset, start):
+    """`preset` with the diffusers model fields of `start`'s [sampler] (a run from a model folder keeps its model)."""
+    spec = start.preset.sampler
+    if spec.model is None or preset.sampler.model == spec.model:
+        return preset
+    data = preset.model_dump()
+    data["sampler"] = {**data["sampler"], "network": None, **{k: getattr(spec, k) for k in MODEL_FIELDS}}
+    from .config import Preset
+
+    return Preset.model_validate(data)
+
+
+def merge_checkpoint(ck, out: Path) -> Path:
+    """`rtbcli merge`: a finetuned checkpoint of a diffusers model (LoRA adapters merged, or fully fine-tuned weights)
+    written as a folder diffusers loads, with the model's DDPMScheduler config."""
+    if ck.preset.sampler.model is None:
+        raise InputError(f"checkpoint '{ck.path}' is not built on a diffusers model: merge applies to `finetune --prior DIR` runs")
+    if ck.kind != "finetuned":
+        raise InputError(f"checkpoint '{ck.path}' is a {ck.kind} checkpoint: merge a finetuned one")
+    s = ck.sampler("policy")
+    assert isinstance(s.net, UNetEps)
+    return merged_folder(s.net, s.scheduler_config, out)

@@ -180,6 +180,15 @@ class DiffusionSampler(nn.Module):
         """Trajectory log-probability, the sum of `step_log_probs` over the T steps: shape (B,)."""
         return self.step_log_probs(traj, extra_var).sum(0)
 
+    # ------------------------------------------------------------------ the backward process
+    def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
+        return bridge_sample(x_end, self.steps, self.sigma2, generator)
+
+    def backward_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
+        """log p_B(tau | x_T) of the reference backward process: the pinned bridge's (`bridge_log_prob`) here."""
+        return bridge_log_prob(traj, self.sigma2)
+
 
 # ---------------------------------------------------------------------- the bridge
 def bridge_sample(x_end: torch.Tensor, steps: int, sigma2: float, generator: torch.Generator | None = None) -> torch.Tensor:
