@@ -381,6 +381,8 @@ def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
         "mean_log_r": r.mean_log_r,
         "device": dev.type,
         "processes": processes,
+        "trainable_parameters": r.trainable_parameters,
+        "peak_memory_mb": r.peak_memory_mb,
     }
     if as_json:
         return emit_json(res)
@@ -398,6 +400,8 @@ def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
                 ("final loss", r.loss),
                 ("learned log Z", r.log_z),
                 ("mean log r (last batch)", r.mean_log_r),
+                ("trainable parameters", r.trainable_parameters),
+                ("peak memory (MB)", r.peak_memory_mb),
             ],
         )
     )
@@ -497,6 +501,7 @@ finetune.__doc__ = (finetune.__doc__ or "") + examples(
     "rtbcli finetune --resume rtb.partial.safetensors",
     "rtbcli finetune --preset gmm25-energy --steps 2000 --out gmm25.safetensors",
     "rtbcli finetune --prior brownian --target target.py:log_pi --dim 2 --sigma2 5 --out mine.safetensors",
+    "rtbcli finetune --prior ddpm-model --preset digits --lora-rank 8 --sampling-steps 50 --exploration 0.01 --out lora.safetensors",
 )
 
 

@@ -93,6 +93,8 @@ class FinetuneResult:
     mean_log_r: float
     step_seconds: list[float]  # wall time of every step of this session (host clock, with its logging), for benchmarks;
     # on CUDA a step's kernels may still run after it unless it logged (a host sync): log every step to time CUDA steps
+    trainable_parameters: int | None = None  # the policy's trained parameters (LoRA: the adapters')
+    peak_memory_mb: float | None = None  # CUDA: the device's peak allocated memory; CPU: the process's peak resident size
 
     @property
     def median_step_s(self) -> float:
@@ -720,4 +722,15 @@ def finetune(
         run.learned_log_z(),
         recipe.mean_log_r,
         done.step_seconds or [med],
+        sum(p.numel() for p in run.policy.parameters() if p.requires_grad),
+        peak_memory_mb(device),
     )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the device's peak allocated memory; CPU: the process's peak resident set size (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -162,3 +162,15 @@ def test_a_changed_model_folder_is_refused(runs, files, tmp_path, capsys):
 
     with pytest.raises(InputError, match="is not the folder the run was made with"):
         ck.sampler("policy")
+
+
+def test_the_run_reports_trainable_parameters_and_peak_memory(files, tmp_path, capsys):
+    got = {}
+    for name, extra in (("lora", ["--lora-rank", "2"]), ("full", [])):
+        capsys.readouterr()
+        assert finetune(files, tmp_path / f"{name}.safetensors", "--steps", 1, "--json", *extra) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    unet = diffusers.UNet2DModel.from_pretrained(str(files / "model"))
+    assert got["full"]["trainable_parameters"] == sum(p.numel() for p in unet.parameters())
+    assert 0 < got["lora"]["trainable_parameters"] < got["full"]["trainable_parameters"] / 4
+    assert got["lora"]["peak_memory_mb"] > 0
