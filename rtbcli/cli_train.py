@@ -250,7 +250,7 @@ def finetune(
     b = resolve_beta(beta, alpha)
     model_opts = {"--lora-rank": lora_rank, "--lora-alpha": lora_alpha, "--lora-target": lora_target, "--sampling-steps": sampling_steps}
     if prior is not None and Path(prior).is_dir():  # a diffusers model folder
-        from .lora import folder_checkpoint
+        from .model_prior import folder_checkpoint
 
         if preset is None:
             raise InputError(
@@ -276,7 +276,7 @@ def finetune(
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
     p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
     if start is not None and start.preset.sampler.model is not None:
-        from .lora import with_model_of
+        from .model_prior import with_model_of
 
         p = with_model_of(p, start)  # a run from a diffusers model folder keeps it in its [sampler]
     p = with_reward(p, reward, parse_kwargs(reward_arg))

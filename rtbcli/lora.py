@@ -195,50 +195,6 @@ def model_sampler(ck, prefix: str = "policy") -> DDPMSampler:
     return s
 
 
-def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank: int | None, lora_alpha: float | None, lora_targets):
-    """A diffusers model folder as the prior a fine-tuning run starts from: a `Checkpoint` of kind prior with no tensors,
-    whose preset is `preset` with the model in its [sampler]."""
-    from .checkpoint import Checkpoint
-    from .config import Preset, SamplerSpec
-
-    require_diffusers()
-    model_folders(path)  # a one-line error for a folder that is not a model
-    spec = SamplerSpec.model_validate(
-        {
-            **preset.sampler.model_dump(),
-            "network": None,
-            "model": str(path),
-            "model_sha256": folder_sha256(path),
-            "sampling_steps": sampling_steps,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "lora_targets": lora_targets or None,
-        },
-        context={"base_dir": Path.cwd()},
-    )
-    data = preset.model_dump()
-    data["sampler"] = spec.model_dump()
-    p = Preset.model_validate(data)
-    ck = Checkpoint(tensors={}, meta={"kind": "prior", "step": "0", "seed": "0"}, preset=p, path=Path(path), sha256=spec.model_sha256 or "")
-    ck.sampler("prior")  # the model loads and has the preset's dimension
-    return ck
-
-
-MODEL_FIELDS = ("model", "model_sha256", "sampling_steps", "lora_rank", "lora_alpha", "lora_targets")
-
-
-def with_model_of(preset, start):
-    """`preset` with the diffusers model fields of `start`'s [sampler] (a run from a model folder keeps its model)."""
-    spec = start.preset.sampler
-    if spec.model is None or preset.sampler.model == spec.model:
-        return preset
-    data = preset.model_dump()
-    data["sampler"] = {**data["sampler"], "network": None, **{k: getattr(spec, k) for k in MODEL_FIELDS}}
-    from .config import Preset
-
-    return Preset.model_validate(data)
-
-
 def merge_checkpoint(ck, out: Path) -> Path:
     """`rtbcli merge`: a finetuned checkpoint of a diffusers model (LoRA adapters merged, or fully fine-tuned weights)
     written as a folder diffusers loads, with the model's DDPMScheduler config."""
