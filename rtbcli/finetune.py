@@ -101,6 +101,15 @@ class FinetuneResult:
         return statistics.median(self.step_seconds)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the device's peak allocated memory; CPU: the process's peak resident set size (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def objective(algo: str) -> Objective:
     if algo not in OBJECTIVES:
         raise InputError(f"unknown objective '{algo}': choose one of {', '.join(OBJECTIVES)}")
@@ -725,12 +734,3 @@ def finetune(
         sum(p.numel() for p in run.policy.parameters() if p.requires_grad),
         peak_memory_mb(device),
     )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the device's peak allocated memory; CPU: the process's peak resident set size (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
