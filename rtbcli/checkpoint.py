@@ -11,7 +11,8 @@ Metadata values are strings (JSON where structured):
 
 What a training run puts there, and what changed between format versions: `rtbcli.checkpointer`.
 
-Tensors: `policy.*` (the sampler's own network, for every kind); finetuned checkpoints add
+Tensors: `policy.*` (the sampler's own network, for every kind; a user's network class (`rtbcli.networks`) has its
+`state_dict` under `policy.net.`, its reference, kwargs and file SHA-256 in the config's [sampler]); finetuned checkpoints add
 `prior.*` (the frozen prior) and `log_z` (rtb) or `v_soft_s0` (trust-pcl). In energy mode (a
 config with a `target`) the frozen prior is the Brownian one, defined by the config's sampler
 settings alone: no `prior.*` tensors, `prior_path` = "brownian", and `target` (the reference) and
@@ -24,6 +25,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -51,6 +53,7 @@ class Checkpoint:
     preset: Preset
     path: Path | None = None
     sha256: str = field(default="")
+    network: Any = None  # a user's network class (`rtbcli.networks.Network`), named again by the command: never imported here
 
     @property
     def kind(self) -> str:
@@ -85,15 +88,35 @@ class Checkpoint:
 
             spec = self.preset.sampler
             return BrownianPrior(self.preset.dim, spec.steps, spec.sigma2).to(device=device, dtype=dtype)  # type: ignore[return-value]
-        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave torch's global generator alone
-            s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
+        if self.preset.sampler.model is not None:
+            from .lora import model_sampler
+
+            return model_sampler(self, prefix).to(device=device, dtype=dtype)
+        if self.preset.sampler.network is not None:
+            s = self._network_sampler()
+        else:
+            with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave torch's global generator alone
+                s = DiffusionSampler.from_spec(self.preset.dim, self.preset.sampler)
         state = self.section(prefix)
         try:
             s.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
+            if self.preset.sampler.network is not None:
+                raise InputError(
+                    f"checkpoint '{self.path}': its {prefix} weights do not fit the network '{self.network.reference}' ({first}): "
+                    f"name the class the checkpoint was made with (--network {self.preset.sampler.network})"
+                ) from None
             raise InputError(f"checkpoint '{self.path}': its {prefix} weights do not match its sampler settings ({first})") from None
         return s.to(device=device, dtype=dtype)
+
+    def _network_sampler(self) -> DiffusionSampler:
+        """A sampler of the user's network class (`rtbcli.networks`), which the command named again (`self.network`)."""
+        from .networks import attach_network, make_sampler
+
+        if self.network is None:
+            attach_network(self, None)  # raises the one-line error naming --network
+        return make_sampler(self.preset.sampler, self.preset.dim, self.network)
 
     def scalar(self, name: str) -> float | None:
         t = self.tensors.get(name)
@@ -118,7 +141,9 @@ class Checkpoint:
 
 def sampler_tensors(sampler: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The sampler's state under `prefix.`, as contiguous float32 CPU tensors."""
-    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sampler.state_dict().items()}
+    saved = getattr(sampler, "saved_state", None)  # a diffusers model's: `rtbcli.ddpm.DDPMSampler.saved_state`
+    state = saved() if saved is not None else sampler.state_dict()
+    return {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
 
 
 def base_metadata(kind: str, preset: Preset, preset_ref: str, step: int, seed: int, run: dict) -> dict[str, str]:

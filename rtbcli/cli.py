@@ -186,7 +186,7 @@ def _register() -> None:
     from .cli_convert import convert_params
     from .cli_eval import evaluate, sample
     from .cli_presets import app as presets_app
-    from .cli_train import finetune, pretrain
+    from .cli_train import finetune, merge, pretrain
 
     app.add_typer(presets_app, name="presets")
     for name, fn in (
@@ -195,6 +195,7 @@ def _register() -> None:
         ("sample", sample),
         ("evaluate", evaluate),
         ("convert-params", convert_params),
+        ("merge", merge),
         ("reproduce", reproduce),
     ):
         app.command(name)(handle_errors(fn))

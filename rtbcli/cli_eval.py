@@ -19,6 +19,9 @@ REQUIRE_HELP = (
 )  # the metric registry's number keys and floor.KEY
 
 
+NETWORK_HELP = "Name the checkpoint's own network class again ('net.py:Class'); loading a checkpoint never imports code."
+
+
 def parse_dims(text: str) -> tuple[int, int]:
     try:
         i, j = (int(v) for v in text.split(","))
@@ -42,6 +45,7 @@ def evaluate(
         help="Name an energy-mode checkpoint's own target again ('target.py:log_pi'); loading a checkpoint never imports code.",
     ),
     target_arg: list[str] | None = typer.Option(None, "--target-arg", help="KEY=VALUE keyword argument for the target (repeatable)."),
+    network: str | None = typer.Option(None, "--network", help=NETWORK_HELP),
     reference: Path | None = typer.Option(
         None, "--reference", help="Reference samples of the target (.npy/.csv/.safetensors) for sliced-W2 and MMD."
     ),
@@ -55,6 +59,7 @@ def evaluate(
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""
     from .checkpoint import load_checkpoint
     from .evaluate import evaluate as run_evaluate
+    from .networks import attach_network
 
     checks = [parse_check(text) for text in require or []]
     pair = parse_dims(dims)
@@ -65,6 +70,7 @@ def evaluate(
             raise InputError(f"--plot '{plot}' must end in .png")
         check_writable(plot, "--plot")
     ck = load_checkpoint(checkpoint)
+    attach_network(ck, network)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
     dev = resolve_device(device)
@@ -139,12 +145,14 @@ def sample(
     out: Path = typer.Option(Path("samples.npy"), "--out", "-o", help="Output: .npy (float32, shape (n, d)) or .csv."),
     reward: str | None = typer.Option(None, "--reward", help="A Langevin-parametrised policy's Python reward, named again."),
     target: str | None = typer.Option(None, "--target", help="A Langevin-parametrised policy's own target, named again."),
+    network: str | None = typer.Option(None, "--network", help=NETWORK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Draw samples x_T from a checkpoint's own policy and save them as .npy or .csv (no reward needed, except by a
     Langevin-parametrised policy, whose drift uses the gradient of its user-written target or reward)."""
     from .checkpoint import load_checkpoint
     from .evaluate import sampling_policy
+    from .networks import attach_network
     from .sampling import draw_samples, save_samples
 
     if n <= 0:
@@ -153,6 +161,7 @@ def sample(
         raise InputError(f"--out '{out}' must end in .npy or .csv")
     check_writable(out, "--out")
     ck = load_checkpoint(checkpoint)
+    attach_network(ck, network)
     dev = resolve_device(device)
     x = draw_samples(ck, n, seed, dev, policy=sampling_policy(ck, dev, reward, target))
     save_samples(out, x)

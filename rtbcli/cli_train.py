@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
-from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec
+from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec, SamplerSpec
 from .energy.options import ENERGY_PRESETS, check_same_dim, is_brownian, require_named, target_preset, with_target
 from .errors import InputError
 from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
@@ -39,6 +39,10 @@ DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
 TARGET_HELP = (
     "Energy mode: the log-density to sample, 'path/to/target.py:log_pi', 'package.module:log_pi' or a shipped "
     "'rtbcli.energy.targets:gmm25' (funnel, manywell); name a checkpoint's own target again (never imported from a checkpoint)."
+)
+NETWORK_HELP = (
+    "Your own drift network, 'path/to/net.py:Class' or 'package.module:Class' (forward(x (B, d), t (B,)) -> drift (B, d)); "
+    "name a checkpoint's own class again (never imported from a checkpoint)."
 )
 SAVE_HELP = "Save a resumable checkpoint (X.partial.safetensors) every N steps; 0: only at the end and on SIGINT/SIGTERM."
 
@@ -87,6 +91,10 @@ def pretrain(
     lr: float | None = typer.Option(None, help=field_help(PretrainSpec, "lr")),
     lr_schedule: Schedule | None = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
     estimator: Estimator | None = typer.Option(None, help=field_help(PretrainSpec, "estimator")),
+    network: str | None = typer.Option(None, "--network", help=NETWORK_HELP),
+    network_arg: list[str] | None = typer.Option(
+        None, "--network-arg", help="KEY=VALUE keyword argument for your network's constructor (repeatable)."
+    ),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this run exactly (X.partial.safetensors, or a finished one with --steps and --out)."
     ),
@@ -100,6 +108,7 @@ def pretrain(
     """Pretrain a prior diffusion sampler on data (bridge maximum likelihood)."""
     from .checkpoint import load_checkpoint
     from .data import data_preset
+    from .networks import attach_network, network_of, with_network
     from .pretrain import pretrain as run_pretrain
 
     if sum(x is not None for x in (preset, data, resume)) > 1:
@@ -108,7 +117,10 @@ def pretrain(
     if resume is not None:
         if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
             raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
+        if network_arg:
+            raise InputError("--resume continues a run with its own network: leave out --network-arg")
         start = load_checkpoint(resume, expect_kind="prior")
+        attach_network(start, network)
         p, ref = start.preset, start.meta.get("preset", "")
         if seed is not None and seed != start.meta_int("seed"):
             raise InputError("--seed cannot change when resuming: the run continues with its own random state")
@@ -118,6 +130,9 @@ def pretrain(
     else:
         p, ref = load_preset(preset)
     p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
+    if start is None:
+        p = with_network(p, network, parse_kwargs(network_arg))
+    net = start.network if start is not None else network_of(p)
     out = out or Path("prior.safetensors")
     check_writable(out, "--out")
     positive_or_zero("--save-every", save_every)
@@ -134,18 +149,20 @@ def pretrain(
             resume_from=start,
             save_every=save_every,
             dist=dist,
+            network=net,
         )
     finally:
         _leave(dist)
     if not dist.is_main:
         return
-    _report_pretrain(r, ref, dev, dist.world, as_json)
+    _report_pretrain(r, ref, dev, dist.world, as_json, p.sampler.network)
 
 
 pretrain.__doc__ = (pretrain.__doc__ or "") + examples(
     "rtbcli pretrain --out prior.safetensors",
     "rtbcli pretrain --data moons.csv --steps 3000 --out moons-prior.safetensors",
     "rtbcli pretrain --resume prior.partial.safetensors",
+    "rtbcli pretrain --data moons.csv --network mynet.py:Drift --network-arg width=128 --out moons-mine.safetensors",
 )
 
 
@@ -179,6 +196,17 @@ def finetune(
     reward_arg: list[str] | None = typer.Option(None, "--reward-arg", help="KEY=VALUE keyword argument for the reward (repeatable)."),
     target: str | None = typer.Option(None, "--target", help=TARGET_HELP),
     target_arg: list[str] | None = typer.Option(None, "--target-arg", help="KEY=VALUE keyword argument for the target (repeatable)."),
+    network: str | None = typer.Option(
+        None, "--network", help="Name the checkpoint's own network class again ('net.py:Class'); loading a checkpoint never imports code."
+    ),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", help=field_help(SamplerSpec, "lora_rank")),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help=field_help(SamplerSpec, "lora_alpha")),
+    lora_target: list[str] | None = typer.Option(
+        None,
+        "--lora-target",
+        help="A module name (suffix) LoRA adapts (repeatable) [default: the convolutions and time-embedding projections].",
+    ),  # fmt: skip
+    sampling_steps: int | None = typer.Option(None, "--sampling-steps", help=field_help(SamplerSpec, "sampling_steps")),
     dim: int | None = typer.Option(None, "--dim", help="Your target's dimension d (unless its function has a `dim` attribute)."),
     sigma2: float | None = typer.Option(
         None,
@@ -216,14 +244,42 @@ def finetune(
     """Fine-tune a prior so that its samples follow p_prior(x) r(x)^beta."""
     from .evaluate import with_reward
     from .finetune import finetune as run_finetune
+    from .networks import attach_network
     from .suites import check_suite
     from .tasks import Task
 
     b = resolve_beta(beta, alpha)
-    start_path, start = _start(prior, resume, warm_start, preset, target)
+    model_opts = {"--lora-rank": lora_rank, "--lora-alpha": lora_alpha, "--lora-target": lora_target, "--sampling-steps": sampling_steps}
+    if prior is not None and Path(prior).is_dir():  # a diffusers model folder
+        from .model_prior import folder_checkpoint
+
+        if preset is None:
+            raise InputError(
+                f"'{prior}' is a diffusers model, with no task of its own: give --preset (a task of its images: data, reward) and --reward"
+            )
+        if lora_rank is not None and lora_rank <= 0:
+            raise InputError(f"--lora-rank must be a positive rank (got {lora_rank})")
+        if (lora_alpha is not None or lora_target) and lora_rank is None:
+            raise InputError("--lora-alpha and --lora-target set LoRA's adapters: give --lora-rank too")
+        if network is not None:
+            raise InputError("--network names a checkpoint's network class: a diffusers model folder needs none")
+        start_path, start = prior, folder_checkpoint(prior, load_preset(preset)[0], sampling_steps, lora_rank, lora_alpha, lora_target)
+    else:
+        given = [k for k, v in model_opts.items() if v]
+        if given:
+            raise InputError(f"{given[0]} applies to a diffusers model folder (--prior DIR); a checkpoint keeps its own settings")
+        start_path, start = _start(prior, resume, warm_start, preset, target)
+    if start is None and network is not None:
+        raise InputError("--network names a checkpoint's own network class again: energy mode's Brownian prior has no network")
+    if start is not None:
+        attach_network(start, network)
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
     p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
+    if start is not None and start.preset.sampler.model is not None:
+        from .model_prior import with_model_of
+
+        p = with_model_of(p, start)  # a run from a diffusers model folder keeps it in its [sampler]
     p = with_reward(p, reward, parse_kwargs(reward_arg))
     p = with_overrides(p, "", beta=b)
     p = with_overrides(
@@ -327,6 +383,8 @@ def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
         "mean_log_r": r.mean_log_r,
         "device": dev.type,
         "processes": processes,
+        "trainable_parameters": r.trainable_parameters,
+        "peak_memory_mb": r.peak_memory_mb,
     }
     if as_json:
         return emit_json(res)
@@ -344,6 +402,8 @@ def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
                 ("final loss", r.loss),
                 ("learned log Z", r.log_z),
                 ("mean log r (last batch)", r.mean_log_r),
+                ("trainable parameters", r.trainable_parameters),
+                ("peak memory (MB)", r.peak_memory_mb),
             ],
         )
     )
@@ -351,10 +411,12 @@ def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
     hint = f" --reward {function}" if function.startswith(("/", ".")) else ""
     if p.target is not None and not p.target.log_density.startswith("rtbcli."):  # a user's target is named again
         hint += f" --target {p.target.log_density}"
+    if p.sampler.network is not None:  # so is a user's network
+        hint += f" --network {p.sampler.network}"
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
 
 
-def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool) -> None:
+def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool, network: str | None = None) -> None:
     """The finished run: one JSON object, or a table and what to run next."""
     res = {
         "checkpoint": str(r.out),
@@ -389,7 +451,8 @@ def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool) -> None:
             ],
         )
     )
-    out_console.print(f"next: rtbcli evaluate {r.out}   or   rtbcli finetune --prior {r.out} --reward rewards.py:log_reward")
+    net = f" --network {network}" if network is not None else ""
+    out_console.print(f"next: rtbcli evaluate {r.out}{net}   or   rtbcli finetune --prior {r.out}{net} --reward rewards.py:log_reward")
 
 
 def _start(prior: Path | None, resume: Path | None, warm_start: Path | None, preset: str | None, target: str | None):
@@ -440,6 +503,7 @@ finetune.__doc__ = (finetune.__doc__ or "") + examples(
     "rtbcli finetune --resume rtb.partial.safetensors",
     "rtbcli finetune --preset gmm25-energy --steps 2000 --out gmm25.safetensors",
     "rtbcli finetune --prior brownian --target target.py:log_pi --dim 2 --sigma2 5 --out mine.safetensors",
+    "rtbcli finetune --prior ddpm-model --preset digits --lora-rank 8 --sampling-steps 50 --exploration 0.01 --out lora.safetensors",
 )
 
 
@@ -458,3 +522,25 @@ def resolve_beta(beta: float | None, alpha: float | None) -> float | None:
             raise InputError(f"--alpha {alpha} and --beta {beta} disagree (alpha must be 1/beta): give only one")
         return beta
     return 1.0 / alpha if alpha is not None else beta
+
+
+# --------------------------------------------------------------------------- merge
+def merge(
+    checkpoint: Path = typer.Argument(..., help="A finetuned checkpoint of a diffusers model (`finetune --prior DIR`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The folder to write (new): a UNet2DModel with its DDPMScheduler config."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Write a fine-tuned diffusers model (its LoRA adapters merged into the weights) as a folder diffusers loads."""
+    from .checkpoint import load_checkpoint
+    from .lora import merge_checkpoint
+
+    if out.exists():
+        raise InputError(f"--out '{out}' exists: choose a new folder for the merged model")
+    check_writable(out, "--out")
+    path = merge_checkpoint(load_checkpoint(checkpoint, expect_kind="finetuned"), out)
+    if as_json:
+        return emit_json({"out": str(path), "checkpoint": str(checkpoint)})
+    out_console.print(f"wrote the merged model to {path} (diffusers: UNet2DModel.from_pretrained('{path}'))")
+
+
+merge.__doc__ = (merge.__doc__ or "") + examples("rtbcli merge lora.safetensors --out merged-model")

@@ -250,6 +250,46 @@ class SamplerSpec(Strict):
     """Number of sin/cos time frequencies, k = linspace(0.1, 100)."""
     layers: PosInt = 2
     """Hidden Linear(hidden, hidden) + GELU blocks after the input sum."""
+    network: str | None = None
+    """Your own drift network instead of rtbcli's MLP (hidden, time_features and layers then unused): 'path/to/net.py:Class'
+    (relative to the preset file) or 'package.module:Class', a torch.nn.Module built as Class(**network_kwargs) whose
+    forward(x, t) takes x (B, d) and t (B,) in [0, 1] and returns the drift (B, d) (rtbcli.networks)."""
+    network_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the network's constructor (a [sampler.network_kwargs] table)."""
+    network_sha256: str | None = None
+    """The network file's SHA-256; filled in when the network is first loaded (a different file later is a warning)."""
+
+    model: str | None = None
+    """A diffusers DDPM model instead of rtbcli's sampler: the folder diffusers' save_pretrained wrote (a UNet2DModel with its
+    DDPMScheduler config, or a DDPMPipeline); set by `finetune --prior DIR` (rtbcli.lora)."""
+    model_sha256: str | None = None
+    """The model folder's SHA-256 (over its files); filled in when it is first loaded (a different folder later is an error)."""
+    sampling_steps: PosInt | None = None
+    """A diffusers model's sampling steps K (strided with diffusers' "leading" spacing); none: every training step."""
+    lora_rank: PosInt | None = None
+    """Train LoRA adapters of this rank on a diffusers model (peft) instead of all its weights; none: full fine-tuning."""
+    lora_alpha: PosFloat | None = None
+    """LoRA's alpha (the adapters' scale is alpha / rank); none: the rank."""
+    lora_targets: list[str] | None = None
+    """Names (suffixes) of the modules LoRA adapts; none: the convolutions and time-embedding projections (rtbcli.lora.DEFAULT_TARGETS)."""
+
+    _model = field_validator("model")(resolve_path)
+
+    @model_validator(mode="after")
+    def _one_network(self) -> SamplerSpec:
+        if self.network is not None and self.model is not None:
+            raise ValueError("give one of network (a drift network) and model (a diffusers DDPM model)")
+        if self.model is None and (self.lora_rank is not None or self.sampling_steps is not None):
+            raise ValueError("lora_rank and sampling_steps apply to a diffusers model (finetune --prior DIR)")
+        return self
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        path, attr = parse_reference(v, "network")
+        return f"{resolve_path(path, info)}:{attr}" if path is not None else v
 
 
 LrSchedule = Literal["constant", "cosine", "wsd"]

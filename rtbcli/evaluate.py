@@ -39,7 +39,7 @@ from .metrics import effective_sample_size, log_mean_exp, per_mode_frequencies, 
 from .objectives import OBJECTIVES
 from .rewards import check_reward_output, parse_reference
 from .runtime import make_generator
-from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
+from .sampler import DiffusionSampler
 from .suites import prior_target, suite_of, tilted_target
 from .targets import Target
 from .tasks import Task
@@ -115,7 +115,7 @@ def _score(policy, prior, task: Task, traj: torch.Tensor, want_reward: bool, chu
         x = part[-1]
         out["lpf"].append(policy.log_prob(part).double())
         if task.data_is_exact:
-            out["lpb"].append(bridge_log_prob(part.double(), policy.sigma2))
+            out["lpb"].append(policy.backward_log_prob(part.double()))
             out["log_data"].append(task.data_log_prob(x.double()))
         if want_reward:
             out["log_r"].append(task.log_reward(x).double())
@@ -344,12 +344,7 @@ def _data_log_z(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -> 
     m["elbo"] = float(lw_data.mean())
     if y is not None:
         policy = run.policy
-        back = bridge_sample(
-            y.to(device=run.device, dtype=policy.net.state.weight.dtype),
-            policy.steps,
-            policy.sigma2,
-            make_generator(run.seed + 2, run.device),
-        )
+        back = policy.backward_sample(y.to(device=run.device, dtype=policy.anchor.dtype), make_generator(run.seed + 2, run.device))
         sb = _score(policy, None, task, back, finetuned, run.chunk)
         m["eubo"] = float((sb["log_data"] + (beta * sb["log_r"] if finetuned else 0.0) + sb["lpb"] - sb["lpf"]).mean())
 
@@ -371,12 +366,7 @@ def _energy_table(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
     lw = log_weights(_log_pi(run, x), s["lpb"], s["lpf"])
     lw_t = None
     if y is not None:
-        back = bridge_sample(
-            y.to(device=run.device, dtype=policy.net.state.weight.dtype),
-            policy.steps,
-            policy.sigma2,
-            make_generator(run.seed + 2, run.device),
-        )
+        back = policy.backward_sample(y.to(device=run.device, dtype=policy.anchor.dtype), make_generator(run.seed + 2, run.device))
         sb = _score(policy, None, run.task, back, False, run.chunk)
         lw_t = log_weights(_log_pi(run, y), sb["lpb"], sb["lpf"])
     k = min(run.n, W2_MAX)

@@ -94,10 +94,21 @@ class FinetuneResult:
     mean_log_r: float
     step_seconds: list[float]  # wall time of every step of this session (host clock, with its logging), for benchmarks;
     # on CUDA a step's kernels may still run after it unless it logged (a host sync): log every step to time CUDA steps
+    trainable_parameters: int | None = None  # the policy's trained parameters (LoRA: the adapters')
+    peak_memory_mb: float | None = None  # CUDA: the device's peak allocated memory; CPU: the process's peak resident size
 
     @property
     def median_step_s(self) -> float:
         return statistics.median(self.step_seconds)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the device's peak allocated memory; CPU: the process's peak resident set size (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def objective(algo: str) -> Objective:
@@ -146,8 +157,9 @@ def starting_point(
     if start is None:
         assert preset is not None
         return *brownian_start(preset, seed, device, dtype, langevin), 0.0, *ids
-    if start.kind == "prior":
-        return start.sampler("policy", device, dtype), start_policy(start, langevin, seed, device, dtype), 0.0, *ids
+    if start.kind == "prior":  # the prior is the checkpoint's policy (a diffusers model folder's: its frozen base, "prior")
+        prior = start.sampler("prior" if start.preset.sampler.model is not None else "policy", device, dtype)
+        return prior, start_policy(start, langevin, seed, device, dtype), 0.0, *ids
     prior, policy = start.sampler("prior", device, dtype), start_policy(start, langevin, seed, device, dtype)
     log_z, obj = start.learned_log_z(), OBJECTIVES[algo]
     init = 0.0 if log_z is None or obj.scalar is None else obj.scalar_from_log_z(log_z, 1.0 / beta)
@@ -413,6 +425,21 @@ def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
         )
 
 
+def check_network_options(start: Checkpoint, cfg, dist: Dist) -> None:
+    """A user's network (`rtbcli.networks`) or a diffusers model (`rtbcli.lora`) trains by autograd in one process,
+    without the Langevin parametrisation (and, a DDPM model, without the bridge's replay buffer)."""
+    spec = start.preset.sampler
+    if spec.network is None and spec.model is None:
+        return
+    what = "a network of your own" if spec.network is not None else "a diffusers model"
+    if cfg.langevin:
+        raise InputError("the Langevin parametrisation is built on rtbcli's own drift network: switch it off (--no-langevin)")
+    if dist.world > 1:
+        raise InputError(f"{what} is fine-tuned in one process: run without torchrun")
+    if spec.model is not None and cfg.replay:
+        raise InputError("the replay buffer draws pinned-bridge trajectories, not a DDPM's noising process: switch it off (--no-replay)")
+
+
 def setup(
     start: Checkpoint | None,
     preset: Preset,
@@ -436,6 +463,7 @@ def setup(
     check_energy_start(start, preset)
     if start is not None:
         check_compatible(start, preset)
+        check_network_options(start, cfg, dist)
     if resume and start is None:
         raise InputError("--resume needs a finetuned checkpoint to continue")
     b_local = dist.check_batch(cfg.batch_size)
@@ -491,7 +519,7 @@ def attach_offpolicy(run: FinetuneRun, dist: Dist) -> None:
     cfg, energy = run.info.preset.finetune, run.log_density is not None
     check_options(cfg, run.info.state_meta["algo"], energy=energy, processes=dist.world)
     p = run.policy
-    w = p.net.state.weight
+    w = p.anchor
     probe = torch.zeros(4, p.dim, dtype=w.dtype, device=w.device)
     if cfg.langevin:
         net = p.net
@@ -727,6 +755,8 @@ def finetune(
         run.learned_log_z(),
         recipe.mean_log_r,
         done.step_seconds or [med],
+        sum(p.numel() for p in run.policy.parameters() if p.requires_grad),
+        peak_memory_mb(device),
     )
 
 

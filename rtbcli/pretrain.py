@@ -45,6 +45,7 @@ from .config import Preset
 from .data import samples_for_check, scale_advice
 from .distributed import Dist
 from .errors import RtbcliWarning, RunError
+from .networks import Network, attach_network, make_sampler, network_of, recorded
 from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
 from .state import RunState, restore_optimizer
@@ -85,21 +86,21 @@ def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generat
     and returns its part of the global mean.
     """
     T, sigma2, dt = sampler.steps, sampler.sigma2, sampler.dt
-    w = sampler.net.state.weight
+    w = sampler.anchor
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
     t = (i.to(w.dtype) / T)[:, None]
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
     eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
     x = t * x_end + torch.sqrt(sigma2 * t * (1 - t)) * eps
     target = (x_end - x) / (1 - t)
-    drift = sampler.net(x, sampler.time_table()[i])  # the time table: T rows, gathered
+    drift = sampler.drift(x, i)  # DriftNet: the time table's T rows, gathered
     sq = (target - drift).pow(2).sum(-1)
     return T * dt * (sq.mean() if shard[1] == 1 else sq.sum() / n) / (2 * sigma2)
 
 
 def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """-mean log p_F(tau) over n whole bridge trajectories from the data (the authors' estimator)."""
-    w = sampler.net.state.weight
+    w = sampler.anchor
     x = task.data.sample(n, gen, dtype=w.dtype, device=w.device)
     traj = bridge_sample(x, sampler.steps, sampler.sigma2, gen)  # drawn for the global batch ...
     lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]) : (shard[0] + 1) * (n // shard[1])])  # ... this rank's share
@@ -109,13 +110,17 @@ def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Ge
 @torch.no_grad()
 def bridge_elbo(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator) -> float:
     """mean(log p_F(tau) - log p_B(tau | x)) over n fresh bridge trajectories: <= E_data log p_theta(x)."""
-    w = sampler.net.state.weight
+    w = sampler.anchor
     traj = bridge_sample(task.data.sample(n, gen, dtype=w.dtype, device=w.device), sampler.steps, sampler.sigma2, gen)
     return float((sampler.log_prob(traj) - bridge_log_prob(traj, sampler.sigma2)).mean())
 
 
-def new_sampler(preset: Preset, seed: int, device) -> DiffusionSampler:
-    """A freshly initialised sampler; the initialisation draws from its own seeded RNG, leaving torch's global one alone."""
+def new_sampler(preset: Preset, seed: int, device, network: Network | None = None) -> DiffusionSampler:
+    """A freshly initialised sampler (of the user's `network` class where the preset names one); the initialisation
+    draws from its own seeded RNG, leaving torch's global one alone."""
+    if preset.sampler.network is not None:
+        assert network is not None, "the preset names a network: load it (rtbcli.networks.network_of)"
+        return make_sampler(preset.sampler, preset.dim, network, seed).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return DiffusionSampler.from_spec(preset.dim, preset.sampler).to(device)
@@ -172,10 +177,22 @@ def setup(
     device: torch.device = torch.device("cpu"),
     resume_from=None,
     dist: Dist | None = None,
+    network: Network | None = None,
 ) -> PretrainRun:
     """The run object: a freshly initialised sampler, or (`resume_from`, a prior checkpoint with
-    its state file) the saved run, restored exactly (the settings checked first)."""
+    its state file) the saved run, restored exactly (the settings checked first). `network`: the
+    class of a preset's [sampler] network (default: imported from the preset's reference; a resumed
+    run's is the one attached to its checkpoint, `rtbcli.networks.attach_network`)."""
     dist, cfg = dist or Dist(), preset.pretrain
+    if network is None and preset.sampler.network is not None:
+        if resume_from is not None:
+            if resume_from.network is None:
+                attach_network(resume_from, None)  # the one-line error naming --network
+            network = resume_from.network
+        else:
+            network = network_of(preset)
+    if resume_from is None:
+        preset = recorded(preset, network)  # the network file's SHA-256, with the run's config
     dist.check_batch(cfg.batch_size)
     state = check_pretrain_resumable(resume_from, preset, device) if resume_from is not None else None
     task = Task(preset, allow_import=False).to(device)  # pretraining never calls the reward
@@ -185,7 +202,7 @@ def setup(
             warnings.warn(advice, RtbcliWarning, stacklevel=3)
     if state is not None:
         seed = int(state.meta["seed"])
-    sampler = new_sampler(preset, seed, device)
+    sampler = new_sampler(preset, seed, device, network)
     ema = copy.deepcopy(sampler).requires_grad_(False) if cfg.ema > 0 else None
     info = RunInfo(
         "pretrain",
@@ -290,6 +307,7 @@ def pretrain(
     resume_from=None,
     save_every: int = 1000,
     dist: Dist | None = None,
+    network: Network | None = None,
 ) -> PretrainResult:
     """Train a prior sampler on the preset's data and save it to `out` (atomically).
 
@@ -297,7 +315,7 @@ def pretrain(
     `preset.pretrain.steps` in all (the schedule keeps the run's original length).
     """
     dist = dist or Dist()
-    run = setup(preset, preset_ref, out, seed=seed, device=device, resume_from=resume_from, dist=dist)
+    run = setup(preset, preset_ref, out, seed=seed, device=device, resume_from=resume_from, dist=dist, network=network)
     log = JsonlLog(log_path if dist.is_main else None, preamble=list(run.log_lines))
     recipe = PretrainRecipe(run, dist, log)
     done = run_loop(recipe, RunPaths(Path(out)), log, log_path, dist, log_every=log_every, save_every=save_every, progress=progress)

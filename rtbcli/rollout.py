@@ -34,13 +34,15 @@ class Workspace:
     size) would otherwise be mapped afresh, and page-faulted in, at every step."""
 
     def __init__(self, sampler: DiffusionSampler, n: int):
-        w = sampler.net.state.weight
-        hidden = sampler.net.state.out_features
-        layers = sum(isinstance(m, nn.Linear) for m in sampler.net.body)  # hidden Linears + the output
+        w = sampler.anchor
         self.n = n
         self.traj = torch.empty(sampler.steps + 1, n, sampler.dim, dtype=w.dtype, device=w.device)
-        self.pre = torch.empty(layers, sampler.steps, n, hidden, dtype=w.dtype, device=w.device)
-        self.post = torch.empty_like(self.pre)
+        self.pre = self.post = None  # a network other than DriftNet: `rollout` keeps no activations
+        if isinstance(sampler.net, DriftNet):
+            hidden = sampler.net.state.out_features
+            layers = sum(isinstance(m, nn.Linear) for m in sampler.net.body)  # hidden Linears + the output
+            self.pre = torch.empty(layers, sampler.steps, n, hidden, dtype=w.dtype, device=w.device)
+            self.post = torch.empty_like(self.pre)
 
 
 @dataclass
@@ -72,6 +74,7 @@ def rollout(
     if type(sampler).run is not DiffusionSampler.run:
         traj = sampler.sample(ws.n, extra_var, generator)
         return Rollout(sampler, traj, traj[1:] - sampler.means(traj), None, None)
+    assert ws.post is not None, "the fused loop keeps DriftNet's activations (`Workspace`)"
     traj = sampler.run(ws.traj, extra_var, generator, ws.pre, ws.post, shard)
     out = [m for m in sampler.net.body if isinstance(m, nn.Linear)][-1]
     drift = torch.nn.functional.linear(ws.post[-1], out.weight, out.bias)  # f at every (t_i, x_i)

@@ -126,6 +126,15 @@ class DiffusionSampler(nn.Module):
         return cls(dim, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers)
 
     @property
+    def anchor(self) -> torch.Tensor:
+        """A parameter of the network: its dtype and device are the sampler's."""
+        return self.net.state.weight
+
+    def drift(self, x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """f(x, t_i) for states x (N, d) at step indices i (N,) (a gather of the time table)."""
+        return self.net(x, self.time_table()[i])
+
+    @property
     def step_var(self) -> float:
         """Variance of one forward step, sigma2 * dt."""
         return self.sigma2 * self.dt
@@ -205,6 +214,15 @@ class DiffusionSampler(nn.Module):
     def log_prob(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
         """Trajectory log-probability, the sum of `step_log_probs` over the T steps: shape (B,)."""
         return self.step_log_probs(traj, extra_var).sum(0)
+
+    # ------------------------------------------------------------------ the backward process
+    def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
+        return bridge_sample(x_end, self.steps, self.sigma2, generator)
+
+    def backward_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
+        """log p_B(tau | x_T) of the reference backward process: the pinned bridge's (`bridge_log_prob`) here."""
+        return bridge_log_prob(traj, self.sigma2)
 
 
 # ---------------------------------------------------------------------- the bridge

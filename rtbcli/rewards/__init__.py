@@ -39,10 +39,11 @@ def _identifier_path(text: str) -> bool:
 def parse_reference(ref: str, what: str = "reward") -> tuple[str | None, str]:
     """'file.py:name' -> (file path, name); 'package.module:name' -> (None, name). InputError otherwise.
 
-    `what` names the thing referred to in the messages ("reward", "target")."""
-    how = f"give 'path/to/{what}s.py:function' or 'package.module:function'"
+    `what` names the thing referred to in the messages ("reward", "target"; "network" names a class)."""
+    noun = _noun(what)
+    how = f"give 'path/to/{what}s.py:{noun}' or 'package.module:{noun}'"
     if not isinstance(ref, str) or ref.count(":") < 1:
-        raise InputError(f"{what} '{ref}' names no function: {how}")
+        raise InputError(f"{what} '{ref}' names no {noun}: {how}")
     where, attr = ref.rsplit(":", 1)
     if not _identifier_path(attr):
         raise InputError(f"{what} '{ref}': '{attr}' is not a Python name: {how}")
@@ -51,6 +52,10 @@ def parse_reference(ref: str, what: str = "reward") -> tuple[str | None, str]:
     if not _identifier_path(where):
         raise InputError(f"{what} '{ref}': '{where}' is neither a .py file nor a module name: {how}")
     return None, attr
+
+
+def _noun(what: str) -> str:
+    return "Class" if what == "network" else "function"
 
 
 def is_trusted(ref: str) -> bool:
@@ -105,7 +110,7 @@ def import_function(ref: str, what: str = "reward") -> tuple[Callable, str | Non
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"{what} {where} has no '{attr}': name a function defined there")
+            raise InputError(f"{what} {where} has no '{attr}': name a {_noun(what).lower()} defined there")
         obj = getattr(obj, part)
     if not callable(obj):
         raise InputError(f"{what} {where}: '{attr}' is a {type(obj).__name__}, not a function: name a function taking x (B, d)")

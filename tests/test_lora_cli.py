@@ -1,0 +1,176 @@
+"""`rtbcli finetune --prior DIR` for a diffusers model folder, with and without LoRA, resumed, evaluated,
+sampled and merged (`rtbcli merge`) into a folder diffusers loads; its bad input is a one-line error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import to_toml
+from rtbcli.checkpoint import load_checkpoint
+from rtbcli.cli import run
+from rtbcli.ddpm import DDPMSampler
+from rtbcli.lora import load_model
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REWARD = """
+def log_reward(x):
+    return -(x.mean(-1) - 0.5).pow(2) * 10
+"""
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        add_attention=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora_cli")
+    tiny_unet().save_pretrained(str(d / "model"))
+    diffusers.DDPMScheduler(num_train_timesteps=20, beta_end=0.2).save_pretrained(str(d / "model"))
+    np.save(d / "images.npy", np.random.default_rng(0).uniform(-1, 1, (60, 64)).astype(np.float32))
+    (d / "reward.py").write_text(REWARD)
+    preset = {
+        "name": "images",
+        "prior_data": {"path": "images.npy"},
+        "reward": {"type": "python", "function": "reward.py:log_reward"},
+        "finetune": {"steps": 3, "batch_size": 4, "exploration": 0.01},
+        "evaluate": {"n": 16},
+    }
+    (d / "images.toml").write_text(to_toml(preset))
+    return d
+
+
+def cli(*args) -> int:
+    return run([str(a) for a in args])
+
+
+def finetune(files, out, *extra) -> int:
+    return cli("finetune", "--prior", files / "model", "--preset", files / "images.toml", "--sampling-steps", 4, "--out", out, "-q",
+               "--device", "cpu", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    lora, full, more = files / "lora.safetensors", files / "full.safetensors", files / "more.safetensors"
+    assert finetune(files, lora, "--lora-rank", 2) == 0
+    assert finetune(files, full) == 0
+    reward = f"{files / 'reward.py'}:log_reward"
+    assert cli("finetune", "--resume", lora, "--reward", reward, "--steps", 5, "--out", more, "-q", "--device", "cpu") == 0
+    return {"lora": lora, "full": full, "more": more}
+
+
+def test_lora_and_full_finetuning_of_a_diffusers_folder_save_what_they_train(runs, files):
+    lora, full = load_file(str(runs["lora"])), load_file(str(runs["full"]))
+    assert not any(k.startswith("prior.") for k in (*lora, *full))  # the frozen prior is the folder itself
+    adapters = [k for k in lora if k.startswith("policy.")]
+    assert adapters and all("lora_" in k for k in adapters)
+    assert any(float(lora[k].abs().sum()) > 0 for k in adapters if "lora_B" in k)  # the adapters moved from 0
+    base = diffusers.UNet2DModel.from_pretrained(str(files / "model")).state_dict()
+    policy = {k[len("policy.net.unet.") :]: v for k, v in full.items() if k.startswith("policy.")}
+    assert set(policy) == set(base) and any(not torch.equal(policy[k], base[k]) for k in base)
+    spec = json.loads(load_checkpoint(runs["lora"]).meta["config"])["sampler"]
+    assert spec["model"] == str(files / "model") and spec["lora_rank"] == 2 and len(spec["model_sha256"]) == 64
+    assert load_checkpoint(runs["more"]).step == 5
+
+
+def test_a_diffusers_run_evaluates_samples_and_merges_into_a_folder_diffusers_loads(runs, files, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli("evaluate", runs["more"], "--reward", f"{files / 'reward.py'}:log_reward", "--n", 8, "--json", "--device", "cpu") == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 64
+    assert cli("sample", runs["more"], "--n", 3, "--out", tmp_path / "x.npy", "--device", "cpu") == 0
+    assert np.load(tmp_path / "x.npy").shape == (3, 64)
+    assert cli("merge", runs["more"], "--out", tmp_path / "merged") == 0
+    merged = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in k for k in merged.state_dict())
+    policy = load_checkpoint(runs["more"]).sampler("policy")
+    eps, sched, _ = load_model(tmp_path / "merged", sampling_steps=4)
+    a = policy.sample(3, 0.0, torch.Generator().manual_seed(1))[-1]
+    b = DDPMSampler(64, sched, eps).sample(3, 0.0, torch.Generator().manual_seed(1))[-1]
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--lora-rank", "0"], "--lora-rank must be a positive rank"),
+        (["--lora-rank", "2", "--lora-target", "nothing_here"], "match no module of the UNet"),
+        (["--lora-alpha", "4"], "give --lora-rank too"),
+    ],
+)
+def test_bad_lora_options_are_one_line_errors(extra, match, files, tmp_path, capsys):
+    capsys.readouterr()
+    assert finetune(files, tmp_path / "o.safetensors", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_folders_and_options_are_one_line_errors(files, tiny_prior, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    ddim = tmp_path / "ddim"
+    tiny_unet().save_pretrained(str(ddim))
+    diffusers.DDIMScheduler().save_pretrained(str(ddim))
+    cases = [
+        (["finetune", "--prior", tmp_path / "empty", "--preset", files / "images.toml"], "is not a diffusers model folder"),
+        (["finetune", "--prior", ddim, "--preset", files / "images.toml"], "is a DDIMScheduler: rtbcli supports DDPMScheduler"),
+        (["finetune", "--prior", files / "model"], "give --preset"),
+        (["finetune", "--prior", tiny_prior, "--lora-rank", "4"], "--lora-rank applies to a diffusers model folder"),
+        (["finetune", "--prior", files / "model", "--preset", "reference"], "(d = 64), the preset's data have d = 2"),
+        (["merge", tiny_prior, "--out", tmp_path / "m"], "is a prior checkpoint"),
+    ]
+    for args, match in cases:
+        capsys.readouterr()
+        code = cli(*args) if args[0] == "merge" else cli(*args, "--out", tmp_path / "o.safetensors", "-q")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and match in err and len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_changed_model_folder_is_refused(runs, files, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(files / "model", copy)
+    ck = load_checkpoint(runs["lora"])
+    data = json.loads(ck.meta["config"])
+    data["sampler"]["model"] = str(copy)
+    from rtbcli.config import Preset
+
+    ck.preset = Preset.model_validate(data)
+    assert isinstance(ck.sampler("policy"), DDPMSampler)  # the same files elsewhere: the same SHA-256
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")  # one byte more
+    from rtbcli.errors import InputError
+
+    with pytest.raises(InputError, match="is not the folder the run was made with"):
+        ck.sampler("policy")
+
+
+def test_the_run_reports_trainable_parameters_and_peak_memory(files, tmp_path, capsys):
+    got = {}
+    for name, extra in (("lora", ["--lora-rank", "2"]), ("full", [])):
+        capsys.readouterr()
+        assert finetune(files, tmp_path / f"{name}.safetensors", "--steps", 1, "--json", *extra) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    unet = diffusers.UNet2DModel.from_pretrained(str(files / "model"))
+    assert got["full"]["trainable_parameters"] == sum(p.numel() for p in unet.parameters())
+    assert 0 < got["lora"]["trainable_parameters"] < got["full"]["trainable_parameters"] / 4
+    assert got["lora"]["peak_memory_mb"] > 0
