@@ -315,6 +315,9 @@ class PretrainSpec(Strict):
     """Gradient estimator of the same NLL: pairs (Rao-Blackwellised bridge marginals) or trajectory (the authors')."""
     ema: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """> 0: save an exponential moving average of the weights with this decay."""
+    box_weight: NonNegFloat = 0.0
+    """> 0: add this times the box term, which pulls the drift's implied endpoint x + (1 - t) f back into the data's
+    bounding box at states 3x wider than the bridge's, where the data never go (exact drift: no penalty)."""
 
 
 class FinetuneSpec(Strict):

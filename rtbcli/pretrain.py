@@ -98,6 +98,56 @@ def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generat
     return T * dt * (sq.mean() if shard[1] == 1 else sq.sum() / n) / (2 * sigma2)
 
 
+BOX_SPREAD = 3.0  # the box term's states: the bridge marginal with its standard deviation times this
+BOX_SAMPLES = 100_000  # data points whose range is the box (all rows of smaller data sets)
+
+
+def data_box(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (d,): the per-coordinate range of the data (of BOX_SAMPLES draws from a fixed generator, or
+    of every row), in the sampler's dtype and device."""
+    rows = samples_for_check(task.data, BOX_SAMPLES, 0)
+    return rows.min(0).values, rows.max(0).values
+
+
+def box_loss(
+    sampler: DiffusionSampler,
+    task: Task,
+    box: tuple[torch.Tensor, torch.Tensor],
+    n: int,
+    gen: torch.Generator,
+    shard: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
+    """The box term (docs/maths.md#pretraining): zero for the exact drift, positive where the network extrapolates outward.
+
+    The exact drift is f*(x, t) = (E[x_T | x_t = x] - x) / (1 - t), so its implied endpoint m = x + (1 - t) f*(x, t)
+    is a mean of data points and lies in the data's bounding box [lo, hi] at *every* x, also where no bridge goes
+    and the NLL says nothing. On n states from the bridge marginal widened BOX_SPREAD times,
+
+        i ~ U{0..T-1},  x_T ~ data,  x ~ N(t_i x_T, BOX_SPREAD^2 sigma2 t_i (1 - t_i) I),  m = x + (1 - t_i) f(x, t_i)
+        loss = T * mean dt |dist(m, [lo, hi])|^2 / ((1 - t_i)^2 2 sigma2)
+
+    in the NLL's units (the pairs loss's residual (x_T - m) / (1 - t_i) is at least this long, as x_T is in the box).
+    """
+    T, sigma2, dt = sampler.steps, sampler.sigma2, sampler.dt
+    w = sampler.net.state.weight
+    i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
+    t = (i.to(w.dtype) / T)[:, None]
+    x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
+    eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
+    x = t * x_end + BOX_SPREAD * torch.sqrt(sigma2 * t * (1 - t)) * eps
+    sq = box_residuals(sampler, x, i, box)
+    return T * dt * (sq.mean() if shard[1] == 1 else sq.sum() / n) / (2 * sigma2)
+
+
+def box_residuals(sampler: DiffusionSampler, x: torch.Tensor, i: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """|dist(x + (1 - t_i) f(x, t_i), [lo, hi])|^2 / (1 - t_i)^2 for states x (n, d) at steps i (n,): shape (n,)."""
+    t = (i.to(x.dtype) / sampler.steps)[:, None]
+    m = x + (1 - t) * sampler.net(x, sampler.time_table()[i])
+    lo, hi = (b.to(x.dtype) for b in box)
+    out = (lo - m).clamp_min(0) + (m - hi).clamp_min(0)
+    return (out / (1 - t)).pow(2).sum(-1)
+
+
 def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """-mean log p_F(tau) over n whole bridge trajectories from the data (the authors' estimator)."""
     w = sampler.anchor
@@ -140,6 +190,7 @@ class PretrainRun:
     info: RunInfo
     step: int = 0
     log_lines: tuple[str, ...] = ()
+    box: tuple[torch.Tensor, torch.Tensor] | None = None  # the data's range, for the box term (pretrain.box_weight > 0)
 
     @property
     def kept(self) -> DiffusionSampler:
@@ -154,6 +205,10 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     batch_loss = pairs_loss if cfg.estimator == "pairs" else trajectory_loss
     n = cfg.batch_size * (run.sampler.steps if cfg.estimator == "pairs" else 1)
     loss = batch_loss(run.sampler, run.task, n, run.gen, (dist.rank, dist.world))
+    if cfg.box_weight > 0:
+        assert run.box is not None, "setup finds the box"
+        nb = max(cfg.batch_size * run.sampler.steps // 4, dist.world)  # a quarter of the pairs estimator's work
+        loss = loss + cfg.box_weight * box_loss(run.sampler, run.task, run.box, nb - nb % dist.world, run.gen, (dist.rank, dist.world))
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     dist.sum_grads(list(run.sampler.parameters()))
@@ -219,6 +274,8 @@ def setup(
     )
     opt = torch.optim.Adam(sampler.parameters(), lr=cfg.lr)
     run = PretrainRun(sampler, ema, opt, None, make_generator(seed, device), make_generator(seed + 1, device), task, info)
+    if cfg.box_weight > 0:
+        run.box = tuple(b.to(device) for b in data_box(task))  # type: ignore[assignment]
     if state is not None:
         restore(run, state, resume_from.path)
     run.sched = Schedule(cfg, info.schedule_steps).scheduler(opt, run.step)
