@@ -100,8 +100,13 @@ def load_model(path: Path, sampling_steps: int | None = None) -> tuple[UNetEps, 
     unet_dir, sched = model_folders(path)
     config = _json(sched)
     schedule = schedule_from_config(config, sampling_steps, where=f"the scheduler of '{path}'")
+    if not any(unet_dir.glob("*.safetensors")):  # a .bin is a pickle: loading it could run code
+        raise InputError(
+            f"'{unet_dir}' holds no safetensors weights, and rtbcli never loads pickled ones (.bin): "
+            "save the model again with save_pretrained(..., safe_serialization=True)"
+        )
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True)
     except Exception as e:
         raise InputError(f"'{unet_dir}' could not be loaded by diffusers ({e.__class__.__name__}: {str(e).strip()[:200]})") from None
     return UNetEps(unet), schedule, config

@@ -129,7 +129,11 @@ def test_bad_folders_and_options_are_one_line_errors(files, tiny_prior, tmp_path
     ddim = tmp_path / "ddim"
     tiny_unet().save_pretrained(str(ddim))
     diffusers.DDIMScheduler().save_pretrained(str(ddim))
+    pickled = tmp_path / "pickled"  # weights as a .bin (a pickle): refused, never loaded
+    tiny_unet().save_pretrained(str(pickled), safe_serialization=False)
+    diffusers.DDPMScheduler(num_train_timesteps=20, beta_end=0.2).save_pretrained(str(pickled))
     cases = [
+        (["finetune", "--prior", pickled, "--preset", files / "images.toml"], "rtbcli never loads pickled ones (.bin)"),
         (["finetune", "--prior", tmp_path / "empty", "--preset", files / "images.toml"], "is not a diffusers model folder"),
         (["finetune", "--prior", ddim, "--preset", files / "images.toml"], "is a DDIMScheduler: rtbcli supports DDPMScheduler"),
         (["finetune", "--prior", files / "model"], "give --preset"),
