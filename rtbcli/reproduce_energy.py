@@ -37,6 +37,7 @@ EXPLORATION_END = 5_000  # ... by this step of the 25,000 (scaled to shorter bud
 PAPER_STEPS = 25_000
 QUICK_STEPS = 1_000  # gmm25: 700 steps of each quick configuration took 22-25 s on 2 CPU threads (unshared)
 QUICK_CONFIGS = ("TB+Expl+LS", "VarGrad+Expl")
+LP_LS = {"langevin": True, "replay": True, "local_search": True}  # the paper's LP + LS rows
 LP_FRACTION = 0.4  # the paper's LP rows: 10,000 of its 25,000 iterations (a Langevin step costs ~4x a plain one)
 EVALS_PER_RUN = 25  # in-loop evaluations (finetune's eval_every) per run, on K samples: the time to reach each number
 QUICK_EVALS_PER_RUN = 5  # (a few seconds each at K = 2,000)
@@ -68,7 +69,7 @@ CONFIGS: dict[str, Config] = {
             "TB+Expl+LP+LS",
             "rtb",
             explore=True,
-            overrides={"langevin": True, "replay": True, "local_search": True},
+            overrides=LP_LS,
             paper="TB + Expl. + LP + LS",
             steps_fraction=LP_FRACTION,
         ),
@@ -77,7 +78,7 @@ CONFIGS: dict[str, Config] = {
             "VarGrad+Expl+LP+LS",
             "vargrad",
             explore=True,
-            overrides={"langevin": True, "replay": True, "local_search": True},
+            overrides=LP_LS,
             paper="VarGrad + Expl. + LP + LS",
             steps_fraction=LP_FRACTION,
         ),
@@ -163,17 +164,18 @@ def reproduce_energy(
     come together in one table."""
     names = config_names(configs, quick)
     console = console or Console(stderr=True)
-    if reuse:  # every file that would be reused is checked before anything is trained
-        for name in names:
-            for seed in range(first_seed, first_seed + seeds):
-                stem = run_stem(name, seed)
-                reusable_seconds(
-                    out / f"{stem}.safetensors",
-                    out / f"{stem}.jsonl",
-                    preset_for(preset, CONFIGS[name], budget, quick),
-                    CONFIGS[name],
-                    seed,
-                )
+    # --reuse: the training seconds of every finished run found, each file checked before anything is trained
+    reused = {
+        (name, seed): reusable_seconds(
+            out / f"{run_stem(name, seed)}.safetensors",
+            out / f"{run_stem(name, seed)}.jsonl",
+            preset_for(preset, CONFIGS[name], budget, quick),
+            CONFIGS[name],
+            seed,
+        )
+        for name in (names if reuse else [])
+        for seed in range(first_seed, first_seed + seeds)
+    }
     started, t_start = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
     runs, total, k = [], len(names) * seeds, 0
     panels: list[tuple[str, torch.Tensor]] = []  # the figure: each configuration's first seed, beside exact samples
@@ -184,7 +186,7 @@ def reproduce_energy(
         for seed in range(first_seed, first_seed + seeds):
             k += 1
             console.print(f"[bold cyan][{k}/{total}][/] {name}, seed {seed}: {p.finetune.steps:,} steps, batch {budget.batch_size}")
-            run, ev = _one(p, ref, config, seed, out, budget.eval_n, device, progress, console, reuse)
+            run, ev = _one(p, ref, config, seed, out, budget.eval_n, device, progress, console, reused.get((name, seed)))
             runs.append(run)
             if ev is not None and not any(t == name for t, _ in panels):
                 if not panels and ev.target_samples is not None:
@@ -238,15 +240,24 @@ def reproduce_energy(
 
 
 def _one(
-    p: Preset, ref: str, config: Config, seed: int, out: Path, n: int, device, progress: bool, console: Console, reuse: bool = False
+    p: Preset,
+    ref: str,
+    config: Config,
+    seed: int,
+    out: Path,
+    n: int,
+    device,
+    progress: bool,
+    console: Console,
+    reused_seconds: float | None = None,
 ) -> tuple[dict, Any]:
     """One configuration and seed: train from the Brownian prior, evaluate; a run that diverges is a row saying so.
-    `reuse`: a finished run of the same configuration already in `out` is evaluated, not trained again.
+    `reused_seconds`: the finished run already in `out` (`reusable_seconds`) is evaluated, not trained again.
     Returns the row and the evaluation (None: diverged)."""
     stem = run_stem(config.name, seed)
     ck_path, log_path = out / f"{stem}.safetensors", out / f"{stem}.jsonl"
     run = {"config": config.name, "algo": config.algo, "seed": seed}
-    seconds = reusable_seconds(ck_path, log_path, p, config, seed) if reuse else None
+    seconds = reused_seconds
     if seconds is not None:
         console.print(f"{config.name}, seed {seed}: reusing the finished run in {ck_path}")
         ev = evaluate(load_checkpoint(ck_path), n, seed, device)

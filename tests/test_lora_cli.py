@@ -18,27 +18,14 @@ from rtbcli.lora import load_model
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
+from tests.test_lora import tiny_unet  # noqa: E402  (the same tiny UNet2DModel, once diffusers is known present)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REWARD = """
 def log_reward(x):
     return -(x.mean(-1) - 0.5).pow(2) * 10
 """
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        add_attention=False,
-    )
 
 
 @pytest.fixture(scope="module")
