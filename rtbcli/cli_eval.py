@@ -146,6 +146,9 @@ def sample(
     reward: str | None = typer.Option(None, "--reward", help="A Langevin-parametrised policy's Python reward, named again."),
     target: str | None = typer.Option(None, "--target", help="A Langevin-parametrised policy's own target, named again."),
     network: str | None = typer.Option(None, "--network", help=NETWORK_HELP),
+    grid: Path | None = typer.Option(
+        None, "--grid", help="Also write the first 64 samples as a PNG grid of images (a diffusers model, or the digits presets)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Draw samples x_T from a checkpoint's own policy and save them as .npy or .csv (no reward needed, except by a
@@ -153,6 +156,7 @@ def sample(
     from .checkpoint import load_checkpoint
     from .evaluate import sampling_policy
     from .networks import attach_network
+    from .plots import image_shape, write_image_grid
     from .sampling import draw_samples, save_samples
 
     if n <= 0:
@@ -160,17 +164,33 @@ def sample(
     if out.suffix.lower() not in (".npy", ".csv"):
         raise InputError(f"--out '{out}' must end in .npy or .csv")
     check_writable(out, "--out")
+    if grid is not None and grid.suffix.lower() != ".png":
+        raise InputError(f"--grid '{grid}' must end in .png")
+    if grid is not None:
+        check_writable(grid, "--grid")
     ck = load_checkpoint(checkpoint)
+    shape = image_shape(ck) if grid is not None else None
+    if grid is not None and shape is None:
+        raise InputError(
+            f"--grid draws images, and '{checkpoint}' is not an image model (a diffusers model or a digits preset): leave out --grid"
+        )
     attach_network(ck, network)
     dev = resolve_device(device)
     x = draw_samples(ck, n, seed, dev, policy=sampling_policy(ck, dev, reward, target))
     save_samples(out, x)
+    if grid is not None:
+        assert shape is not None
+        write_image_grid(grid, x, shape)
     res = {"out": str(out), "n": n, "dim": x.shape[1], "checkpoint": str(checkpoint), "kind": ck.kind, "algo": ck.algo, "seed": seed}
+    if grid is not None:
+        res["grid"] = str(grid)
     if as_json:
         return emit_json(res)
     out_console.print(f"wrote {n} samples of dimension {x.shape[1]} to {out}")
 
 
 sample.__doc__ = (sample.__doc__ or "") + examples(
-    "rtbcli sample rtb.safetensors --n 10000 --out samples.npy", "rtbcli sample prior.safetensors --n 500 --out prior.csv"
+    "rtbcli sample rtb.safetensors --n 10000 --out samples.npy",
+    "rtbcli sample prior.safetensors --n 500 --out prior.csv",
+    "rtbcli sample digits-lora.safetensors --n 64 --out digits.npy --grid digits.png",
 )

@@ -132,6 +132,12 @@ def pretrain(
     p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
     if start is None:
         p = with_network(p, network, parse_kwargs(network_arg))
+    if p.sampler.unet is not None:  # a diffusers UNet: the DDPM loss, a model folder
+        if network is not None or estimator is not None:
+            raise InputError(
+                f"{'--network' if network is not None else '--estimator'} applies to rtbcli's bridge sampler: the preset pretrains a UNet"
+            )
+        return _pretrain_unet(p, ref, out, seed or 0, device, save_every, quiet, as_json)
     net = start.network if start is not None else network_of(p)
     out = out or Path("prior.safetensors")
     check_writable(out, "--out")
@@ -416,7 +422,32 @@ def _report_finetune(r, p, dev, processes: int, as_json: bool) -> None:
     out_console.print(f"next: rtbcli evaluate {r.out}{hint}")
 
 
-def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool, network: str | None = None) -> None:
+def _pretrain_unet(p, ref: str, out: Path | None, seed: int, device: str, save_every: int, quiet: bool, as_json: bool) -> None:
+    """`pretrain` of a [sampler.unet] preset: the epsilon loss, written as a diffusers folder (rtbcli.unet_pretrain)."""
+    from .lora import require_diffusers
+    from .unet_pretrain import pretrain_unet
+
+    require_diffusers()
+    out = Path(out or "prior-unet")
+    if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
+        raise InputError(
+            f"--out '{out}': a UNet prior is a diffusers model folder: give a folder name (e.g. --out {out.stem or 'prior-unet'})"
+        )
+    check_writable(out.with_name(out.name + ".jsonl"), "--out")
+    positive_or_zero("--save-every", save_every)
+    dist, dev = _start_distributed(device, p.pretrain.batch_size)
+    try:
+        if dist.world > 1:
+            raise InputError("a UNet prior pretrains in one process: run it without torchrun")
+        r = pretrain_unet(
+            p, ref, out, seed=seed, device=dev, log_path=out.with_name(out.name + ".jsonl"), progress=not quiet, save_every=save_every
+        )
+    finally:
+        _leave(dist)
+    _report_pretrain(r, ref, dev, 1, as_json, None, unet=True)
+
+
+def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool, network: str | None = None, unet: bool = False) -> None:
     """The finished run: one JSON object, or a table and what to run next."""
     res = {
         "checkpoint": str(r.out),
@@ -432,8 +463,16 @@ def _report_pretrain(r, ref: str, dev, processes: int, as_json: bool, network: s
         "device": dev.type,
         "processes": processes,
     }
+    if unet:  # a diffusers folder trained with the epsilon loss: no bridge ELBO
+        res = {**{k: v for k, v in res.items() if k not in ("elbo", "data_log_prob")}, "model_folder": True, "parameters": r.parameters}
     if as_json:
         return emit_json(res)
+    if unet:
+        rows = [("model folder", r.out), ("log", r.log), ("preset", ref), ("device", dev.type), ("steps", r.steps)]
+        rows += [("wall time (s)", r.seconds), ("steps/s", r.steps_per_s), ("final eps-MSE", r.loss), ("parameters", r.parameters)]
+        out_console.print(kv_table("pretrain (DDPM loss)", rows))
+        out_console.print(f"next: rtbcli finetune --prior {r.out} --preset {ref} --lora-rank 8")
+        return
     out_console.print(
         kv_table(
             "pretrain",

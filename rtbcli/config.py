@@ -273,14 +273,26 @@ class SamplerSpec(Strict):
     lora_targets: list[str] | None = None
     """Names (suffixes) of the modules LoRA adapts; none: the convolutions and time-embedding projections (rtbcli.lora.DEFAULT_TARGETS)."""
 
+    unet: dict[str, Any] | None = None
+    """Pretrain a diffusers UNet2DModel built with these arguments (a [sampler.unet] table: sample_size, in_channels,
+    block_out_channels, ...) with the DDPM epsilon loss instead of rtbcli's sampler: `pretrain` then writes a diffusers
+    folder, which `finetune --prior DIR` takes (rtbcli.unet_pretrain)."""
+    scheduler: dict[str, Any] = Field(default_factory=dict)
+    """The UNet's DDPMScheduler arguments (a [sampler.scheduler] table: num_train_timesteps, beta_schedule, clip_sample, ...;
+    the settings rtbcli.ddpm supports)."""
+
     _model = field_validator("model")(resolve_path)
 
     @model_validator(mode="after")
     def _one_network(self) -> SamplerSpec:
         if self.network is not None and self.model is not None:
             raise ValueError("give one of network (a drift network) and model (a diffusers DDPM model)")
-        if self.model is None and (self.lora_rank is not None or self.sampling_steps is not None):
+        if self.network is not None and self.unet is not None:
+            raise ValueError("give one of network (a drift network) and unet (a diffusers UNet2DModel to pretrain)")
+        if self.model is None and self.unet is None and (self.lora_rank is not None or self.sampling_steps is not None):
             raise ValueError("lora_rank and sampling_steps apply to a diffusers model (finetune --prior DIR)")
+        if self.scheduler and self.unet is None:
+            raise ValueError("[sampler.scheduler] applies to a [sampler.unet]: add one, or remove the scheduler")
         return self
 
     @field_validator("network")

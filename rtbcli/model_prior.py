@@ -20,7 +20,7 @@ def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank:
             "network": None,
             "model": str(path),
             "model_sha256": folder_sha256(path),
-            "sampling_steps": sampling_steps,
+            "sampling_steps": sampling_steps if sampling_steps is not None else preset.sampler.sampling_steps,
             "lora_rank": lora_rank,
             "lora_alpha": lora_alpha,
             "lora_targets": lora_targets or None,

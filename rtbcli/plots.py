@@ -9,6 +9,7 @@ in tests) and written atomically as PNG: a failed save leaves any earlier file u
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -333,4 +334,37 @@ def plot_panels(
             ax.tick_params(labelleft=i % ncols == 0, labelbottom=i + ncols >= len(panels))
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
+    _save(fig, path)
+
+
+def image_shape(ck) -> tuple[int, int, int] | None:
+    """(C, H, W) of a checkpoint whose samples are images, in [-1, 1]: a diffusers model's (its UNet's config), or the
+    digits dataset's (1, 8, 8) at its standard scaling; None for other checkpoints."""
+    spec = ck.preset.sampler
+    if spec.model is not None:
+        cfg = json.loads((Path(spec.model) / ("unet" if (Path(spec.model) / "unet").is_dir() else "") / "config.json").read_text())
+        size = cfg["sample_size"] if isinstance(cfg["sample_size"], list) else [cfg["sample_size"]] * 2
+        return int(cfg.get("in_channels", 3)), int(size[0]), int(size[1])
+    data = ck.preset.prior_data
+    if getattr(data, "dataset", None) == "digits" and data.scale in (None, 0.125) and data.shift in (None, -1.0):
+        return 1, 8, 8
+    return None
+
+
+def write_image_grid(path: str | Path, x: np.ndarray | torch.Tensor, shape: tuple[int, int, int], n: int = 64) -> None:
+    """The first `n` samples (rows of C * H * W values in [-1, 1], C order) as a PNG grid of images, 1-pixel gaps,
+    greyscale (C = 1) or RGB (C = 3), scaled up for viewing; written atomically."""
+    c, h, w = shape
+    if c not in (1, 3):
+        raise InputError(f"an image grid shows 1 or 3 channels (the model has {c}): save the samples as .npy instead")
+    imgs = np.clip((np.asarray(x, dtype=np.float64)[:n].reshape(-1, c, h, w) + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
+    side = max(1, math.ceil(math.sqrt(len(imgs))))
+    grid = np.ones((side * (h + 1) - 1, side * (w + 1) - 1, c))
+    for k, img in enumerate(imgs):
+        i, j = divmod(k, side)
+        grid[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = img
+    fig = Figure(figsize=(min(8.0, 0.3 * grid.shape[1] / (w + 1) + 1), min(8.0, 0.3 * grid.shape[0] / (h + 1) + 1)))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
     _save(fig, path)
