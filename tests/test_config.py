@@ -97,7 +97,8 @@ def test_an_unknown_key_is_named_before_missing_ones(tmp_path):
 
 def test_unknown_preset_name_lists_the_shipped_ones():
     with pytest.raises(
-        InputError, match="unknown preset .nope.: choose one of digits, digits-unet, funnel, gmm25-energy, manywell-energy, manywell32, reference"
+        InputError,
+        match="unknown preset .nope.: choose one of digits, digits-unet, funnel, gmm25-energy, manywell-energy, manywell32, reference",
     ):
         load_preset("nope")
 

@@ -1,0 +1,93 @@
+"""Ablation table: fine-tune one prior with variants of the recipe and print what each change does to the metrics.
+
+Each variant is a name and extra `rtbcli finetune` options; every (variant, algorithm) pair is fine-tuned with
+`rtbcli finetune --prior P --preset T --algo A <options>` and scored by `rtbcli evaluate --json`, and the table
+(markdown) gives the chosen metrics and the training seconds, with the machine and date. Runs already finished in
+--out (same command) are reused, so the table can be rebuilt or extended.
+
+    python benchmarks/ablate.py --preset examples/mixture10d/task.toml --prior prior.safetensors \
+        --reward examples/mixture10d/rewards.py:keep_modes --algos rtb \
+        --variant "before=" --variant "cosine lr=--lr-schedule cosine" --metrics sliced_w2,sliced_w2_floor --out runs/abl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(args: list[str]) -> dict:
+    """`python -m rtbcli ARGS --json`, its last line as JSON (exit status checked)."""
+    p = subprocess.run([sys.executable, "-m", "rtbcli", *args, "--json"], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"ablate: `rtbcli {shlex.join(args)}` failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "base"
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--prior", required=True)
+    ap.add_argument("--reward", default=None, help="the preset's Python reward, named again for evaluate")
+    ap.add_argument("--algos", default="rtb")
+    ap.add_argument("--variant", action="append", required=True, help='NAME=OPTIONS, e.g. "cosine lr=--lr-schedule cosine"')
+    ap.add_argument("--metrics", required=True, help="evaluate --json keys, comma-separated")
+    ap.add_argument("--eval-args", default="", help="extra evaluate options, e.g. '--n 5000'")
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    metrics = a.metrics.split(",")
+    rows = []
+    for spec in a.variant:
+        name, _, opts = spec.partition("=")
+        for algo in a.algos.split(","):
+            ck = a.out / f"{slug(name)}-{algo}.safetensors"
+            cmd = ["finetune", "--prior", a.prior, "--preset", a.preset, "--algo", algo, *shlex.split(opts), "--out", str(ck), "-q"]
+            if a.reward:
+                cmd += ["--reward", a.reward]
+            done = a.out / f"{ck.stem}.run.json"
+            if done.exists() and json.loads(done.read_text())["command"] == cmd:
+                res = json.loads(done.read_text())["result"]
+            else:
+                res = run(cmd)
+                done.write_text(json.dumps({"command": cmd, "result": res}))
+            ev = run(["evaluate", str(ck), *(["--reward", a.reward] if a.reward else []), *shlex.split(a.eval_args)])
+            rows.append(
+                {"variant": name, "options": opts, "algo": algo, "train_seconds": res.get("seconds"), **{m: ev.get(m) for m in metrics}}
+            )
+            print(f"{name} / {algo}: " + ", ".join(f"{m} {fmt(ev.get(m))}" for m in metrics), file=sys.stderr)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    )
+    print(f"Ablation on {a.preset} from {a.prior}, {dt.date.today()} ({machine}):\n")
+    print("| variant | options | algo | " + " | ".join(metrics) + " | train s |")
+    print("|---" * (len(metrics) + 4) + "|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | `{r['options'] or '-'}` | {r['algo']} | "
+            + " | ".join(fmt(r[m]) for m in metrics)
+            + f" | {fmt(r['train_seconds'])} |"
+        )
+    (a.out / "ablation.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
