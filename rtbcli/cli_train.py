@@ -114,6 +114,8 @@ def pretrain(
     if sum(x is not None for x in (preset, data, resume)) > 1:
         raise InputError("give one of --preset, --data and --resume")
     start = None
+    if resume is not None and Path(resume).is_dir():
+        raise InputError(f"'{resume}' is a model folder: a UNet pretraining run does not resume, run it again with --preset")
     if resume is not None:
         if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
             raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")

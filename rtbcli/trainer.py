@@ -132,6 +132,10 @@ class Recipe:
     def check(self) -> None:
         """Raise a RunError if the run has diverged (before any save)."""
 
+    def resume_hint(self, partial: Path) -> str:
+        """What the message of an interrupted run says to do next."""
+        return f"continue with `{resume_command(self.command, partial, self.preset, self.device)}`"
+
     def diverged(self, reason: str, step: int, every_rank: bool) -> RunError:
         """The error of a run whose reward raised (in this process only unless `every_rank`)."""
         return RunError(f"{reason} by step {step}", every_rank=every_rank)
@@ -211,7 +215,6 @@ def _stop(r: Recipe, paths: RunPaths, log: JsonlLog, dist: Dist, signals: StopSi
     log.discard()  # the partial log holds its records
     dist.barrier()
     raise Interrupted(
-        f"{signals.name} at step {step} of {r.total}: saved to {paths.partial}; continue with "
-        f"`{resume_command(r.command, paths.partial, r.preset, r.device)}`",
+        f"{signals.name} at step {step} of {r.total}: saved to {paths.partial}; {r.resume_hint(paths.partial)}",
         signals.exit_code,
     )

@@ -176,6 +176,9 @@ class UNetPretrainRecipe(Recipe):
         lr = learning_rate(step - 1, self.preset.pretrain, self.total)
         return {"step": step, "loss": self.loss, "lr": lr, "steps_per_s": rate, "seconds": seconds}, f"eps-MSE {self.loss:.4f}"
 
+    def resume_hint(self, partial: Path) -> str:
+        return "a UNet pretraining run does not resume: run the same command again (that folder holds the weights so far)"
+
     @property
     def kept(self) -> UNetEps:
         return self.ema if self.ema is not None else self.eps

@@ -183,3 +183,32 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(edit, extra, match, tm
     code, out = cli("pretrain", "--preset", f, *[a.replace("{tmp}", str(tmp_path)) for a in extra], "-q")
     assert code == 2 and match in out and "Traceback" not in out, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml"]
+
+
+def test_an_interrupted_run_leaves_the_weights_so_far_and_says_it_does_not_resume(preset_file, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from rtbcli.cli import run
+    from rtbcli.unet_pretrain import UNetPretrainRecipe
+
+    step = UNetPretrainRecipe.step
+    calls = {"n": 0}
+
+    def stop_at_5(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(UNetPretrainRecipe, "step", stop_at_5)
+    out = tmp_path / "p"
+    code = run(["pretrain", "--preset", str(preset_file), "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 130 and "does not resume" in err and "--resume" not in err, err
+    assert not out.exists() and (tmp_path / "p.partial" / "config.json").is_file()
+    info = json.loads((tmp_path / "p.partial" / "rtbcli-pretrain.json").read_text())
+    assert info["status"] == "interrupted" and info["step"] == 5
+    assert diffusers.UNet2DModel.from_pretrained(str(tmp_path / "p.partial"), use_safetensors=True) is not None
+    code = run(["pretrain", "--resume", str(tmp_path / "p.partial")])
+    assert code == 2 and "does not resume" in capsys.readouterr().err
