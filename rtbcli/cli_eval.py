@@ -54,9 +54,16 @@ def evaluate(
     ),
     dims: str = typer.Option("0,1", "--dims", help="The two coordinates a plot of a task with d != 2 shows."),
     require: list[str] | None = typer.Option(None, "--require", help=REQUIRE_HELP),
+    beta: float | None = typer.Option(
+        None, "--beta", help="Score a prior against the tilted target p_prior r^beta (its samples importance-weighted toward it)."
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", "-p", help="With a diffusers model folder instead of a checkpoint: the task of its images (data, reward)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
 ):
-    """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL."""
+    """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL.
+    A diffusers model folder (a pretrained prior) is scored with --preset, the task of its images."""
     from .checkpoint import load_checkpoint
     from .evaluate import evaluate as run_evaluate
     from .networks import attach_network
@@ -69,16 +76,29 @@ def evaluate(
         if plot.suffix.lower() != ".png":
             raise InputError(f"--plot '{plot}' must end in .png")
         check_writable(plot, "--plot")
-    ck = load_checkpoint(checkpoint)
+    if Path(checkpoint).is_dir():  # a diffusers model folder: the prior of --preset's task
+        from .model_prior import folder_checkpoint
+        from .presets_loader import load_preset
+
+        if preset is None:
+            raise InputError(f"'{checkpoint}' is a diffusers model, with no task of its own: give --preset (the task of its images)")
+        ck = folder_checkpoint(checkpoint, load_preset(preset)[0], None, None, None, None)
+    elif preset is not None:
+        raise InputError("--preset applies to a diffusers model folder: a checkpoint carries its own preset")
+    else:
+        ck = load_checkpoint(checkpoint)
     attach_network(ck, network)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
+    if beta is not None and (ck.kind != "prior" or beta <= 0):
+        raise InputError(f"--beta scores a prior against p_prior r^beta: give a prior and beta > 0 (got {ck.kind}, {beta:g})")
     dev = resolve_device(device)
     ev = run_evaluate(
         ck,
         n or ck.preset.evaluate.n,
         seed,
         dev,
+        beta=beta,
         reward=reward,
         reward_kwargs=parse_kwargs(reward_arg),
         reference=reference,

@@ -212,3 +212,19 @@ def test_an_interrupted_run_leaves_the_weights_so_far_and_says_it_does_not_resum
     assert diffusers.UNet2DModel.from_pretrained(str(tmp_path / "p.partial"), use_safetensors=True) is not None
     code = run(["pretrain", "--resume", str(tmp_path / "p.partial")])
     assert code == 2 and "does not resume" in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_model_folder_as_the_prior_of_a_preset(trained, preset_file, tmp_path):
+    out, _ = trained
+    code, text = cli("evaluate", out, "--preset", preset_file, "-n", "64", "--json")
+    assert code == 0, text
+    m = json.loads(text)
+    assert m["kind"] == "prior" and m["suite"] == "digits" and m["target"].startswith("p_data (") and "class_fraction_target" not in m
+    code, text = cli("evaluate", out, "--preset", preset_file, "-n", "64", "--beta", "1", "--json")
+    assert code == 0, text
+    m = json.loads(text)  # the tilted target p_prior p(3 | x): the prior's share of it by importance weights
+    assert m["beta"] == 1.0 and 0 <= m["class_fraction_target"] <= 1 and m["ess_fraction"] > 0
+    code, text = cli("evaluate", out, "-n", "8")
+    assert code == 2 and "give --preset" in text
+    code, text = cli("evaluate", out, "--preset", preset_file, "--beta", "0", "-n", "8")
+    assert code == 2 and "--beta" in text
