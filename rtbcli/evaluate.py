@@ -363,12 +363,16 @@ def _energy_table(run: _Run, m: dict, x: torch.Tensor, y: torch.Tensor | None) -
     model's and of the exact samples (`n_w2`), beside its floor (`w2_floor`: two independent sets of exact samples)."""
     s, energy, policy = run.scores, run.task.energy, run.policy
     assert energy is not None
-    lw = log_weights(_log_pi(run, x), s["lpb"], s["lpf"])
+    log_pi = _log_pi(run, x)
+    lw = log_weights(log_pi, s["lpb"], s["lpf"])
+    m["log_pi_mean"] = float(log_pi[torch.isfinite(log_pi)].mean())
     lw_t = None
     if y is not None:
         back = policy.backward_sample(y.to(device=run.device, dtype=policy.anchor.dtype), make_generator(run.seed + 2, run.device))
         sb = _score(policy, None, run.task, back, False, run.chunk)
-        lw_t = log_weights(_log_pi(run, y), sb["lpb"], sb["lpf"])
+        log_pi_y = _log_pi(run, y)
+        m["log_pi_mean_exact"] = float(log_pi_y.mean())
+        lw_t = log_weights(log_pi_y, sb["lpb"], sb["lpf"])
     k = min(run.n, W2_MAX)
     m["log_z_true"] = energy.log_z  # None for a user's target: no exact log Z
     m.update(table_from_weights(lw, energy.log_z, lw_t, x[:k], None if y is None else y[:k]))

@@ -281,6 +281,18 @@ METRICS: dict[str, Metric] = {
             row=True,
         ),
         _m("w2_stratified_floor", "energy mode, 25GMM: the same between n_w2 exact samples and the stratified draw", "suite", row=True),
+        _m(
+            "log_pi_mean",
+            "energy mode: mean log pi(x) over the model's (finite) samples; below log_pi_mean_exact, the sampler puts mass where "
+            "pi is low (too wide, or between modes); it bounds the ELBO gap's marginal part",
+            "suite",
+            "num",
+            "log_pi_mean_exact",
+            label="mean log pi (exact samples)",
+            short="E log pi",
+            row=True,
+        ),
+        _m("log_pi_mean_exact", "energy mode: mean log pi(y) over the n exact samples of the target", "suite", row=True),
         _m("n_w2", "energy mode: samples of each side of w2", "suite", "count", row=True),
         _m("plot", "the figure written", "output", "text"),
     )

@@ -207,6 +207,9 @@ def test_the_zero_drift_prior_on_a_wider_gaussian_scores_the_two_kls(tmp_path, c
     assert m["log_z_true"] == 0.0
     assert m["delta_log_z"] == pytest.approx(0.5 - 1 + math.log(2), abs=0.03)  # MC std 0.5 / sqrt(4000) = 0.008
     assert m["eubo"] == pytest.approx(2 - 1 - math.log(2), abs=0.05)  # MC std sqrt(2) / 2 / sqrt(4000) = 0.011
+    # mean log pi = -log(4 pi) - E|x|^2 / 4: over the model's N(0, I) samples E|x|^2 = 2, over exact N(0, 2 I) ones 4
+    assert m["log_pi_mean"] == pytest.approx(-math.log(4 * math.pi) - 0.5, abs=0.04)  # MC std 0.5 / sqrt(4000) = 0.008
+    assert m["log_pi_mean_exact"] == pytest.approx(-math.log(4 * math.pi) - 1.0, abs=0.08)  # MC std 1 / sqrt(4000) = 0.016
 
 
 # ----------------------------------------------------------------------------- bad input
