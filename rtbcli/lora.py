@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from torch import nn
 from .ddpm import DDPMSampler, Schedule, schedule_from_config
 from .errors import InputError
 from .hashing import sha256_file
+from .runtime import write_folder
 
 INSTALL = 'pip install "rtbcli[diffusers]"'
 DEFAULT_TARGETS = ("conv_in", "conv1", "conv2", "conv_out", "time_emb_proj", "linear_1", "linear_2", "to_q", "to_k", "to_v", "to_out.0")
@@ -142,16 +141,13 @@ def merged_folder(eps: UNetEps, scheduler_config: dict, out: Path) -> Path:
     if out.exists():
         raise InputError(f"'{out}' exists: choose a new folder for the merged model")
     unet = eps.unet.merge_and_unload() if hasattr(eps.unet, "merge_and_unload") else eps.unet
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         unet.save_pretrained(str(tmp))
         config = {k: v for k, v in scheduler_config.items() if not k.startswith("_") or k == "_class_name"}
         diffusers.DDPMScheduler.from_config(config).save_pretrained(str(tmp))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(out, fill)
 
 
 def folder_sha256(path: Path | str) -> str:

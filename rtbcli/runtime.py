@@ -6,10 +6,12 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,6 +146,31 @@ def atomic_group() -> Iterator[None]:
         for tmp, _ in mine:
             tmp.unlink(missing_ok=True)
         _group = outer
+
+
+def write_folder(out: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a folder whole: `fill(tmp)` writes into a temporary folder beside `out`, which then takes its place (an
+    older `out` is replaced only once the new one is complete; a failure leaves it as it was). The folder and its
+    files get the permissions a plain mkdir/open would give them (mkdtemp's are private)."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    try:
+        fill(tmp)
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from .ddpm import schedule_from_config
 from .distributed import Dist
 from .errors import InputError, RunError
 from .lora import UNetEps, require_diffusers
-from .runtime import JsonlLog, make_generator
+from .runtime import JsonlLog, make_generator, write_folder
 from .tasks import Task
 from .trainer import Recipe, Schedule, learning_rate, run_loop
 from .training import RunPaths
@@ -95,25 +93,6 @@ class FolderPaths(RunPaths):
     def remove_partial(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial_log.unlink(missing_ok=True)
-
-
-def write_folder(out: Path, fill) -> None:
-    """Write a folder whole: `fill(tmp)` into a temporary folder beside `out`, then rename it into place (an older
-    `out` is replaced only once the new one is complete)."""
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    try:
-        fill(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

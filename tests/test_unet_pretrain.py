@@ -4,6 +4,9 @@ and `finetune --prior DIR` fine-tunes (with the preset's sampling steps), the lo
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +114,10 @@ def test_pretrain_writes_a_diffusers_folder_that_finetune_takes(trained, preset_
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "scheduler_config.json", "rtbcli-pretrain.json", "diffusion_pytorch_model.safetensors"} <= names
     assert not any(n.endswith(".bin") for n in names)
+    mask = os.umask(0)
+    os.umask(mask)  # the folder and its files as a plain mkdir / open makes them, not mkdtemp's private ones
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in names} == {0o666 & ~mask}
     info = json.loads((out / "rtbcli-pretrain.json").read_text())
     assert info["status"] == "finished" and info["step"] == 40 and info["config"]["sampler"]["unet"]["block_out_channels"] == [8, 16]
     unet = diffusers.UNet2DModel.from_pretrained(str(out), use_safetensors=True)
@@ -228,3 +235,17 @@ def test_evaluate_scores_a_model_folder_as_the_prior_of_a_preset(trained, preset
     assert code == 2 and "give --preset" in text
     code, text = cli("evaluate", out, "--preset", preset_file, "--beta", "0", "-n", "8")
     assert code == 2 and "--beta" in text
+
+
+def test_the_shipped_digits_unet_prior_is_the_presets_model_with_its_provenance():
+    from importlib.resources import files
+
+    from rtbcli.lora import load_model
+
+    folder = Path(str(files("rtbcli") / "data" / "prior-digits-unet"))
+    info = json.loads((folder / "rtbcli-pretrain.json").read_text())
+    p, _ = load_preset("digits-unet")
+    assert info["status"] == "finished" and info["step"] == p.pretrain.steps and info["preset"] == "digits-unet"
+    assert info["config"]["sampler"]["unet"] == p.sampler.unet and info["config"]["sampler"]["scheduler"] == p.sampler.scheduler
+    eps, schedule, _ = load_model(folder, p.sampler.sampling_steps)
+    assert eps.dim == p.dim == 64 and schedule.steps == 50 and schedule.clip_sample
