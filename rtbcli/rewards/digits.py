@@ -74,11 +74,11 @@ def _check(x: torch.Tensor) -> None:
         raise InputError(f"digits images must be a floating-point tensor (got {x.dtype})")
 
 
-@torch.no_grad()
 def class_log_probs(x: torch.Tensor) -> torch.Tensor:
-    """log p(c | x) for all 10 classes: (B, 10) in x's dtype and on x's device (calibrated)."""
+    """log p(c | x) for all 10 classes: (B, 10) in x's dtype and on x's device (calibrated); differentiable in x, so
+    that the Langevin parametrisation can use its gradient (classifier guidance)."""
     _check(x)
-    h = x.detach()
+    h = x
     layers = _params(x.device, x.dtype)
     for i, (w, b) in enumerate(layers):
         h = F.linear(h, w, b)
@@ -88,7 +88,7 @@ def class_log_probs(x: torch.Tensor) -> torch.Tensor:
 
 
 def log_p_class(x: torch.Tensor, digit: int) -> torch.Tensor:
-    """The reward log r(x) = log p(c = digit | x): (B,) in x's dtype and on x's device, without gradient.
+    """The reward log r(x) = log p(c = digit | x): (B,) in x's dtype and on x's device, differentiable in x.
 
     Non-finite rows give NaN.
     """
@@ -98,7 +98,8 @@ def log_p_class(x: torch.Tensor, digit: int) -> torch.Tensor:
 
 def classify(x: torch.Tensor) -> torch.Tensor:
     """The classifier's labels (B,) int64: the most probable class of each row."""
-    return class_log_probs(x).argmax(dim=-1)
+    with torch.no_grad():
+        return class_log_probs(x).argmax(dim=-1)
 
 
 def classifier_metadata() -> dict:
