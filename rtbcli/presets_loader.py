@@ -57,7 +57,7 @@ def load_preset(name_or_path: str | Path | None = None, resolve: bool = True) ->
             f"'{ref}' is a data file, not a preset: use `rtbcli pretrain --data {ref}`, or name it in a preset's "
             f"[prior_data] path (see `rtbcli presets init`)"
         )
-    if path.suffix == ".toml" or path.exists() or "/" in ref:
+    if path.suffix == ".toml" or path.is_file() or "/" in ref:  # a folder of that name (a model) is not a preset
         if not path.is_file():
             raise InputError(
                 f"preset file '{ref}' not found: give a shipped name ({', '.join(shipped_presets())}) or a path to a .toml file"

@@ -149,3 +149,12 @@ def test_a_value_toml_cannot_hold_is_an_input_error(tmp_path):
     )
     with pytest.raises(InputError, match="'reward.kwargs.a.b' is None"):
         render_preset(preset)
+
+
+def test_a_folder_named_like_a_shipped_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`pretrain --preset digits-unet --out digits-unet` writes a model folder named as the preset; the next command's
+    `--preset digits-unet` still means the shipped preset."""
+    (tmp_path / "digits-unet").mkdir()
+    monkeypatch.chdir(tmp_path)
+    preset, ref = load_preset("digits-unet")
+    assert preset.name == "digits-unet" and ref == "digits-unet"
