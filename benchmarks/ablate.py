@@ -3,7 +3,8 @@
 Each variant is a name and extra `rtbcli finetune` options; every (variant, algorithm) pair is fine-tuned with
 `rtbcli finetune --prior P --preset T --algo A <options>` and scored by `rtbcli evaluate --json`, and the table
 (markdown) gives the chosen metrics and the training seconds, with the machine and date. Runs already finished in
---out (same command) are reused, so the table can be rebuilt or extended.
+--out (same command) are reused, and so are their evaluations (same evaluate options), so the table can be rebuilt
+or extended at no cost.
 
     python benchmarks/ablate.py --preset examples/mixture10d/task.toml --prior prior.safetensors \
         --reward examples/mixture10d/rewards.py:keep_modes --algos rtb \
@@ -63,13 +64,15 @@ def main() -> None:
             cmd = ["finetune", "--prior", a.prior, "--preset", a.preset, "--algo", algo, *shlex.split(opts), "--out", str(ck), "-q"]
             if a.reward:
                 cmd += ["--reward", a.reward]
+            ev_cmd = ["evaluate", str(ck), *(["--reward", a.reward] if a.reward else []), *shlex.split(a.eval_args)]
             done = a.out / f"{ck.stem}.run.json"
-            if done.exists() and json.loads(done.read_text())["command"] == cmd:
-                res = json.loads(done.read_text())["result"]
-            else:
-                res = run(cmd)
-                done.write_text(json.dumps({"command": cmd, "result": res}))
-            ev = run(["evaluate", str(ck), *(["--reward", a.reward] if a.reward else []), *shlex.split(a.eval_args)])
+            saved = json.loads(done.read_text()) if done.exists() else {}
+            if saved.get("command") != cmd:  # train (again): the run is missing or was made by another command
+                saved = {"command": cmd, "result": run(cmd)}
+            if saved.get("eval_command") != ev_cmd:  # a finished run is evaluated once per set of evaluate options
+                saved.update(eval_command=ev_cmd, eval=run(ev_cmd))
+            done.write_text(json.dumps(saved))
+            res, ev = saved["result"], saved["eval"]
             rows.append(
                 {"variant": name, "options": opts, "algo": algo, "train_seconds": res.get("seconds"), **{m: ev.get(m) for m in metrics}}
             )

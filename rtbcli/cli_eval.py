@@ -64,7 +64,6 @@ def evaluate(
 ):
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL.
     A diffusers model folder (a pretrained prior) is scored with --preset, the task of its images."""
-    from .checkpoint import load_checkpoint
     from .evaluate import evaluate as run_evaluate
     from .networks import attach_network
 
@@ -76,17 +75,7 @@ def evaluate(
         if plot.suffix.lower() != ".png":
             raise InputError(f"--plot '{plot}' must end in .png")
         check_writable(plot, "--plot")
-    if Path(checkpoint).is_dir():  # a diffusers model folder: the prior of --preset's task
-        from .model_prior import folder_checkpoint
-        from .presets_loader import load_preset
-
-        if preset is None:
-            raise InputError(f"'{checkpoint}' is a diffusers model, with no task of its own: give --preset (the task of its images)")
-        ck = folder_checkpoint(checkpoint, load_preset(preset)[0], None, None, None, None)
-    elif preset is not None:
-        raise InputError("--preset applies to a diffusers model folder: a checkpoint carries its own preset")
-    else:
-        ck = load_checkpoint(checkpoint)
+    ck = _checkpoint_or_folder(checkpoint, preset)
     attach_network(ck, network)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
@@ -124,6 +113,22 @@ def evaluate(
 
         print(f"rtbcli: {len(failed)} required check(s) failed: {'; '.join(failed)}", file=sys.stderr)
         raise typer.Exit(EXIT_REQUIRE)
+
+
+def _checkpoint_or_folder(path: Path, preset: str | None):
+    """A checkpoint, or a diffusers model folder as the prior of `preset`'s task (it has none of its own)."""
+    from .checkpoint import load_checkpoint
+
+    if not Path(path).is_dir():
+        if preset is not None:
+            raise InputError("--preset applies to a diffusers model folder: a checkpoint carries its own preset")
+        return load_checkpoint(path)
+    from .model_prior import folder_checkpoint
+    from .presets_loader import load_preset
+
+    if preset is None:
+        raise InputError(f"'{path}' is a diffusers model, with no task of its own: give --preset (the task of its images)")
+    return folder_checkpoint(path, load_preset(preset)[0], None, None, None, None)
 
 
 def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int, int]) -> None:

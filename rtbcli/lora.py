@@ -44,15 +44,20 @@ def require_diffusers() -> tuple[Any, Any]:
     return diffusers, peft
 
 
+def image_shape(config) -> tuple[int, int, int]:
+    """(C, H, W) of a UNet2DModel's images, from its config (the model's, or its folder's config.json as a dict)."""
+    size = config["sample_size"]
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    return int(config.get("in_channels", 3)), int(h), int(w)
+
+
 class UNetEps(nn.Module):
     """A diffusers UNet2DModel as an epsilon network of flat images: x (B, d), timesteps (B,) -> eps (B, d)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet: Any = unet  # a UNet2DModel, or a peft model around one
-        cfg: Any = unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-        self.shape = (int(cfg.in_channels), int(size[0]), int(size[1]))
+        self.shape = image_shape(unet.config)
 
     @property
     def dim(self) -> int:

@@ -340,11 +340,12 @@ def plot_panels(
 def image_shape(ck) -> tuple[int, int, int] | None:
     """(C, H, W) of a checkpoint whose samples are images, in [-1, 1]: a diffusers model's (its UNet's config), or the
     digits dataset's (1, 8, 8) at its standard scaling; None for other checkpoints."""
+    from .lora import image_shape as unet_image_shape
+    from .lora import model_folders
+
     spec = ck.preset.sampler
     if spec.model is not None:
-        cfg = json.loads((Path(spec.model) / ("unet" if (Path(spec.model) / "unet").is_dir() else "") / "config.json").read_text())
-        size = cfg["sample_size"] if isinstance(cfg["sample_size"], list) else [cfg["sample_size"]] * 2
-        return int(cfg.get("in_channels", 3)), int(size[0]), int(size[1])
+        return unet_image_shape(json.loads((model_folders(Path(spec.model))[0] / "config.json").read_text()))
     data = ck.preset.prior_data
     if getattr(data, "dataset", None) == "digits" and data.scale in (None, 0.125) and data.shift in (None, -1.0):
         return 1, 8, 8

@@ -217,10 +217,15 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     run.sched.step()
     run.step += 1
     if run.ema is not None:
-        with torch.no_grad():
-            for pe, p in zip(run.ema.parameters(), run.sampler.parameters()):
-                pe.lerp_(p, 1.0 - cfg.ema)
+        ema_update(run.ema, run.sampler, cfg.ema)
     return loss.detach()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - decay)
 
 
 def setup(

@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from .config import Preset
+from .ddpm import Schedule as DDPMSchedule
 from .ddpm import schedule_from_config
 from .distributed import Dist
 from .errors import InputError, RunError
 from .lora import UNetEps, require_diffusers
+from .pretrain import ema_update
 from .runtime import JsonlLog, make_generator, write_folder
 from .tasks import Task
 from .trainer import Recipe, Schedule, learning_rate, run_loop
@@ -41,11 +43,10 @@ from .training import RunPaths
 INFO_FILE = "rtbcli-pretrain.json"
 
 
-def scheduler_config(preset: Preset) -> dict[str, Any]:
-    """The DDPMScheduler config of a [sampler.unet] preset, checked by `rtbcli.ddpm` (its supported settings)."""
+def scheduler_config(preset: Preset) -> tuple[dict[str, Any], DDPMSchedule]:
+    """The DDPMScheduler config of a [sampler.unet] preset and its schedule (an InputError for what `rtbcli.ddpm` does not support)."""
     cfg = {"_class_name": "DDPMScheduler", **preset.sampler.scheduler}
-    schedule_from_config(cfg, where=f"preset '{preset.name}' [sampler.scheduler]")
-    return cfg
+    return cfg, schedule_from_config(cfg, where=f"preset '{preset.name}' [sampler.scheduler]")
 
 
 def new_unet(preset: Preset, seed: int) -> UNetEps:
@@ -122,11 +123,11 @@ class UNetPretrainRecipe(Recipe):
         cfg = preset.pretrain
         if cfg.box_weight > 0:
             raise InputError("[pretrain] box_weight applies to rtbcli's bridge sampler, not a UNet: remove it")
-        self.sched_config = scheduler_config(preset)
+        self.sched_config, schedule = scheduler_config(preset)
         self.eps = new_unet(preset, seed).to(device)
         self.ema = copy.deepcopy(self.eps).requires_grad_(False) if cfg.ema > 0 else None
         self.task = Task(preset, allow_import=False)
-        abar = torch.cumprod(1 - schedule_from_config(self.sched_config).betas(), 0)
+        abar = torch.cumprod(1 - schedule.betas(), 0)
         self.abar = abar.to(device=device, dtype=torch.float32)
         self.gen = make_generator(seed, device)
         self.opt = torch.optim.Adam(self.eps.parameters(), lr=cfg.lr)
@@ -142,9 +143,7 @@ class UNetPretrainRecipe(Recipe):
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.eps.parameters()):
-                    pe.lerp_(p, 1.0 - cfg.ema)
+            ema_update(self.ema, self.eps, cfg.ema)
         return loss.detach()
 
     def record(self, loss: torch.Tensor, step: int, rate: float, seconds: float) -> tuple[dict, str]:

@@ -29,3 +29,4 @@ def test_ablate_runs_each_variant_and_reuses_finished_runs(tiny_preset_file, tin
     mtime = (out / "before-vargrad.safetensors").stat().st_mtime_ns
     p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0 and (out / "before-vargrad.safetensors").stat().st_mtime_ns == mtime  # reused, not trained again
+    assert p2.stdout.splitlines()[2:] == p.stdout.splitlines()[2:]  # and its evaluation with it: the same table

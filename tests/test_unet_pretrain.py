@@ -129,6 +129,9 @@ def test_pretrain_writes_a_diffusers_folder_that_finetune_takes(trained, preset_
     from rtbcli.checkpoint import load_checkpoint
 
     assert load_checkpoint(ck).preset.sampler.sampling_steps == 5  # the preset's, as no --sampling-steps was given
+    from rtbcli.plots import image_shape
+
+    assert image_shape(load_checkpoint(ck)) == (1, 8, 8)  # what --grid draws: the UNet's (C, H, W)
     code, text = cli("sample", ck, "--n", "9", "--out", tmp_path / "s.npy", "--grid", tmp_path / "s.png", "--json")
     assert code == 0 and json.loads(text)["grid"] == str(tmp_path / "s.png"), text
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
