@@ -200,7 +200,18 @@ METRICS: dict[str, Metric] = {
         _m(
             "mmd_bandwidth", "the one kernel bandwidth of mmd2 and mmd2_floor: the median pairwise distance of the reference", "2", row=True
         ),
-        _m("n_compared", "sample size of each side of sw2/mmd2", "2", "count", row=True),
+        _m(
+            "nn_dist",
+            "mean distance from a sample to its nearest reference row: above its floor, samples spread off a thin reference",
+            "2",
+            "num",
+            "nn_dist_floor",
+            "distance to the nearest reference row",
+            "nn dist",
+            row=True,
+        ),
+        _m("nn_dist_floor", "the same for the other half of the reference", "2", row=True),
+        _m("n_compared", "sample size of each side of sw2/mmd2/nn_dist", "2", "count", row=True),
         _m("n_reference", "reference samples available", "2", "count"),
         _m("n_dropped_nonfinite", "model samples dropped as non-finite", "2", "count"),
         _m(

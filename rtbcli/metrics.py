@@ -321,8 +321,13 @@ def _far_rows(x: torch.Tensor, ref: torch.Tensor) -> int:
     return int(((x < lo - width) | (x > hi + width)).any(dim=1).sum())
 
 
+def nearest_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> float:
+    """mean_i min_j ||x_i - ref_j||: how far the rows of x lie from the reference's support (exact, chunked)."""
+    return float(sum(torch.cdist(c, ref).min(dim=1).values.sum() for c in x.split(chunk)) / x.shape[0])
+
+
 def reference_comparison(samples, reference, seed: int = 0) -> dict:
-    """SW2 and MMD^2 of samples against reference samples, each next to its floor.
+    """SW2, MMD^2 and the nearest-reference distance of samples against reference samples, each next to its floor.
 
     Non-finite rows are dropped (model rows counted in n_dropped_nonfinite; n_reference counts the finite
     reference rows, of which there must be at least 4). The reference (r rows) is split by a seeded random
@@ -331,14 +336,18 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
 
       sw2 = sliced_w2(X, A[:m]),      sw2_floor = sliced_w2(B[:m], A[:m]),
       mmd2 = mmd2_rbf(X, A[:m], h),   mmd2_floor = mmd2_rbf(B[:m], A[:m], h)
+      nn_dist = mean_i min_j |X_i - A_j|,   nn_dist_floor = the same for B[:m]
 
     all with the same seed, so model and floor use the same projection directions, and one kernel bandwidth
     h = median_bandwidth(reference, 2000, seed) (the median pairwise distance of at most 2,000 reference rows)
     for both MMD^2, so that the two compare; h is reported as mmd_bandwidth. A sampler indistinguishable from the
-    target scores near its floor. With fewer than 2 finite model rows the four statistics are NaN. n_far counts
+    target scores near its floor. nn_dist is what the other two hardly see: samples spread off a thin reference
+    (data near a curve) sit a spread's width from it, the reference's own rows a spacing's. With fewer than 2 finite
+    model rows the six statistics are NaN. n_far counts
     the finite model rows outside the reference's bounding box widened on every side by its largest width:
     diverged trajectories, which weigh on sliced-W2 as their squared distance and hardly on MMD^2. Returns
-    {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}.
+    {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "nn_dist", "nn_dist_floor", "n_compared", "n_reference",
+    "n_dropped_nonfinite", "n_far"}.
     """
     x, ref = _check_pair(samples, reference, require_finite=False)
     finite = torch.isfinite(x).all(dim=1)
@@ -355,7 +364,8 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     out = {"n_compared": m, "n_reference": r, "n_dropped_nonfinite": n_dropped, "n_far": _far_rows(x, ref)}
     if m < 2:
         nan = float("nan")
-        return {"sw2": nan, "sw2_floor": nan, "mmd2": nan, "mmd2_floor": nan, "mmd_bandwidth": nan, **out}
+        stats = ("sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "nn_dist", "nn_dist_floor")
+        return {**dict.fromkeys(stats, nan), **out}
     x, a, b = _subsample(x, m, gen), a[:m], b[:m]
     mmd2, mmd2_floor, h = _mmd_beside_floor(x, a, b, median_bandwidth(ref, MMD_MAX_POINTS, seed), seed)
     return {
@@ -364,5 +374,7 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
         "mmd2": mmd2,
         "mmd2_floor": mmd2_floor,
         "mmd_bandwidth": h,
+        "nn_dist": nearest_distance(x, a),
+        "nn_dist_floor": nearest_distance(b, a),
         **out,
     }

@@ -16,7 +16,8 @@ import torch
 
 from rtbcli.metrics import median_bandwidth, mmd2_rbf, reference_comparison, sliced_w2
 
-KEYS = {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}
+KEYS = {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "nn_dist", "nn_dist_floor"}
+KEYS |= {"n_compared", "n_reference", "n_dropped_nonfinite", "n_far"}
 
 
 def gaussian(n, d, seed, shift=0.0):
@@ -218,10 +219,25 @@ def test_reference_comparison_on_an_enumerable_case():
                     ("sw2_floor", w2_1d(b, a)),
                     ("mmd2", mmd2_loops(pt(xs), pt(a), h)),
                     ("mmd2_floor", mmd2_loops(pt(b), pt(a), h)),
+                    ("nn_dist", sum(min(abs(u - v) for v in a) for u in xs) / 3),
+                    ("nn_dist_floor", sum(min(abs(u - v) for v in a) for u in b) / 3),
                 ]
             ):
                 found = True
     assert found, out
+
+
+def test_nn_dist_sees_samples_spread_across_a_thin_reference():
+    """Reference rows on a segment of the x-axis (spacing ~1e-3), samples on it lifted by 0.1: each is 0.1 from its nearest
+    reference row (to the spacing's square over 0.2), while the other half of the reference is a spacing away. Sliced W2
+    of the same samples is under 0.1: it averages over directions, most of them along the segment."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.stack([torch.rand(4000, generator=g, dtype=torch.float64), torch.zeros(4000, dtype=torch.float64)], 1)
+    lifted = torch.stack([0.1 + 0.8 * torch.rand(2000, generator=g, dtype=torch.float64), torch.full((2000,), 0.1)], 1)
+    out = reference_comparison(lifted, ref, seed=1)
+    assert out["nn_dist"] == pytest.approx(0.1, rel=1e-3)
+    assert out["nn_dist_floor"] < 2e-3
+    assert out["sw2"] < 0.1
 
 
 def test_model_and_floor_share_the_reference_bandwidth():
