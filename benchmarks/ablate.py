@@ -1,14 +1,17 @@
-"""Ablation table: fine-tune one prior with variants of the recipe and print what each change does to the metrics.
+"""Ablation table: fine-tune one prior (or pretrain one) with variants of the recipe and print what each change does.
 
 Each variant is a name and extra `rtbcli finetune` options; every (variant, algorithm) pair is fine-tuned with
 `rtbcli finetune --prior P --preset T --algo A <options>` and scored by `rtbcli evaluate --json`, and the table
 (markdown) gives the chosen metrics and the training seconds, with the machine and date. Runs already finished in
 --out (same command) are reused, and so are their evaluations (same evaluate options), so the table can be rebuilt
-or extended at no cost.
+or extended at no cost. With --pretrain instead of --prior, each variant pretrains a prior on the preset's data
+(`rtbcli pretrain --preset T <options>`), evaluated against --eval-args (e.g. '--reference exact.npy').
 
     python benchmarks/ablate.py --preset examples/mixture10d/task.toml --prior prior.safetensors \
         --reward examples/mixture10d/rewards.py:keep_modes --algos rtb \
         --variant "before=" --variant "cosine lr=--lr-schedule cosine" --metrics sliced_w2,sliced_w2_floor --out runs/abl
+    python benchmarks/ablate.py --pretrain --preset thin.toml --variant "default=" --variant "sigma2 1=--sigma2 1" \
+        --metrics sw2,sw2_floor,nn_dist,nn_dist_floor --eval-args "--reference exact.npy" --out runs/thin
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", required=True)
-    ap.add_argument("--prior", required=True)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prior", help="the prior every variant fine-tunes")
+    what.add_argument("--pretrain", action="store_true", help="each variant pretrains a prior on the preset's data")
     ap.add_argument("--reward", default=None, help="the preset's Python reward, named again for evaluate")
     ap.add_argument("--algos", default="rtb")
     ap.add_argument("--variant", action="append", required=True, help='NAME=OPTIONS, e.g. "cosine lr=--lr-schedule cosine"')
@@ -59,10 +64,13 @@ def main() -> None:
     rows = []
     for spec in a.variant:
         name, _, opts = spec.partition("=")
-        for algo in a.algos.split(","):
+        for algo in ["prior"] if a.pretrain else a.algos.split(","):
             ck = a.out / f"{slug(name)}-{algo}.safetensors"
-            cmd = ["finetune", "--prior", a.prior, "--preset", a.preset, "--algo", algo, *shlex.split(opts), "--out", str(ck), "-q"]
-            if a.reward:
+            if a.pretrain:
+                cmd = ["pretrain", "--preset", a.preset, *shlex.split(opts), "--out", str(ck), "-q"]
+            else:
+                cmd = ["finetune", "--prior", a.prior, "--preset", a.preset, "--algo", algo, *shlex.split(opts), "--out", str(ck), "-q"]
+            if a.reward and not a.pretrain:
                 cmd += ["--reward", a.reward]
             ev_cmd = ["evaluate", str(ck), *(["--reward", a.reward] if a.reward else []), *shlex.split(a.eval_args)]
             done = a.out / f"{ck.stem}.run.json"
@@ -80,7 +88,8 @@ def main() -> None:
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
     )
-    print(f"Ablation on {a.preset} from {a.prior}, {dt.date.today()} ({machine}):\n")
+    source = "pretraining on its data" if a.pretrain else f"from {a.prior}"
+    print(f"Ablation on {a.preset} {source}, {dt.date.today()} ({machine}):\n")
     print("| variant | options | algo | " + " | ".join(metrics) + " | train s |")
     print("|---" * (len(metrics) + 4) + "|")
     for r in rows:

@@ -91,6 +91,12 @@ def pretrain(
     lr: float | None = typer.Option(None, help=field_help(PretrainSpec, "lr")),
     lr_schedule: Schedule | None = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
     estimator: Estimator | None = typer.Option(None, help=field_help(PretrainSpec, "estimator")),
+    sigma2: float | None = typer.Option(
+        None,
+        "--sigma2",
+        help="The sampler's variance per unit time sigma2: each of the T steps adds N(0, sigma2 / T) noise, the last one "
+        "included, so data thinner than sqrt(sigma2 / T) come out wider than they are [default: the preset's; 5.0 where it says nothing].",
+    ),
     network: str | None = typer.Option(None, "--network", help=NETWORK_HELP),
     network_arg: list[str] | None = typer.Option(
         None, "--network-arg", help="KEY=VALUE keyword argument for your network's constructor (repeatable)."
@@ -117,7 +123,7 @@ def pretrain(
     if resume is not None and Path(resume).is_dir():
         raise InputError(f"'{resume}' is a model folder: a UNet pretraining run does not resume, run it again with --preset")
     if resume is not None:
-        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator)):
+        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator, sigma2)):
             raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
         if network_arg:
             raise InputError("--resume continues a run with its own network: leave out --network-arg")
@@ -133,12 +139,11 @@ def pretrain(
         p, ref = load_preset(preset)
     p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
     if start is None:
-        p = with_network(p, network, parse_kwargs(network_arg))
+        p = with_network(with_overrides(p, "sampler", sigma2=sigma2), network, parse_kwargs(network_arg))
     if p.sampler.unet is not None:  # a diffusers UNet: the DDPM loss, a model folder
-        if network is not None or estimator is not None:
-            raise InputError(
-                f"{'--network' if network is not None else '--estimator'} applies to rtbcli's bridge sampler: the preset pretrains a UNet"
-            )
+        bridge_only = [o for o, v in (("--network", network), ("--estimator", estimator), ("--sigma2", sigma2)) if v is not None]
+        if bridge_only:
+            raise InputError(f"{bridge_only[0]} applies to rtbcli's bridge sampler: the preset pretrains a UNet")
         return _pretrain_unet(p, ref, out, seed or 0, device, save_every, quiet, as_json)
     net = start.network if start is not None else network_of(p)
     out = out or Path("prior.safetensors")

@@ -140,6 +140,19 @@ def test_data_far_from_the_sampler_scale_warns_with_a_fitting_sigma2(tmp_path):
     assert code == 0 and "warning" not in err
 
 
+def test_pretrain_sigma2_sets_the_samplers_variance_and_names_a_bad_one(tmp_path, capsys):
+    """`pretrain --data F --sigma2 S`: the run (its checkpoint's preset, and the scale warning) uses S; S <= 0 is refused."""
+    from rtbcli.checkpoint import load_checkpoint
+
+    np.save(tmp_path / "x.npy", rows(100, 2) * 0.05)  # mean square 0.01 per coordinate: 0.002 sigma2 = 5 (warned), 1 sigma2 = 0.01
+    code, out, err = invoke("pretrain", "--data", tmp_path / "x.npy", "--sigma2", "0.01", "--out", tmp_path / "p.safetensors", *TINY)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "p.safetensors").preset.sampler.sigma2 == 0.01
+    assert "warning" not in err  # the scale advice is about sigma2 = 0.01, which fits these data; 5 would not
+    msg = one_line_error(capsys, "pretrain", "--data", tmp_path / "x.npy", "--sigma2", "0", "--out", tmp_path / "q.safetensors")
+    assert "--sigma2" in msg and not (tmp_path / "q.safetensors").exists()
+
+
 def test_pretraining_minibatches_are_rows_fixed_by_the_seed():
     from rtbcli.data import EmpiricalData
 

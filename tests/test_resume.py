@@ -436,6 +436,7 @@ def test_pretrain_resume_refuses_other_settings_and_finetuned_checkpoints(files,
     assert run(cmd) == 0
     for args, match in (
         (["--batch-size", "16"], "only --steps (a new total) may be given"),
+        (["--sigma2", "1"], "only --steps (a new total) may be given"),
         (["--preset", str(files["preset"])], "give one of --preset, --data and --resume"),
     ):
         capsys.readouterr()
