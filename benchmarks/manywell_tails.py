@@ -1,0 +1,67 @@
+"""Where a ManyWell-32 sampler puts its x1 mass, pair by pair, beside the exact target: the left-well mass
+P(x1_j < 0) and the far-left tail P(x1_j < CUT) (beyond the left well at about -1.7), from sample files.
+
+    rtbcli sample runs/mw/prior.safetensors --n 20000 --out prior.npy
+    rtbcli sample runs/mw/rtb.safetensors --n 20000 --out rtb.npy
+    python benchmarks/manywell_tails.py prior.npy rtb.npy --reweight      # exact: the tilted target (8 pairs)
+
+Exact values come from the quadrature of rtbcli.datasets.manywell (the target p_data r with r = exp(-sum_{j<8} x1_j),
+or p_data itself with --tilted-pairs 0). Prints one Markdown table, a row per file and one for the exact target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+
+from rtbcli.datasets.manywell import ManyWell, tilted_target
+
+
+def tail_mass(target: ManyWell, cut: float) -> list[float]:
+    """P(x1_j < cut) per pair by quadrature of exp(-x^4 + 6x^2 + (0.5 - t) x) on a fine grid."""
+    g = torch.linspace(-8, 8, 400_001, dtype=torch.float64)
+    out = []
+    for t in target.tilts:
+        lp = -(g**4) + 6 * g**2 + (0.5 - float(t)) * g
+        p = torch.exp(lp - lp.max())
+        out.append(float(p[g < cut].sum() / p.sum()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", help=".npy samples (n, 32)")
+    ap.add_argument("--tilted-pairs", type=int, default=8, help="pairs the reward tilts (0: p_data)")
+    ap.add_argument("--cut", type=float, default=-2.4)
+    ap.add_argument(
+        "--reweight",
+        action="store_true",
+        help="also a row for the first file (a prior's samples) with each tilted pair's x1 weighted by its own factor exp(-x1_j) (one pair at a time): "
+        "where a prior's samples say p_prior r puts that pair's mass, if the prior is close to a product over pairs",
+    )
+    a = ap.parse_args()
+    target = tilted_target(1.0, a.tilted_pairs)[0] if a.tilted_pairs else ManyWell()
+    pairs = len(target.tilts)
+    show = list(range(min(pairs, 8))) + ([pairs - 1] if pairs > 8 else [])
+    head = " | ".join(f"pair {j}" for j in show)
+    print(f"left-well mass P(x1 < 0) / far-left tail P(x1 < {a.cut:g}), per pair ({a.tilted_pairs} tilted)\n")
+    print(f"| samples | {head} |\n|---" + "|---" * len(show) + "|")
+    rows = [("exact", target.left_well_masses().tolist(), tail_mass(target, a.cut))]
+    for i, f in enumerate(a.files):
+        x1 = np.load(f)[:, 0::2]
+        rows.append((f, (x1 < 0).mean(0).tolist(), (x1 < a.cut).mean(0).tolist()))
+        if a.reweight and i == 0:
+            w = np.exp(-(x1 - x1.min(0)))
+            w[:, a.tilted_pairs :] = 1.0  # untilted pairs keep their own weights
+            w /= w.sum(0)
+            rows.append((f"{f}, reweighted by r", (w * (x1 < 0)).sum(0).tolist(), (w * (x1 < a.cut)).sum(0).tolist()))
+    for name, left, tail in rows:
+        cells = " | ".join(f"{left[j]:.3f} / {tail[j]:.2g}" if not math.isnan(tail[j]) else "-" for j in show)
+        print(f"| {name} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
