@@ -27,7 +27,8 @@ def test_exact_samples_match_the_exact_row_and_reweighting_tilts_the_prior(tmp_p
         [sys.executable, str(SCRIPT), "untilted.npy", "tilted.npy", "--reweight"], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 0, p.stderr
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and "---" not in ln and "pair 0" not in ln]
+    first, joint = p.stdout.split("Jointly")
+    lines = [ln for ln in first.splitlines() if ln.startswith("| ") and "---" not in ln and "pair 0" not in ln]
     rows = {ln.split(" | ")[0].strip("| "): cells(ln) for ln in lines}
     exact, tilted, untilted, reweighted = rows["exact"], rows["tilted.npy"], rows["untilted.npy"], rows["untilted.npy, reweighted by r"]
     assert [round(left, 3) for left, _ in exact] == [0.844] * 8 + [0.156]
@@ -35,3 +36,7 @@ def test_exact_samples_match_the_exact_row_and_reweighting_tilts_the_prior(tmp_p
         assert abs(t - e) < 0.01  # exact samples of the target
         assert abs(r - e) < 0.02  # p_data reweighted pair by pair is the tilted target (ManyWell is a product)
     assert all(abs(u - 0.156) < 0.01 for u, _ in untilted)
+    # jointly: independent pairs, so no correlation; each pair's E exp(-x1_j) is exactly 1 under p_data (log Z = 0)
+    row = next(ln for ln in joint.splitlines() if ln.startswith("| untilted.npy"))
+    corr, _, _, per_pair = (c.strip() for c in row.strip("| ").split(" | ")[1:])
+    assert abs(float(corr)) < 0.01 and abs(float(per_pair)) < 0.05
