@@ -56,11 +56,13 @@ def main() -> None:
     ap.add_argument("--algos", default="rtb")
     ap.add_argument("--variant", action="append", required=True, help='NAME=OPTIONS, e.g. "cosine lr=--lr-schedule cosine"')
     ap.add_argument("--metrics", required=True, help="evaluate --json keys, comma-separated")
+    ap.add_argument("--run-metrics", default="", help="keys of the training command's --json result, e.g. trainable_parameters")
     ap.add_argument("--eval-args", default="", help="extra evaluate options, e.g. '--n 5000'")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     metrics = a.metrics.split(",")
+    run_metrics = [k for k in a.run_metrics.split(",") if k]
     rows = []
     for spec in a.variant:
         name, _, opts = spec.partition("=")
@@ -82,7 +84,14 @@ def main() -> None:
             done.write_text(json.dumps(saved))
             res, ev = saved["result"], saved["eval"]
             rows.append(
-                {"variant": name, "options": opts, "algo": algo, "train_seconds": res.get("seconds"), **{m: ev.get(m) for m in metrics}}
+                {
+                    "variant": name,
+                    "options": opts,
+                    "algo": algo,
+                    "train_seconds": res.get("seconds"),
+                    **{m: ev.get(m) for m in metrics},
+                    **{m: res.get(m) for m in run_metrics},
+                }
             )
             print(f"{name} / {algo}: " + ", ".join(f"{m} {fmt(ev.get(m))}" for m in metrics), file=sys.stderr)
     machine = (
@@ -90,12 +99,12 @@ def main() -> None:
     )
     source = "pretraining on its data" if a.pretrain else f"from {a.prior}"
     print(f"Ablation on {a.preset} {source}, {dt.date.today()} ({machine}):\n")
-    print("| variant | options | algo | " + " | ".join(metrics) + " | train s |")
-    print("|---" * (len(metrics) + 4) + "|")
+    print("| variant | options | algo | " + " | ".join(metrics + run_metrics) + " | train s |")
+    print("|---" * (len(metrics) + len(run_metrics) + 4) + "|")
     for r in rows:
         print(
             f"| {r['variant']} | `{r['options'] or '-'}` | {r['algo']} | "
-            + " | ".join(fmt(r[m]) for m in metrics)
+            + " | ".join(fmt(r[m]) for m in metrics + run_metrics)
             + f" | {fmt(r['train_seconds'])} |"
         )
     (a.out / "ablation.json").write_text(json.dumps(rows, indent=1))

@@ -17,12 +17,13 @@ def test_ablate_runs_each_variant_and_reuses_finished_runs(tiny_preset_file, tin
     out = tmp_path / "abl"
     cmd = [sys.executable, str(SCRIPT), "--preset", str(tiny_preset_file), "--prior", str(tiny_prior), "--algos", "vargrad"]
     cmd += ["--variant", "before=--steps 2 --batch-size 8", "--variant", "cosine lr=--steps 3 --batch-size 8 --lr-schedule cosine"]
-    cmd += ["--metrics", "elbo,log_z_is", "--eval-args", "--n 200", "--out", str(out)]
+    cmd += ["--metrics", "elbo,log_z_is", "--run-metrics", "trainable_parameters", "--eval-args", "--n 200", "--out", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     rows = json.loads((out / "ablation.json").read_text())
     assert [(r["variant"], r["algo"]) for r in rows] == [("before", "vargrad"), ("cosine lr", "vargrad")]
     assert all(r["elbo"] is not None for r in rows)
+    assert all(r["trainable_parameters"] == rows[0]["trainable_parameters"] > 0 for r in rows)  # from finetune --json
     ck = load_checkpoint(out / "cosine-lr-vargrad.safetensors")
     assert ck.step == 3 and ck.preset.finetune.lr_schedule == "cosine" and ck.algo == "vargrad"
     assert "| cosine lr | `--steps 3 --batch-size 8 --lr-schedule cosine` | vargrad |" in p.stdout
