@@ -72,8 +72,7 @@ def main() -> None:
                 cmd = ["pretrain", "--preset", a.preset, *shlex.split(opts), "--out", str(ck), "-q"]
             else:
                 cmd = ["finetune", "--prior", a.prior, "--preset", a.preset, "--algo", algo, *shlex.split(opts), "--out", str(ck), "-q"]
-            if a.reward and not a.pretrain:
-                cmd += ["--reward", a.reward]
+                cmd += ["--reward", a.reward] if a.reward else []
             ev_cmd = ["evaluate", str(ck), *(["--reward", a.reward] if a.reward else []), *shlex.split(a.eval_args)]
             done = a.out / f"{ck.stem}.run.json"
             saved = json.loads(done.read_text()) if done.exists() else {}

@@ -343,7 +343,7 @@ def reference_comparison(samples, reference, seed: int = 0) -> dict:
     for both MMD^2, so that the two compare; h is reported as mmd_bandwidth. A sampler indistinguishable from the
     target scores near its floor. nn_dist is what the other two hardly see: samples spread off a thin reference
     (data near a curve) sit a spread's width from it, the reference's own rows a spacing's. With fewer than 2 finite
-    model rows the six statistics are NaN. n_far counts
+    model rows these seven statistics (the bandwidth included) are NaN. n_far counts
     the finite model rows outside the reference's bounding box widened on every side by its largest width:
     diverged trajectories, which weigh on sliced-W2 as their squared distance and hardly on MMD^2. Returns
     {"sw2", "sw2_floor", "mmd2", "mmd2_floor", "mmd_bandwidth", "nn_dist", "nn_dist_floor", "n_compared", "n_reference",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from rtbcli.datasets.manywell import ManyWell, tilted_target
@@ -40,3 +41,15 @@ def test_exact_samples_match_the_exact_row_and_reweighting_tilts_the_prior(tmp_p
     row = next(ln for ln in joint.splitlines() if ln.startswith("| untilted.npy"))
     corr, _, _, per_pair = (c.strip() for c in row.strip("| ").split(" | ")[1:])
     assert abs(float(corr)) < 0.01 and abs(float(per_pair)) < 0.05
+
+
+def test_mass_below_is_the_cdf_of_the_x1_density():
+    """mass_below1 (the script's exact tail column) against a direct Riemann sum of exp(-x^4 + 6x^2 + (0.5 - t) x)."""
+    from rtbcli.datasets.manywell import left_mass1, mass_below1
+
+    g = torch.linspace(-7, 7, 1_400_001, dtype=torch.float64)
+    for tilt, cut in ((0.0, -2.4), (1.0, -2.4), (1.0, 0.3)):
+        p = torch.exp(-(g**4) + 6 * g**2 + (0.5 - tilt) * g)
+        assert mass_below1(cut, tilt) == pytest.approx(float(p[g < cut].sum() / p.sum()), rel=1e-3)
+    assert mass_below1(0.0) == pytest.approx(left_mass1(0.0), rel=1e-12)
+    assert (mass_below1(-50.0), mass_below1(50.0)) == (0.0, 1.0)

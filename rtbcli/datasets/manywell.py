@@ -85,6 +85,14 @@ def left_mass1(tilt: float = 0.0) -> float:
     return float(cdf[round(GRID_HALF_WIDTH / GRID_SPACING)])  # the grid point x = 0
 
 
+def mass_below1(cut: float, tilt: float = 0.0) -> float:
+    """P(x1 < cut) under exp(-x^4 + 6 x^2 + 0.5 x - tilt x) / Z1(tilt): the CDF table, linear between grid points."""
+    grid, cdf, _ = _table(float(tilt))
+    i = int(torch.searchsorted(grid, torch.tensor(float(cut), dtype=grid.dtype)).clamp(1, len(grid) - 1))
+    w = min(max((cut - float(grid[i - 1])) / GRID_SPACING, 0.0), 1.0)
+    return float(cdf[i - 1] + w * (cdf[i] - cdf[i - 1]))
+
+
 LEFT_MASS = left_mass1(0.0)  # 0.1557...: left-well mass of an untilted pair
 
 
