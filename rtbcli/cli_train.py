@@ -97,6 +97,7 @@ def pretrain(
         help="The sampler's variance per unit time sigma2: each of the T steps adds N(0, sigma2 / T) noise, the last one "
         "included, so data thinner than sqrt(sigma2 / T) come out wider than they are [default: the preset's; 5.0 where it says nothing].",
     ),
+    time_power: float | None = typer.Option(None, "--time-power", help=field_help(SamplerSpec, "time_power")),
     network: str | None = typer.Option(None, "--network", help=NETWORK_HELP),
     network_arg: list[str] | None = typer.Option(
         None, "--network-arg", help="KEY=VALUE keyword argument for your network's constructor (repeatable)."
@@ -123,7 +124,7 @@ def pretrain(
     if resume is not None and Path(resume).is_dir():
         raise InputError(f"'{resume}' is a model folder: a UNet pretraining run does not resume, run it again with --preset")
     if resume is not None:
-        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator, sigma2)):
+        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator, sigma2, time_power)):
             raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
         if network_arg:
             raise InputError("--resume continues a run with its own network: leave out --network-arg")
@@ -139,9 +140,13 @@ def pretrain(
         p, ref = load_preset(preset)
     p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
     if start is None:
-        p = with_network(with_overrides(p, "sampler", sigma2=sigma2), network, parse_kwargs(network_arg))
+        p = with_network(with_overrides(p, "sampler", sigma2=sigma2, time_power=time_power), network, parse_kwargs(network_arg))
     if p.sampler.unet is not None:  # a diffusers UNet: the DDPM loss, a model folder
-        bridge_only = [o for o, v in (("--network", network), ("--estimator", estimator), ("--sigma2", sigma2)) if v is not None]
+        bridge_only = [
+            o
+            for o, v in (("--network", network), ("--estimator", estimator), ("--sigma2", sigma2), ("--time-power", time_power))
+            if v is not None
+        ]
         if bridge_only:
             raise InputError(f"{bridge_only[0]} applies to rtbcli's bridge sampler: the preset pretrains a UNet")
         return _pretrain_unet(p, ref, out, seed or 0, device, save_every, quiet, as_json)

@@ -241,9 +241,13 @@ class SamplerSpec(Strict):
     """The diffusion sampler: T Gaussian steps from x_0 = 0 (docs/maths.md#the-sampler)."""
 
     steps: PosInt = 100
-    """T, the number of Gaussian steps; t_i = i / T, dt = 1 / T."""
+    """T, the number of Gaussian steps; t_i = i / T, dt = 1 / T on the default grid (time_power)."""
     sigma2: PosFloat = 5.0
     """Per-step variance is sigma2 * dt (fixed, not learned); a drift-free sampler ends at N(0, sigma2 I)."""
+    time_power: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
+    """The time grid t_i = 1 - (1 - i / T)^time_power (1: uniform). Above 1 the steps shrink toward the end, and the last
+    step's noise, sigma2 * T^-time_power, with them: for data thinner than sqrt(sigma2 / T) (docs/maths.md#the-sampler).
+    rtbcli's MLP drift in data mode only (no network, model, [target] or Langevin parametrisation)."""
     hidden: PosInt = 64
     """Width of the drift network."""
     time_features: PosInt = 64
@@ -293,6 +297,8 @@ class SamplerSpec(Strict):
             raise ValueError("lora_rank and sampling_steps apply to a diffusers model (finetune --prior DIR)")
         if self.scheduler and self.unet is None:
             raise ValueError("[sampler.scheduler] applies to a [sampler.unet]: add one, or remove the scheduler")
+        if self.time_power != 1.0 and (self.network or self.model or self.unet):
+            raise ValueError("time_power applies to rtbcli's own drift network: remove it, or network / model / unet")
         return self
 
     @field_validator("network")
@@ -492,6 +498,17 @@ class Preset(Strict):
             raise ValueError("a preset with [target] derives its reward (log r = log pi - log N(0, sigma2 I)): remove [reward]")
         if self.beta != 1.0:
             raise ValueError(f"a preset with [target] samples pi itself, at beta = 1 (got beta = {self.beta:g}): remove beta")
+        if self.sampler.time_power != 1.0:
+            raise ValueError("a preset with [target] uses the uniform time grid (the Brownian prior's): remove sampler.time_power")
+        return self
+
+    @model_validator(mode="after")
+    def _grid(self) -> Preset:
+        if self.sampler.time_power != 1.0 and (self.finetune.langevin or self.finetune.replay):
+            raise ValueError(
+                "the Langevin parametrisation and the replay buffer use the uniform time grid: "
+                "set sampler.time_power = 1, or switch them off (--no-langevin / --no-replay)"
+            )
         return self
 
     @property

@@ -152,7 +152,6 @@ class DDPMSampler(DiffusionSampler):
         nn.Module.__init__(self)
         self.dim, self.schedule, self.steps = dim, schedule, schedule.steps
         self.sigma2 = 1.0  # x at the start ~ N(0, I)
-        self.dt = 1.0 / self.steps
         self.net = net  # type: ignore[assignment]  # an epsilon network, not a DriftNet
         self.in_folder = False  # the weights are a model folder's (a frozen prior): a checkpoint saves none of them
         self.scheduler_config: dict = {}  # a diffusers model's scheduler config, for a merged folder
@@ -183,7 +182,7 @@ class DDPMSampler(DiffusionSampler):
         return self._cache[key]
 
     @property
-    def step_var(self) -> torch.Tensor:  # type: ignore[override]
+    def step_var(self) -> torch.Tensor:
         """The variance of every step, (K, 1) (broadcast over the batch)."""
         return self._t("var")[:, None]
 

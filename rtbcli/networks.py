@@ -115,7 +115,6 @@ class NetworkSampler(DiffusionSampler):
     def __init__(self, dim: int, steps: int, sigma2: float, net: nn.Module):
         nn.Module.__init__(self)
         self.dim, self.steps, self.sigma2 = dim, steps, float(sigma2)
-        self.dt = 1.0 / steps
         self.net = net  # type: ignore[assignment]  # any Module with the contract, not a DriftNet
 
     @property
@@ -156,7 +155,7 @@ class NetworkSampler(DiffusionSampler):
         times = self.time_table()
         for i in range(self.steps):
             x = traj[i]
-            traj[i + 1].add_(x).add_(self._f(x, times[i].expand(n)), alpha=self.dt)
+            traj[i + 1].add_(x).add_(self._f(x, times[i].expand(n)), alpha=1.0 / self.steps)
         return traj
 
     def run(self, *args, **kwargs):  # the fused loop assumes DriftNet

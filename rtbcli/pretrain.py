@@ -47,7 +47,7 @@ from .distributed import Dist
 from .errors import RtbcliWarning, RunError
 from .networks import Network, attach_network, make_sampler, network_of, recorded
 from .runtime import JsonlLog, make_generator
-from .sampler import DiffusionSampler, bridge_log_prob, bridge_sample
+from .sampler import DiffusionSampler
 from .state import RunState, restore_optimizer
 from .tasks import Task
 from .trainer import Recipe, Schedule, learning_rate, run_loop
@@ -85,17 +85,33 @@ def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generat
     With `shard` = (rank, world) the n triples are the global batch: this rank scores its share
     and returns its part of the global mean.
     """
-    T, sigma2, dt = sampler.steps, sampler.sigma2, sampler.dt
+    T, sigma2 = sampler.steps, sampler.sigma2
     w = sampler.anchor
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
-    t = (i.to(w.dtype) / T)[:, None]
+    t, dt = _times_at(sampler, i, w.dtype)
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
     eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
     x = t * x_end + torch.sqrt(sigma2 * t * (1 - t)) * eps
     target = (x_end - x) / (1 - t)
     drift = sampler.drift(x, i)  # DriftNet: the time table's T rows, gathered
     sq = (target - drift).pow(2).sum(-1)
-    return T * dt * (sq.mean() if shard[1] == 1 else sq.sum() / n) / (2 * sigma2)
+    return _weighted_mean(sq, dt, T, n, shard) / (2 * sigma2)
+
+
+def _times_at(sampler: DiffusionSampler, i: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """(t_i, dt_i) at step indices i (n,): t_i (n, 1), and dt the float 1 / T on the uniform grid, else dt_i (n,)."""
+    if sampler.uniform:
+        return (i.to(dtype) / sampler.steps)[:, None], 1.0 / sampler.steps
+    g = sampler.times().to(dtype)
+    return g[i][:, None], g.diff()[i]
+
+
+def _weighted_mean(sq: torch.Tensor, dt: float | torch.Tensor, T: int, n: int, shard: tuple[int, int]) -> torch.Tensor:
+    """T * mean(dt_i * sq) over the global batch of n (this rank's part of it): the sum over the T steps, estimated."""
+    if isinstance(dt, float):
+        return T * dt * (sq.mean() if shard[1] == 1 else sq.sum() / n)
+    sq = sq * dt
+    return T * (sq.mean() if shard[1] == 1 else sq.sum() / n)
 
 
 BOX_SPREAD = 3.0  # the box term's states: the bridge marginal with its standard deviation times this
@@ -128,20 +144,20 @@ def box_loss(
 
     in the NLL's units (the pairs loss's residual (x_T - m) / (1 - t_i) is at least this long, as x_T is in the box).
     """
-    T, sigma2, dt = sampler.steps, sampler.sigma2, sampler.dt
+    T, sigma2 = sampler.steps, sampler.sigma2
     w = sampler.net.state.weight
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
-    t = (i.to(w.dtype) / T)[:, None]
+    t, dt = _times_at(sampler, i, w.dtype)
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
     eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
     x = t * x_end + BOX_SPREAD * torch.sqrt(sigma2 * t * (1 - t)) * eps
     sq = box_residuals(sampler, x, i, box)
-    return T * dt * (sq.mean() if shard[1] == 1 else sq.sum() / n) / (2 * sigma2)
+    return _weighted_mean(sq, dt, T, n, shard) / (2 * sigma2)
 
 
 def box_residuals(sampler: DiffusionSampler, x: torch.Tensor, i: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """|dist(x + (1 - t_i) f(x, t_i), [lo, hi])|^2 / (1 - t_i)^2 for states x (n, d) at steps i (n,): shape (n,)."""
-    t = (i.to(x.dtype) / sampler.steps)[:, None]
+    t = _times_at(sampler, i, x.dtype)[0]
     m = x + (1 - t) * sampler.net(x, sampler.time_table()[i])
     lo, hi = (b.to(x.dtype) for b in box)
     out = (lo - m).clamp_min(0) + (m - hi).clamp_min(0)
@@ -152,7 +168,7 @@ def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Ge
     """-mean log p_F(tau) over n whole bridge trajectories from the data (the authors' estimator)."""
     w = sampler.anchor
     x = task.data.sample(n, gen, dtype=w.dtype, device=w.device)
-    traj = bridge_sample(x, sampler.steps, sampler.sigma2, gen)  # drawn for the global batch ...
+    traj = sampler.backward_sample(x, gen)  # the pinned bridge, drawn for the global batch ...
     lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]) : (shard[0] + 1) * (n // shard[1])])  # ... this rank's share
     return -(lp.mean() if shard[1] == 1 else lp.sum() / n)
 
@@ -161,8 +177,8 @@ def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Ge
 def bridge_elbo(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator) -> float:
     """mean(log p_F(tau) - log p_B(tau | x)) over n fresh bridge trajectories: <= E_data log p_theta(x)."""
     w = sampler.anchor
-    traj = bridge_sample(task.data.sample(n, gen, dtype=w.dtype, device=w.device), sampler.steps, sampler.sigma2, gen)
-    return float((sampler.log_prob(traj) - bridge_log_prob(traj, sampler.sigma2)).mean())
+    traj = sampler.backward_sample(task.data.sample(n, gen, dtype=w.dtype, device=w.device), gen)
+    return float((sampler.log_prob(traj) - sampler.backward_log_prob(traj)).mean())
 
 
 def new_sampler(preset: Preset, seed: int, device, network: Network | None = None) -> DiffusionSampler:

@@ -82,7 +82,7 @@ def rollout(
     return Rollout(sampler, traj, residual, ws.pre, ws.post)
 
 
-def step_log_probs(residual: torch.Tensor, var: float) -> torch.Tensor:
+def step_log_probs(residual: torch.Tensor, var: float | torch.Tensor) -> torch.Tensor:
     """log N(x_{i+1}; mean_i, var I) of every transition, (T, n), from the residuals x_{i+1} - mean_i."""
     return centred_log_prob(residual, var)
 
@@ -137,7 +137,9 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     assert ro.pre is not None and ro.post is not None, "the fused backward needs the rollout's activations"
     T, n, H = ro.pre.shape[1:]
     d = s.dim
-    g_f = (grad_step_lpf[..., None] * ro.residual * (s.dt / s.step_var)).reshape(-1, d)  # dL/df, (T*n, d)
+    dt, var = s.dt, s.step_var  # floats, or one value per step ((T, 1, 1) and (T, 1)) on a non-uniform grid
+    scale = dt / var if isinstance(dt, float) or isinstance(var, float) else (dt[..., 0] / var)[..., None]
+    g_f = (grad_step_lpf[..., None] * ro.residual * scale).reshape(-1, d)  # dL/df, (T*n, d)
     post = ro.post.reshape(len(hidden) + 1, T * n, H)
     pre = ro.pre.reshape(len(hidden) + 1, T * n, H)
     grads: dict[torch.Tensor, torch.Tensor] = {out.weight: g_f.t() @ post[-1], out.bias: _sum_over_trajectories(g_f, T, n)}

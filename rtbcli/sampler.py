@@ -2,12 +2,14 @@
 
 A sampler draws x_T in R^d from x_0 = 0 through T Gaussian steps
 
-    p(x_{i+1} | x_i) = N(x_i + dt * f(x_i, t_i), sigma2 * dt * I),   t_i = i / T,  dt = 1 / T,
+    p(x_{i+1} | x_i) = N(x_i + dt_i * f(x_i, t_i), sigma2 * dt_i * I),   dt_i = t_{i+1} - t_i,
 
-so the log-probability of a whole trajectory is an exact sum of T Gaussian log-densities.
-The reference backward process is the Brownian bridge pinned at 0,
+on the time grid t_i = 1 - (1 - i / T)^p (`time_grid`; p = 1, the default, is the uniform grid
+t_i = i / T, dt = 1 / T; p > 1 shrinks the steps toward the end, so the last step's noise
+sigma2 * T^-p is smaller), so the log-probability of a whole trajectory is an exact sum of T
+Gaussian log-densities. The reference backward process is the Brownian bridge pinned at 0,
 
-    p_B(x_i | x_{i+1}) = N(i / (i + 1) * x_{i+1}, sigma2 * dt * i / (i + 1) * I),
+    p_B(x_i | x_{i+1}) = N(t_i / t_{i+1} * x_{i+1}, sigma2 * dt_i * t_i / t_{i+1} * I),
 
 used to draw training trajectories from data (pretraining) and for the EUBO.
 
@@ -111,19 +113,57 @@ class DriftNet(nn.Module):
         return h.reshape(T, n, -1)
 
 
-class DiffusionSampler(nn.Module):
-    """A drift network with its fixed Gaussian transition kernel (docs/maths.md#the-sampler)."""
+def time_grid(steps: int, power: float = 1.0, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The T + 1 times t_i = 1 - (1 - i / T)^power, from t_0 = 0 to t_T = 1 (power 1: i / T exactly)."""
+    u = torch.arange(steps + 1, dtype=torch.float64, device=device) / steps
+    t = u if power == 1.0 else 1.0 - (1.0 - u) ** power
+    return t.to(dtype)
 
-    def __init__(self, dim: int, steps: int = 100, sigma2: float = 5.0, hidden: int = 64, time_features: int = 64, layers: int = 2):
+
+class DiffusionSampler(nn.Module):
+    """A drift network with its fixed Gaussian transition kernel (docs/maths.md#the-sampler).
+
+    On the uniform grid (`time_power` 1) `dt` and `step_var` are floats; on another they are
+    tensors of one value per step, shaped (T, 1, 1) and (T, 1) to broadcast over (T, B, d) states
+    and (T, B) log-probabilities."""
+
+    time_power = 1.0  # the grid t_i = 1 - (1 - i / T)^p (`time_grid`); subclasses that keep the uniform grid inherit 1
+
+    def __init__(
+        self,
+        dim: int,
+        steps: int = 100,
+        sigma2: float = 5.0,
+        hidden: int = 64,
+        time_features: int = 64,
+        layers: int = 2,
+        time_power: float = 1.0,
+    ):
         super().__init__()
-        self.dim, self.steps, self.sigma2 = dim, steps, float(sigma2)
-        self.dt = 1.0 / steps
+        self.dim, self.steps, self.sigma2, self.time_power = dim, steps, float(sigma2), float(time_power)
         self.net = DriftNet(dim, hidden, time_features, layers)
 
     @classmethod
     def from_spec(cls, dim: int, spec) -> DiffusionSampler:
         """Build from a `config.SamplerSpec`."""
-        return cls(dim, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers)
+        return cls(dim, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers, spec.time_power)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether the time grid is the uniform t_i = i / T."""
+        return self.time_power == 1.0
+
+    def times(self) -> torch.Tensor:
+        """The grid's T + 1 times t_0 = 0, ..., t_T = 1 (`time_grid`), in the network's dtype and device."""
+        w = self.anchor
+        return time_grid(self.steps, self.time_power, w.dtype, w.device)
+
+    @property
+    def dt(self) -> float | torch.Tensor:
+        """dt_i = t_{i+1} - t_i: the float 1 / T on the uniform grid, else a (T, 1, 1) tensor."""
+        if self.uniform:
+            return 1.0 / self.steps
+        return self.times().diff()[:, None, None]
 
     @property
     def anchor(self) -> torch.Tensor:
@@ -135,14 +175,17 @@ class DiffusionSampler(nn.Module):
         return self.net(x, self.time_table()[i])
 
     @property
-    def step_var(self) -> float:
-        """Variance of one forward step, sigma2 * dt."""
-        return self.sigma2 * self.dt
+    def step_var(self) -> float | torch.Tensor:
+        """Variance of one forward step, sigma2 * dt_i: a float on the uniform grid, else a (T, 1) tensor."""
+        dt = self.dt
+        return self.sigma2 * dt if isinstance(dt, float) else self.sigma2 * dt[..., 0]
 
     def time_table(self) -> torch.Tensor:
-        """(T, hidden) time embeddings, one row per step t_i = i / T (in the network's dtype)."""
+        """(T, hidden) time embeddings, one row per step time t_i (in the network's dtype)."""
         w = self.net.state.weight
-        return self.net.time(torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps)
+        if self.uniform:
+            return self.net.time(torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps)
+        return self.net.time(self.times()[:-1])
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -169,7 +212,7 @@ class DiffusionSampler(nn.Module):
     ) -> torch.Tensor:
         """The sampling loop, into `traj` (T + 1, n, d); optionally keeping every activation.
 
-        Written in fused kernels: dt is folded into the output layer, the time table (with the
+        Written in fused kernels: dt is folded into the output layer (per step on a non-uniform grid), the time table (with the
         state bias) is computed once, and x_{i+1} is written in place over its pre-scaled noise.
         `pre` and `post`, (L, T, n, hidden), receive the pre-activations and GELU outputs of the
         L hidden layers at every step (see `rtbcli.rollout`). With `shard` = (rank, world) the
@@ -179,7 +222,12 @@ class DiffusionSampler(nn.Module):
         w = self.net.state.weight
         layers = [m for m in self.net.body if isinstance(m, nn.Linear)]
         weights = [(self.time_table() + self.net.state.bias, w.t())] + [(m.bias, m.weight.t()) for m in layers[:-1]]
-        w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
+        if self.uniform:
+            outs = None
+            w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
+        else:
+            dts = self.times().diff().tolist()  # one host copy of the grid, before the loop
+            outs = [(dt * layers[-1].weight.t(), dt * layers[-1].bias) for dt in dts]
         traj[0].zero_()
         rank, world = shard
         if world == 1:
@@ -188,7 +236,11 @@ class DiffusionSampler(nn.Module):
             n = traj.shape[1]
             noise = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
             traj[1:].copy_(noise[:, rank * n : (rank + 1) * n])
-        traj[1:].mul_(math.sqrt(self.step_var + extra_var))
+        var = self.step_var
+        if isinstance(var, float):
+            traj[1:].mul_(math.sqrt(var + extra_var))
+        else:
+            traj[1:].mul_((var + extra_var).sqrt()[:, :, None])
         for i in range(self.steps):
             x = h = traj[i]
             for k, (bias, weight) in enumerate(weights):
@@ -198,17 +250,19 @@ class DiffusionSampler(nn.Module):
                 else:
                     a = torch.addmm(bias, h, weight, out=pre[k, i])
                     h = torch.ops.aten.gelu.out(a, out=post[k, i])
+            if outs is not None:
+                w_out, b_out = outs[i]
             traj[i + 1].add_(x).add_(b_out).addmm_(h, w_out)
         return traj
 
     # ------------------------------------------------------------------ scoring
     def means(self, traj: torch.Tensor) -> torch.Tensor:
-        """Means x_i + dt * f(x_i, t_i) of all T*B transitions in one batched pass: (T, B, d)."""
+        """Means x_i + dt_i * f(x_i, t_i) of all T*B transitions in one batched pass: (T, B, d)."""
         x = traj[:-1]
         return x + self.dt * self.net(x, self.time_table()[:, None, :])
 
     def step_log_probs(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
-        """log N(x_{i+1}; mean_i, (sigma2 * dt + extra_var) I) for every transition: shape (T, B)."""
+        """log N(x_{i+1}; mean_i, (sigma2 * dt_i + extra_var) I) for every transition: shape (T, B)."""
         return gaussian_log_prob(traj[1:], self.means(traj), self.step_var + extra_var)
 
     def log_prob(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
@@ -218,26 +272,33 @@ class DiffusionSampler(nn.Module):
     # ------------------------------------------------------------------ the backward process
     def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
-        return bridge_sample(x_end, self.steps, self.sigma2, generator)
+        return bridge_sample(x_end, self.steps, self.sigma2, generator, None if self.uniform else self.times())
 
     def backward_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
         """log p_B(tau | x_T) of the reference backward process: the pinned bridge's (`bridge_log_prob`) here."""
-        return bridge_log_prob(traj, self.sigma2)
+        return bridge_log_prob(traj, self.sigma2, None if self.uniform else self.times().to(traj.dtype))
 
 
 # ---------------------------------------------------------------------- the bridge
-def bridge_sample(x_end: torch.Tensor, steps: int, sigma2: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def bridge_sample(
+    x_end: torch.Tensor, steps: int, sigma2: float, generator: torch.Generator | None = None, times: torch.Tensor | None = None
+) -> torch.Tensor:
     """Trajectories (T + 1, B, d) from the Brownian bridge pinned at x_0 = 0 and x_T = x_end.
 
     Drawn in one vectorised pass: x_i = t_i * x_end + W_i - t_i * W_T with W a Brownian motion
     of variance sigma2 * t. This is exactly the backward chain p_B(x_i | x_{i+1}) =
-    N(i/(i+1) x_{i+1}, sigma2 dt i/(i+1) I) run from x_T = x_end down to x_0 = 0.
+    N(t_i/t_{i+1} x_{i+1}, sigma2 dt_i t_i/t_{i+1} I) run from x_T = x_end down to x_0 = 0;
+    `times` (T + 1,) is the grid (`time_grid`), none: the uniform t_i = i / T.
     """
     n, d = x_end.shape
-    dt = 1.0 / steps
     inc = torch.randn(steps, n, d, generator=generator, dtype=x_end.dtype, device=x_end.device)
-    w = torch.cumsum(inc.mul_(math.sqrt(sigma2 * dt)), dim=0)
-    t = torch.arange(1, steps + 1, dtype=x_end.dtype, device=x_end.device)[:, None, None] / steps
+    if times is None:
+        w = torch.cumsum(inc.mul_(math.sqrt(sigma2 * (1.0 / steps))), dim=0)
+        t = torch.arange(1, steps + 1, dtype=x_end.dtype, device=x_end.device)[:, None, None] / steps
+    else:
+        t = times.to(dtype=x_end.dtype, device=x_end.device)
+        w = torch.cumsum(inc.mul_((sigma2 * t.diff()).sqrt()[:, None, None]), dim=0)
+        t = t[1:, None, None]
     traj = torch.empty(steps + 1, n, d, dtype=x_end.dtype, device=x_end.device)
     traj[0].zero_()
     traj[1:] = t * (x_end - w[-1]) + w
@@ -245,15 +306,19 @@ def bridge_sample(x_end: torch.Tensor, steps: int, sigma2: float, generator: tor
     return traj
 
 
-def bridge_log_prob(traj: torch.Tensor, sigma2: float) -> torch.Tensor:
-    """Sum_{i=1}^{T-1} log p_B(x_i | x_{i+1}): shape (B,).
+def bridge_log_prob(traj: torch.Tensor, sigma2: float, times: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum_{i=1}^{T-1} log p_B(x_i | x_{i+1}): shape (B,); `times` the grid as in `bridge_sample`.
 
     The step to x_0 is a point mass at 0 and is left out (docs/maths.md#log-z-and-its-bounds).
     """
     steps = traj.shape[0] - 1
-    dt = 1.0 / steps
-    i = torch.arange(1, steps, dtype=traj.dtype, device=traj.device)[:, None, None]
-    ratio = i / (i + 1)
+    if times is None:
+        i = torch.arange(1, steps, dtype=traj.dtype, device=traj.device)[:, None, None]
+        ratio = i / (i + 1)
+        var = (sigma2 * (1.0 / steps)) * ratio  # (T-1, 1, 1)
+    else:
+        t = times.to(dtype=traj.dtype, device=traj.device)
+        ratio = (t[1:-1] / t[2:])[:, None, None]
+        var = sigma2 * t.diff()[1:, None, None] * ratio
     mean = ratio * traj[2:]
-    var = (sigma2 * dt) * ratio  # (T-1, 1, 1)
     return gaussian_log_prob(traj[1:-1], mean, var[..., 0]).sum(0)

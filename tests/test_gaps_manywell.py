@@ -23,7 +23,9 @@ from rtbcli.tasks import Task
 
 
 class _TimeOnly(nn.Module):
-    """A drift f(x, t) given as a function; the 'time table' is t itself, so box_residuals sees the true t."""
+    """A drift f(x, t) given as a function; the 'time table' is t itself (on the uniform grid), so box_residuals sees the true t."""
+
+    uniform = True
 
     def __init__(self, steps: int, drift):
         super().__init__()
