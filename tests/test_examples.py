@@ -91,7 +91,8 @@ def test_mixture10d_example(tmp_path, capsys, monkeypatch):
 
 def test_thin_moons_example(tmp_path, capsys, monkeypatch):
     """README's thin-data block: the moons with noise 0.05 and exact draws of their law, a prior of examples/moons/thin.toml
-    at --sigma2 1, scored against the draws: nn_dist beside its floor, and the run's sigma2 in its checkpoint."""
+    (its time grid and sigma2 in the checkpoint), scored against the draws by evaluate (nn_dist beside its floor) and by
+    benchmarks/sw2_repeats.py over disjoint chunks of a larger draw."""
     from rtbcli.checkpoint import load_checkpoint
 
     shutil.copytree(EXAMPLES / "moons", tmp_path / "examples" / "moons")
@@ -101,8 +102,30 @@ def test_thin_moons_example(tmp_path, capsys, monkeypatch):
     subprocess.run([*make, "--n", "20000", "--seed", "7", "--out", "examples/moons/thin-exact.npy"], check=True, capture_output=True)
     data, exact = np.loadtxt("examples/moons/thin.csv", delimiter=",", skiprows=1), np.load("examples/moons/thin-exact.npy")
     assert data.shape == (4000, 2) and exact.shape == (20000, 2) and not np.allclose(data, exact[:4000])
-    pre = ["pretrain", "--preset", "examples/moons/thin.toml", "--sigma2", 1, "--steps", 3, "--batch-size", 16]
+    pre = ["pretrain", "--preset", "examples/moons/thin.toml", "--steps", 3, "--batch-size", 16]
     rtbcli(capsys, *pre, "--out", "thin-prior.safetensors")
-    assert load_checkpoint("thin-prior.safetensors").preset.sampler.sigma2 == 1.0
+    spec = load_checkpoint("thin-prior.safetensors").preset.sampler
+    assert (spec.sigma2, spec.time_power) == (2.0, 2.0)
     ev = rtbcli(capsys, "evaluate", "thin-prior.safetensors", "--reference", "examples/moons/thin-exact.npy", "-n", 500)
     assert ev["n_reference"] == 20000 and ev["nn_dist"] > ev["nn_dist_floor"] > 0
+    # the repeated comparison, at a tenth of README's sizes
+    subprocess.run([*make, "--n", "2000", "--seed", "8", "--out", "thin-exact200k.npy"], check=True, capture_output=True)
+    rtbcli(capsys, "sample", "thin-prior.safetensors", "--n", 1000, "--out", "thin-prior.npy")
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES.parent / "benchmarks" / "sw2_repeats.py"),
+            "thin-prior.npy",
+            "--reference",
+            "thin-exact200k.npy",
+            "--n",
+            "100",
+            "--repeats",
+            "10",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nn_dist_ratio"] > 1  # three steps of pretraining: far from the curves
