@@ -168,7 +168,10 @@ def reproduce(
             f"figure: {summary.get('figure')}   summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s"
         )
         return None
-    out_console.print(summary_table(summary))
+    from rich.console import Console
+
+    wide = out_console if out_console.is_terminal else Console(soft_wrap=True, width=200)  # a file or pipe gets the whole table
+    wide.print(summary_table(summary))
     out_console.print(
         f"figure: {summary['figure']}   summary: {Path(summary['out']) / 'summary.json'}   wall time: {summary['wall_seconds']:.0f} s"
     )

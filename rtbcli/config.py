@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from .errors import InputError
-from .objectives import METHODS
+from .objectives import DEFAULT_METHODS, METHODS
 from .rewards import parse_reference
 
 DATA_SUFFIXES = (".npy", ".csv", ".safetensors")
@@ -426,7 +426,7 @@ class EvalSpec(Strict):
 class ReproduceSpec(Strict):
     """What `rtbcli reproduce` runs for this task (the full run uses the finetune and evaluate budgets)."""
 
-    methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[valid-type]
+    methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: list(DEFAULT_METHODS))  # type: ignore[valid-type]
     """The methods compared, each fine-tuned from the same prior and seed."""
     shipped_prior: str | None = None
     """A prior in rtbcli/data, made by `rtbcli pretrain` with this preset: --quick starts from it."""
@@ -438,6 +438,10 @@ class ReproduceSpec(Strict):
     """--quick: the policy's learning rate (omitted: the finetune section's)."""
     quick_n: PosInt = 10_000
     """--quick: samples per evaluation."""
+    lora_rank: PosInt | None = None
+    """A diffusers-model preset: each method is fine-tuned twice, every weight and LoRA adapters of this rank (none: full only)."""
+    lora_lr: PosFloat | None = None
+    """The LoRA rows' learning rate (adapters start at zero and move slowly at full fine-tuning's); none: the full rows'."""
 
 
 # ----------------------------------------------------------------------------- the preset

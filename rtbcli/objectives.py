@@ -262,5 +262,7 @@ METHODS: dict[str, Method] = {
         Method("reinforce-kl", "reinforce-kl", False, "REINFORCE-KL (off-policy)"),
         Method("reinforce-kl-on-policy", "reinforce-kl", True, "REINFORCE-KL (on-policy)"),
         Method("legacy-rl", "legacy-rl", True, "RL + KL, reward r (RTB paper)"),
+        Method("vargrad", "vargrad", False, "VarGrad"),
     )
 }
+DEFAULT_METHODS = ["rtb", "trust-pcl", "reinforce-kl", "reinforce-kl-on-policy", "legacy-rl"]  # reproduce's, where a preset names none

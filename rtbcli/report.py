@@ -183,15 +183,18 @@ def summary_columns(rows: list[dict], every: bool = False) -> list[str]:
 
 def summary_cell(row: dict, key: str) -> str:
     """One cell of a summary table: a reproduce row's value of `key`, formatted by the registry."""
-    if key == "train_seconds":
+    if key in ("train_seconds", "peak_memory_mb"):
         return "-" if row.get(key) is None else f"{row[key]:.0f}"
+    if key == "trainable_parameters":
+        return "-" if row.get(key) is None else f"{row[key]:,}"
     return reg.format_value(key, row.get(key), summary=True, report=row)
 
 
 def summary_table(summary: dict) -> Table:
     """`rtbcli reproduce`: one row per method, the prior and the floor; columns by what the task reports."""
     rows = [summary["prior_row"], *summary["rows"], summary["floor"]]
-    cols = summary_columns(rows) + (["train_seconds"] if any(r.get("train_seconds") is not None for r in rows) else [])
+    runs = {"trainable_parameters": "trainable", "peak_memory_mb": "peak MB", "train_seconds": "train s"}  # a run's, not a metric
+    cols = summary_columns(rows) + [k for k in runs if any(r.get(k) is not None for r in rows)]
     t = Table(
         title=escape(
             f"reproduce {summary['preset']} ({'quick' if summary['quick'] else 'full'}; n = {summary['eval_n']:,}, seed {summary['seed']})"
@@ -200,7 +203,7 @@ def summary_table(summary: dict) -> Table:
     )
     t.add_column("method", no_wrap=True)
     for key in cols:
-        t.add_column((reg.METRICS[key].short or key) if key in reg.METRICS else "train s", justify="right", no_wrap=True)
+        t.add_column((reg.METRICS[key].short or key) if key in reg.METRICS else runs[key], justify="right", no_wrap=True)
     for i, row in enumerate(rows):
         style = "dim" if i == 0 else ("italic" if i == len(rows) - 1 else None)
         cells = ["diverged", *["-"] * (len(cols) - 1)] if row.get("diverged") else [summary_cell(row, key) for key in cols]

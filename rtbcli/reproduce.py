@@ -138,6 +138,10 @@ def reproduce(
         return _reproduce_energy(
             preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, configs, reuse
         )
+    if preset.sampler.unet is not None:
+        return _reproduce_unet(
+            preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, methods, configs, reuse
+        )
     for name, named in (("--configs", configs is not None), ("--reuse", reuse)):
         if named:
             raise InputError(f"{name} applies to an energy preset (gmm25-energy, funnel, manywell-energy): drop it here")
@@ -224,6 +228,30 @@ def _reproduce_energy(
         configs=configs,
         reuse=reuse,
     )
+
+
+def _reproduce_unet(
+    preset, ref, out, prior_path, quick, seed, seeds, device, overwrite, progress, console, budget, methods, configs, reuse
+) -> dict:
+    """A diffusers-UNet preset: full fine-tuning beside LoRA, from a model folder (`rtbcli.reproduce_unet`)."""
+    from .reproduce_unet import reproduce_unet
+
+    for name, named in (("--configs", configs is not None), ("--reuse", reuse), ("--seeds", seeds is not None)):
+        if named:
+            raise InputError(f"{name} applies to an energy preset (gmm25-energy, funnel, manywell-energy): drop it here")
+    if prior_path is not None and not Path(prior_path).is_dir():
+        raise InputError(
+            f"--prior '{prior_path}' is not a folder: preset '{ref}' fine-tunes a diffusers model folder (pretrain --preset {ref} writes one)"
+        )
+    budget = budget or budget_for(preset, quick)
+    if quick and prior_path is None and budget.pretrain_steps is None and preset.reproduce.shipped_prior is None:
+        raise InputError(f"--quick starts from a shipped prior, and preset '{ref}' has none: give --prior or --pretrain-steps")
+    path = Path(out) if out is not None else default_out(ref, quick)
+    prepare_out(path, overwrite)
+    return reproduce_unet(
+        preset, ref, path, budget, prior_path=prior_path, quick=quick, seed=seed, device=device, progress=progress, console=console,
+        methods=methods or preset.reproduce.methods,
+    )  # fmt: skip
 
 
 def _prior_stage(plan: _Plan):
