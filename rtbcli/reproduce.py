@@ -53,6 +53,18 @@ class Budget:
     lr: float | None = None  # policy learning rate; None: the preset's
 
 
+def provenance(started: _dt.datetime, t_start: float, device: torch.device) -> dict:
+    """What every reproduce summary records of the run itself: versions, machine, start and wall time, device."""
+    return {
+        "device": device.type,
+        "rtbcli_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "started": started.isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
 def budget_for(preset: Preset, quick: bool) -> Budget:
     """The full budget is the preset's finetune and evaluate sections; --quick its [reproduce] section (energy presets:
     the paper's budget, and --quick `reproduce_energy.QUICK_STEPS` steps at the preset's batch and K)."""
@@ -180,12 +192,7 @@ def reproduce(
         "command": "reproduce",
         "quick": quick,
         "seed": seed,
-        "device": device.type,
-        "rtbcli_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "started": started.isoformat(timespec="seconds"),
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        **provenance(started, t_start, device),
         "preset": ref,
         "budget": budget.__dict__,
         "prior": str(plan.out / "prior.safetensors"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
 from .checkpoint import load_checkpoint
 from .config import Preset
 from .energy.published import best_row, load_table1
@@ -30,6 +28,7 @@ from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import finetune
 from .plots import plot_panels
+from .reproduce import provenance
 from .runtime import atomic_write_text
 
 EXPLORATION = 0.2  # the paper's extra exploration std, decaying linearly to 0 ...
@@ -206,12 +205,7 @@ def reproduce_energy(
         "preset": ref,
         "target": target,
         "seeds": list(range(first_seed, first_seed + seeds)),
-        "device": device.type,
-        "rtbcli_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "started": started.isoformat(timespec="seconds"),
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        **provenance(started, t_start, device),
         "budget": {**budget.__dict__, "exploration": EXPLORATION, "exploration_end_step": exploration_end_step(budget.finetune_steps)},
         "eval_n": budget.eval_n,
         "w2_samples": exact_samples_note(target),

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
-from . import __version__
 from .checkpoint import load_checkpoint
 from .config import Preset, PythonRewardSpec
 from .errors import InputError, PeerFailed, RunError
@@ -28,6 +25,7 @@ from .evaluate import evaluate
 from .finetune import finetune
 from .model_prior import folder_checkpoint, with_model_of
 from .objectives import METHODS
+from .reproduce import provenance
 from .runtime import atomic_write_text
 from .suites import suite_of
 
@@ -108,12 +106,7 @@ def reproduce_unet(
         "mode": "unet",
         "quick": quick,
         "seed": seed,
-        "device": device.type,
-        "rtbcli_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "started": started.isoformat(timespec="seconds"),
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        **provenance(started, t0, device),
         "preset": ref,
         "budget": budget.__dict__,
         "lora_lr": rp.lora_lr,
