@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCALE = 500
 SKIPPED = {  # a command's first words -> why it is not run here, and what covers it
     "torchrun": "several processes: tests/test_distributed.py",
-    "rtbcli reproduce": "its full and benchmark budgets: tests/test_cli.py runs reproduce on a tiny preset",
+    "rtbcli reproduce": "its full and benchmark budgets: tests/test_cli.py and tests/test_reproduce_unet.py run reproduce on tiny presets",
     "rtbcli finetune --resume rtb.partial.safetensors": "needs a stopped run: tests/test_resume.py stops and resumes runs",
 }
 
