@@ -16,27 +16,24 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from . import __version__
 from .checkpoint import load_checkpoint
 from .config import Preset, PythonRewardSpec
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
-from .metric_registry import floor_of, row_keys, with_floor
 from .objectives import METHODS
 from .plots import plot_panels
 from .presets_loader import load_preset
 from .pretrain import pretrain
+from .reproduce_common import floor_row, metrics_of, provenance, shipped_prior
 from .runtime import atomic_write_text
 from .suites import check_suite, suite_of
 from .tasks import Task
@@ -53,18 +50,6 @@ class Budget:
     lr: float | None = None  # policy learning rate; None: the preset's
 
 
-def provenance(started: _dt.datetime, t_start: float, device: torch.device) -> dict:
-    """What every reproduce summary records of the run itself: versions, machine, start and wall time, device."""
-    return {
-        "device": device.type,
-        "rtbcli_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-        "started": started.isoformat(timespec="seconds"),
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }
-
-
 def budget_for(preset: Preset, quick: bool) -> Budget:
     """The full budget is the preset's finetune and evaluate sections; --quick its [reproduce] section (energy presets:
     the paper's budget, and --quick `reproduce_energy.QUICK_STEPS` steps at the preset's batch and K)."""
@@ -76,11 +61,6 @@ def budget_for(preset: Preset, quick: bool) -> Budget:
         r = preset.reproduce
         return Budget(r.quick_steps, r.quick_batch_size, r.quick_n, None, r.quick_lr)
     return Budget(preset.finetune.steps, preset.finetune.batch_size, preset.evaluate.n, None)
-
-
-def shipped_prior(name: str = "prior-reference.safetensors") -> Path:
-    """A prior that ships with rtbcli (made by `rtbcli pretrain`; see its metadata)."""
-    return Path(str(resources.files("rtbcli") / "data" / name))
 
 
 def default_out(ref: str, quick: bool) -> Path:
@@ -344,20 +324,6 @@ def _evaluate_stage(plan: _Plan, prior_ck, rows: list[dict]) -> tuple[dict, dict
     else:
         plot_panels(figure, panels, ev_prior.target, subtitles=subtitles, suptitle=suptitle, reference=reference)
     return prior_row, floor_row(ev_prior.metrics, ev_prior.target.method), figure
-
-
-def metrics_of(m: dict) -> dict:
-    """A summary row's metrics: the registry's row keys of an evaluation report."""
-    return {k: m.get(k) for k in row_keys()}
-
-
-def floor_row(m: dict, method: str) -> dict:
-    """What a sampler of the target itself scores: the exact sampler, or the reference against itself; each metric's
-    floor where the registry says it lives."""
-    return {
-        "method": "exact sampler (floor)" if method != "reference" else "reference (floor)",
-        **{x.key: floor_of(m, x.key) for x in with_floor()},
-    }
 
 
 def subtitle(row: dict) -> str:

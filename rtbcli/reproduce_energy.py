@@ -28,7 +28,7 @@ from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import finetune
 from .plots import plot_panels
-from .reproduce import provenance
+from .reproduce_common import provenance
 from .runtime import atomic_write_text
 
 EXPLORATION = 0.2  # the paper's extra exploration std, decaying linearly to 0 ...

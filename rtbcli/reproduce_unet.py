@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .finetune import finetune
 from .model_prior import folder_checkpoint, with_model_of
 from .objectives import METHODS
-from .reproduce import provenance
+from .reproduce_common import provenance
 from .runtime import atomic_write_text
 from .suites import suite_of
 
@@ -34,7 +34,7 @@ def prior_folder(
     preset: Preset, ref: str, out: Path, prior_path: Path | None, quick: bool, pretrain_steps: int | None, seed, device, progress, say
 ) -> Path:
     """Stage 1: the prior's model folder, out/prior (a copy of --prior DIR or of the shipped folder, or pretrained)."""
-    from .reproduce import shipped_prior
+    from .reproduce_common import shipped_prior
 
     dest = out / "prior"
     if prior_path is not None:  # a folder (`reproduce` checked)
@@ -125,7 +125,7 @@ def reproduce_unet(
 
 def _evaluate(preset: Preset, folder: Path, rows: list[dict], n: int, seed: int, device, out: Path, quick: bool, say):
     """The prior and every sampler on the same n and seed; the figure (digit grids, the real images last)."""
-    from .reproduce import floor_row, metrics_of
+    from .reproduce_common import floor_row, metrics_of
 
     say(f"evaluating {len(rows) + 1} samplers on n = {n:,}")
     reward, kwargs = (preset.reward.function, preset.reward.kwargs) if isinstance(preset.reward, PythonRewardSpec) else (None, None)
