@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .finetune import finetune
 from .model_prior import folder_checkpoint, with_model_of
 from .objectives import METHODS
-from .reproduce_common import provenance
+from .reproduce_common import provenance, shipped_prior
 from .runtime import atomic_write_text
 from .suites import suite_of
 
@@ -34,8 +34,6 @@ def prior_folder(
     preset: Preset, ref: str, out: Path, prior_path: Path | None, quick: bool, pretrain_steps: int | None, seed, device, progress, say
 ) -> Path:
     """Stage 1: the prior's model folder, out/prior (a copy of --prior DIR or of the shipped folder, or pretrained)."""
-    from .reproduce_common import shipped_prior
-
     dest = out / "prior"
     if prior_path is not None:  # a folder (`reproduce` checked)
         say(f"prior: {prior_path}")

@@ -226,7 +226,7 @@ class DiffusionSampler(nn.Module):
             outs = None
             w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
         else:
-            dts = self.times().diff().tolist()  # one host copy of the grid, before the loop
+            dts = time_grid(self.steps, self.time_power).diff().tolist()  # the grid on the host, in float64: no device copy
             outs = [(dt * layers[-1].weight.t(), dt * layers[-1].bias) for dt in dts]
         traj[0].zero_()
         rank, world = shard
