@@ -165,6 +165,16 @@ METRICS: dict[str, Metric] = {
         ),
         _m("diversity_real", "digits: the same for real images of c", "suite"),
         _m(
+            "diversity_target",
+            "digits: the target's own diversity, by self-normalised importance weights of these samples",
+            "suite",
+            "num",
+            None,
+            "  the target's own, by importance weights",
+            "diversity (target, IS)",
+            row=True,
+        ),
+        _m(
             "nearest_train_distance",
             "digits: mean distance to the nearest training image",
             "suite",

@@ -19,7 +19,17 @@ from test_cli import assert_one_line_error, error_line
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUITE_KEYS = {
-    "digits": ("class_fraction", "class_fraction_target", "diversity", "nearest_train_distance", "sw2", "mmd2", "log_z_is", "ess_fraction"),
+    "digits": (
+        "class_fraction",
+        "class_fraction_target",
+        "diversity",
+        "diversity_target",
+        "nearest_train_distance",
+        "sw2",
+        "mmd2",
+        "log_z_is",
+        "ess_fraction",
+    ),
     "manywell32": ("well_mass_mean_abs_err", "well_mass_max_abs_err", "sw2", "mmd2", "log_z_is", "elbo", "eubo"),
 }
 
@@ -48,7 +58,11 @@ def test_reproduce_quick_pipeline_from_the_shipped_prior(tmp_path, capsys, monke
         ck = load_checkpoint(row["checkpoint"])
         assert ck.step == 2 and ck.preset.dim == preset.dim and ck.algo == row["algo"]
         for key in SUITE_KEYS[name]:
-            if key == "class_fraction_target" or row["algo"] != "legacy-rl" or key not in ("log_z_is", "ess_fraction"):
+            if (
+                key in ("class_fraction_target", "diversity_target")
+                or row["algo"] != "legacy-rl"
+                or key not in ("log_z_is", "ess_fraction")
+            ):
                 assert row.get(key) is not None, (row["method"], key)
     prior = summary["prior_row"]
     # a few samples far out (the digits prior draws 1-3% with a pixel beyond +-3 on the [-1, 1] scale), not all of them

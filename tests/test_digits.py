@@ -190,7 +190,30 @@ def test_class_fraction_of_the_target_by_importance_weights(sk):
     assert dm.class_fraction(both, 2, torch.softmax(log_w, 0)) == pytest.approx(by_hand, rel=1e-12)
     r = dm.digits_report(both, 2, log_w)
     assert r["class_fraction_target"] == pytest.approx(by_hand, rel=1e-12)
+    assert r["diversity_target"] == pytest.approx(dm.weighted_mean_pairwise_distance(both, torch.softmax(log_w, 0)), rel=1e-12)
+    assert r["diversity_target"] != pytest.approx(r["diversity"], rel=1e-3)  # the weights, not the plain mean
     assert r["class_fraction"] == pytest.approx((f2 + f7) / 2, rel=1e-12)
+
+
+def test_weighted_mean_pairwise_distance_by_hand():
+    """Rows at 0, 1 and 3 along one pixel, weights 1 : 1 : 2: the weighted pairs give
+    (1*1*1 + 1*2*3 + 1*2*2) / (1*1 + 1*2 + 1*2) = 11 / 5; uniform weights give mean_pairwise_distance."""
+    x = torch.zeros(3, 64, dtype=torch.float64)
+    x[:, 5] = torch.tensor([0.0, 1.0, 3.0])
+    w = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    assert dm.weighted_mean_pairwise_distance(x, w) == pytest.approx(11 / 5, rel=1e-14)
+    assert dm.weighted_mean_pairwise_distance(x, 7 * w) == pytest.approx(11 / 5, rel=1e-14)  # scale-free
+    assert dm.weighted_mean_pairwise_distance(x, torch.ones(3)) == pytest.approx(dm.mean_pairwise_distance(x), rel=1e-14)
+    # a zero weight or a non-finite row drops out (the row at 3 here): the pair (0, 1) alone
+    assert dm.weighted_mean_pairwise_distance(x, torch.tensor([1.0, 1.0, 0.0])) == pytest.approx(1.0, rel=1e-14)
+    bad = x.clone()
+    bad[2, 0] = float("nan")
+    assert dm.weighted_mean_pairwise_distance(bad, w) == pytest.approx(1.0, rel=1e-14)
+    assert math.isnan(dm.weighted_mean_pairwise_distance(x[:1], w[:1]))
+    big, wb = torch.randn(50, 64, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
+    assert dm.weighted_mean_pairwise_distance(big, wb, chunk=7) == pytest.approx(
+        dm.weighted_mean_pairwise_distance(big, wb, chunk=50), rel=1e-12
+    )  # chunks of rows sum to the one pass
 
 
 def test_nearest_train_distance(sk):

@@ -230,10 +230,12 @@ def test_evaluate_scores_a_model_folder_as_the_prior_of_a_preset(trained, preset
     assert code == 0, text
     m = json.loads(text)
     assert m["kind"] == "prior" and m["suite"] == "digits" and m["target"].startswith("p_data (") and "class_fraction_target" not in m
+    assert "diversity_target" not in m
     code, text = cli("evaluate", out, "--preset", preset_file, "-n", "64", "--beta", "1", "--json")
     assert code == 0, text
     m = json.loads(text)  # the tilted target p_prior p(3 | x): the prior's share of it by importance weights
     assert m["beta"] == 1.0 and 0 <= m["class_fraction_target"] <= 1 and m["ess_fraction"] > 0
+    assert 0 < m["diversity_target"] < float("inf")
     code, text = cli("evaluate", out, "-n", "8")
     assert code == 2 and "give --preset" in text
     code, text = cli("evaluate", out, "--preset", preset_file, "--beta", "0", "-n", "8")

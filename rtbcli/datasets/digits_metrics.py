@@ -52,6 +52,19 @@ def mean_pairwise_distance(x: torch.Tensor, max_points: int = 2000, seed: int = 
     return (d.sum() / (n * (n - 1))).item()  # the diagonal is exactly 0; each pair is counted twice
 
 
+def weighted_mean_pairwise_distance(x: torch.Tensor, weights: torch.Tensor, chunk: int = 2000) -> float:
+    """sum_{i != j} w_i w_j |x_i - x_j| / sum_{i != j} w_i w_j over all rows: the mean distance between two independent
+    draws of the distribution the weights make of the rows (uniform weights: `mean_pairwise_distance`). Rows of zero
+    weight are skipped, so a long run of self-normalised importance weights costs only its rows that carry weight."""
+    x, w = as_images(x).double(), weights.double()
+    keep = (w > 0) & torch.isfinite(x).all(dim=1)
+    x, w = x[keep], w[keep]
+    if len(x) < 2:
+        return math.nan
+    total = sum((w[i : i + chunk] @ _cdist(x[i : i + chunk], x) @ w) for i in range(0, len(x), chunk))
+    return float(total / (w.sum() ** 2 - (w**2).sum()))  # the diagonal is exactly 0
+
+
 def nearest_train_distance(x: torch.Tensor, max_points: int = 2000) -> float:
     """Mean over rows of `x` (a fixed subsample of `max_points` if more) of the distance to the nearest train image.
 
@@ -73,15 +86,21 @@ def digits_report(x: torch.Tensor, digit: int, log_weights: torch.Tensor | None 
     the target's own class fraction by self-normalised importance sampling: the ceiling that a
     sampler of the target p_prior r^beta reaches, which a prior's ambiguous images keep below 1;
     diversity / diversity_real: mean pairwise distance (real: all images of the class);
+    diversity_target (with `log_weights`): the target's own diversity by the same weights, what a sampler
+    of the target keeps;
     nearest_train_distance / nearest_train_distance_real: distance to the nearest train image
     (real: held-out images of the class, for scale).
     """
     digit = check_digit(digit)
     held = digits_data("heldout", digit)
+    weights = None if log_weights is None else torch.softmax(log_weights.double().nan_to_num(-math.inf), 0)
     target = (
         {}
-        if log_weights is None
-        else {"class_fraction_target": class_fraction(x, digit, torch.softmax(log_weights.double().nan_to_num(-math.inf), 0))}
+        if weights is None
+        else {
+            "class_fraction_target": class_fraction(x, digit, weights),
+            "diversity_target": weighted_mean_pairwise_distance(x, weights),
+        }
     )
     return {
         "class_fraction": class_fraction(x, digit),
