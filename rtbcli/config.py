@@ -391,9 +391,11 @@ class FinetuneSpec(Strict):
     langevin: bool = False
     """Langevin parametrisation: drift = NN1(x, t) + NN2(t) clip(grad log r(x)) (energy mode: grad log pi)."""
     eval_every: Annotated[int, Field(ge=0)] = 0
-    """Energy mode: every this-many steps (and at the last), log Table 1's metrics (elbo, log_z_rw, with an exact log Z
-    delta_log_z and delta_log_z_rw, with exact samples eubo and w2) on [evaluate] n on-policy samples, beside the training
-    wall time so far (evaluations excluded): the time to reach a number. 0: never."""
+    """Every this-many steps (and at the last), log the policy's metrics on [evaluate] n on-policy samples, beside the
+    training wall time so far (evaluations excluded): the time to reach a number. Energy mode: Table 1's (elbo,
+    log_z_rw, with an exact log Z delta_log_z and delta_log_z_rw, with exact samples eubo and w2); data mode: log_r_mean
+    and, where the target has exact mode masses (the reference task, mixture data), kl_mode, off_target, mode_coverage
+    (and kl_hist in 2-D). 0: never."""
 
     @model_validator(mode="after")
     def _order(self) -> FinetuneSpec:

@@ -63,6 +63,7 @@ from .energy.metrics import require_pot, table_metrics
 from .energy.options import BROWNIAN  # `--prior brownian`: energy mode's drift-free prior, recorded as its prior_path
 from .energy.prior import BrownianPrior
 from .errors import InputError, RtbcliWarning, RunError
+from .metrics import sample_metrics
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
 from .offpolicy import OffPolicy, check_gradient, check_options, langevin_policy, uses_offpolicy
 from .rewards import PythonReward, check_reward_output
@@ -599,17 +600,33 @@ class FinetuneRecipe(Recipe):
         return st
 
     def evaluate(self, step: int) -> dict | None:
-        """Energy mode (`eval_every`): Table 1's metrics of the policy now (`rtbcli.energy.table_metrics`, on [evaluate]
-        n samples), on rank 0, from a generator of its own: the training's random streams are untouched."""
+        """`eval_every`: the policy's metrics now, on [evaluate] n samples, on rank 0, from a generator of its own (the
+        training's random streams are untouched). Energy mode: Table 1's (`rtbcli.energy.table_metrics`); data mode:
+        the mean log r and, where the target p_data r^beta has exact mode or bin masses, its mode metrics
+        (`rtbcli.metrics.sample_metrics`: kl_mode, off_target, mode_coverage, kl_hist)."""
         r = self.run
-        energy = r.task.energy
-        if energy is None or not self.dist.is_main:
+        if not self.dist.is_main:
             return None
         seconds = self.timer.elapsed  # training time to this step
-        target = getattr(energy, "shipped", None) or energy
+        energy, n = r.task.energy, r.info.preset.evaluate.n
         gen = make_generator(_mix(r.info.seed, step, 2), self.device)
-        metrics = table_metrics(r.policy, target, r.info.preset.evaluate.n, gen, with_w2=_has_pot())
+        if energy is not None:
+            target = getattr(energy, "shipped", None) or energy
+            metrics = table_metrics(r.policy, target, n, gen, with_w2=_has_pot())
+        else:
+            metrics = self._data_metrics(n, gen)
         return {"step": step, "eval": metrics, "seconds": seconds}
+
+    @torch.no_grad()
+    def _data_metrics(self, n: int, gen: torch.Generator) -> dict:
+        from .suites import tilted_target  # the evaluation side; imported when a run asks for it
+
+        r = self.run
+        if not hasattr(self, "_target"):
+            self._target = tilted_target(r.task, r.hp.beta)
+        x = r.policy.sample(n, 0.0, gen)[-1]
+        metrics = {k: v for k, v in sample_metrics(x.cpu(), self._target).items() if v is not None}
+        return {"n": float(n), "log_r_mean": float(r.task.log_reward(x).double().mean()), **metrics}
 
     def check(self) -> None:
         """Stop on the first non-finite reward or loss, naming which came first (a host sync)."""

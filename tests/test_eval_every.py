@@ -1,5 +1,6 @@
-"""`eval_every` (finetune --eval-every): Table 1's metrics logged during an energy-mode run, with the training wall time
-to each, so that the time to reach a number can be read off the log (issue 18: time-to-target).
+"""`eval_every` (finetune --eval-every): Table 1's metrics logged during an energy-mode run (data mode: the mode
+metrics of the reference task), with the training wall time to each, so that the time to reach a number can be read
+off the log (issue 18: time-to-target; issue 22: time-to-quality against torchgfn).
 
 Checked where it is used: the loop writes the records at the right steps, with the numbers `rtbcli.energy.table_metrics`
 gives for the policy at that step, without touching the run's random streams (the trained weights are bit-identical
@@ -90,3 +91,32 @@ def test_a_negative_eval_every_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, "finetune", "--preset", tiny_energy(tmp_path), "--eval-every", -1, "--out", out)
     one_line_error(code, err, "--eval-every should be greater than or equal to 0")
     assert not out.exists()
+
+
+def test_data_mode_logs_the_mode_metrics_of_the_policy(tmp_path, capsys, tiny_preset_file, tiny_prior):
+    """The reference task (exact target p_data r): log_r_mean and the mode metrics, the numbers `sample_metrics` gives
+    for the policy at that step from the recipe's generator; training unchanged by it."""
+    from rtbcli.metrics import sample_metrics
+    from rtbcli.suites import tilted_target
+    from rtbcli.tasks import Task
+
+    base = ["finetune", "--preset", tiny_preset_file, "--prior", tiny_prior, "--quiet"]
+    with_eval, without = tmp_path / "e.safetensors", tmp_path / "n.safetensors"
+    code, _, err = cli(capsys, *base, "--eval-every", 3, "--out", with_eval)
+    assert code == 0, err
+    assert cli(capsys, *base, "--out", without)[0] == 0
+    a, b = load_file(with_eval), load_file(without)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    evals = _evals(tmp_path / "e.jsonl")
+    assert [e["step"] for e in evals] == [3, 4]
+    keys = {"n", "log_r_mean", "mode_coverage", "n_target_modes", "kl_mode", "off_target", "kl_hist"}
+    assert all(set(e["eval"]) == keys and e["eval"]["n"] == 400 for e in evals)
+
+    ck = load_checkpoint(with_eval)
+    x = ck.sampler("policy").sample(400, 0.0, make_generator(_mix(0, 4, 2), torch.device("cpu")))[-1]
+    task = Task(ck.preset, ck.preset.beta)
+    want = sample_metrics(x, tilted_target(task, ck.preset.beta))
+    for key in ("kl_mode", "off_target", "mode_coverage", "kl_hist"):
+        assert math.isclose(evals[-1]["eval"][key], want[key], rel_tol=1e-5, abs_tol=1e-7), key
+    assert math.isclose(evals[-1]["eval"]["log_r_mean"], float(task.log_reward(x).double().mean()), rel_tol=1e-5)
