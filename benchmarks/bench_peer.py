@@ -122,6 +122,8 @@ class Peer:
         time_features: int,
         layers: int,
         device: torch.device,
+        lr: float = 1e-3,
+        lr_logz: float = 0.1,
     ):
         from gfn.estimators import PinnedBrownianMotionBackward, PinnedBrownianMotionForward
         from gfn.gflownet import RelativeTrajectoryBalanceGFlowNet
@@ -171,8 +173,8 @@ class Peer:
             self.gflownet = RelativeTrajectoryBalanceGFlowNet(pf=self.pf_post, prior_pf=self.pf_prior, init_logZ=0.0, beta=1.0).to(device)
             self.sampler = Sampler(estimator=self.pf_post)
             self.opt = torch.optim.Adam(
-                [{"params": self.gflownet.pf.parameters(), "lr": 1e-3}, {"params": self.gflownet.logz_parameters(), "lr": 0.1}],
-                lr=1e-3,
+                [{"params": self.gflownet.pf.parameters(), "lr": lr}, {"params": self.gflownet.logz_parameters(), "lr": lr_logz}],
+                lr=lr,
                 weight_decay=0.0,
             )
             self.exploration = torch.tensor(EXPLORATION)
@@ -293,6 +295,13 @@ def load_drift_net(peer_module: torch.nn.Module, net: torch.nn.Module) -> None:
         raise RuntimeError(f"the two networks' parameters differ: {shapes[0]} vs {shapes[1]}")
     with torch.no_grad():
         for (_, src), (_, dst) in zip(mine, theirs):
+            dst.copy_(src.reshape(dst.shape))
+
+
+def store_drift_net(net: torch.nn.Module, peer_module: torch.nn.Module) -> None:
+    """The other way: copy torchgfn's DiffusionPISGradNetForward weights into rtbcli's DriftNet (to score it with rtbcli)."""
+    with torch.no_grad():
+        for (_, dst), (_, src) in zip(net.named_parameters(), peer_module.named_parameters(), strict=True):
             dst.copy_(src.reshape(dst.shape))
 
 
