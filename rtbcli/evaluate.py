@@ -113,14 +113,15 @@ def _score(policy, prior, task: Task, traj: torch.Tensor, want_reward: bool, chu
     out: dict[str, list] = {"lpf": [], "lpp": [], "lpb": [], "log_r": [], "log_data": []}
     for part in traj.split(chunk, dim=1):
         x = part[-1]
-        out["lpf"].append(policy.log_prob(part).double())
+        lpf = policy.log_prob(part).double()
+        out["lpf"].append(lpf)
         if task.data_is_exact:
             out["lpb"].append(policy.backward_log_prob(part.double()))
             out["log_data"].append(task.data_log_prob(x.double()))
         if want_reward:
             out["log_r"].append(task.log_reward(x).double())
-        if prior is not None:
-            out["lpp"].append(prior.log_prob(part).double())
+        if prior is not None:  # a prior scored against p_data r^beta is its own reference: the same pass, not a second
+            out["lpp"].append(lpf if prior is policy else prior.log_prob(part).double())
     return {k: torch.cat(v).cpu() if v else None for k, v in out.items()}
 
 

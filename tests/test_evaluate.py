@@ -256,3 +256,23 @@ def test_require_help_lists_the_registry_keys(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for key in ("ess_fraction", "mmd_bandwidth", "floor.kl_hist", "well_mass_mean_abs_err"):
         assert key in reg.requirable() and key in text
+
+
+def test_a_prior_scored_against_the_tilted_target_is_its_own_reference_in_one_pass(shipped, monkeypatch):
+    """`evaluate(prior, beta=...)`: the prior is both the sampler and the reference of the weights, so lpp is lpf (one
+    log-probability pass over the trajectories, not two: on a UNet prior each pass costs as much as sampling); the weights
+    are beta log r exactly."""
+    from rtbcli.sampler import DiffusionSampler
+
+    calls = []
+    real = DiffusionSampler.log_prob
+
+    def counted(self, traj, *a, **k):
+        calls.append(traj.shape[1])
+        return real(self, traj, *a, **k)
+
+    monkeypatch.setattr(DiffusionSampler, "log_prob", counted)
+    m = evaluate(shipped, n=400, seed=0, beta=1.0).metrics
+    # the samples' trajectories once, and the exact target's bridge trajectories once (eubo): no second pass for lpp
+    assert calls == [400, 400] and "eubo" in m
+    assert m["path_kl"] == 0.0 and m["elbo_prior"] == pytest.approx(m["log_r_mean"], rel=1e-12)
