@@ -30,9 +30,11 @@ if TYPE_CHECKING:  # made at run time, where Typer reads their members; mypy see
     Schedule = Enum
     Estimator = Enum
     Snis = Enum
+    MatmulDtype = Enum
 else:
     Algo = Enum("Algo", [(k, k) for k in OBJECTIVES], type=str)
     Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
+    MatmulDtype = choices(FinetuneSpec, "matmul_dtype")
 ALGO_HELP = "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"
 RESUME_STEPS = "; with --resume, the new total (the schedules keep the run's original length: past it, lr_final and no exploration)"
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
@@ -243,6 +245,7 @@ def finetune(
     on_policy: bool = typer.Option(False, "--on-policy", help="No exploration; reinforce-kl then uses uniform weights."),
     snis: Snis | None = typer.Option(None, help=field_help(FinetuneSpec, "snis")),
     legacy_lambda: float | None = typer.Option(None, help=field_help(FinetuneSpec, "legacy_lambda")),
+    matmul_dtype: MatmulDtype | None = typer.Option(None, help=field_help(FinetuneSpec, "matmul_dtype")),
     # the off-policy tools (rtbcli.offpolicy), each off by default
     exploration_end_step: int | None = typer.Option(None, help=field_help(FinetuneSpec, "exploration_end_step")),
     replay: bool | None = typer.Option(None, "--replay/--no-replay", help=field_help(FinetuneSpec, "replay")),
@@ -312,6 +315,7 @@ def finetune(
         exploration=exploration,
         snis=snis,
         legacy_lambda=legacy_lambda,
+        matmul_dtype=matmul_dtype,
         exploration_end_step=exploration_end_step,
         replay=replay,
         buffer_size=buffer_size,

@@ -367,6 +367,10 @@ class FinetuneSpec(Strict):
     """reinforce-kl importance weights: softmax of the log-ratio / T (tempered, the authors') or / 1 (exact)."""
     legacy_lambda: NonNegFloat = 1.0
     """legacy-rl: weight lambda of the squared log-ratio penalty (1.0 is the authors' tuned value)."""
+    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16: the frozen prior's pass over all T*B transitions and the policy gradient's products take bfloat16 inputs
+    (torch.autocast, float32 accumulation); sampling, residuals, rewards, the loss and Adam stay float32. Faster where
+    bf16 products are native (AVX512-BF16/AMX CPUs, CUDA), slower where emulated (AVX2)."""
     exploration_end_step: PosInt | None = None
     """The paper's exploration schedule instead of the fractions above: s_e = exploration * max(0, 1 - step / this), 0 from
     this step on (e.g. 5000 with exploration 0.1-0.2); none: the fractional schedule."""

@@ -39,6 +39,7 @@ steps as rtb from the same seed and trains the same sampler (the tests check thi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -254,11 +255,19 @@ class StepStats:
     replayed: bool = False  # the step trained on replayed trajectories (`rtbcli.offpolicy`), not on a forward batch
 
 
+def network_products(run: FinetuneRun) -> contextlib.AbstractContextManager:
+    """Where the step's large matrix products run (the prior's pass, the policy gradient): under bf16 autocast when
+    `[finetune] matmul_dtype` is bfloat16, else as they are."""
+    if run.info.preset.finetune.matmul_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(run.policy.anchor.device.type, dtype=torch.bfloat16)
+
+
 def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch, torch.Tensor]:
     """The global batch of a rollout, and this process's per-step policy log-probabilities (the leaf to differentiate)."""
     with reward_rng(run.ws.traj.device, run.info.seed, run.step, dist.rank):
         log_r = run.task.log_reward(ro.traj[-1])
-    with torch.no_grad():
+    with torch.no_grad(), network_products(run):
         step_lpp = run.prior.step_log_probs(ro.traj)
     var = run.policy.step_var
     step_lpf = step_log_probs(ro.residual, var).requires_grad_()
@@ -286,7 +295,8 @@ def train_step(run: FinetuneRun, dist: Dist) -> StepStats:
     run.opt.zero_grad(set_to_none=True)
     loss.backward()  # dL/d(log Z or V) and dL/d(step lpf)
     assert step_lpf.grad is not None  # the loss depends on every trajectory's log-probabilities
-    policy_grad(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
+    with network_products(run):
+        policy_grad(ro, step_lpf.grad)  # dL/d(policy weights) through this rank's trajectories
     grad_norm = _update(run, dist)
     detached = Batch(batch.step_lpf.detach(), batch.step_lpp, batch.log_r, batch.lb)
     return StepStats(loss.detach(), detached, grad_norm, s_e, lr, ro.traj, log_z)
@@ -312,9 +322,10 @@ def replay_step(run: FinetuneRun, dist: Dist) -> StepStats:
     assert run.offpolicy is not None
     lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
     traj, log_r = run.offpolicy.replay(run.step, run.ws.n, lambda x: _log_reward(run, x, dist))
-    with torch.no_grad():
-        step_lpp = run.prior.step_log_probs(traj)
-    step_lpf = run.policy.step_log_probs(traj)
+    with network_products(run):
+        with torch.no_grad():
+            step_lpp = run.prior.step_log_probs(traj)
+        step_lpf = run.policy.step_log_probs(traj)
     batch = Batch(step_lpf, step_lpp, log_r, None)
     loss = run.obj.loss(batch, run.scalar, run.hp)
     run.opt.zero_grad(set_to_none=True)

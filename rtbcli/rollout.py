@@ -157,9 +157,11 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     g_temb = g_a.reshape(T, n, H).sum(1)
     grads[net.state.bias] = _sum_over_trajectories(g_a, T, n)
     for p, g in grads.items():
+        g = g.to(p.dtype)  # products under bf16 autocast (`matmul_dtype`) return bf16; a no-op otherwise
         p.grad = g if p.grad is None else p.grad + g
     with torch.enable_grad():
-        s.time_table().backward(g_temb)  # the time MLP and the phases, T rows
+        table = s.time_table()
+        table.backward(g_temb.to(table.dtype))  # the time MLP and the phases, T rows
 
 
 def fused_layout(net: nn.Module) -> bool:
