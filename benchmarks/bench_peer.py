@@ -72,6 +72,8 @@ STEP_CONTENTS = {
     "the residuals; frozen prior scores all T*B transitions in one no-grad pass; log r; RTB loss; autograd for "
     "log Z and dL/dlpf, one hand-written backward over T*B transitions (+ time MLP by autograd); grad-norm clip; "
     "Adam step (log line every 50 steps)",
+    "rtbcli finetune bf16": "the same step with --matmul-dtype bfloat16: the frozen prior's pass and the backward's products "
+    "under bf16 autocast (float32 accumulation), the sampling loop and everything else float32",
     "torchgfn finetune": "Sampler.sample_trajectories: T estimator calls over B states (T-1 Gaussian steps, then the exit "
     "action at t = (T-1)/T), with autograd enabled as in the example; loss(recalculate_all_logprobs=True): the policy's forward over all "
     "states again, with grad, and the frozen prior's forward without grad; log r; RTB loss; backward; Adam step",
@@ -397,6 +399,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time fine-tuning at d = 32 (ManyWell, energy mode) against torchgfn's many_well",
     )
     ap.add_argument("--batch-d32", type=int, default=None, help="trajectories per d = 32 step (default: the manywell-energy preset's)")
+    ap.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time rtbcli's fine-tuning step with --matmul-dtype bfloat16 (the prior's pass and the gradient's products in bf16)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -436,6 +444,7 @@ def main(argv=None) -> int:
         k: []
         for k in (
             "rtbcli finetune",
+            *(("rtbcli finetune bf16",) if args.bf16 else ()),
             "torchgfn finetune",
             "rtbcli pretrain",
             "rtbcli pretrain trajectory",
@@ -463,7 +472,7 @@ def main(argv=None) -> int:
         pt = preset.updated("pretrain", steps=warm + args.steps, batch_size=B, estimator="pairs")
         pt_traj = pt.updated("pretrain", estimator="trajectory")
 
-        def rtbcli_finetune(r: int) -> list[float]:
+        def rtbcli_finetune(r: int, ft=ft) -> list[float]:
             res = finetune(
                 prior_ck,
                 ft,
@@ -533,6 +542,8 @@ def main(argv=None) -> int:
                             floor_reps(half)
                             times["rtbcli finetune"].append(rtbcli_finetune(r))
                             floor_reps(args.floor_reps - half)
+                            if args.bf16:
+                                times["rtbcli finetune bf16"].append(rtbcli_finetune(r, ft.updated("finetune", matmul_dtype="bfloat16")))
                         else:
                             times["rtbcli pretrain"].append(rtbcli_pretrain(r))
                             times["rtbcli pretrain trajectory"].append(rtbcli_pretrain(r, pt_traj))
@@ -551,6 +562,11 @@ def main(argv=None) -> int:
         ],
         "finetune_floor_ratio": [median(m) / median(f) for m, f in zip(times["rtbcli finetune"], times["gemm floor"])],
     }
+    if args.bf16:
+        per_round["finetune_bf16_ratio"] = [
+            median(p) / median(m) for p, m in zip(times["torchgfn finetune"], times["rtbcli finetune bf16"])
+        ]
+        per_round["finetune_bf16_floor_ratio"] = [median(m) / median(f) for m, f in zip(times["rtbcli finetune bf16"], times["gemm floor"])]
     if args.d32:
         per_round["d32_finetune_ratio"] = [
             median(p) / median(m) for p, m in zip(times["torchgfn finetune d32"], times["rtbcli finetune d32"])
@@ -563,6 +579,8 @@ def main(argv=None) -> int:
         "pretrain_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain"],
         "finetune_floor_ratio": med["rtbcli finetune"] / med["gemm floor"],
         "pretrain_trajectory_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain trajectory"],
+        "finetune_bf16_ratio": med["torchgfn finetune"] / med["rtbcli finetune bf16"] if args.bf16 else None,
+        "finetune_bf16_floor_ratio": med["rtbcli finetune bf16"] / med["gemm floor"] if args.bf16 else None,
         "d32_finetune_ratio": med["torchgfn finetune d32"] / med["rtbcli finetune d32"] if args.d32 else None,
         "d32_batch": b32 if args.d32 else None,
         "params_d32": (
@@ -659,10 +677,26 @@ def show(rep: dict) -> None:
             f"{rep['d32_finetune_ratio']:.2f}x",
             " ".join(f"{x:.2f}" for x in pr["d32_finetune_ratio"]),
         )
+    if rep["finetune_bf16_ratio"] is not None:
+        t.add_row(
+            "finetune, --matmul-dtype bfloat16",
+            f"{m['rtbcli finetune bf16'] * 1e3:.1f} ms",
+            f"{m['torchgfn finetune'] * 1e3:.1f} ms",
+            f"{rep['finetune_bf16_ratio']:.2f}x",
+            " ".join(f"{x:.2f}" for x in pr["finetune_bf16_ratio"]),
+        )
     t.add_row("GEMM floor (fine-tuning)", f"{m['gemm floor'] * 1e3:.1f} ms", "", "", "")
     t.add_row(
         "rtbcli finetune / floor", f"{rep['finetune_floor_ratio']:.2f}x", "", "", " ".join(f"{x:.2f}" for x in pr["finetune_floor_ratio"])
     )
+    if rep["finetune_bf16_floor_ratio"] is not None:
+        t.add_row(
+            "rtbcli finetune bf16 / float32 floor",
+            f"{rep['finetune_bf16_floor_ratio']:.2f}x",
+            "",
+            "",
+            " ".join(f"{x:.2f}" for x in pr["finetune_bf16_floor_ratio"]),
+        )
     con.print(t)
     f = Table(
         title=f"GEMM floor: {rep['gemm_floor']['gflop']:.2f} GFLOP at {rep['gemm_floor']['gflop_per_s']:.1f} GFLOP/s (float32 torch.mm)"

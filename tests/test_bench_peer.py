@@ -51,11 +51,20 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     p = run([*TINY, "--json"])
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    for key in ("finetune_ratio", "pretrain_ratio", "pretrain_trajectory_ratio", "finetune_floor_ratio", "d32_finetune_ratio"):
+    for key in (
+        "finetune_ratio",
+        "pretrain_ratio",
+        "pretrain_trajectory_ratio",
+        "finetune_floor_ratio",
+        "d32_finetune_ratio",
+        "finetune_bf16_ratio",
+        "finetune_bf16_floor_ratio",
+    ):
         assert rep[key] > 0, key
         assert len(rep["per_round"][key]) == 1 and rep["per_round"][key][0] > 0, key
     for key in (
         "rtbcli finetune",
+        "rtbcli finetune bf16",
         "torchgfn finetune",
         "rtbcli pretrain",
         "rtbcli pretrain trajectory",
@@ -77,6 +86,7 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
     assert any(op["m"] == 40 for op in ops)  # the prior's forward over T*B states
     assert set(rep["step_contents"]) == {
         "rtbcli finetune",
+        "rtbcli finetune bf16",
         "torchgfn finetune",
         "rtbcli pretrain",
         "rtbcli pretrain trajectory",
@@ -116,4 +126,9 @@ def test_no_d32_leaves_the_d32_keys_out():
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
     assert rep["d32_finetune_ratio"] is None and "d32_finetune_ratio" not in rep["per_round"]
+    p = run([*TINY, "--no-d32", "--no-bf16", "--json"])
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["finetune_bf16_ratio"] is None and "finetune_bf16_ratio" not in rep["per_round"]
+    assert "rtbcli finetune bf16" not in rep["median_s"]
     assert "rtbcli finetune d32" not in rep["median_s"]
