@@ -426,14 +426,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def start(threads: int) -> None:
+    """torchgfn importable (else the one-line message naming the extra, exit 2), the thread count, and glibc told to keep
+    freed memory as rtbcli's command line does (process-wide, so torchgfn's steps get it too)."""
     try:
         import gfn  # noqa: F401
     except ImportError:
         fail(f"torchgfn is not installed; the peer benchmark needs it: {EXTRA}")
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as rtbcli's command line does; process-wide, so torchgfn's steps get it too
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start(args.threads)
     device = torch.device(args.device)
     T, B, warm = args.steps_T, args.batch, args.warmup
     preset, _ = load_preset("reference")

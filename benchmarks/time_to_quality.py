@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peer import EXTRA, SHIPPED_PRIOR, Peer, fail, same_drift, store_drift_net  # noqa: E402
+from bench_peer import SHIPPED_PRIOR, Peer, fail, same_drift, start, store_drift_net  # noqa: E402
 
 from rtbcli.checkpoint import load_checkpoint  # noqa: E402
 from rtbcli.finetune import finetune  # noqa: E402
 from rtbcli.metrics import sample_metrics  # noqa: E402
 from rtbcli.presets_loader import load_preset  # noqa: E402
-from rtbcli.runtime import keep_freed_memory, make_generator  # noqa: E402
+from rtbcli.runtime import make_generator  # noqa: E402
 from rtbcli.suites import tilted_target  # noqa: E402
 from rtbcli.tasks import Task  # noqa: E402
 from rtbcli.trainer import Schedule  # noqa: E402
@@ -78,12 +78,7 @@ def score(sampler, target, n: int, seed: int, step: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        import gfn  # noqa: F401
-    except ImportError:
-        fail(f"torchgfn is not installed; the peer benchmark needs it: {EXTRA}")
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    start(args.threads)
     device = torch.device("cpu")
     base, _ = load_preset("reference")
     preset = base.updated("finetune", steps=args.steps, batch_size=args.batch, lr=args.lr, eval_every=args.every).updated(

@@ -36,13 +36,18 @@ TINY = [
 ]
 
 
-def run(args: list[str], *, hide_gfn: bool = False) -> subprocess.CompletedProcess:
-    if hide_gfn:  # `import gfn` then raises ImportError, as where torchgfn is not installed
-        code = f"import runpy, sys; sys.modules['gfn'] = None; sys.argv = {[str(SCRIPT), *args]!r}; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+def run_script(script: Path, args: list[str], *, hide_gfn: bool = False) -> subprocess.CompletedProcess:
+    """Run a benchmark script; `hide_gfn`: `import gfn` raises ImportError in it, as where torchgfn is not installed."""
+    if hide_gfn:
+        code = f"import runpy, sys; sys.modules['gfn'] = None; sys.argv = {[str(script), *args]!r}; runpy.run_path({str(script)!r}, run_name='__main__')"
         cmd = [sys.executable, "-c", code]
     else:
-        cmd = [sys.executable, str(SCRIPT), *args]
+        cmd = [sys.executable, str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def run(args: list[str], *, hide_gfn: bool = False) -> subprocess.CompletedProcess:
+    return run_script(SCRIPT, args, hide_gfn=hide_gfn)
 
 
 def test_tiny_run_reports_positive_ratios_and_the_machine():

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from test_bench_peer import run_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_quality.py"
 TINY = ["--steps", "4", "--batch", "8", "--every", "2", "--n", "300", "--threads", "1"]
 
 
 def run(args: list[str], *, hide_gfn: bool = False) -> subprocess.CompletedProcess:
-    if hide_gfn:
-        code = f"import runpy, sys; sys.modules['gfn'] = None; sys.argv = {[str(SCRIPT), *args]!r}; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
-        cmd = [sys.executable, "-c", code]
-    else:
-        cmd = [sys.executable, str(SCRIPT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return run_script(SCRIPT, args, hide_gfn=hide_gfn)
 
 
 def test_tiny_run_gives_both_curves_and_the_ratio():
