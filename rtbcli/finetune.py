@@ -628,15 +628,18 @@ class FinetuneRecipe(Recipe):
             metrics = self._data_metrics(n, gen)
         return {"step": step, "eval": metrics, "seconds": seconds}
 
-    @torch.no_grad()
-    def _data_metrics(self, n: int, gen: torch.Generator) -> dict:
+    @functools.cached_property
+    def _data_target(self):
+        """Data mode's target p_data r^beta for `eval_every`, built at the first evaluation."""
         from .suites import tilted_target  # the evaluation side; imported when a run asks for it
 
+        return tilted_target(self.run.task, self.run.hp.beta)
+
+    @torch.no_grad()
+    def _data_metrics(self, n: int, gen: torch.Generator) -> dict:
         r = self.run
-        if not hasattr(self, "_target"):
-            self._target = tilted_target(r.task, r.hp.beta)
         x = r.policy.sample(n, 0.0, gen)[-1]
-        metrics = {k: v for k, v in sample_metrics(x.cpu(), self._target).items() if v is not None}
+        metrics = {k: v for k, v in sample_metrics(x.cpu(), self._data_target).items() if v is not None}
         return {"n": float(n), "log_r_mean": float(r.task.log_reward(x).double().mean()), **metrics}
 
     def check(self) -> None:
