@@ -250,6 +250,7 @@ def finetune(
     exploration_end_step: int | None = typer.Option(None, help=field_help(FinetuneSpec, "exploration_end_step")),
     replay: bool | None = typer.Option(None, "--replay/--no-replay", help=field_help(FinetuneSpec, "replay")),
     buffer_size: int | None = typer.Option(None, help=field_help(FinetuneSpec, "buffer_size")),
+    prior_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "prior_every")),
     local_search: bool | None = typer.Option(None, "--local-search/--no-local-search", help=field_help(FinetuneSpec, "local_search")),
     ls_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_every")),
     ls_step_size: float | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_step_size")),
@@ -319,10 +320,11 @@ def finetune(
         exploration_end_step=exploration_end_step,
         replay=replay,
         buffer_size=buffer_size,
+        prior_every=prior_every,
         local_search=local_search,
         ls_every=ls_every,
         ls_step_size=ls_step_size,
-        langevin=langevin,  # the seven above: the off-policy tools
+        langevin=langevin,  # the eight above: the off-policy tools
         eval_every=eval_every,
     )
     _check_named_again(p, preset, target, reward)

@@ -381,6 +381,10 @@ class FinetuneSpec(Strict):
     """The replay buffer keeps the last this-many terminal states (FIFO), drawn by rank of log r (energy mode: log pi)."""
     buffer_rank_k: PosFloat = 0.01
     """Rank prioritisation: P(rank i) is proportional to 1 / (k N + i) (smaller k: steeper)."""
+    prior_every: Annotated[int, Field(ge=0)] = 0
+    """Every this-many steps (those with step % k == k - 1), the batch is drawn from the frozen prior instead of the policy:
+    an off-policy behaviour that covers the whole target p_prior r^beta, where on-policy steps narrow onto part of it
+    (rtb, trust-pcl, vargrad; one process; not with replay; rtbcli.offpolicy); 0: never."""
     local_search: bool = False
     """Local search (energy mode, with replay): MALA toward pi on buffer states every ls_every steps; replayed states
     then come from the local-search buffer."""

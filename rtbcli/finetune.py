@@ -253,6 +253,7 @@ class StepStats:
     traj: torch.Tensor  # this process's trajectories (T + 1, n, d): a view of the run's workspace, clone to keep
     log_z: torch.Tensor | None  # the learned scalar before the step
     replayed: bool = False  # the step trained on replayed trajectories (`rtbcli.offpolicy`), not on a forward batch
+    from_prior: bool = False  # the step trained on a batch of the frozen prior (`prior_step`)
 
 
 def network_products(run: FinetuneRun) -> contextlib.AbstractContextManager:
@@ -285,6 +286,9 @@ def train_step(run: FinetuneRun, dist: Dist) -> StepStats:
     `replay_step` instead, and forward batches feed the buffer (`rtbcli.offpolicy`)."""
     if run.offpolicy is not None and run.offpolicy.replays(run.step):
         return replay_step(run, dist)
+    k = run.info.preset.finetune.prior_every
+    if k and run.step % k == k - 1:
+        return prior_step(run, dist)
     s_e = run.schedule.exploration(run.step) if run.explore else 0.0
     lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
     ro = rollout(run.policy, run.ws, s_e * s_e, run.gen, (dist.rank, dist.world))
@@ -316,12 +320,25 @@ def _update(run: FinetuneRun, dist: Dist) -> torch.Tensor:
 
 def replay_step(run: FinetuneRun, dist: Dist) -> StepStats:
     """A step on replayed trajectories (`rtbcli.offpolicy`; one process): states drawn from the
-    buffer by rank (after local search, when due), their trajectories by the backward process; lpf
-    by autograd of one batched forward pass of the policy over them, lpp from the frozen prior,
-    log r from the buffer. No behaviour log-probability: the trajectory-balance objectives only."""
+    buffer by rank (after local search, when due), their trajectories by the backward process, then
+    `given_step` with log r from the buffer."""
     assert run.offpolicy is not None
-    lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
     traj, log_r = run.offpolicy.replay(run.step, run.ws.n, lambda x: _log_reward(run, x, dist))
+    return given_step(run, dist, traj, log_r, replayed=True)
+
+
+def prior_step(run: FinetuneRun, dist: Dist) -> StepStats:
+    """A step on a batch of the frozen prior (`[finetune] prior_every`; one process): n trajectories
+    of the prior without gradient and log r of their ends, then `given_step`."""
+    traj = run.prior.sample(run.ws.n, 0.0, run.gen)
+    return given_step(run, dist, traj, _log_reward(run, traj[-1], dist), from_prior=True)
+
+
+def given_step(run: FinetuneRun, dist: Dist, traj: torch.Tensor, log_r: torch.Tensor, **kind: bool) -> StepStats:
+    """One step on given trajectories (T + 1, n, d) that the policy did not sample: lpf by autograd
+    of one batched forward pass of the policy over them, lpp from the frozen prior. No behaviour
+    log-probability: the trajectory-balance objectives only (`rtbcli.offpolicy.check_options`)."""
+    lr, log_z = run.opt.param_groups[0]["lr"], None if run.scalar is None else run.scalar.detach().clone()
     with network_products(run):
         with torch.no_grad():
             step_lpp = run.prior.step_log_probs(traj)
@@ -331,7 +348,7 @@ def replay_step(run: FinetuneRun, dist: Dist) -> StepStats:
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = _update(run, dist)
-    return StepStats(loss.detach(), Batch(step_lpf.detach(), step_lpp, log_r, None), grad_norm, 0.0, lr, traj, log_z, True)
+    return StepStats(loss.detach(), Batch(step_lpf.detach(), step_lpp, log_r, None), grad_norm, 0.0, lr, traj, log_z, **kind)
 
 
 def _differentiable_log_reward(task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -691,6 +708,8 @@ class FinetuneRecipe(Recipe):
             shown = f"ESS {ess:.1f}  "
         if r.offpolicy is not None:
             rec.update(r.offpolicy.log_record(st.replayed))
+        if r.info.preset.finetune.prior_every:
+            rec["prior_batch"] = st.from_prior
         self.warn_low_ess()
         return rec, f"loss {self.loss:.4g}  {shown}E[log r] {self.mean_log_r:.3f}"
 

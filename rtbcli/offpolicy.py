@@ -22,6 +22,12 @@ chain state (a rejected proposal repeats the current state, the MCMC estimate of
 accepted proposals alone, whose number is random (a host sync); in energy mode both buffers rank by
 log pi as the paper's (its log_reward is log pi), in fine-tuning mode by log r.
 
+- `[finetune] prior_every = k` (no buffer): the steps with it % k == k - 1 train on a batch drawn
+  from the frozen prior instead (`rtbcli.finetune.prior_step`). The target p_prior r^beta lies
+  inside the prior's support, so these batches reach the parts of the target that on-policy steps
+  (mode-seeking, as reverse KL) have let go of; every trajectory-balance objective's minimiser is
+  still the target.
+
 Replayed trajectories have no behaviour log-probability, so only the trajectory-balance objectives
 (rtb, trust-pcl, vargrad) take them (`check_options`). Nothing here runs when the tools are off:
 `OffPolicy` exists only in a run that uses them. Its draws use a generator of its own, saved with
@@ -62,8 +68,20 @@ def check_options(cfg, algo: str, *, energy: bool, processes: int = 1) -> None:
             f"{algo} cannot train on replayed trajectories (they have no behaviour log-probability): "
             f"use --algo {' / '.join(REPLAY_OBJECTIVES)}, or switch the replay buffer off (--no-replay)"
         )
-    if processes > 1 and (cfg.replay or cfg.langevin):
-        raise InputError("the replay buffer and the Langevin parametrisation run in one process: run without torchrun, or switch them off")
+    if cfg.prior_every and algo not in REPLAY_OBJECTIVES:
+        raise InputError(
+            f"{algo} cannot train on the prior's batches (it needs the behaviour policy's own log-probability): "
+            f"use --algo {' / '.join(REPLAY_OBJECTIVES)}, or --prior-every 0"
+        )
+    if cfg.prior_every and cfg.replay:
+        raise InputError(
+            "the prior's batches and the replay buffer both take over steps of the loop: use one (--prior-every 0 or --no-replay)"
+        )
+    if processes > 1 and (cfg.replay or cfg.langevin or cfg.prior_every):
+        raise InputError(
+            "the replay buffer, the prior's batches and the Langevin parametrisation run in one process: "
+            "run without torchrun, or switch them off"
+        )
 
 
 def check_gradient(log_density: LogDensity, x: torch.Tensor, what: str = SWITCH_OFF) -> None:

@@ -79,6 +79,15 @@ def test_lora_and_full_finetuning_of_a_diffusers_folder_save_what_they_train(run
     assert load_checkpoint(runs["more"]).step == 5
 
 
+def test_the_prior_s_batches_train_lora_adapters_on_the_ddpm_path(files, tmp_path):
+    out = tmp_path / "p.safetensors"
+    assert finetune(files, out, "--lora-rank", 2, "--algo", "vargrad", "--prior-every", 2, "--steps", 2) == 0
+    last = json.loads(out.with_suffix(".jsonl").read_text().splitlines()[-1])
+    assert last["prior_batch"] is True and last["step"] == 2  # step 2 (the second) trained on the base model's own batch
+    lora = load_file(str(out))
+    assert any(float(lora[k].abs().sum()) > 0 for k in lora if "lora_B" in k)
+
+
 def test_a_diffusers_run_evaluates_samples_and_merges_into_a_folder_diffusers_loads(runs, files, tmp_path, capsys):
     capsys.readouterr()
     assert cli("evaluate", runs["more"], "--reward", f"{files / 'reward.py'}:log_reward", "--n", 8, "--json", "--device", "cpu") == 0

@@ -9,6 +9,7 @@ Energy mode (`run.log_density`) is set by hand here on a fine-tuning run (test `
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -117,6 +118,51 @@ def test_replay_serves_every_trajectory_balance_objective(algo, tmp_path, tiny_p
     assert any(not torch.equal(v, run.policy.state_dict()[k]) for k, v in recs[1]["before"].items())
 
 
+# ----------------------------------------------------------------------------- the prior's batches
+def test_prior_batches_train_on_the_frozen_prior_s_trajectories(tmp_path, tiny_prior, tiny_preset):
+    preset = tiny_preset.updated("finetune", prior_every=3)
+    run = new_run(tiny_prior, preset, tmp_path, "vargrad")
+    task, prior = Task(preset), run.prior
+    recs = []
+    for _ in range(6):
+        gen = run.gen.get_state()
+        recs.append({**step(run), "run_gen": gen})
+    assert [r["st"].from_prior for r in recs] == [False, False, True] * 2
+    for r in recs[2::3]:
+        traj, st = r["traj"], r["st"]
+        assert torch.equal(traj, prior.sample(B, 0.0, torch.Generator().set_state(r["run_gen"])))  # the prior's own draws
+        torch.testing.assert_close(st.batch.log_r, task.log_reward(traj[-1]))
+        policy = policy_at(preset, r["before"])
+        with torch.no_grad():
+            d = policy.log_prob(traj) - prior.log_prob(traj) - st.batch.log_r
+        torch.testing.assert_close(st.loss, 0.5 * d.var(unbiased=False), rtol=1e-10, atol=1e-12)  # VarGrad on them
+        assert st.exploration == 0.0 and st.batch.lb is None
+        assert any(not torch.equal(v, run.policy.state_dict()[k]) for k, v in r["before"].items())
+    for r in recs[:2]:  # the other steps are the policy's own
+        with torch.no_grad():
+            means = policy_at(preset, r["before"]).means(r["traj"])
+        assert not torch.allclose(r["traj"], prior.sample(B, 0.0, torch.Generator().set_state(r["run_gen"])))
+        assert means.shape == r["traj"][1:].shape
+
+
+def test_prior_batches_are_logged_and_set_from_the_command_line(tmp_path, tiny_prior, tiny_preset):
+    preset = tiny_preset.updated("finetune", prior_every=2, steps=4)
+    out = tmp_path / "f.safetensors"
+    log = out.with_suffix(".jsonl")
+    finetune(
+        load_checkpoint(tiny_prior), preset, "tiny", "vargrad", out, dtype=F64, progress=False, save_every=0, log_every=1, log_path=log
+    )
+    recs = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["prior_batch"] for r in recs if "loss" in r] == [False, True, False, True]
+    out = tmp_path / "x.safetensors"
+    assert (
+        cli(["finetune", "--prior", str(tiny_prior), "--algo", "trust-pcl", "--prior-every", "2", "--steps", "2", "--out", str(out), "-q"])
+        == 0
+    )
+    assert load_checkpoint(out).preset.finetune.prior_every == 2
+    assert [json.loads(line).get("prior_batch") for line in out.with_suffix(".jsonl").read_text().splitlines()][-1] is True
+
+
 def test_a_run_without_the_tools_calls_none_of_them(tmp_path, tiny_prior, tiny_preset, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("an off-policy tool ran in a run that does not use it")
@@ -124,6 +170,7 @@ def test_a_run_without_the_tools_calls_none_of_them(tmp_path, tiny_prior, tiny_p
     for name in ("replays", "add", "replay", "local_search"):
         monkeypatch.setattr(OffPolicy, name, boom)
     monkeypatch.setattr(finetune_module, "replay_step", boom)
+    monkeypatch.setattr(finetune_module, "prior_step", boom)
     monkeypatch.setattr(LangevinSampler, "sample", boom)
     run = new_run(tiny_prior, tiny_preset, tmp_path)
     assert run.offpolicy is None and type(run.policy) is DiffusionSampler
@@ -217,7 +264,7 @@ def test_the_paper_s_exploration_schedule_reaches_the_steps(tmp_path, tiny_prior
 
 
 # ----------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("tools", [{"replay": True}, {"replay": True, "langevin": True}])
+@pytest.mark.parametrize("tools", [{"replay": True}, {"replay": True, "langevin": True}, {"prior_every": 2}])
 def test_a_run_with_the_tools_stopped_and_resumed_is_the_same_run(tools, tmp_path, tiny_prior, tiny_preset, monkeypatch):
     preset = tiny_preset.updated("finetune", steps=6, **tools)
     prior = load_checkpoint(tiny_prior)
@@ -240,7 +287,8 @@ def test_a_run_with_the_tools_stopped_and_resumed_is_the_same_run(tools, tmp_pat
     monkeypatch.setattr(finetune_module, "train_step", real)
     part = tmp_path / "x.partial.safetensors"
     saved = load_file(str(tmp_path / "x.partial.state.safetensors"))
-    assert saved["offpolicy.buffer.meta"].tolist() == [preset.finetune.buffer_size, 2 * B, 2 * B]  # steps 0 and 2 added
+    if tools.get("replay"):
+        assert saved["offpolicy.buffer.meta"].tolist() == [preset.finetune.buffer_size, 2 * B, 2 * B]  # steps 0 and 2 added
     finetune(load_checkpoint(part), preset, "tiny", "rtb", tmp_path / "x.safetensors", dtype=F64, progress=False, save_every=0, resume=True)
     for name in ("x.safetensors", "x.state.safetensors"):
         a, b = load_file(str(tmp_path / name)), load_file(str(tmp_path / name.replace("x.", "alone.")))
@@ -271,6 +319,9 @@ def test_bad_off_policy_options_are_one_line_errors_that_write_nothing(tmp_path,
         (["--ls-step-size", "-0.1"], "--ls-step-size should be greater than 0"),
         (["--ls-every", "0"], "--ls-every should be greater than 0"),
         (["--exploration-end-step", "0"], "--exploration-end-step should be greater than 0"),
+        (["--algo", "reinforce-kl", "--prior-every", "2"], "--prior-every 0"),
+        (["--replay", "--prior-every", "2"], "use one"),
+        (["--prior-every", "-1"], "--prior-every should be greater than or equal to 0"),
     ]
     for extra, match in cases:
         code = cli(base + extra)
