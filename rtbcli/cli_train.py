@@ -266,35 +266,12 @@ def finetune(
     """Fine-tune a prior so that its samples follow p_prior(x) r(x)^beta."""
     from .evaluate import with_reward
     from .finetune import finetune as run_finetune
-    from .networks import attach_network
     from .suites import check_suite
     from .tasks import Task
 
     b = resolve_beta(beta, alpha)
-    model_opts = {"--lora-rank": lora_rank, "--lora-alpha": lora_alpha, "--lora-target": lora_target, "--sampling-steps": sampling_steps}
-    if prior is not None and Path(prior).is_dir():  # a diffusers model folder
-        from .model_prior import folder_checkpoint
-
-        if preset is None:
-            raise InputError(
-                f"'{prior}' is a diffusers model, with no task of its own: give --preset (a task of its images: data, reward) and --reward"
-            )
-        if lora_rank is not None and lora_rank <= 0:
-            raise InputError(f"--lora-rank must be a positive rank (got {lora_rank})")
-        if (lora_alpha is not None or lora_target) and lora_rank is None:
-            raise InputError("--lora-alpha and --lora-target set LoRA's adapters: give --lora-rank too")
-        if network is not None:
-            raise InputError("--network names a checkpoint's network class: a diffusers model folder needs none")
-        start_path, start = prior, folder_checkpoint(prior, load_preset(preset)[0], sampling_steps, lora_rank, lora_alpha, lora_target)
-    else:
-        given = [k for k, v in model_opts.items() if v]
-        if given:
-            raise InputError(f"{given[0]} applies to a diffusers model folder (--prior DIR); a checkpoint keeps its own settings")
-        start_path, start = _start(prior, resume, warm_start, preset, target)
-    if start is None and network is not None:
-        raise InputError("--network names a checkpoint's own network class again: energy mode's Brownian prior has no network")
-    if start is not None:
-        attach_network(start, network)
+    lora = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_target, "sampling_steps": sampling_steps}
+    start_path, start = _finetune_start(prior, resume, warm_start, preset, target, network, lora)
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
     p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
@@ -356,6 +333,39 @@ def finetune(
     if not dist.is_main:
         return
     _report_finetune(r, p, dev, dist.world, as_json)
+
+
+def _finetune_start(prior, resume, warm_start, preset: str | None, target: str | None, network: str | None, lora: dict):
+    """(the path a run starts from, its Checkpoint or None in energy mode): a diffusers model folder (`--prior DIR`, with
+    its LoRA and sampling options `lora`), or a checkpoint (`_start`); the user's network class attached again."""
+    from .networks import attach_network
+
+    flags = {"--lora-rank": "rank", "--lora-alpha": "alpha", "--lora-target": "targets", "--sampling-steps": "sampling_steps"}
+    if prior is not None and Path(prior).is_dir():  # a diffusers model folder
+        from .model_prior import folder_checkpoint
+
+        rank = lora["rank"]
+        if preset is None:
+            raise InputError(
+                f"'{prior}' is a diffusers model, with no task of its own: give --preset (a task of its images: data, reward) and --reward"
+            )
+        if rank is not None and rank <= 0:
+            raise InputError(f"--lora-rank must be a positive rank (got {rank})")
+        if (lora["alpha"] is not None or lora["targets"]) and rank is None:
+            raise InputError("--lora-alpha and --lora-target set LoRA's adapters: give --lora-rank too")
+        if network is not None:
+            raise InputError("--network names a checkpoint's network class: a diffusers model folder needs none")
+        start = folder_checkpoint(prior, load_preset(preset)[0], lora["sampling_steps"], rank, lora["alpha"], lora["targets"])
+        return prior, start
+    given = [flag for flag, key in flags.items() if lora[key]]
+    if given:
+        raise InputError(f"{given[0]} applies to a diffusers model folder (--prior DIR); a checkpoint keeps its own settings")
+    start_path, start = _start(prior, resume, warm_start, preset, target)
+    if start is None and network is not None:
+        raise InputError("--network names a checkpoint's own network class again: energy mode's Brownian prior has no network")
+    if start is not None:
+        attach_network(start, network)
+    return start_path, start
 
 
 def _algo_of_run(start, algo, seed: int | None, on_policy: bool) -> str:
