@@ -149,3 +149,24 @@ def test_unsupported_scheduler_configs_are_named(config, match):
 def test_default_scheduler_config_is_honoured():
     s = schedule_from_config({"num_train_timesteps": 50}, sampling_steps=10)
     assert s.clip_sample is True and s.steps == 10 and s.tables()["timesteps"].tolist() == list(range(45, -1, -5))
+
+
+def test_scoring_without_gradient_passes_at_most_no_grad_rows_states(monkeypatch, float64):
+    """evaluate's scoring (`log_prob` under no_grad) runs the network on slices of NO_GRAD_ROWS states (the
+    allocator reuses their activations), with the same values as training's one batched pass."""
+    import rtbcli.ddpm as ddpm
+
+    s = sampler(sampling_steps=5)
+    traj = s.sample(9, 0.0, torch.Generator().manual_seed(2))  # 5 * 9 = 45 states
+    whole = s.log_prob(traj)  # with gradient enabled: one pass
+    monkeypatch.setattr(ddpm, "NO_GRAD_ROWS", 8)
+    rows: list[int] = []
+    forward = s.net.forward
+    monkeypatch.setattr(s.net, "forward", lambda x, t: rows.append(len(x)) or forward(x, t))
+    with torch.no_grad():
+        sliced = s.log_prob(traj)
+    assert rows == [8] * 5 + [5]
+    torch.testing.assert_close(sliced, whole.detach(), rtol=0, atol=1e-12)
+    rows.clear()
+    s.log_prob(traj).sum().backward()  # training keeps one pass (its graph)
+    assert rows == [45]
