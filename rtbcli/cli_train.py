@@ -251,6 +251,7 @@ def finetune(
     replay: bool | None = typer.Option(None, "--replay/--no-replay", help=field_help(FinetuneSpec, "replay")),
     buffer_size: int | None = typer.Option(None, help=field_help(FinetuneSpec, "buffer_size")),
     prior_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "prior_every")),
+    prior_resample: int | None = typer.Option(None, help=field_help(FinetuneSpec, "prior_resample")),
     local_search: bool | None = typer.Option(None, "--local-search/--no-local-search", help=field_help(FinetuneSpec, "local_search")),
     ls_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_every")),
     ls_step_size: float | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_step_size")),
@@ -298,10 +299,11 @@ def finetune(
         replay=replay,
         buffer_size=buffer_size,
         prior_every=prior_every,
+        prior_resample=prior_resample,
         local_search=local_search,
         ls_every=ls_every,
         ls_step_size=ls_step_size,
-        langevin=langevin,  # the eight above: the off-policy tools
+        langevin=langevin,  # the nine above: the off-policy tools
         eval_every=eval_every,
     )
     _check_named_again(p, preset, target, reward)

@@ -385,6 +385,9 @@ class FinetuneSpec(Strict):
     """Every this-many steps (those with step % k == k - 1), the batch is drawn from the frozen prior instead of the policy:
     an off-policy behaviour that covers the whole target p_prior r^beta, where on-policy steps narrow onto part of it
     (rtb, trust-pcl, vargrad; one process; not with replay; rtbcli.offpolicy); 0: never."""
+    prior_resample: PosInt = 1
+    """A prior step draws this many times B prior trajectories and keeps B of them, drawn with replacement in proportion
+    to r^beta (importance resampling: an approximate sample of the target itself); 1: the prior's B trajectories as drawn."""
     local_search: bool = False
     """Local search (energy mode, with replay): MALA toward pi on buffer states every ls_every steps; replayed states
     then come from the local-search buffer."""

@@ -329,9 +329,16 @@ def replay_step(run: FinetuneRun, dist: Dist) -> StepStats:
 
 def prior_step(run: FinetuneRun, dist: Dist) -> StepStats:
     """A step on a batch of the frozen prior (`[finetune] prior_every`; one process): n trajectories
-    of the prior without gradient and log r of their ends, then `given_step`."""
-    traj = run.prior.sample(run.ws.n, 0.0, run.gen)
-    return given_step(run, dist, traj, _log_reward(run, traj[-1], dist), from_prior=True)
+    of the prior without gradient and log r of their ends, then `given_step`. With `prior_resample`
+    M > 1: M n trajectories of the prior, of which n are kept, drawn with replacement in proportion
+    to r^beta (importance resampling toward the target p_prior r^beta)."""
+    n, m = run.ws.n, run.info.preset.finetune.prior_resample
+    traj = run.prior.sample(n * m, 0.0, run.gen)
+    log_r = _log_reward(run, traj[-1], dist)
+    if m > 1:
+        keep = torch.multinomial(torch.softmax(run.hp.beta * log_r, 0), n, replacement=True, generator=run.gen)
+        traj, log_r = traj[:, keep], log_r[keep]
+    return given_step(run, dist, traj, log_r, from_prior=True)
 
 
 def given_step(run: FinetuneRun, dist: Dist, traj: torch.Tensor, log_r: torch.Tensor, **kind: bool) -> StepStats:

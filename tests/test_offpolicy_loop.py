@@ -145,6 +145,21 @@ def test_prior_batches_train_on_the_frozen_prior_s_trajectories(tmp_path, tiny_p
         assert means.shape == r["traj"][1:].shape
 
 
+def test_resampled_prior_batches_keep_b_of_m_b_prior_trajectories_by_their_weights(tmp_path, tiny_prior, tiny_preset):
+    preset = tiny_preset.updated("finetune", prior_every=2, prior_resample=4)
+    run = new_run(tiny_prior, preset, tmp_path, "vargrad")
+    task, prior = Task(preset), run.prior
+    step(run)
+    g = torch.Generator().set_state(run.gen.get_state())
+    r = step(run)
+    big = prior.sample(4 * B, 0.0, g)
+    log_r = task.log_reward(big[-1])
+    keep = torch.multinomial(torch.softmax(preset.beta * log_r, 0), B, replacement=True, generator=g)
+    assert r["st"].from_prior and torch.equal(r["traj"], big[:, keep])
+    torch.testing.assert_close(r["st"].batch.log_r, log_r[keep])
+    assert log_r[keep].mean() > log_r.mean()  # toward the reward
+
+
 def test_prior_batches_are_logged_and_set_from_the_command_line(tmp_path, tiny_prior, tiny_preset):
     preset = tiny_preset.updated("finetune", prior_every=2, steps=4)
     out = tmp_path / "f.safetensors"
@@ -322,6 +337,7 @@ def test_bad_off_policy_options_are_one_line_errors_that_write_nothing(tmp_path,
         (["--algo", "reinforce-kl", "--prior-every", "2"], "--prior-every 0"),
         (["--replay", "--prior-every", "2"], "use one"),
         (["--prior-every", "-1"], "--prior-every should be greater than or equal to 0"),
+        (["--prior-every", "2", "--prior-resample", "0"], "--prior-resample should be greater than 0"),
     ]
     for extra, match in cases:
         code = cli(base + extra)
