@@ -73,6 +73,8 @@ def check_options(cfg, algo: str, *, energy: bool, processes: int = 1) -> None:
             f"{algo} cannot train on the prior's batches (it needs the behaviour policy's own log-probability): "
             f"use --algo {' / '.join(REPLAY_OBJECTIVES)}, or --prior-every 0"
         )
+    if cfg.prior_resample > 1 and not cfg.prior_every:
+        raise InputError("--prior-resample sets how the prior's batches are drawn: give --prior-every K too, or leave it out")
     if cfg.prior_every and cfg.replay:
         raise InputError(
             "the prior's batches and the replay buffer both take over steps of the loop: use one (--prior-every 0 or --no-replay)"

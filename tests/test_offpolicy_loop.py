@@ -338,6 +338,7 @@ def test_bad_off_policy_options_are_one_line_errors_that_write_nothing(tmp_path,
         (["--replay", "--prior-every", "2"], "use one"),
         (["--prior-every", "-1"], "--prior-every should be greater than or equal to 0"),
         (["--prior-every", "2", "--prior-resample", "0"], "--prior-resample should be greater than 0"),
+        (["--prior-resample", "4"], "give --prior-every K too"),
     ]
     for extra, match in cases:
         code = cli(base + extra)
