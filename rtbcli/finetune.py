@@ -368,7 +368,7 @@ def _differentiable_log_reward(task: Task) -> Callable[[torch.Tensor], torch.Ten
 
 
 def _log_reward(run: FinetuneRun, x: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """log r of states that no rollout drew (local search's), under a reward generator of their own."""
+    """log r of states that no rollout of the policy drew (local search's, the prior's batches), under a reward generator of their own."""
     with reward_rng(x.device, run.info.seed, run.step, dist.rank, 1):
         return run.task.log_reward(x)
 
