@@ -521,10 +521,9 @@ class Preset(Strict):
 
     @model_validator(mode="after")
     def _grid(self) -> Preset:
-        if self.sampler.time_power != 1.0 and (self.finetune.langevin or self.finetune.replay):
+        if self.sampler.time_power != 1.0 and self.finetune.langevin:
             raise ValueError(
-                "the Langevin parametrisation and the replay buffer use the uniform time grid: "
-                "set sampler.time_power = 1, or switch them off (--no-langevin / --no-replay)"
+                "the Langevin parametrisation uses the uniform time grid: set sampler.time_power = 1, or switch it off (--no-langevin)"
             )
         return self
 

@@ -463,7 +463,7 @@ def check_energy_start(start: Checkpoint | None, preset: Preset) -> None:
 
 def check_network_options(start: Checkpoint, cfg, dist: Dist) -> None:
     """A user's network (`rtbcli.networks`) or a diffusers model (`rtbcli.lora`) trains by autograd in one process,
-    without the Langevin parametrisation (and, a DDPM model, without the bridge's replay buffer)."""
+    without the Langevin parametrisation."""
     spec = start.preset.sampler
     if spec.network is None and spec.model is None:
         return
@@ -472,8 +472,6 @@ def check_network_options(start: Checkpoint, cfg, dist: Dist) -> None:
         raise InputError("the Langevin parametrisation is built on rtbcli's own drift network: switch it off (--no-langevin)")
     if dist.world > 1:
         raise InputError(f"{what} is fine-tuned in one process: run without torchrun")
-    if spec.model is not None and cfg.replay:
-        raise InputError("the replay buffer draws pinned-bridge trajectories, not a DDPM's noising process: switch it off (--no-replay)")
 
 
 def setup(
@@ -568,7 +566,7 @@ def attach_offpolicy(run: FinetuneRun, dist: Dist) -> None:
     run.offpolicy = None
     if uses_offpolicy(cfg):
         run.offpolicy = OffPolicy(
-            cfg, p.dim, p.steps, p.sigma2, log_density=run.log_density, seed=run.info.seed, device=w.device, dtype=w.dtype
+            cfg, p.dim, p.backward_sample, log_density=run.log_density, seed=run.info.seed, device=w.device, dtype=w.dtype
         )
 
 

@@ -8,7 +8,8 @@ As gfn-diffusion's energy_sampling/train.py does with `--both_ways --sampling bu
 - even `it`: a forward batch from the behaviour policy (exploration on); its terminal states and
   their log r join the buffer (`OffPolicy.add`);
 - odd `it`: a replayed batch (`OffPolicy.replay`): B states drawn from a buffer by rank, their
-  trajectories drawn from the fixed backward process (the Brownian bridge pinned at 0), and the
+  trajectories drawn from the sampler's fixed backward process (`backward_sample`: the Brownian
+  bridge pinned at 0 on the sampler's time grid, or a DDPM's noising process), and the
   objective on them, with lpf from a batched forward pass over the given trajectories (autograd),
   lpp from the frozen prior and log r from the buffer.
 - local search (energy mode, where pi is known): at the replay steps with it % ls_every < 2,
@@ -40,7 +41,7 @@ from collections.abc import Callable
 
 import torch
 
-from .energy.buffer import ReplayBuffer, backward_trajectories
+from .energy.buffer import ReplayBuffer
 from .energy.langevin import LangevinDriftNet, LangevinSampler
 from .energy.local_search import SWITCH_OFF, log_density_and_grad, mala
 from .errors import InputError
@@ -94,16 +95,16 @@ def check_gradient(log_density: LogDensity, x: torch.Tensor, what: str = SWITCH_
 class OffPolicy:
     """The buffers, the alternation and the local-search schedule of one run (module docstring).
 
-    cfg: the run's FinetuneSpec; dim, steps, sigma2: the sampler's; log_density: log pi in energy
-    mode (ranking by it, and local search's target), else None; seed: the run's.
+    cfg: the run's FinetuneSpec; dim: the sampler's; backward(x, generator): trajectories
+    (T + 1, B, d) of the sampler's reference backward process ending at x (its `backward_sample`);
+    log_density: log pi in energy mode (ranking by it, and local search's target), else None; seed: the run's.
     """
 
     def __init__(
         self,
         cfg,
         dim: int,
-        steps: int,
-        sigma2: float,
+        backward: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
         *,
         log_density: LogDensity | None,
         seed: int,
@@ -111,7 +112,7 @@ class OffPolicy:
         dtype: torch.dtype = torch.float32,
     ):
         energy = log_density is not None
-        self.cfg, self.steps, self.sigma2, self.log_density = cfg, steps, float(sigma2), log_density
+        self.cfg, self.backward, self.log_density = cfg, backward, log_density
 
         def buffer() -> ReplayBuffer:
             return ReplayBuffer(cfg.buffer_size, dim, device, dtype, cfg.buffer_rank_k, with_log_pi=energy, rank_by_log_pi=energy)
@@ -155,13 +156,13 @@ class OffPolicy:
         self.ls_step_size, self.ls_acceptance = res.step_size, res.acceptance
 
     def replay(self, it: int, n: int, log_reward: LogDensity) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay step `it`: (trajectories (T + 1, n, d) by the backward process, log r (n,)) of n
+        """Replay step `it`: (trajectories (T + 1, n, d) by the sampler's backward process, log r (n,)) of n
         states drawn by rank (from the local-search buffer when local search is on, after it ran if due)."""
         if self.searches(it):
             self.local_search(n, log_reward)
         source = self.ls_buffer if self.ls_buffer is not None else self.buffer
         x, log_r, _ = source.sample(n, self.gen)
-        return backward_trajectories(x, self.steps, self.sigma2, self.gen), log_r
+        return self.backward(x, self.gen), log_r
 
     def log_record(self, replayed: bool) -> dict:
         """What a log record adds (at logging time: host reads allowed)."""

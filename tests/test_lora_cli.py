@@ -88,6 +88,28 @@ def test_the_prior_s_batches_train_lora_adapters_on_the_ddpm_path(files, tmp_pat
     assert any(float(lora[k].abs().sum()) > 0 for k in lora if "lora_B" in k)
 
 
+def test_replay_draws_the_ddpm_s_noising_trajectories_of_buffer_states(files, tmp_path, monkeypatch):
+    drawn = []
+    noise = DDPMSampler.noise_trajectories
+
+    def spy(self, x0, generator=None):
+        traj = noise(self, x0, generator)
+        drawn.append((x0.clone(), traj.clone()))
+        return traj
+
+    monkeypatch.setattr(DDPMSampler, "noise_trajectories", spy)
+    out = tmp_path / "r.safetensors"
+    assert finetune(files, out, "--lora-rank", 2, "--algo", "vargrad", "--replay", "--steps", 4) == 0
+    last = json.loads(out.with_suffix(".jsonl").read_text().splitlines()[-1])
+    assert last["replayed"] is True and last["step"] == 4 and last["buffer"] == 2 * 4  # two forward batches fed it
+    replays = [(x, t) for x, t in drawn if len(x) == 4]  # the batch's (evaluation draws its own n)
+    assert len(replays) == 2  # one noising draw per replay step: the bridge is not this sampler's backward process
+    for x, traj in replays:
+        assert traj.shape == (5, 4, 64) and torch.equal(traj[-1], x)  # 4 strided steps ending at the buffer's states
+    lora = load_file(str(out))
+    assert any(float(lora[k].abs().sum()) > 0 for k in lora if "lora_B" in k)
+
+
 def test_a_diffusers_run_evaluates_samples_and_merges_into_a_folder_diffusers_loads(runs, files, tmp_path, capsys):
     capsys.readouterr()
     assert cli("evaluate", runs["more"], "--reward", f"{files / 'reward.py'}:log_reward", "--n", 8, "--json", "--device", "cpu") == 0

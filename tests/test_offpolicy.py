@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rtbcli.config import FinetuneSpec
+from rtbcli.energy.buffer import backward_trajectories
 from rtbcli.errors import InputError
 from rtbcli.offpolicy import OffPolicy, check_gradient, check_options
 from rtbcli.sampler import bridge_log_prob
@@ -33,7 +34,10 @@ def spec(**kw) -> FinetuneSpec:
 
 
 def offpolicy(energy=False, seed=0, **kw) -> OffPolicy:
-    return OffPolicy(spec(**kw), D, T, SIGMA2, log_density=log_pi if energy else None, seed=seed, dtype=torch.float64)
+    def bridge(x, g):  # the uniform grid's pinned bridge
+        return backward_trajectories(x, T, SIGMA2, g)
+
+    return OffPolicy(spec(**kw), D, bridge, log_density=log_pi if energy else None, seed=seed, dtype=torch.float64)
 
 
 def filled(op: OffPolicy, n=50, seed=1) -> OffPolicy:

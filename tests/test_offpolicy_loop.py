@@ -26,7 +26,7 @@ from rtbcli.energy.buffer import backward_trajectories
 from rtbcli.errors import Interrupted
 from rtbcli.finetune import attach_offpolicy, finetune, setup, train_step
 from rtbcli.offpolicy import OffPolicy, load_langevin_policy
-from rtbcli.sampler import DiffusionSampler
+from rtbcli.sampler import DiffusionSampler, bridge_sample, time_grid
 from rtbcli.tasks import Task
 from test_host_syncs import host_reads
 
@@ -70,9 +70,30 @@ def ends_among(ends: torch.Tensor, states: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- replay
-def test_replay_trains_every_other_step_on_backward_trajectories_of_buffer_states(tmp_path, tiny_prior, tiny_preset):
-    preset = tiny_preset.updated("finetune", replay=True, steps=6)
-    run = new_run(tiny_prior, preset, tmp_path)
+@pytest.fixture(scope="module")
+def power_prior(tmp_path_factory, tiny_preset):
+    """The tiny prior on the power-2 time grid t_i = 1 - (1 - i / T)^2 (the manywell32 preset's)."""
+    from rtbcli.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("power") / "prior.safetensors"
+    preset = tiny_preset.updated("sampler", time_power=2.0)
+    pretrain(preset, "tiny", out, seed=0, progress=False)
+    return out, preset
+
+
+def bridge_on_grid(x, preset, g):
+    """The pinned bridge on the sampler's own grid, by the specification: uniform, or t_i = 1 - (1 - i / T)^p."""
+    s = preset.sampler
+    if s.time_power == 1.0:
+        return backward_trajectories(x, s.steps, s.sigma2, g)
+    return bridge_sample(x, s.steps, s.sigma2, g, time_grid(s.steps, s.time_power, F64))
+
+
+@pytest.mark.parametrize("grid", ["uniform", "power 2"])
+def test_replay_trains_every_other_step_on_backward_trajectories_of_buffer_states(grid, tmp_path, tiny_prior, power_prior, tiny_preset):
+    prior, preset = (tiny_prior, tiny_preset) if grid == "uniform" else power_prior
+    preset = preset.updated("finetune", replay=True, steps=6)
+    run = new_run(prior, preset, tmp_path)
     task, prior = Task(preset), run.prior
     recs = []
     for _ in range(6):
@@ -86,7 +107,7 @@ def test_replay_trains_every_other_step_on_backward_trajectories_of_buffer_state
         traj, st = r["traj"], r["st"]
         assert ends_among(traj[-1], r["held"])  # buffer states ...
         x = by_rank(r["held"], r["held_lr"], g := torch.Generator().set_state(r["gen"]))  # ... drawn by rank ...
-        assert torch.equal(traj, backward_trajectories(x, preset.sampler.steps, preset.sampler.sigma2, g))  # ... and the bridge
+        torch.testing.assert_close(traj, bridge_on_grid(x, preset, g), rtol=0, atol=1e-12)  # ... and the bridge on the run's grid
         assert torch.allclose(st.batch.log_r, task.log_reward(traj[-1]))
         policy = policy_at(preset, r["before"])
         with torch.no_grad():
