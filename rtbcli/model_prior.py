@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .config import Preset, SamplerSpec
+from .errors import InputError
 from .lora import folder_sha256, model_folders, require_diffusers
 
 
@@ -14,6 +15,8 @@ def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank:
     whose preset is `preset` with the model in its [sampler]."""
     require_diffusers()
     model_folders(path)  # a one-line error for a folder that is not a model
+    if sampling_steps is not None and sampling_steps <= 0:
+        raise InputError(f"--sampling-steps must be a positive number of steps (got {sampling_steps})")
     spec = SamplerSpec.model_validate(
         {
             **preset.sampler.model_dump(),

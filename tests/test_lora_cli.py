@@ -196,3 +196,27 @@ def test_the_run_reports_trainable_parameters_and_peak_memory(files, tmp_path, c
     assert got["full"]["trainable_parameters"] == sum(p.numel() for p in unet.parameters())
     assert 0 < got["lora"]["trainable_parameters"] < got["full"]["trainable_parameters"] / 4
     assert got["lora"]["peak_memory_mb"] > 0
+
+
+def test_evaluate_samples_a_folder_with_the_sampling_steps_it_is_given(files, tmp_path, monkeypatch, capsys):
+    steps = []
+    sample = DDPMSampler.sample
+
+    def spy(self, n, extra_var=0.0, generator=None):
+        steps.append(self.steps)
+        return sample(self, n, extra_var, generator)
+
+    monkeypatch.setattr(DDPMSampler, "sample", spy)
+    preset = files / "images.toml"
+    assert cli("evaluate", files / "model", "--preset", preset, "--n", 8, "--json", "--device", "cpu") == 0
+    assert cli("evaluate", files / "model", "--preset", preset, "--sampling-steps", 3, "--n", 8, "--json", "--device", "cpu") == 0
+    assert set(steps[: len(steps) // 2]) == {20} and set(steps[len(steps) // 2 :]) == {3}  # the scheduler's 20, then 3
+    capsys.readouterr()
+    assert cli("evaluate", files / "model", "--preset", preset, "--sampling-steps", 0, "--n", 8, "--device", "cpu") == 2
+    assert cli("evaluate", files / "x.safetensors", "--sampling-steps", 3, "--n", 8, "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--sampling-steps must be a positive" in err[0] and "--sampling-steps applies to a diffusers model folder" in err[1], err
+    assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", 500) == 2  # more than the scheduler's 20
+    assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", -1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--sampling-steps" in err[1] and not (tmp_path / "o.safetensors").exists(), err
