@@ -215,7 +215,11 @@ def test_evaluate_samples_a_folder_with_the_sampling_steps_it_is_given(files, tm
     assert cli("evaluate", files / "model", "--preset", preset, "--sampling-steps", 0, "--n", 8, "--device", "cpu") == 2
     assert cli("evaluate", files / "x.safetensors", "--sampling-steps", 3, "--n", 8, "--device", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "--sampling-steps must be a positive" in err[0] and "--sampling-steps applies to a diffusers model folder" in err[1], err
+    assert (
+        len(err) == 2
+        and "--sampling-steps must be a positive" in err[0]
+        and "--sampling-steps applies to a diffusers model folder" in err[1]
+    ), err
     assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", 500) == 2  # more than the scheduler's 20
     assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", -1) == 2
     err = capsys.readouterr().err.strip().splitlines()
