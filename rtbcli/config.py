@@ -375,8 +375,8 @@ class FinetuneSpec(Strict):
     """The paper's exploration schedule instead of the fractions above: s_e = exploration * max(0, 1 - step / this), 0 from
     this step on (e.g. 5000 with exploration 0.1-0.2); none: the fractional schedule."""
     replay: bool = False
-    """Replay buffer: every other step trains on buffer states' backward (bridge) trajectories instead of a forward batch,
-    as the paper's code alternates (rtb, trust-pcl, vargrad; rtbcli.offpolicy)."""
+    """Replay buffer: every other step trains on buffer states' backward trajectories (the bridge on the sampler's grid; a
+    DDPM's noising process) instead of a forward batch, as the paper's code alternates (rtb, trust-pcl, vargrad; rtbcli.offpolicy)."""
     buffer_size: PosInt = 600_000
     """The replay buffer keeps the last this-many terminal states (FIFO), drawn by rank of log r (energy mode: log pi)."""
     buffer_rank_k: PosFloat = 0.01
