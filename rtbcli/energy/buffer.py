@@ -8,8 +8,9 @@ replacement with probabilities by the rank of log r among the N states held:
     P(i) = w_i / sum_j w_j,     k = 0.01 (`rank_k`; smaller k prioritises more steeply).
 
 Ties are ranked in the order of the states' slots (a stable sort); a NaN log r ranks last. A
-replayed state becomes a training trajectory through the fixed backward process, the Brownian
-bridge pinned at 0 (`backward_trajectories`), whose trajectories have no behaviour
+replayed state becomes a training trajectory through the sampler's fixed backward process
+(`backward_sample`: the Brownian bridge pinned at 0 on its time grid, `backward_trajectories` on
+the uniform one; a DDPM's noising process), whose trajectories have no behaviour
 log-probability: they serve trajectory-balance objectives (rtb, trust-pcl, vargrad), not
 reinforce-kl.
 
