@@ -63,6 +63,9 @@ def evaluate(
     sampling_steps: int | None = typer.Option(
         None, "--sampling-steps", help="With a diffusers model folder: its sampling steps [default: the preset's sampler.sampling_steps]."
     ),
+    eta: float | None = typer.Option(
+        None, "--eta", help="With a diffusers model folder: DDIM steps with this eta [default: the preset's sampler.eta]."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
 ):
     """Score a checkpoint against its target: log r and log Z, distances to reference samples, modes and KL.
@@ -78,7 +81,7 @@ def evaluate(
         if plot.suffix.lower() != ".png":
             raise InputError(f"--plot '{plot}' must end in .png")
         check_writable(plot, "--plot")
-    ck = _checkpoint_or_folder(checkpoint, preset, sampling_steps)
+    ck = _checkpoint_or_folder(checkpoint, preset, sampling_steps, eta)
     attach_network(ck, network)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
@@ -118,22 +121,22 @@ def evaluate(
         raise typer.Exit(EXIT_REQUIRE)
 
 
-def _checkpoint_or_folder(path: Path, preset: str | None, sampling_steps: int | None = None):
+def _checkpoint_or_folder(path: Path, preset: str | None, sampling_steps: int | None = None, eta: float | None = None):
     """A checkpoint, or a diffusers model folder as the prior of `preset`'s task (it has none of its own),
-    sampled with `sampling_steps` of its schedule (None: the preset's)."""
+    sampled with `sampling_steps` of its schedule and DDIM's `eta` (None: the preset's)."""
     from .checkpoint import load_checkpoint
 
     if not Path(path).is_dir():
-        for given, flag in ((preset, "--preset"), (sampling_steps, "--sampling-steps")):
+        for given, flag in ((preset, "--preset"), (sampling_steps, "--sampling-steps"), (eta, "--eta")):
             if given is not None:
-                raise InputError(f"{flag} applies to a diffusers model folder: a checkpoint carries its own preset and sampling steps")
+                raise InputError(f"{flag} applies to a diffusers model folder: a checkpoint carries its own preset and sampler settings")
         return load_checkpoint(path)
     from .model_prior import folder_checkpoint
     from .presets_loader import load_preset
 
     if preset is None:
         raise InputError(f"'{path}' is a diffusers model, with no task of its own: give --preset (the task of its images)")
-    return folder_checkpoint(path, load_preset(preset)[0], sampling_steps, None, None, None)
+    return folder_checkpoint(path, load_preset(preset)[0], sampling_steps, None, None, None, eta)
 
 
 def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int, int]) -> None:

@@ -227,6 +227,7 @@ def finetune(
         help="A module name (suffix) LoRA adapts (repeatable) [default: the convolutions and time-embedding projections].",
     ),  # fmt: skip
     sampling_steps: int | None = typer.Option(None, "--sampling-steps", help=field_help(SamplerSpec, "sampling_steps")),
+    eta: float | None = typer.Option(None, "--eta", help=field_help(SamplerSpec, "eta")),
     dim: int | None = typer.Option(None, "--dim", help="Your target's dimension d (unless its function has a `dim` attribute)."),
     sigma2: float | None = typer.Option(
         None,
@@ -271,7 +272,7 @@ def finetune(
     from .tasks import Task
 
     b = resolve_beta(beta, alpha)
-    lora = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_target, "sampling_steps": sampling_steps}
+    lora = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_target, "sampling_steps": sampling_steps, "eta": eta}
     start_path, start = _finetune_start(prior, resume, warm_start, preset, target, network, lora)
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
@@ -342,7 +343,13 @@ def _finetune_start(prior, resume, warm_start, preset: str | None, target: str |
     its LoRA and sampling options `lora`), or a checkpoint (`_start`); the user's network class attached again."""
     from .networks import attach_network
 
-    flags = {"--lora-rank": "rank", "--lora-alpha": "alpha", "--lora-target": "targets", "--sampling-steps": "sampling_steps"}
+    flags = {
+        "--lora-rank": "rank",
+        "--lora-alpha": "alpha",
+        "--lora-target": "targets",
+        "--sampling-steps": "sampling_steps",
+        "--eta": "eta",
+    }
     if prior is not None and Path(prior).is_dir():  # a diffusers model folder
         from .model_prior import folder_checkpoint
 
@@ -357,7 +364,7 @@ def _finetune_start(prior, resume, warm_start, preset: str | None, target: str |
             raise InputError("--lora-alpha and --lora-target set LoRA's adapters: give --lora-rank too")
         if network is not None:
             raise InputError("--network names a checkpoint's network class: a diffusers model folder needs none")
-        start = folder_checkpoint(prior, load_preset(preset)[0], lora["sampling_steps"], rank, lora["alpha"], lora["targets"])
+        start = folder_checkpoint(prior, load_preset(preset)[0], lora["sampling_steps"], rank, lora["alpha"], lora["targets"], lora["eta"])
         return prior, start
     given = [flag for flag, key in flags.items() if lora[key]]
     if given:

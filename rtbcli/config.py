@@ -270,6 +270,9 @@ class SamplerSpec(Strict):
     """The model folder's SHA-256 (over its files); filled in when it is first loaded (a different folder later is an error)."""
     sampling_steps: PosInt | None = None
     """A diffusers model's sampling steps K (strided with diffusers' "leading" spacing); none: every training step."""
+    eta: float | None = Field(default=None, gt=0, le=1)
+    """A diffusers model's steps as DDIM's with this eta in (0, 1] (variance eta^2 beta~; 1 is the DDPM step exactly, smaller
+    adds less noise per step: rtbcli.ddpm); none: DDPM ancestral steps of the scheduler's variance_type."""
     lora_rank: PosInt | None = None
     """Train LoRA adapters of this rank on a diffusers model (peft) instead of all its weights; none: full fine-tuning."""
     lora_alpha: PosFloat | None = None
@@ -293,8 +296,12 @@ class SamplerSpec(Strict):
             raise ValueError("give one of network (a drift network) and model (a diffusers DDPM model)")
         if self.network is not None and self.unet is not None:
             raise ValueError("give one of network (a drift network) and unet (a diffusers UNet2DModel to pretrain)")
-        if self.model is None and self.unet is None and (self.lora_rank is not None or self.sampling_steps is not None):
-            raise ValueError("lora_rank and sampling_steps apply to a diffusers model (finetune --prior DIR)")
+        if (
+            self.model is None
+            and self.unet is None
+            and (self.lora_rank is not None or self.sampling_steps is not None or self.eta is not None)
+        ):
+            raise ValueError("lora_rank, sampling_steps and eta apply to a diffusers model (finetune --prior DIR)")
         if self.scheduler and self.unet is None:
             raise ValueError("[sampler.scheduler] applies to a [sampler.unet]: add one, or remove the scheduler")
         if self.time_power != 1.0 and (self.network or self.model or self.unet):

@@ -18,6 +18,16 @@ so every transition's log-probability is exact and RTB / Trust-PCL / REINFORCE-K
   (improved DDPM's clipping of beta~_1 to beta~_2); K = 1 uses beta'.
 - `fixed_large`: beta'.
 
+With `eta` (0 < eta <= 1) the steps are DDIM's instead (Song et al. 2021; diffusers' `DDIMScheduler.step` with
+`use_clipped_model_output=True`): variance var_k = eta^2 beta~ (beta~ the posterior variance above, at the last step
+the step before's, as for fixed_small; variance_type is then unused) and
+
+    mean = sqrt(abar_prev) x0_hat + d (x_t - sqrt(abar_t) x0_hat),   d = sqrt((1 - abar_prev - eta^2 beta~) / (1 - abar_t))
+
+(d from the unclipped beta~, so the last step's mean is x0_hat). eta = 1 is the DDPM fixed_small step exactly; a smaller
+eta injects less noise per step, which moves the sampling chain toward the probability-flow ODE; each transition is
+still Gaussian with a positive variance, so its log-probability stays exact (eta = 0 has none and is refused).
+
 The backward (noising) process q(x_t | x_prev) = N(sqrt(1 - beta') x_prev, beta' I) of the same
 steps (`noise_trajectories`, `backward_log_prob`) is the one an ELBO, pretraining or replay uses here.
 
@@ -56,12 +66,15 @@ class Schedule:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     sampling_steps: int | None = None  # K; None: every training step
+    eta: float | None = None  # DDIM's eta in (0, 1]; None: DDPM ancestral steps of variance_type
 
     def __post_init__(self):
         if self.beta_schedule not in SCHEDULES:
             raise InputError(f"beta_schedule '{self.beta_schedule}' is not supported: use one of {', '.join(SCHEDULES)}")
         if self.variance_type not in VARIANCES:
             raise InputError(f"variance_type '{self.variance_type}' is not supported: use one of {', '.join(VARIANCES)}")
+        if self.eta is not None and not 0 < self.eta <= 1:
+            raise InputError(f"eta {self.eta:g} must be in (0, 1]: 1 is the DDPM step, smaller adds less noise (0 has no density)")
         k = self.steps
         if not 1 <= k <= self.train_steps:
             raise InputError(f"sampling steps {k} must be between 1 and the {self.train_steps} training steps")
@@ -95,10 +108,16 @@ class Schedule:
         beta = 1 - ab_t / ab_prev
         c0 = ab_prev.sqrt() * beta / (1 - ab_t)
         ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
-        if self.variance_type == "fixed_large":
+        small = (1 - ab_prev) / (1 - ab_t) * beta  # beta~: 0 at the last step
+        if self.eta is not None:  # DDIM: var = eta^2 beta~, the direction's coefficient d from the unclipped variance
+            ct = ((1 - ab_prev - self.eta**2 * small).clamp(min=0) / (1 - ab_t)).sqrt()
+            c0 = ab_prev.sqrt() - ab_t.sqrt() * ct
+            var = self.eta**2 * small
+        elif self.variance_type == "fixed_large":
             var = beta.clone()
         else:
-            var = (1 - ab_prev) / (1 - ab_t) * beta
+            var = small.clone()
+        if self.eta is not None or self.variance_type != "fixed_large":
             var[-1] = var[-2] if k > 1 else beta[-1]  # 0 at the last step: the step before's (positive) value
         return {
             "timesteps": t,
@@ -122,7 +141,9 @@ UNSUPPORTED = {  # scheduler config key -> the values rtbcli reproduces
 }
 
 
-def schedule_from_config(config: dict, sampling_steps: int | None = None, where: str = "the scheduler") -> Schedule:
+def schedule_from_config(
+    config: dict, sampling_steps: int | None = None, where: str = "the scheduler", eta: float | None = None
+) -> Schedule:
     """A `Schedule` from a diffusers DDPMScheduler config (scheduler_config.json); an InputError names what is not supported."""
     cls = config.get("_class_name", "DDPMScheduler")
     if cls != "DDPMScheduler":
@@ -139,6 +160,7 @@ def schedule_from_config(config: dict, sampling_steps: int | None = None, where:
         clip_sample=bool(config.get("clip_sample", True)),
         clip_sample_range=float(config.get("clip_sample_range", 1.0)),
         sampling_steps=sampling_steps,
+        eta=eta,
     )
 
 

@@ -98,12 +98,12 @@ def model_folders(path: Path) -> tuple[Path, Path]:
     return unet_dir, sched
 
 
-def load_model(path: Path, sampling_steps: int | None = None) -> tuple[UNetEps, Schedule, dict]:
+def load_model(path: Path, sampling_steps: int | None = None, eta: float | None = None) -> tuple[UNetEps, Schedule, dict]:
     """The epsilon network, its schedule and the scheduler config of a diffusers folder (from disk only)."""
     diffusers, _ = require_diffusers()
     unet_dir, sched = model_folders(path)
     config = _json(sched)
-    schedule = schedule_from_config(config, sampling_steps, where=f"the scheduler of '{path}'")
+    schedule = schedule_from_config(config, sampling_steps, where=f"the scheduler of '{path}'", eta=eta)
     if not any(unet_dir.glob("*.safetensors")):  # a .bin is a pickle: loading it could run code
         raise InputError(
             f"'{unet_dir}' holds no safetensors weights, and rtbcli never loads pickled ones (.bin): "
@@ -169,7 +169,7 @@ def model_sampler(ck, prefix: str = "policy") -> DDPMSampler:
     recorded SHA-256), with LoRA adapters on the policy where the run has them, and the checkpoint's tensors under `prefix`
     (none for the frozen prior, the adapters alone under LoRA). The folder holds weights and JSON only: no code runs."""
     spec = ck.preset.sampler
-    eps, schedule, config = load_model(Path(spec.model), spec.sampling_steps)
+    eps, schedule, config = load_model(Path(spec.model), spec.sampling_steps, spec.eta)
     if spec.model_sha256 is not None:
         sha = folder_sha256(spec.model)
         if sha != spec.model_sha256:

@@ -10,13 +10,17 @@ from .errors import InputError
 from .lora import folder_sha256, model_folders, require_diffusers
 
 
-def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank: int | None, lora_alpha: float | None, lora_targets):
+def folder_checkpoint(
+    path: Path, preset, sampling_steps: int | None, lora_rank: int | None, lora_alpha: float | None, lora_targets, eta: float | None = None
+):
     """A diffusers model folder as the prior a fine-tuning run starts from: a `Checkpoint` of kind prior with no tensors,
-    whose preset is `preset` with the model in its [sampler]."""
+    whose preset is `preset` with the model in its [sampler] (`sampling_steps` and `eta` None: the preset's)."""
     require_diffusers()
     model_folders(path)  # a one-line error for a folder that is not a model
     if sampling_steps is not None and sampling_steps <= 0:
         raise InputError(f"--sampling-steps must be a positive number of steps (got {sampling_steps})")
+    if eta is not None and not 0 < eta <= 1:
+        raise InputError(f"--eta must be in (0, 1]: 1 is the DDPM step, smaller adds less noise per step (got {eta:g})")
     spec = SamplerSpec.model_validate(
         {
             **preset.sampler.model_dump(),
@@ -24,6 +28,7 @@ def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank:
             "model": str(path),
             "model_sha256": folder_sha256(path),
             "sampling_steps": sampling_steps if sampling_steps is not None else preset.sampler.sampling_steps,
+            "eta": eta if eta is not None else preset.sampler.eta,
             "lora_rank": lora_rank,
             "lora_alpha": lora_alpha,
             "lora_targets": lora_targets or None,
@@ -38,7 +43,7 @@ def folder_checkpoint(path: Path, preset, sampling_steps: int | None, lora_rank:
     return ck
 
 
-MODEL_FIELDS = ("model", "model_sha256", "sampling_steps", "lora_rank", "lora_alpha", "lora_targets")
+MODEL_FIELDS = ("model", "model_sha256", "sampling_steps", "eta", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def with_model_of(preset, start):

@@ -87,6 +87,46 @@ def test_means_and_variances_are_diffusers_ddpm_scheduler_s(variance_type, k, cl
         assert var[-1] == var[-2]  # the last step's posterior variance (0) replaced by the step before's
 
 
+@pytest.mark.parametrize(
+    "kw", [{}, {"sampling_steps": 5, "clip_sample": True}, {"beta_schedule": "squaredcos_cap_v2", "sampling_steps": 4}]
+)
+def test_ddim_with_eta_1_is_the_ddpm_step(kw, float64):
+    ddpm, ddim = Schedule(train_steps=20, beta_end=0.2, **kw).tables(), Schedule(train_steps=20, beta_end=0.2, eta=1.0, **kw).tables()
+    for key in ("c0", "ct", "var"):
+        torch.testing.assert_close(ddim[key], ddpm[key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.3, 0.7])
+@pytest.mark.parametrize("k", [None, 5])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_means_and_variances_are_diffusers_ddim_scheduler_s(eta, k, clip, float64):
+    from diffusers import DDIMScheduler
+
+    s = sampler(sampling_steps=k, clip_sample=clip, eta=eta)
+    ds = DDIMScheduler(num_train_timesteps=20, beta_end=0.2, clip_sample=clip)
+    ds.set_timesteps(s.steps)
+    assert ds.timesteps.tolist() == s.schedule.tables()["timesteps"].tolist()
+    x = torch.randn(4, 3, dtype=torch.float64) * 2
+    var, ratio = s.schedule.tables()["var"], 20 // s.steps
+    for i, t in enumerate(ds.timesteps):
+        kk = torch.full((4,), i)
+        eps = s.eps(x, kk)
+        zero = torch.zeros_like(x)
+        mean = ds.step(eps, t, x, eta=eta, use_clipped_model_output=True, variance_noise=zero).prev_sample
+        torch.testing.assert_close(s.mean_at(x, kk), mean, rtol=2e-6, atol=2e-6)  # diffusers' betas are float32
+        if i < s.steps - 1:
+            dvar = eta**2 * ds._get_variance(t, t - ratio).double()
+            torch.testing.assert_close(var[i], dvar, rtol=1e-3, atol=0)
+        x = mean + var[i].sqrt() * torch.randn(4, 3, dtype=torch.float64)
+    assert bool((var > 0).all()) and var[-1] == var[-2]  # the last step's 0 replaced by the step before's
+
+
+@pytest.mark.parametrize("eta", [0.0, -0.5, 1.5])
+def test_eta_outside_0_1_is_refused(eta):
+    with pytest.raises(InputError, match=r"eta .* must be in \(0, 1\]"):
+        Schedule(eta=eta)
+
+
 def test_prior_and_policy_at_step_0_give_a_residual_of_log_z(float64):
     policy = sampler(sampling_steps=10)
     prior = copy.deepcopy(policy).requires_grad_(False)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import to_toml
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import run
-from rtbcli.ddpm import DDPMSampler
+from rtbcli.ddpm import DDPMSampler, Schedule
 from rtbcli.lora import load_model
 
 diffusers = pytest.importorskip("diffusers")
@@ -224,3 +224,41 @@ def test_evaluate_samples_a_folder_with_the_sampling_steps_it_is_given(files, tm
     assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", -1) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--sampling-steps" in err[1] and not (tmp_path / "o.safetensors").exists(), err
+
+
+def test_eta_gives_ddim_steps_to_finetuning_and_evaluation(files, tmp_path, monkeypatch, capsys):
+    etas = []
+    init = DDPMSampler.__init__
+
+    def spy(self, dim, schedule, net):
+        etas.append(schedule.eta)
+        init(self, dim, schedule, net)
+
+    monkeypatch.setattr(DDPMSampler, "__init__", spy)
+    out = tmp_path / "ddim.safetensors"
+    assert finetune(files, out, "--eta", 0.5) == 0
+    assert etas and set(etas) == {0.5}  # the policy and the frozen prior both take DDIM's steps
+    ck = load_checkpoint(out)
+    assert ck.preset.sampler.eta == 0.5
+    policy = ck.sampler("policy")
+    torch.testing.assert_close(
+        policy.step_var[:, 0].double(), Schedule(train_steps=20, beta_end=0.2, sampling_steps=4, eta=0.5).tables()["var"]
+    )
+    etas.clear()
+    reward = f"{files / 'reward.py'}:log_reward"
+    assert cli("evaluate", out, "--reward", reward, "--n", 8, "--json", "--device", "cpu") == 0
+    assert cli("evaluate", files / "model", "--preset", files / "images.toml", "--eta", 0.3, "--n", 8, "--json", "--device", "cpu") == 0
+    assert etas and set(etas[: len(etas) // 2]) == {0.5} and set(etas[len(etas) // 2 :]) == {0.3}
+    capsys.readouterr()
+    for bad in (0, 1.5):
+        assert finetune(files, tmp_path / "o.safetensors", "--eta", bad) == 2
+    assert cli("evaluate", out, "--reward", reward, "--eta", 0.5, "--n", 8, "--device", "cpu") == 2
+    assert (
+        cli("finetune", "--resume", out, "--reward", reward, "--eta", 0.5, "--out", tmp_path / "o.safetensors", "-q", "--device", "cpu")
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and not (tmp_path / "o.safetensors").exists(), err
+    assert all("--eta must be in (0, 1]" in line for line in err[:2]) and all(
+        "--eta applies to a diffusers model folder" in e for e in err[2:]
+    ), err
