@@ -228,6 +228,7 @@ def finetune(
     ),  # fmt: skip
     sampling_steps: int | None = typer.Option(None, "--sampling-steps", help=field_help(SamplerSpec, "sampling_steps")),
     eta: float | None = typer.Option(None, "--eta", help=field_help(SamplerSpec, "eta")),
+    prior_tail_steps: int | None = typer.Option(None, "--prior-tail-steps", help=field_help(SamplerSpec, "prior_tail_steps")),
     dim: int | None = typer.Option(None, "--dim", help="Your target's dimension d (unless its function has a `dim` attribute)."),
     sigma2: float | None = typer.Option(
         None,
@@ -272,7 +273,14 @@ def finetune(
     from .tasks import Task
 
     b = resolve_beta(beta, alpha)
-    lora = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_target, "sampling_steps": sampling_steps, "eta": eta}
+    lora = {
+        "rank": lora_rank,
+        "alpha": lora_alpha,
+        "targets": lora_target,
+        "sampling_steps": sampling_steps,
+        "eta": eta,
+        "prior_tail_steps": prior_tail_steps,
+    }
     start_path, start = _finetune_start(prior, resume, warm_start, preset, target, network, lora)
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
@@ -349,6 +357,7 @@ def _finetune_start(prior, resume, warm_start, preset: str | None, target: str |
         "--lora-target": "targets",
         "--sampling-steps": "sampling_steps",
         "--eta": "eta",
+        "--prior-tail-steps": "prior_tail_steps",
     }
     if prior is not None and Path(prior).is_dir():  # a diffusers model folder
         from .model_prior import folder_checkpoint
@@ -364,9 +373,18 @@ def _finetune_start(prior, resume, warm_start, preset: str | None, target: str |
             raise InputError("--lora-alpha and --lora-target set LoRA's adapters: give --lora-rank too")
         if network is not None:
             raise InputError("--network names a checkpoint's network class: a diffusers model folder needs none")
-        start = folder_checkpoint(prior, load_preset(preset)[0], lora["sampling_steps"], rank, lora["alpha"], lora["targets"], lora["eta"])
+        start = folder_checkpoint(
+            prior,
+            load_preset(preset)[0],
+            lora["sampling_steps"],
+            rank,
+            lora["alpha"],
+            lora["targets"],
+            lora["eta"],
+            lora["prior_tail_steps"],
+        )
         return prior, start
-    given = [flag for flag, key in flags.items() if lora[key]]
+    given = [flag for flag, key in flags.items() if lora[key] not in (None, [])]
     if given:
         raise InputError(f"{given[0]} applies to a diffusers model folder (--prior DIR); a checkpoint keeps its own settings")
     start_path, start = _start(prior, resume, warm_start, preset, target)

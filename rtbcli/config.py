@@ -273,6 +273,9 @@ class SamplerSpec(Strict):
     eta: float | None = Field(default=None, gt=0, le=1)
     """A diffusers model's steps as DDIM's with this eta in (0, 1] (variance eta^2 beta~; 1 is the DDPM step exactly, smaller
     adds less noise per step: rtbcli.ddpm); none: DDPM ancestral steps of the scheduler's variance_type."""
+    prior_tail_steps: Annotated[int, Field(ge=0)] = 0
+    """A diffusers model's last sampling steps that keep the prior's epsilon (the policy's transitions are the prior's there):
+    DDPM's last steps have variances near 1e-5, where changes the policy makes for the earlier steps cost KL for nothing."""
     lora_rank: PosInt | None = None
     """Train LoRA adapters of this rank on a diffusers model (peft) instead of all its weights; none: full fine-tuning."""
     lora_alpha: PosFloat | None = None
@@ -299,9 +302,9 @@ class SamplerSpec(Strict):
         if (
             self.model is None
             and self.unet is None
-            and (self.lora_rank is not None or self.sampling_steps is not None or self.eta is not None)
+            and (self.lora_rank is not None or self.sampling_steps is not None or self.eta is not None or self.prior_tail_steps)
         ):
-            raise ValueError("lora_rank, sampling_steps and eta apply to a diffusers model (finetune --prior DIR)")
+            raise ValueError("lora_rank, sampling_steps, eta and prior_tail_steps apply to a diffusers model (finetune --prior DIR)")
         if self.scheduler and self.unet is None:
             raise ValueError("[sampler.scheduler] applies to a [sampler.unet]: add one, or remove the scheduler")
         if self.time_power != 1.0 and (self.network or self.model or self.unet):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -180,12 +181,27 @@ class DDPMSampler(DiffusionSampler):
         self.scheduler_config: dict = {}  # a diffusers model's scheduler config, for a merged folder
         self._tables = schedule.tables()  # float64 on the CPU; `_t` keeps a copy per device and dtype
         self._cache: dict[tuple, torch.Tensor] = {}
+        self.tail_steps = 0  # the last steps that keep the prior's epsilon (`keep_prior_tail`)
+        self.tail: nn.Module | None = None  # the prior's frozen epsilon network for them (None under LoRA: the adapters off)
+
+    def keep_prior_tail(self, steps: int, base: nn.Module | None = None) -> None:
+        """The last `steps` sampling steps use the prior's epsilon, without gradient: `base` (a frozen copy of the prior's
+        network), or with None this network with its LoRA adapters switched off. There the policy's transitions are the
+        prior's, so they add nothing to lpf - lpp; at those steps the variance is ~1e-5 (fixed_small's last two), where
+        any change of the mean that the adapters make for the earlier steps costs |change|^2 / (2 var) nats."""
+        if not 0 <= steps < self.steps:
+            raise InputError(f"prior_tail_steps {steps} must be between 0 and the {self.steps} sampling steps minus 1")
+        if steps and base is None and not hasattr(getattr(self.net, "unet", None), "disable_adapter"):
+            raise InputError("prior_tail_steps needs the prior's network: LoRA adapters to switch off, or a frozen copy")
+        self.tail_steps = steps
+        if base is not None:
+            self.tail = base.requires_grad_(False)
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps: nothing for a model folder's own weights, the adapters alone under LoRA, else everything."""
         if self.in_folder:
             return {}
-        state = self.state_dict()
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("tail.")}
         lora = {k: v for k, v in state.items() if "lora_" in k}
         return lora or state
 
@@ -217,9 +233,18 @@ class DDPMSampler(DiffusionSampler):
             raise InputError(f"the epsilon network returned {got} for x of shape {tuple(x.shape)}: return epsilon, shape (B, d)")
         return out
 
-    def mean_at(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The transition mean from states x (N, d) at sampling steps k (N,)."""
-        eps = self.eps(x, k)
+    def prior_eps(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The prior's epsilon at states x (N, d) and steps k (N,), without gradient (`keep_prior_tail`)."""
+        with torch.no_grad():
+            if self.tail is not None:
+                return self.tail(x, self._t("timesteps")[k])
+            unet: Any = self.net.unet  # a peft model (`keep_prior_tail` checked it)
+            with unet.disable_adapter():
+                return self.eps(x, k)
+
+    def mean_at(self, x: torch.Tensor, k: torch.Tensor, prior: bool = False) -> torch.Tensor:
+        """The transition mean from states x (N, d) at sampling steps k (N,) (`prior`: with the prior's epsilon)."""
+        eps = self.prior_eps(x, k) if prior else self.eps(x, k)
         x0 = (x - self._t("sqrt_1m_abar")[k, None] * eps) / self._t("sqrt_abar")[k, None]
         if self.schedule.clip_sample:
             r = self.schedule.clip_sample_range
@@ -231,12 +256,18 @@ class DDPMSampler(DiffusionSampler):
         without gradient (scoring), passes of at most NO_GRAD_ROWS states, whose activations stay small enough for
         the allocator to reuse (one pass over all of evaluate's 125,000 states maps GBs afresh: 3x the time, mostly
         page faults)."""
-        x = traj[:-1]
+        x, head = traj[:-1], self.steps - self.tail_steps
+        if self.tail_steps == 0:
+            return self._means(x, 0, False)
+        return torch.cat([self._means(x[:head], 0, False), self._means(x[head:], head, True)])
+
+    def _means(self, x: torch.Tensor, first: int, prior: bool) -> torch.Tensor:
+        """`means` of the states x (K', B, d) of steps first..first + K' - 1."""
         K, B, d = x.shape
-        flat, k = x.reshape(K * B, d), torch.arange(K, device=x.device).repeat_interleave(B)
-        if torch.is_grad_enabled() or K * B <= NO_GRAD_ROWS:
-            return self.mean_at(flat, k).reshape(K, B, d)
-        return torch.cat([self.mean_at(a, b) for a, b in zip(flat.split(NO_GRAD_ROWS), k.split(NO_GRAD_ROWS))]).reshape(K, B, d)
+        flat, k = x.reshape(K * B, d), torch.arange(first, first + K, device=x.device).repeat_interleave(B)
+        if (torch.is_grad_enabled() and not prior) or K * B <= NO_GRAD_ROWS:
+            return self.mean_at(flat, k, prior).reshape(K, B, d)
+        return torch.cat([self.mean_at(a, b, prior) for a, b in zip(flat.split(NO_GRAD_ROWS), k.split(NO_GRAD_ROWS))]).reshape(K, B, d)
 
     def step_log_probs(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
         return gaussian_log_prob(traj[1:], self.means(traj), self.step_var + extra_var)
@@ -258,7 +289,7 @@ class DDPMSampler(DiffusionSampler):
         traj[1:].mul_((self.step_var + extra_var).sqrt()[:, :, None])
         for k in range(self.steps):
             kk = torch.full((n,), k, dtype=torch.long, device=w.device)
-            traj[k + 1].add_(self.mean_at(traj[k], kk))
+            traj[k + 1].add_(self.mean_at(traj[k], kk, k >= self.steps - self.tail_steps))
         return traj
 
     def run(self, *args, **kwargs):  # the fused loop assumes DriftNet

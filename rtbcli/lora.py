@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .ddpm import DDPMSampler, Schedule, schedule_from_config
-from .errors import InputError
+from .errors import InputError, RtbcliWarning
 from .hashing import sha256_file
 from .runtime import write_folder
 
@@ -198,6 +199,8 @@ def model_sampler(ck, prefix: str = "policy") -> DDPMSampler:
             raise InputError(
                 f"checkpoint '{ck.path}': its {prefix} weights do not fit the model '{spec.model}' (e.g. '{first}'): the file is damaged"
             )
+    if prefix == "policy" and spec.prior_tail_steps:  # the last steps keep the prior's epsilon: the adapters off, or a frozen copy
+        s.keep_prior_tail(spec.prior_tail_steps, None if spec.lora_rank is not None else load_model(Path(spec.model))[0])
     return s
 
 
@@ -210,4 +213,11 @@ def merge_checkpoint(ck, out: Path) -> Path:
         raise InputError(f"checkpoint '{ck.path}' is a {ck.kind} checkpoint: merge a finetuned one")
     s = ck.sampler("policy")
     assert isinstance(s.net, UNetEps)
+    if s.tail_steps:
+        warnings.warn(
+            f"the run kept the prior's epsilon for its last {s.tail_steps} sampling steps (prior_tail_steps), which a diffusers "
+            "folder cannot say: the merged model uses the fine-tuned one there too",
+            RtbcliWarning,
+            stacklevel=2,
+        )
     return merged_folder(s.net, s.scheduler_config, out)

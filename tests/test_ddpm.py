@@ -127,6 +127,33 @@ def test_eta_outside_0_1_is_refused(eta):
         Schedule(eta=eta)
 
 
+def test_the_prior_tail_steps_are_the_prior_s_own_transitions(float64):
+    prior = sampler(sampling_steps=6, clip_sample=True)
+    policy = copy.deepcopy(prior)
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.keep_prior_tail(2, copy.deepcopy(prior.net))
+    traj = policy.sample(5, 0.0, torch.Generator().manual_seed(3))
+    diff = policy.step_log_probs(traj) - prior.step_log_probs(traj)  # (K, B)
+    assert float(diff[:4].abs().min(1).values.max()) > 1e-3 and float(diff[4:].abs().max()) < 1e-9
+    # sampling: the last two steps follow the prior's means from the policy's states
+    g = torch.Generator().manual_seed(4)
+    traj = policy.sample(5, 0.0, g)
+    k = torch.full((5,), 5)
+    torch.testing.assert_close(policy.mean_at(traj[5], k, prior=True), prior.mean_at(traj[5], k))
+    # training: no gradient reaches the policy through the tail steps
+    policy.zero_grad()
+    policy.step_log_probs(traj)[4:].sum().backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in policy.net.parameters())
+    assert not any(p.requires_grad for p in policy.tail.parameters())
+    assert not any(k.startswith("tail.") for k in policy.saved_state())
+    with pytest.raises(InputError, match="prior_tail_steps 6 must be between 0"):
+        policy.keep_prior_tail(6, copy.deepcopy(prior.net))
+    with pytest.raises(InputError, match="needs the prior's network"):
+        copy.deepcopy(prior).keep_prior_tail(1)
+
+
 def test_prior_and_policy_at_step_0_give_a_residual_of_log_z(float64):
     policy = sampler(sampling_steps=10)
     prior = copy.deepcopy(policy).requires_grad_(False)

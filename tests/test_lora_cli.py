@@ -262,3 +262,39 @@ def test_eta_gives_ddim_steps_to_finetuning_and_evaluation(files, tmp_path, monk
     assert all("--eta must be in (0, 1]" in line for line in err[:2]) and all(
         "--eta applies to a diffusers model folder" in e for e in err[2:]
     ), err
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_prior_tail_steps_keep_the_prior_s_last_steps_in_the_loop_and_the_checkpoint(files, tmp_path, monkeypatch, capsys, lora):
+    calls = []
+    prior_eps = DDPMSampler.prior_eps
+
+    def spy(self, x, k):
+        calls.append(sorted(set(k.tolist())))
+        return prior_eps(self, x, k)
+
+    monkeypatch.setattr(DDPMSampler, "prior_eps", spy)
+    out = tmp_path / "tail.safetensors"
+    assert finetune(files, out, "--prior-tail-steps", 2, *(["--lora-rank", 2] if lora else ["--lr", 1e-3])) == 0
+    assert calls and all(set(c) <= {2, 3} for c in calls)  # the loop's policy took the prior's epsilon at steps 2, 3 of 4
+    ck = load_checkpoint(out)
+    assert ck.preset.sampler.prior_tail_steps == 2
+    policy, prior = ck.sampler("policy"), ck.sampler("prior")
+    traj = policy.sample(6, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = policy.step_log_probs(traj) - prior.step_log_probs(traj)
+    assert float(diff[:2].abs().max()) > 1e-4 and float(diff[2:].abs().max()) < 1e-3  # float32 passes of one network
+    capsys.readouterr()
+    assert cli("merge", out, "--out", tmp_path / "merged") == 0  # a folder cannot say it: merged, with a warning
+    assert "kept the prior's epsilon for its last 2 sampling steps" in capsys.readouterr().err
+
+
+def test_prior_tail_steps_bad_values_are_one_line_errors(files, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    assert finetune(files, out, "--prior-tail-steps", 4, "--lora-rank", 2) == 2  # as many as the 4 sampling steps
+    assert finetune(files, out, "--prior-tail-steps", -1, "--lora-rank", 2) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 2 and "prior_tail_steps 4 must be between 0 and the 4" in err[0] and "--prior-tail-steps must be 0 or more" in err[1]
+    ), err
+    assert not out.exists()
