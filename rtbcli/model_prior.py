@@ -49,9 +49,9 @@ def folder_checkpoint(
     data["sampler"] = spec.model_dump()
     p = Preset.model_validate(data)
     ck = Checkpoint(tensors={}, meta={"kind": "prior", "step": "0", "seed": "0"}, preset=p, path=Path(path), sha256=spec.model_sha256 or "")
-    ck.sampler("prior")  # the model loads and has the preset's dimension
-    if p.sampler.prior_tail_steps:
-        ck.sampler("policy")  # prior_tail_steps fits the sampling steps
+    steps = ck.sampler("prior").steps  # the model loads and has the preset's dimension
+    if not p.sampler.prior_tail_steps < steps:
+        raise InputError(f"prior_tail_steps {p.sampler.prior_tail_steps} must be between 0 and the {steps} sampling steps minus 1")
     return ck
 
 
