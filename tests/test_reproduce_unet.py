@@ -36,7 +36,7 @@ def cli(*args) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def preset_file(tmp_path_factory):
     f = tmp_path_factory.mktemp("unet-reproduce") / "tiny-unet.toml"
-    f.write_text(TINY + REPRODUCE)
+    f.write_text(TINY.replace("sampling_steps = 5\n", "sampling_steps = 5\nprior_tail_steps = 1\n") + REPRODUCE)
     return f
 
 
@@ -62,6 +62,7 @@ def test_full_and_lora_rows_from_one_prior_folder(summary):
     assert ck_full.preset.finetune.lr == 1e-4 and ck_lora.preset.finetune.lr == 1e-3  # the LoRA rows run at lora_lr
     assert ck_lora.preset.sampler.lora_rank == 2 and ck_full.preset.sampler.lora_rank is None
     assert ck_full.preset.sampler.model == str(out / "prior")
+    assert ck_full.preset.sampler.prior_tail_steps == ck_lora.preset.sampler.prior_tail_steps == 1  # the preset's tail, both rows
     for row in (summary["prior_row"], full, lora):
         assert 0 <= row["class_fraction"] <= 1
 
