@@ -165,6 +165,12 @@ def schedule_from_config(
     )
 
 
+def check_tail_steps(tail: int, steps: int) -> None:
+    """`prior_tail_steps` must leave at least one of the `steps` sampling steps to the policy."""
+    if not 0 <= tail < steps:
+        raise InputError(f"prior_tail_steps {tail} must be between 0 and the {steps} sampling steps minus 1")
+
+
 class DDPMSampler(DiffusionSampler):
     """Ancestral DDPM sampling with an epsilon network `net(x (B, d), timesteps (B,) long) -> eps (B, d)`.
 
@@ -189,8 +195,7 @@ class DDPMSampler(DiffusionSampler):
         network), or with None this network with its LoRA adapters switched off. There the policy's transitions are the
         prior's, so they add nothing to lpf - lpp; at those steps the variance is ~1e-5 (fixed_small's last two), where
         any change of the mean that the adapters make for the earlier steps costs |change|^2 / (2 var) nats."""
-        if not 0 <= steps < self.steps:
-            raise InputError(f"prior_tail_steps {steps} must be between 0 and the {self.steps} sampling steps minus 1")
+        check_tail_steps(steps, self.steps)
         if steps and base is None and not hasattr(getattr(self.net, "unet", None), "disable_adapter"):
             raise InputError("prior_tail_steps needs the prior's network: LoRA adapters to switch off, or a frozen copy")
         self.tail_steps = steps

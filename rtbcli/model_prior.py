@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .config import Preset, SamplerSpec
+from .ddpm import check_tail_steps
 from .errors import InputError
 from .lora import folder_sha256, model_folders, require_diffusers
 
@@ -49,9 +50,7 @@ def folder_checkpoint(
     data["sampler"] = spec.model_dump()
     p = Preset.model_validate(data)
     ck = Checkpoint(tensors={}, meta={"kind": "prior", "step": "0", "seed": "0"}, preset=p, path=Path(path), sha256=spec.model_sha256 or "")
-    steps = ck.sampler("prior").steps  # the model loads and has the preset's dimension
-    if not p.sampler.prior_tail_steps < steps:
-        raise InputError(f"prior_tail_steps {p.sampler.prior_tail_steps} must be between 0 and the {steps} sampling steps minus 1")
+    check_tail_steps(p.sampler.prior_tail_steps, ck.sampler("prior").steps)  # the model loads and has the preset's dimension
     return ck
 
 
