@@ -298,3 +298,21 @@ def test_prior_tail_steps_bad_values_are_one_line_errors(files, tmp_path, capsys
         len(err) == 2 and "prior_tail_steps 4 must be between 0 and the 4" in err[0] and "--prior-tail-steps must be 0 or more" in err[1]
     ), err
     assert not out.exists()
+
+
+def test_a_preset_s_prior_tail_is_the_default_and_the_option_switches_it_off(files, tmp_path, monkeypatch):
+    calls = []
+    prior_eps = DDPMSampler.prior_eps
+    monkeypatch.setattr(DDPMSampler, "prior_eps", lambda self, x, k: calls.append(1) or prior_eps(self, x, k))
+    text = (files / "images.toml").read_text()
+    preset = files / "tail.toml"  # beside its data file
+    preset.write_text(
+        text.replace("[finetune]", "[sampler]\nprior_tail_steps = 1\n[sampler.unet]\nsample_size = 8\n\n[finetune]")
+    )  # a UNet preset
+    out = tmp_path / "on.safetensors"
+    args = ("finetune", "--prior", files / "model", "--preset", preset, "--sampling-steps", 4, "-q", "--device", "cpu", "--lora-rank", 2)
+    assert cli(*args, "--out", out) == 0 and calls  # the preset's [sampler] prior_tail_steps, used in the loop
+    assert load_checkpoint(out).preset.sampler.prior_tail_steps == 1
+    calls.clear()
+    assert cli(*args, "--out", tmp_path / "off.safetensors", "--prior-tail-steps", 0) == 0 and not calls
+    assert load_checkpoint(tmp_path / "off.safetensors").preset.sampler.prior_tail_steps == 0
