@@ -87,3 +87,58 @@ def test_pretrain_steps_read_nothing_back(tiny_preset, tmp_path):
     short, long = reads_of(run_for)
     assert sum(short.values()) > 0
     assert long == short, (short, long)
+
+
+def tiny_unet_preset():
+    """The digits-unet preset with a tiny UNet (8/16 channels), 50 training steps sampled in 5, the last 2 the prior's."""
+    from rtbcli.presets_loader import load_preset
+
+    p = load_preset("digits-unet")[0]
+    unet = {**p.sampler.unet, "block_out_channels": [8, 16], "norm_num_groups": 4}
+    sched = {**p.sampler.scheduler, "num_train_timesteps": 50}
+    p = p.updated("sampler", unet=unet, scheduler=sched, sampling_steps=5, prior_tail_steps=2)
+    return p.updated("finetune", batch_size=4).updated("pretrain", batch_size=8)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2], ids=["full", "lora"])
+def test_a_diffusers_unet_finetune_step_reads_nothing_back(lora_rank, tmp_path):
+    """The DDPM path (a diffusers UNet folder, full and LoRA, with a prior tail) keeps the loop's rule."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from rtbcli.model_prior import folder_checkpoint
+    from rtbcli.unet_pretrain import pretrain_unet
+
+    preset = tiny_unet_preset()
+    folder = tmp_path / "prior"
+    pretrain_unet(preset.updated("pretrain", steps=1), "tiny-unet", folder, seed=0, progress=False, save_every=0)
+    start = folder_checkpoint(folder, preset, None, lora_rank, None, None)
+
+    def run_for(steps):
+        p = start.preset.updated("finetune", steps=steps)
+        finetune(start, p, "tiny-unet", "vargrad", tmp_path / f"{steps}.safetensors", seed=1, progress=False, log_every=steps, save_every=0)
+
+    short, long = reads_of(run_for)
+    assert sum(short.values()) > 0
+    assert long == short, (short, long)
+
+
+def test_a_diffusers_unet_pretrain_step_reads_nothing_back(tmp_path):
+    pytest.importorskip("diffusers")
+    from rtbcli.unet_pretrain import pretrain_unet
+
+    preset = tiny_unet_preset()
+
+    def run_for(steps):
+        pretrain_unet(
+            preset.updated("pretrain", steps=steps),
+            "tiny-unet",
+            tmp_path / f"{steps}",
+            seed=1,
+            progress=False,
+            log_every=steps,
+            save_every=0,
+        )
+
+    short, long = reads_of(run_for)
+    assert sum(short.values()) > 0
+    assert long == short, (short, long)
