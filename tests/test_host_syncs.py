@@ -59,6 +59,13 @@ def reads_of(run_for) -> tuple[Counter, Counter]:
     return counts[0], counts[1]
 
 
+def assert_steps_read_nothing(run_for) -> None:
+    """A run of 9 steps makes exactly the host reads of a run of 3 (both logging once, at their end)."""
+    short, long = reads_of(run_for)
+    assert sum(short.values()) > 0  # the counting sees the logging and the saving
+    assert long == short, (short, long)
+
+
 @pytest.mark.parametrize("algo", list(OBJECTIVES))
 def test_finetune_steps_read_nothing_back(algo, tiny_prior, tiny_preset, tmp_path):
     prior = load_checkpoint(tiny_prior)
@@ -67,26 +74,7 @@ def test_finetune_steps_read_nothing_back(algo, tiny_prior, tiny_preset, tmp_pat
         preset = tiny_preset.updated("finetune", steps=steps)
         finetune(prior, preset, "tiny", algo, tmp_path / f"{steps}.safetensors", seed=1, progress=False, log_every=steps, save_every=0)
 
-    short, long = reads_of(run_for)
-    assert sum(short.values()) > 0  # the counting sees the logging and the saving
-    assert long == short, (short, long)
-
-
-def test_pretrain_steps_read_nothing_back(tiny_preset, tmp_path):
-    def run_for(steps):
-        pretrain(
-            tiny_preset.updated("pretrain", steps=steps),
-            "tiny",
-            tmp_path / f"{steps}.safetensors",
-            seed=1,
-            progress=False,
-            log_every=steps,
-            save_every=0,
-        )
-
-    short, long = reads_of(run_for)
-    assert sum(short.values()) > 0
-    assert long == short, (short, long)
+    assert_steps_read_nothing(run_for)
 
 
 def tiny_unet_preset():
@@ -117,28 +105,29 @@ def test_a_diffusers_unet_finetune_step_reads_nothing_back(lora_rank, tmp_path):
         p = start.preset.updated("finetune", steps=steps)
         finetune(start, p, "tiny-unet", "vargrad", tmp_path / f"{steps}.safetensors", seed=1, progress=False, log_every=steps, save_every=0)
 
-    short, long = reads_of(run_for)
-    assert sum(short.values()) > 0
-    assert long == short, (short, long)
+    assert_steps_read_nothing(run_for)
 
 
-def test_a_diffusers_unet_pretrain_step_reads_nothing_back(tmp_path):
-    pytest.importorskip("diffusers")
-    from rtbcli.unet_pretrain import pretrain_unet
+@pytest.mark.parametrize("network", ["driftnet", "unet"])
+def test_pretrain_steps_read_nothing_back(network, tiny_preset, tmp_path):
+    """DriftNet's pinned-bridge pretraining and a diffusers UNet's epsilon-MSE pretraining."""
+    if network == "unet":
+        pytest.importorskip("diffusers")
+        from rtbcli.unet_pretrain import pretrain_unet
 
-    preset = tiny_unet_preset()
+        preset, train, suffix = tiny_unet_preset(), pretrain_unet, ""
+    else:
+        preset, train, suffix = tiny_preset, pretrain, ".safetensors"
 
     def run_for(steps):
-        pretrain_unet(
+        train(
             preset.updated("pretrain", steps=steps),
-            "tiny-unet",
-            tmp_path / f"{steps}",
+            "tiny",
+            tmp_path / f"{steps}{suffix}",
             seed=1,
             progress=False,
             log_every=steps,
             save_every=0,
         )
 
-    short, long = reads_of(run_for)
-    assert sum(short.values()) > 0
-    assert long == short, (short, long)
+    assert_steps_read_nothing(run_for)
