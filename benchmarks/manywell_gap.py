@@ -22,24 +22,19 @@ import torch
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.datasets.manywell import PAIRS, ManyWell, left_mass1, tilted_target
+from rtbcli.gaussian import gaussian_log_prob
 
 
 def pair_terms(policy, traj: torch.Tensor) -> torch.Tensor:
-    """(n, pairs): sum_k [log p_F(x_k | x_{k-1}) - log p_B(x_{k-1} | x_k)] per pair, in float64 (the bridge's last step,
-    to x_0 = 0, is a point mass and left out, as `bridge_log_prob` does)."""
-    means = policy.means(traj).double()
-    traj = traj.double()
-    var = policy.step_var
-    var = var.double().reshape(-1, 1, 1) if torch.is_tensor(var) else torch.tensor(float(var), dtype=torch.float64)
-    t = policy.times().double()
-    ratio = (t[1:-1] / t[2:])[:, None, None]
-    bvar = policy.sigma2 * t.diff()[1:, None, None] * ratio
-
-    def logn(x, m, v):
-        return -0.5 * (x - m) ** 2 / v - 0.5 * torch.log(2 * math.pi * v)
-
-    per_coord = logn(traj[1:], means, var).sum(0) - logn(traj[1:-1], ratio * traj[2:], bvar).sum(0)  # (n, d)
-    return per_coord.reshape(traj.shape[1], -1, 2).sum(-1)
+    """(n, pairs): sum_k [log p_F(x_k | x_{k-1}) - log p_B(x_{k-1} | x_k)] per pair, in float64. Both processes are
+    isotropic Gaussians, so a pair's share is the library's own log-probability of its two coordinates: the pairs are
+    folded into the batch (the policy's means come from the whole state; the bridge's last step is left out, as in
+    `bridge_log_prob`)."""
+    steps1, n, d = traj.shape
+    pairs = traj.double().reshape(steps1, n * d // 2, 2)
+    means = policy.means(traj).double().reshape(steps1 - 1, n * d // 2, 2)
+    lpf = gaussian_log_prob(pairs[1:], means, policy.step_var).sum(0)
+    return (lpf - policy.backward_log_prob(pairs)).reshape(n, d // 2)
 
 
 def main() -> None:
@@ -60,22 +55,20 @@ def main() -> None:
     kw = dict(getattr(rw, "kwargs", None) or {}) if finetuned else {}
     tilted, c = int(kw.get("pairs", 8)) if finetuned else 0, float(kw.get("c", 1.0))
     beta = ck.preset.beta if finetuned else 0.0
-    target, log_z = tilted_target(beta, tilted, c) if tilted else (ManyWell(), 0.0)
+    target = tilted_target(beta, tilted, c)[0] if tilted else ManyWell()
+    kt = max(tilted, 8)  # k counts the left-well pairs among the first kt
     torch.manual_seed(a.seed)
     policy = ck.sampler("policy")
     with torch.no_grad():
         traj = policy.sample(a.n)
         x = traj[-1].double()
-        x1, x2 = x[:, 0::2], x[:, 1::2]
-        log_z1 = ManyWell().log_z_unnormalised() / PAIRS  # each untilted pair's normaliser
-        log_pi = -(x1**4) + 6 * x1**2 + 0.5 * x1 - 0.5 * x2**2 - log_z1  # (n, pairs), p_data's pair densities
-        log_pi[:, :tilted] -= beta * c * x1[:, :tilted] + log_z / max(tilted, 1)  # the tilt r^beta and its normaliser
+        xp = x.reshape(-1, PAIRS, 2)  # the target is a product of one-pair ManyWells: the tilted pairs', then the rest
+        log_pi = torch.cat([ManyWell(1, [beta * c]).log_prob(xp[:, :tilted]), ManyWell(1).log_prob(xp[:, tilted:])], 1)
         gap = pair_terms(policy, traj) - log_pi  # (n, pairs)
         whole = policy.log_prob(traj).double() - policy.backward_log_prob(traj).double()
         whole -= target.log_prob(x).double()
     total = gap.sum(1)
-    k = (x1[:, : max(tilted, 8)] < 0).sum(1)
-    kt = max(tilted, 8)
+    k = (x[:, 0 : 2 * kt : 2] < 0).sum(1)
     p_left = left_mass1(beta * c) if tilted else left_mass1(0.0)  # the target's left-well mass of each of the first kt pairs
     name = "p_data r^beta" if tilted else "p_data"
     print(
