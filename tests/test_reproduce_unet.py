@@ -4,6 +4,8 @@ preset's LoRA learning rate), one table with trainable parameters and peak memor
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 from conftest import strip_ansi
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import app
+from rtbcli.presets_loader import load_preset
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -87,3 +90,18 @@ def test_bad_input_is_a_one_line_error(preset_file, tmp_path):
         code, _, err = cli("reproduce", "--preset", preset_file, *args, "-o", out, "-q")
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and says in lines[0] and not out.exists(), err
+
+
+def test_readme_s_digits_unet_settings_are_the_shipped_preset_s():
+    """README's full and quick digits-unet tables were measured with the preset it names: a changed tail or learning
+    rate fails here until README says (and re-measures) the new one."""
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    said = re.search(
+        r"the preset keeps the prior's epsilon for the last (\d+) steps \(`\[sampler\] prior_tail_steps = (\d+)`.*?"
+        r"fine-tunes every weight at lr ([0-9.e-]+) .*?`\[reproduce\] lora_lr` ([0-9.e-]+)\)",
+        text,
+    )
+    assert said, "README no longer says which digits-unet settings its tables ran with"
+    p = load_preset("digits-unet")[0]
+    assert int(said[1]) == int(said[2]) == p.sampler.prior_tail_steps
+    assert float(said[3]) == p.finetune.lr and float(said[4]) == p.reproduce.lora_lr
