@@ -87,7 +87,7 @@ class Checkpoint:
             from .energy.prior import BrownianPrior
 
             spec = self.preset.sampler
-            return BrownianPrior(self.preset.dim, spec.steps, spec.sigma2).to(device=device, dtype=dtype)  # type: ignore[return-value]
+            return BrownianPrior(self.preset.dim, spec.steps, spec.sigma2, spec.time_power).to(device=device, dtype=dtype)  # type: ignore[return-value]
         if self.preset.sampler.model is not None:
             from .lora import model_sampler
 

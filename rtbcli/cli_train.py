@@ -235,6 +235,12 @@ def finetune(
         "--sigma2",
         help="Energy mode: the Brownian prior's variance sigma2 (its law at T is N(0, sigma2 I)) [default: the preset's; 5.0 where it says nothing].",
     ),
+    time_power: float | None = typer.Option(
+        None,
+        "--time-power",
+        help="Energy mode: the time grid t_i = 1 - (1 - i/T)^P of the Brownian prior and the policy (1: uniform; above 1 the "
+        "last steps shrink, and their noise with them; the prior still ends at N(0, sigma2 I)) [default: the preset's; 1].",
+    ),
     beta: float | None = typer.Option(None, help="Inverse temperature of the target p_prior r^beta [default: the preset's]."),
     alpha: float | None = typer.Option(None, help="Trust-PCL temperature alpha = 1/beta (give this or --beta)."),
     steps: int | None = typer.Option(None, help=field_help(FinetuneSpec, "steps", RESUME_STEPS)),
@@ -284,7 +290,7 @@ def finetune(
     start_path, start = _finetune_start(prior, resume, warm_start, preset, target, network, lora)
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
-    p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2)
+    p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2, time_power)
     if start is not None and start.preset.sampler.model is not None:
         from .model_prior import with_model_of
 
@@ -567,9 +573,12 @@ def _start(prior: Path | None, resume: Path | None, warm_start: Path | None, pre
     return path, load_checkpoint(path, expect_kind="prior" if prior is not None else "finetuned")
 
 
-def _energy_preset(start, preset: str | None, target: str | None, kwargs: dict, dim: int | None, sigma2: float | None):
+def _energy_preset(
+    start, preset: str | None, target: str | None, kwargs: dict, dim: int | None, sigma2: float | None, time_power: float | None = None
+):
     """The run's preset and its name: the checkpoint's, or --preset's, or (energy mode without a preset) --target's,
-    with --target / --target-arg / --dim naming or replacing its target and --sigma2 the Brownian prior's variance."""
+    with --target / --target-arg / --dim naming or replacing its target, --sigma2 the Brownian prior's variance and
+    --time-power its (and the policy's) time grid."""
     if start is None and preset is None:
         if target is None:
             raise InputError(f"--prior brownian samples a target: give --target file.py:fn or an energy preset ({ENERGY_PRESETS})")
@@ -582,10 +591,14 @@ def _energy_preset(start, preset: str | None, target: str | None, kwargs: dict, 
             f"or an energy preset ({ENERGY_PRESETS})"
         )
     p = with_target(p, target, kwargs, dim)
-    if sigma2 is not None:
-        if not p.energy:
-            raise InputError("--sigma2 sets the Brownian prior's variance (energy mode): a pretrained prior keeps its own")
-        p = with_overrides(p, "sampler", sigma2=sigma2)
+    for option, key, value, what in (("--sigma2", "sigma2", sigma2, "variance"), ("--time-power", "time_power", time_power, "time grid")):
+        if value is None:
+            continue
+        if not p.energy or start is not None:
+            raise InputError(
+                f"{option} sets the Brownian prior's {what} (energy mode, a new run): a pretrained prior or a run keeps its own"
+            )
+        p = with_overrides(p, "sampler", **{key: value})
     if start is not None and p.energy:
         check_same_dim(p, start.preset)
     return p, ref

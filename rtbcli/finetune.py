@@ -135,7 +135,7 @@ def brownian_start(preset: Preset, seed: int, device, dtype, langevin: bool = Fa
     zero drift (its output layer is zero-initialised: the same law), its other weights drawn from `seed`
     (`langevin`: a fresh Langevin policy, `rtbcli.offpolicy.langevin_policy`, whose drift starts at 0.01 grad log pi)."""
     s = preset.sampler
-    prior = BrownianPrior(preset.dim, s.steps, s.sigma2).to(device=device, dtype=dtype)
+    prior = BrownianPrior(preset.dim, s.steps, s.sigma2, s.time_power).to(device=device, dtype=dtype)
     if langevin:
         return prior, langevin_policy(s, preset.dim, seed).to(device=device, dtype=dtype)
     with torch.random.fork_rng(devices=[]):  # torch's global generator is left as it was

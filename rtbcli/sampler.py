@@ -120,14 +120,53 @@ def time_grid(steps: int, power: float = 1.0, dtype: torch.dtype = torch.float64
     return t.to(dtype)
 
 
-class DiffusionSampler(nn.Module):
-    """A drift network with its fixed Gaussian transition kernel (docs/maths.md#the-sampler).
+class TimeGrid:
+    """The time grid of a sampler with `steps` (T), `sigma2`, `time_power` and an `anchor` tensor (its
+    dtype and device), and the reference backward process on it: the Brownian bridge pinned at 0.
 
     On the uniform grid (`time_power` 1) `dt` and `step_var` are floats; on another they are
     tensors of one value per step, shaped (T, 1, 1) and (T, 1) to broadcast over (T, B, d) states
     and (T, B) log-probabilities."""
 
+    steps: int
+    sigma2: float
     time_power = 1.0  # the grid t_i = 1 - (1 - i / T)^p (`time_grid`); subclasses that keep the uniform grid inherit 1
+
+    @property
+    def uniform(self) -> bool:
+        """Whether the time grid is the uniform t_i = i / T."""
+        return self.time_power == 1.0
+
+    def times(self) -> torch.Tensor:
+        """The grid's T + 1 times t_0 = 0, ..., t_T = 1 (`time_grid`), in the anchor's dtype and device."""
+        w = self.anchor  # type: ignore[attr-defined]  # the subclass's: a parameter, or a buffer
+        return time_grid(self.steps, self.time_power, w.dtype, w.device)
+
+    @property
+    def dt(self) -> float | torch.Tensor:
+        """dt_i = t_{i+1} - t_i: the float 1 / T on the uniform grid, else a (T, 1, 1) tensor."""
+        if self.uniform:
+            return 1.0 / self.steps
+        return self.times().diff()[:, None, None]
+
+    @property
+    def step_var(self) -> float | torch.Tensor:
+        """Variance of one forward step's noise, sigma2 * dt_i: a float on the uniform grid, else a (T, 1) tensor."""
+        dt = self.dt
+        return self.sigma2 * dt if isinstance(dt, float) else self.sigma2 * dt[..., 0]
+
+    def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
+        return bridge_sample(x_end, self.steps, self.sigma2, generator, None if self.uniform else self.times())
+
+    def backward_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
+        """log p_B(tau | x_T) of the reference backward process: the pinned bridge's (`bridge_log_prob`) here."""
+        return bridge_log_prob(traj, self.sigma2, None if self.uniform else self.times().to(traj.dtype))
+
+
+class DiffusionSampler(TimeGrid, nn.Module):
+    """A drift network with its fixed Gaussian transition kernel on its time grid (`TimeGrid`;
+    docs/maths.md#the-sampler)."""
 
     def __init__(
         self,
@@ -149,23 +188,6 @@ class DiffusionSampler(nn.Module):
         return cls(dim, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers, spec.time_power)
 
     @property
-    def uniform(self) -> bool:
-        """Whether the time grid is the uniform t_i = i / T."""
-        return self.time_power == 1.0
-
-    def times(self) -> torch.Tensor:
-        """The grid's T + 1 times t_0 = 0, ..., t_T = 1 (`time_grid`), in the network's dtype and device."""
-        w = self.anchor
-        return time_grid(self.steps, self.time_power, w.dtype, w.device)
-
-    @property
-    def dt(self) -> float | torch.Tensor:
-        """dt_i = t_{i+1} - t_i: the float 1 / T on the uniform grid, else a (T, 1, 1) tensor."""
-        if self.uniform:
-            return 1.0 / self.steps
-        return self.times().diff()[:, None, None]
-
-    @property
     def anchor(self) -> torch.Tensor:
         """A parameter of the network: its dtype and device are the sampler's."""
         return self.net.state.weight
@@ -173,12 +195,6 @@ class DiffusionSampler(nn.Module):
     def drift(self, x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         """f(x, t_i) for states x (N, d) at step indices i (N,) (a gather of the time table)."""
         return self.net(x, self.time_table()[i])
-
-    @property
-    def step_var(self) -> float | torch.Tensor:
-        """Variance of one forward step, sigma2 * dt_i: a float on the uniform grid, else a (T, 1) tensor."""
-        dt = self.dt
-        return self.sigma2 * dt if isinstance(dt, float) else self.sigma2 * dt[..., 0]
 
     def time_table(self) -> torch.Tensor:
         """(T, hidden) time embeddings, one row per step time t_i (in the network's dtype)."""
@@ -268,15 +284,6 @@ class DiffusionSampler(nn.Module):
     def log_prob(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
         """Trajectory log-probability, the sum of `step_log_probs` over the T steps: shape (B,)."""
         return self.step_log_probs(traj, extra_var).sum(0)
-
-    # ------------------------------------------------------------------ the backward process
-    def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
-        return bridge_sample(x_end, self.steps, self.sigma2, generator, None if self.uniform else self.times())
-
-    def backward_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
-        """log p_B(tau | x_T) of the reference backward process: the pinned bridge's (`bridge_log_prob`) here."""
-        return bridge_log_prob(traj, self.sigma2, None if self.uniform else self.times().to(traj.dtype))
 
 
 # ---------------------------------------------------------------------- the bridge

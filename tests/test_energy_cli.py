@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import rtbcli
 from rtbcli.cli import run
 from rtbcli.errors import InputError
 from rtbcli.gaussian import centred_log_prob
@@ -93,6 +95,7 @@ log_density = "{ref}"
 [sampler]
 steps = 10
 sigma2 = {sigma2}
+time_power = {power}
 hidden = 16
 time_features = 8
 [finetune]
@@ -106,9 +109,9 @@ n = {n}
 """
 
 
-def tiny_energy(tmp_path, ref="rtbcli.energy.targets:gmm25", sigma2=5.0, steps=30, lr=1e-3, n=300, kwargs=""):
+def tiny_energy(tmp_path, ref="rtbcli.energy.targets:gmm25", sigma2=5.0, steps=30, lr=1e-3, n=300, kwargs="", power=1.0):
     path = tmp_path / "tiny-energy.toml"
-    path.write_text(TINY.format(ref=ref, sigma2=sigma2, steps=steps, lr=lr, n=n, kwargs=kwargs))
+    path.write_text(TINY.format(ref=ref, sigma2=sigma2, steps=steps, lr=lr, n=n, kwargs=kwargs, power=power))
     return path
 
 
@@ -178,13 +181,13 @@ class Gauss:
         return (math.sqrt(self.variance) * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)).to(dtype)
 
 
-def _zero_drift_run(tmp_path, capsys, monkeypatch, variance, c):
+def _zero_drift_run(tmp_path, capsys, monkeypatch, variance, c, power=1.0):
     """A finetuned checkpoint whose policy is still the zero-drift prior (lr 1e-30: one step moves nothing), scored."""
     from rtbcli.energy.targets import ENERGY_TARGETS
 
     monkeypatch.setitem(ENERGY_TARGETS, "gauss", Gauss)
     kwargs = f"[target.kwargs]\nvariance = {variance}\nc = {c}\n"
-    preset = tiny_energy(tmp_path, "rtbcli.energy.targets:gauss", sigma2=1.0, steps=1, lr=1e-30, n=4000, kwargs=kwargs)
+    preset = tiny_energy(tmp_path, "rtbcli.energy.targets:gauss", sigma2=1.0, steps=1, lr=1e-30, n=4000, kwargs=kwargs, power=power)
     out = tmp_path / "z.safetensors"
     assert cli(capsys, "finetune", "--preset", preset, "--out", out, "--quiet")[0] == 0
     code, text, err = cli(capsys, "evaluate", out, "--json")
@@ -192,9 +195,11 @@ def _zero_drift_run(tmp_path, capsys, monkeypatch, variance, c):
     return json.loads(text)
 
 
-def test_the_zero_drift_prior_on_its_own_gaussian_scores_exactly(tmp_path, capsys, monkeypatch):
-    """pi = e^c N(0, sigma2 I): log r = c everywhere and lw = c on every trajectory, so ELBO = log Z^RW = EUBO = c."""
-    m = _zero_drift_run(tmp_path, capsys, monkeypatch, 1.0, 1.5)
+@pytest.mark.parametrize("power", [1.0, 2.5])
+def test_the_zero_drift_prior_on_its_own_gaussian_scores_exactly(tmp_path, capsys, monkeypatch, power):
+    """pi = e^c N(0, sigma2 I): log r = c everywhere and lw = c on every trajectory, so ELBO = log Z^RW = EUBO = c;
+    on a non-uniform time grid too (the policy's steps and the bridge's are that grid's)."""
+    m = _zero_drift_run(tmp_path, capsys, monkeypatch, 1.0, 1.5, power)
     for k in ("elbo", "log_z_rw", "eubo", "log_z_true"):
         assert m[k] == pytest.approx(1.5, abs=1e-4), k
     assert m["delta_log_z"] < 1e-4 and m["delta_log_z_rw"] < 1e-4
@@ -247,6 +252,37 @@ def test_brownian_with_prior_data_and_a_missing_target_are_refused(tmp_path, cap
     code, _, err = cli(capsys, "finetune", "--target", f"{tmp_path / 'u.py'}:log_pi", "--out", out)
     one_line_error(code, err, "does not say its dimension: give --dim D")
     assert not out.exists()
+
+
+def test_sigma2_and_time_power_set_a_new_energy_runs_sampler_and_are_refused_elsewhere(tmp_path, capsys, user_run):
+    """--sigma2 and --time-power on the command line reach the checkpoint's prior and policy; with a run to continue or
+    a pretrained prior (which keep their own), or with the Langevin parametrisation (uniform grid only), a one-line
+    error and nothing written."""
+    from rtbcli.checkpoint import load_checkpoint
+
+    done, ref = user_run
+    out = tmp_path / "o.safetensors"
+    code, _, err = cli(capsys, "finetune", "--prior", "brownian", "--target", ref, "--dim", 2, "--sigma2", 2, "--time-power", 2,
+                       "--steps", 2, "--out", out, "--quiet")  # fmt: skip
+    assert code == 0, err
+    ck = load_checkpoint(out)
+    for prefix in ("prior", "policy"):
+        s = ck.sampler(prefix)
+        assert (s.sigma2, s.time_power) == (2.0, 2.0), prefix
+    bad = tmp_path / "bad.safetensors"
+    for argv, match in [
+        (("--resume", done, "--time-power", 2), "--time-power sets the Brownian prior's time grid (energy mode, a new run)"),
+        (("--warm-start", done, "--sigma2", 2), "--sigma2 sets the Brownian prior's variance (energy mode, a new run)"),
+        (
+            ("--prior", Path(rtbcli.__file__).parent / "data" / "prior-reference.safetensors", "--time-power", 2),
+            "a pretrained prior or a run keeps its own",
+        ),
+        (("--preset", tiny_energy(tmp_path), "--time-power", 2, "--langevin"), "the Langevin parametrisation uses the uniform time grid"),
+        (("--preset", tiny_energy(tmp_path), "--time-power", 0.5), "--time-power"),
+    ]:
+        code, _, err = cli(capsys, "finetune", *argv, "--out", bad)
+        one_line_error(code, err, match)
+    assert not bad.exists()
 
 
 @pytest.fixture
@@ -330,6 +366,26 @@ def test_the_run_hands_the_target_to_the_training_step(tmp_path):
     assert type(run.prior).__name__ == "BrownianPrior" and run.info.checkpoint_meta["prior_path"] == "brownian"
     traj = run.prior.sample(3)
     torch.testing.assert_close(run.policy.means(traj), traj[:-1])  # the policy starts as the prior: zero drift
+
+
+def test_an_energy_run_on_a_time_grid_trains_and_resumes_on_it(tmp_path, capsys):
+    """sampler.time_power in energy mode: the run's Brownian prior and policy take the grid (the prior still ends at
+    N(0, sigma2 I)), and a run resumed from its checkpoint (which rebuilds both from the preset) continues exactly the
+    run it would have been: so the loop trained on the grid the checkpoint records."""
+    from rtbcli.checkpoint import load_checkpoint
+    from rtbcli.finetune import setup
+
+    preset = tiny_energy(tmp_path, steps=4, power=2.0)
+    run = setup(None, parse_preset(preset.read_text(), "t.toml"), "t", "rtb", tmp_path / "x.safetensors")
+    assert run.prior.time_power == run.policy.time_power == 2.0 and not run.policy.uniform
+    straight, half, rest = tmp_path / "s.safetensors", tmp_path / "h.safetensors", tmp_path / "r.safetensors"
+    assert cli(capsys, "finetune", "--preset", preset, "--out", straight, "--quiet")[0] == 0
+    assert cli(capsys, "finetune", "--preset", preset, "--steps", 2, "--out", half, "--quiet")[0] == 0
+    assert cli(capsys, "finetune", "--resume", half, "--steps", 4, "--out", rest, "--quiet")[0] == 0
+    a, b = load_checkpoint(straight), load_checkpoint(rest)
+    assert a.sampler("prior").time_power == a.sampler("policy").time_power == 2.0
+    assert a.section("policy").keys() == b.section("policy").keys()
+    assert all(torch.equal(v, b.section("policy")[k]) for k, v in a.section("policy").items())
 
 
 def test_a_langevin_policy_starts_from_the_brownian_prior_and_evaluates(tmp_path, capsys):

@@ -104,7 +104,8 @@ def test_log_weights_vanish_when_the_sampler_is_the_target():
     assert abs(eubo(log_weights(log_pi(x), bridge_log_prob(tb, sigma2), p.log_prob(tb))) - c) < 1e-10
 
 
-def test_table_metrics_of_an_exact_sampler_and_the_sandwich():
+@pytest.mark.parametrize("power", [1.0, 2.5])
+def test_table_metrics_of_an_exact_sampler_and_the_sandwich(power):
     from rtbcli.energy import EnergyTarget, get_target, table_metrics
 
     class Scaled(EnergyTarget):  # pi = e^0.7 N(0, 2 I) in d = 2: the Brownian prior of variance 2 samples it
@@ -120,8 +121,8 @@ def test_table_metrics_of_an_exact_sampler_and_the_sandwich():
         def _draw(self, n, generator):
             return math.sqrt(2.0) * torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
-    pol = BrownianPrior(2, steps=20, sigma2=2.0).double().fresh_policy(hidden=8, time_features=4)
-    m = table_metrics(pol, Scaled(), k=300, generator=gen(8))
+    pol = BrownianPrior(2, steps=20, sigma2=2.0, time_power=power).double().fresh_policy(hidden=8, time_features=4)
+    m = table_metrics(pol, Scaled(), k=300, generator=gen(8))  # on a non-uniform grid, exact only with that grid's bridge
     assert m["log_z_true"] == 0.7 and m["k"] == 300
     assert m["delta_log_z"] < 1e-9 and m["delta_log_z_rw"] < 1e-9 and abs(m["eubo"] - 0.7) < 1e-9
     assert m["w2"] < 0.8  # two samplings of the same law (about 0.5 at n = 300, variance 2)

@@ -10,7 +10,7 @@ import torch
 from rtbcli.energy import BrownianPrior, EnergyReward, energy_log_reward, get_target
 from rtbcli.errors import InputError
 from rtbcli.gaussian import centred_log_prob, gaussian_log_prob
-from rtbcli.sampler import bridge_log_prob, bridge_sample
+from rtbcli.sampler import bridge_log_prob, bridge_sample, time_grid
 
 
 def gen(seed: int) -> torch.Generator:
@@ -55,25 +55,26 @@ def test_terminal_marginal_samples():
     assert abs(float(xe.var(0).mean()) - 6.0) < 5 * 6.0 * math.sqrt(1 / n)
 
 
-@pytest.mark.parametrize("sigma2", [1.0, 5.0])
-def test_terminal_log_prob_is_the_path_integral(sigma2):
-    # p_F(tau) = N(x_T; 0, sigma2 I) prod_{i=1}^{T-1} p_B(x_i | x_{i+1}) for every path from x_0 = 0
-    p = BrownianPrior(3, steps=50, sigma2=sigma2).double()
-    traj = torch.cat(
-        [p.sample(5, generator=gen(3)), bridge_sample(torch.randn(4, 3, generator=gen(4), dtype=torch.float64) * 4, 50, sigma2, gen(5))],
-        dim=1,
-    )
-    lhs = p.log_prob(traj) - bridge_log_prob(traj, sigma2)
+@pytest.mark.parametrize("sigma2, power", [(1.0, 1.0), (5.0, 1.0), (1.0, 2.0), (5.0, 3.0)])
+def test_terminal_log_prob_is_the_path_integral(sigma2, power):
+    # p_F(tau) = N(x_T; 0, sigma2 I) prod_{i=1}^{T-1} p_B(x_i | x_{i+1}) for every path from x_0 = 0, on any time grid
+    p = BrownianPrior(3, steps=50, sigma2=sigma2, time_power=power).double()
+    times = None if power == 1.0 else time_grid(50, power)
+    x_end = torch.randn(4, 3, generator=gen(4), dtype=torch.float64) * 4
+    traj = torch.cat([p.sample(5, generator=gen(3)), bridge_sample(x_end, 50, sigma2, gen(5), times)], dim=1)
+    assert torch.equal(p.backward_log_prob(traj), bridge_log_prob(traj, sigma2, times))
+    lhs = p.log_prob(traj) - p.backward_log_prob(traj)
     rhs = p.terminal_log_prob(traj[-1])
     assert torch.allclose(lhs, rhs, rtol=0, atol=1e-10)
     hand = -(traj[-1] ** 2).sum(-1) / (2 * sigma2) - 1.5 * math.log(2 * math.pi * sigma2)
     assert torch.allclose(rhs, hand, rtol=0, atol=1e-12)
 
 
-def test_a_fresh_policy_is_the_same_law():
-    p = BrownianPrior(2, steps=10, sigma2=5.0).double()
+@pytest.mark.parametrize("power", [1.0, 2.5])
+def test_a_fresh_policy_is_the_same_law(power):
+    p = BrownianPrior(2, steps=10, sigma2=5.0, time_power=power).double()
     pol = p.fresh_policy(hidden=16, time_features=8)
-    assert (pol.dim, pol.steps, pol.sigma2) == (2, 10, 5.0) and pol.net.state.weight.dtype == torch.float64
+    assert (pol.dim, pol.steps, pol.sigma2, pol.time_power) == (2, 10, 5.0, power) and pol.net.state.weight.dtype == torch.float64
     a, b = p.sample(6, 0.1, gen(9)), pol.sample(6, 0.1, gen(9))
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert torch.allclose(p.step_log_probs(a), pol.step_log_probs(a), rtol=0, atol=1e-12)

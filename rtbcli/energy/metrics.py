@@ -112,7 +112,7 @@ def table_metrics(
     """Table 1's numbers for a sampler of `target` (an `EnergyTarget`), from K on-policy trajectories.
 
     `sampler` has the `DiffusionSampler` interface (`sample(n, extra_var, generator)`, `log_prob`,
-    `steps`, `sigma2`) and its backward process is the bridge with the sampler's sigma2. Returns
+    `steps`, `sigma2`, `backward_sample`, `backward_log_prob`: the bridge on its time grid). Returns
     log_z_true, elbo (mean lw), log_z_rw (log mean exp lw), delta_log_z, delta_log_z_rw, eubo (K exact
     samples with bridge trajectories) and, if `with_w2`, w2 between the K terminal states and K exact
     samples (`stratified_reference`: gmm25's equal-count draw, as the paper-era code; else, for gmm25, both: w2 and
@@ -120,20 +120,18 @@ def table_metrics(
     (no `sample`: a user's) gives elbo and log_z_rw only, with the deltas where it has a `log_z`. Everything in
     float64 Python numbers; reads back to the host, so call it at evaluation time, not per step.
     """
-    from ..sampler import bridge_log_prob, bridge_sample
-
     if stratified_reference and not hasattr(target, "sample_stratified"):
         raise InputError(f"the {getattr(target, 'name', 'given')} target has no stratified sampler: drop stratified_reference")
     traj = sampler.sample(k, 0.0, generator)
     x = traj[-1]
-    lw = log_weights(target.log_density(x), bridge_log_prob(traj, sampler.sigma2), sampler.log_prob(traj))
+    lw = log_weights(target.log_density(x), sampler.backward_log_prob(traj), sampler.log_prob(traj))
     log_z = getattr(target, "log_z", None)
     if not hasattr(target, "sample"):  # a user's target: no exact samples, so no eubo or w2
         return {"k": float(k), **table_from_weights(lw, None if log_z is None else float(log_z))}
     ref_dtype, ref_device = x.dtype, x.device
     exact = target.sample(k, generator, dtype=ref_dtype).to(ref_device)
-    back = bridge_sample(exact, sampler.steps, sampler.sigma2, generator)
-    lw_t = log_weights(target.log_density(exact), bridge_log_prob(back, sampler.sigma2), sampler.log_prob(back))
+    back = sampler.backward_sample(exact, generator)
+    lw_t = log_weights(target.log_density(exact), sampler.backward_log_prob(back), sampler.log_prob(back))
     ref = None
     if with_w2:
         ref = target.sample_stratified(k, generator, dtype=ref_dtype) if stratified_reference else exact

@@ -3,9 +3,10 @@
 Energy mode is RTB with this prior (Sendera et al. 2024; docs/maths.md#energy-mode). The
 Brownian prior is the sampler with drift f = 0: from x_0 = 0, T steps
 
-    p(x_{i+1} | x_i) = N(x_i, sigma2 * dt * I),   dt = 1 / T,
+    p(x_{i+1} | x_i) = N(x_i, sigma2 * dt_i * I),   dt_i = t_{i+1} - t_i
 
-so x_T ~ N(0, T * sigma2 * dt * I) = N(0, sigma2 I) exactly, and a trajectory factorises as
+on the sampler's time grid (`rtbcli.sampler.time_grid`; uniform, dt = 1 / T, by default), so
+x_T ~ N(0, sigma2 * sum_i dt_i * I) = N(0, sigma2 I) exactly on any grid, and a trajectory factorises as
 p(tau) = N(x_T; 0, sigma2 I) * p_B(tau | x_T) with p_B the Brownian bridge pinned at 0
 (`rtbcli.sampler.bridge_log_prob`). With the derived reward
 
@@ -25,36 +26,34 @@ from torch import nn
 
 from ..errors import InputError
 from ..gaussian import centred_log_prob, gaussian_log_prob
-from ..sampler import DiffusionSampler
+from ..sampler import DiffusionSampler, TimeGrid
 
 
-class BrownianPrior(nn.Module):
+class BrownianPrior(TimeGrid, nn.Module):
     """The sampler with drift 0 and no network, with `DiffusionSampler`'s interface as a prior.
 
-    Attributes as `DiffusionSampler`: `dim`, `steps` (T), `sigma2`, `dt` = 1/T, `step_var` =
-    sigma2 dt. It has no parameters and an empty `state_dict()`; `.to(device, dtype)` moves the
-    (empty) buffer that fixes the dtype and device of `sample`.
+    Attributes as `DiffusionSampler`: `dim`, `steps` (T), `sigma2`, `time_power` and its grid
+    (`TimeGrid`: `dt`, `step_var` = sigma2 dt_i, the bridge as backward process). On any grid the
+    steps' variances sum to sigma2, so x_T ~ N(0, sigma2 I) exactly. It has no parameters and an
+    empty `state_dict()`; `.to(device, dtype)` moves the (empty) buffer that fixes the dtype and
+    device of `sample`.
     """
 
     anchor: torch.Tensor  # a registered buffer (nn.Module's __getattr__ is typed Tensor | Module)
 
-    def __init__(self, dim: int, steps: int = 100, sigma2: float = 1.0):
+    def __init__(self, dim: int, steps: int = 100, sigma2: float = 1.0, time_power: float = 1.0):
         super().__init__()
-        if dim < 1 or steps < 1 or not sigma2 > 0:
-            raise InputError(f"the Brownian prior needs dim >= 1, steps >= 1 and sigma2 > 0, got {dim}, {steps}, {sigma2}")
-        self.dim, self.steps, self.sigma2 = int(dim), int(steps), float(sigma2)
-        self.dt = 1.0 / self.steps
+        if dim < 1 or steps < 1 or not sigma2 > 0 or not time_power >= 1:
+            raise InputError(
+                f"the Brownian prior needs dim >= 1, steps >= 1, sigma2 > 0 and time_power >= 1, got {dim}, {steps}, {sigma2}, {time_power}"
+            )
+        self.dim, self.steps, self.sigma2, self.time_power = int(dim), int(steps), float(sigma2), float(time_power)
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # carries dtype and device only
-
-    @property
-    def step_var(self) -> float:
-        """Variance of one forward step, sigma2 * dt."""
-        return self.sigma2 * self.dt
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, n: int, extra_var: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n trajectories (T + 1, n, d): x_0 = 0, x_{i+1} = x_i + sqrt(sigma2 dt + extra_var) eps_i.
+        """n trajectories (T + 1, n, d): x_0 = 0, x_{i+1} = x_i + sqrt(sigma2 dt_i + extra_var) eps_i.
 
         Draws the noise as `DiffusionSampler.sample` does (one (T, n, d) normal tensor), so that a
         fresh zero-drift `DiffusionSampler` with the same generator state draws the same paths.
@@ -62,7 +61,9 @@ class BrownianPrior(nn.Module):
         a = self.anchor
         traj = torch.zeros(self.steps + 1, n, self.dim, dtype=a.dtype, device=a.device)
         noise = torch.randn(self.steps, n, self.dim, generator=generator, dtype=a.dtype, device=a.device)
-        torch.cumsum(noise.mul_(math.sqrt(self.step_var + extra_var)), dim=0, out=traj[1:])
+        var = self.step_var
+        noise.mul_(math.sqrt(var + extra_var) if isinstance(var, float) else (var + extra_var).sqrt()[:, :, None])
+        torch.cumsum(noise, dim=0, out=traj[1:])
         return traj
 
     # ------------------------------------------------------------------ scoring
@@ -71,7 +72,7 @@ class BrownianPrior(nn.Module):
         return traj[:-1]
 
     def step_log_probs(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
-        """log N(x_{i+1}; x_i, (sigma2 dt + extra_var) I) for every transition: shape (T, B)."""
+        """log N(x_{i+1}; x_i, (sigma2 dt_i + extra_var) I) for every transition: shape (T, B)."""
         return gaussian_log_prob(traj[1:], traj[:-1], self.step_var + extra_var)
 
     def log_prob(self, traj: torch.Tensor, extra_var: float = 0.0) -> torch.Tensor:
@@ -84,11 +85,11 @@ class BrownianPrior(nn.Module):
 
     # ------------------------------------------------------------------ a policy to start from
     def fresh_policy(self, hidden: int = 64, time_features: int = 64, layers: int = 2) -> DiffusionSampler:
-        """A `DiffusionSampler` with this prior's dim, T and sigma2 whose drift is exactly 0 (the
+        """A `DiffusionSampler` with this prior's dim, T, sigma2 and time grid whose drift is exactly 0 (the
         network's output layer is zero-initialised): the same law as the prior, to fine-tune from.
         On the prior's device and dtype."""
         a = self.anchor
-        return DiffusionSampler(self.dim, self.steps, self.sigma2, hidden, time_features, layers).to(a.device, a.dtype)
+        return DiffusionSampler(self.dim, self.steps, self.sigma2, hidden, time_features, layers, self.time_power).to(a.device, a.dtype)
 
 
 class EnergyReward:
