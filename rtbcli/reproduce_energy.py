@@ -72,6 +72,7 @@ CONFIGS: dict[str, Config] = {
             paper="TB + Expl. + LP + LS",
             steps_fraction=LP_FRACTION,
         ),
+        Config("VarGrad", "vargrad"),  # on-policy, no exploration: the paper has no such row; rtbcli's best Funnel ΔlogZ
         Config("VarGrad+Expl", "vargrad", explore=True, paper="VarGrad + Expl."),
         Config(
             "VarGrad+Expl+LP+LS",
