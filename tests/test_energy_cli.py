@@ -36,6 +36,20 @@ def test_energy_presets_carry_the_papers_protocol(name):
     assert (f.steps, f.batch_size, f.lr, f.lr_logz, p.evaluate.n) == (25_000, 300, 1e-3, 0.1, 2_000)
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "energy").glob("*.toml")), ids=lambda p: p.name)
+def test_the_example_energy_presets_load_as_the_papers_protocol_with_their_change(path):
+    """Each examples/energy preset is its shipped preset (target, sigma2, T, batch, budget) with the change its name says:
+    the lr decay (wsd), and for -grid the power-2 time grid as well."""
+    p, _ = load_preset(str(path))
+    shipped, _ = load_preset(path.stem.split("-wsd")[0].split("-grid")[0])
+    assert p.energy and p.target == shipped.target and p.name == path.stem
+    assert (p.sampler.sigma2, p.sampler.steps, p.finetune.batch_size, p.finetune.steps) == (
+        shipped.sampler.sigma2, shipped.sampler.steps, shipped.finetune.batch_size, shipped.finetune.steps
+    )  # fmt: skip
+    assert (p.finetune.lr_schedule, p.finetune.lr_final) == ("wsd", 0.0)
+    assert p.sampler.time_power == (2.0 if path.stem.endswith("-grid") else 1.0)
+
+
 def test_energy_presets_are_listed(capsys):
     assert run(["presets", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
