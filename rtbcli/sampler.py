@@ -155,6 +155,11 @@ class TimeGrid:
         dt = self.dt
         return self.sigma2 * dt if isinstance(dt, float) else self.sigma2 * dt[..., 0]
 
+    def noise_std(self, extra_var: float = 0.0) -> float | torch.Tensor:
+        """sqrt(sigma2 dt_i + extra_var), the std of each step's noise: a float on the uniform grid, else (T, 1, 1)."""
+        var = self.step_var
+        return math.sqrt(var + extra_var) if isinstance(var, float) else (var + extra_var).sqrt()[:, :, None]
+
     def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
         return bridge_sample(x_end, self.steps, self.sigma2, generator, None if self.uniform else self.times())
@@ -252,11 +257,7 @@ class DiffusionSampler(TimeGrid, nn.Module):
             n = traj.shape[1]
             noise = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
             traj[1:].copy_(noise[:, rank * n : (rank + 1) * n])
-        var = self.step_var
-        if isinstance(var, float):
-            traj[1:].mul_(math.sqrt(var + extra_var))
-        else:
-            traj[1:].mul_((var + extra_var).sqrt()[:, :, None])
+        traj[1:].mul_(self.noise_std(extra_var))
         for i in range(self.steps):
             x = h = traj[i]
             for k, (bias, weight) in enumerate(weights):

@@ -18,7 +18,6 @@ normaliser is log Z = log integral pi, and RTB's loss is TB's with the bridge as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -61,9 +60,7 @@ class BrownianPrior(TimeGrid, nn.Module):
         a = self.anchor
         traj = torch.zeros(self.steps + 1, n, self.dim, dtype=a.dtype, device=a.device)
         noise = torch.randn(self.steps, n, self.dim, generator=generator, dtype=a.dtype, device=a.device)
-        var = self.step_var
-        noise.mul_(math.sqrt(var + extra_var) if isinstance(var, float) else (var + extra_var).sqrt()[:, :, None])
-        torch.cumsum(noise, dim=0, out=traj[1:])
+        torch.cumsum(noise.mul_(self.noise_std(extra_var)), dim=0, out=traj[1:])
         return traj
 
     # ------------------------------------------------------------------ scoring
