@@ -247,7 +247,7 @@ class SamplerSpec(Strict):
     time_power: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
     """The time grid t_i = 1 - (1 - i / T)^time_power (1: uniform). Above 1 the steps shrink toward the end, and the last
     step's noise, sigma2 * T^-time_power, with them: for data thinner than sqrt(sigma2 / T) (docs/maths.md#the-sampler).
-    rtbcli's MLP drift only (no network or model; not with the Langevin parametrisation). In energy mode the Brownian
+    rtbcli's MLP drift only (no network or model), with or without the Langevin parametrisation. In energy mode the Brownian
     prior takes the same grid (it still ends at N(0, sigma2 I) exactly)."""
     hidden: PosInt = 64
     """Width of the drift network."""
@@ -526,14 +526,6 @@ class Preset(Strict):
             raise ValueError("a preset with [target] derives its reward (log r = log pi - log N(0, sigma2 I)): remove [reward]")
         if self.beta != 1.0:
             raise ValueError(f"a preset with [target] samples pi itself, at beta = 1 (got beta = {self.beta:g}): remove beta")
-        return self
-
-    @model_validator(mode="after")
-    def _grid(self) -> Preset:
-        if self.sampler.time_power != 1.0 and self.finetune.langevin:
-            raise ValueError(
-                "the Langevin parametrisation uses the uniform time grid: set sampler.time_power = 1, or switch it off (--no-langevin)"
-            )
         return self
 
     @property

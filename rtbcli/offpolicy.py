@@ -204,7 +204,9 @@ def langevin_policy(
     (`policy.net.log_density`) is set by the run: a checkpoint never holds code."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        p = LangevinSampler(dim, _no_target, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers)
+        p = LangevinSampler(
+            dim, _no_target, spec.steps, spec.sigma2, spec.hidden, spec.time_features, spec.layers, time_power=spec.time_power
+        )
     if weights is not None:
         p.load_state_dict(weights, strict=True)
     elif nn1 is not None:

@@ -17,6 +17,7 @@ import torch
 
 import rtbcli
 from rtbcli.cli import run
+from rtbcli.cli_common import with_overrides
 from rtbcli.errors import InputError
 from rtbcli.gaussian import centred_log_prob
 from rtbcli.presets_loader import load_preset, parse_preset
@@ -270,8 +271,7 @@ def test_brownian_with_prior_data_and_a_missing_target_are_refused(tmp_path, cap
 
 def test_sigma2_and_time_power_set_a_new_energy_runs_sampler_and_are_refused_elsewhere(tmp_path, capsys, user_run):
     """--sigma2 and --time-power on the command line reach the checkpoint's prior and policy; with a run to continue or
-    a pretrained prior (which keep their own), or with the Langevin parametrisation (uniform grid only), a one-line
-    error and nothing written."""
+    a pretrained prior (which keep their own), a one-line error and nothing written."""
     from rtbcli.checkpoint import load_checkpoint
 
     done, ref = user_run
@@ -291,7 +291,6 @@ def test_sigma2_and_time_power_set_a_new_energy_runs_sampler_and_are_refused_els
             ("--prior", Path(rtbcli.__file__).parent / "data" / "prior-reference.safetensors", "--time-power", 2),
             "a pretrained prior or a run keeps its own",
         ),
-        (("--preset", tiny_energy(tmp_path), "--time-power", 2, "--langevin"), "the Langevin parametrisation uses the uniform time grid"),
         (("--preset", tiny_energy(tmp_path), "--time-power", 0.5), "--time-power"),
     ]:
         code, _, err = cli(capsys, "finetune", *argv, "--out", bad)
@@ -382,22 +381,29 @@ def test_the_run_hands_the_target_to_the_training_step(tmp_path):
     torch.testing.assert_close(run.policy.means(traj), traj[:-1])  # the policy starts as the prior: zero drift
 
 
-def test_an_energy_run_on_a_time_grid_trains_and_resumes_on_it(tmp_path, capsys):
+@pytest.mark.parametrize("langevin", [False, True])
+def test_an_energy_run_on_a_time_grid_trains_and_resumes_on_it(tmp_path, capsys, langevin):
     """sampler.time_power in energy mode: the run's Brownian prior and policy take the grid (the prior still ends at
     N(0, sigma2 I)), and a run resumed from its checkpoint (which rebuilds both from the preset) continues exactly the
-    run it would have been: so the loop trained on the grid the checkpoint records."""
+    run it would have been: so the loop trained on the grid the checkpoint records. With the Langevin parametrisation
+    too (its policy's steps, noise and drift times on the grid)."""
     from rtbcli.checkpoint import load_checkpoint
     from rtbcli.finetune import setup
 
     preset = tiny_energy(tmp_path, steps=4, power=2.0)
-    run = setup(None, parse_preset(preset.read_text(), "t.toml"), "t", "rtb", tmp_path / "x.safetensors")
+    parsed = with_overrides(parse_preset(preset.read_text(), "t.toml"), "finetune", langevin=langevin)
+    run = setup(None, parsed, "t", "rtb", tmp_path / "x.safetensors")
     assert run.prior.time_power == run.policy.time_power == 2.0 and not run.policy.uniform
+    assert torch.equal(run.policy.times(), run.prior.times())
+    if langevin:
+        assert type(run.policy).__name__ == "LangevinSampler"
+    lp = ("--langevin",) if langevin else ()
     straight, half, rest = tmp_path / "s.safetensors", tmp_path / "h.safetensors", tmp_path / "r.safetensors"
-    assert cli(capsys, "finetune", "--preset", preset, "--out", straight, "--quiet")[0] == 0
-    assert cli(capsys, "finetune", "--preset", preset, "--steps", 2, "--out", half, "--quiet")[0] == 0
+    assert cli(capsys, "finetune", "--preset", preset, *lp, "--out", straight, "--quiet")[0] == 0
+    assert cli(capsys, "finetune", "--preset", preset, *lp, "--steps", 2, "--out", half, "--quiet")[0] == 0
     assert cli(capsys, "finetune", "--resume", half, "--steps", 4, "--out", rest, "--quiet")[0] == 0
     a, b = load_checkpoint(straight), load_checkpoint(rest)
-    assert a.sampler("prior").time_power == a.sampler("policy").time_power == 2.0
+    assert a.sampler("prior").time_power == a.preset.sampler.time_power == 2.0  # the policy's: `setup` above
     assert a.section("policy").keys() == b.section("policy").keys()
     assert all(torch.equal(v, b.section("policy")[k]) for k, v in a.section("policy").items())
 

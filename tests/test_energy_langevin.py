@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -82,22 +83,28 @@ def test_log_density_is_not_saved():
     assert isinstance(net.scale, LangevinScale)
 
 
-def test_langevin_sampler_scores_what_it_samples():
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_langevin_sampler_scores_what_it_samples(power):
+    """Sampling and scoring agree step by step, on the uniform grid and on t_i = 1 - (1 - i / T)^2 (dt_i, the noise
+    sqrt(sigma2 dt_i) and the drift's time t_i all the grid's)."""
     torch.manual_seed(2)
-    s = LangevinSampler(2, log_pi, steps=8, sigma2=1.0, hidden=16, time_features=8).double()
+    s = LangevinSampler(2, log_pi, steps=8, sigma2=1.0, hidden=16, time_features=8, time_power=power).double()
     for p in s.net.parameters():
         nn.init.normal_(p, std=0.2)
+    t = 1 - (1 - torch.arange(9, dtype=torch.float64) / 8) ** power  # the grid, by hand
+    assert torch.allclose(s.times(), t, rtol=0, atol=1e-15)  # T + 1 grid points (the bridge's), not the T step times
     traj = s.sample(6, generator=torch.Generator().manual_seed(3))
     assert traj.shape == (9, 6, 2) and torch.equal(traj[0], torch.zeros(6, 2, dtype=torch.float64))
     means = s.means(traj)
-    temb = s.time_table()
+    temb = s.net.time(t[:-1])
     for i in (0, 3, 7):
-        step = traj[i] + s.dt * s.net(traj[i], temb[i], torch.tensor(i / 8, dtype=torch.float64))
+        step = traj[i] + (t[i + 1] - t[i]) * s.net(traj[i], temb[i], t[i])
         assert torch.allclose(means[i], step, rtol=0, atol=1e-12)
-    # the residuals are the scaled noise: step log-probs are N(residual; 0, sigma2 dt)
+    # the residuals are the scaled noise: step log-probs are N(residual; 0, sigma2 dt_i)
+    var = (t[1:] - t[:-1])[:, None]  # sigma2 = 1
     r = traj[1:] - means
-    hand = -(r.pow(2).sum(-1)) / (2 * s.step_var) - math.log(2 * math.pi * s.step_var)
+    hand = -(r.pow(2).sum(-1)) / (2 * var) - torch.log(2 * math.pi * var)
     assert torch.allclose(s.step_log_probs(traj), hand, rtol=0, atol=1e-10)
     g = torch.Generator().manual_seed(3)
-    noise = torch.randn(8, 6, 2, generator=g, dtype=torch.float64) * math.sqrt(s.step_var)
+    noise = torch.randn(8, 6, 2, generator=g, dtype=torch.float64) * var[..., None].sqrt()
     assert torch.allclose(r, noise, rtol=0, atol=1e-10)

@@ -17,14 +17,13 @@ works) whose forward takes the times as well: forward(x, temb, t). `LangevinSamp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..gaussian import gaussian_log_prob
-from ..sampler import DiffusionSampler, DriftNet
+from ..sampler import DiffusionSampler, DriftNet, time_grid
 
 GRAD_CLIP = 1e2
 
@@ -110,30 +109,35 @@ class LangevinSampler(DiffusionSampler):
         scale_layers: int = 3,
         clip: float = GRAD_CLIP,
         per_dimension: bool = False,
+        time_power: float = 1.0,
     ):
-        super().__init__(dim, steps, sigma2, hidden, time_features, layers)
+        super().__init__(dim, steps, sigma2, hidden, time_features, layers, time_power)
         self.net = LangevinDriftNet(dim, log_density, hidden, time_features, layers, scale_layers, clip, per_dimension)
 
-    def times(self) -> torch.Tensor:
+    def step_times(self) -> torch.Tensor:
+        """The T step times t_0, ..., t_{T-1} at which the drift is evaluated (the grid's `times()` without t_T = 1)."""
         w = self.net.state.weight
-        return torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps
+        if self.uniform:
+            return torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps
+        return self.times()[:-1]
 
     def means(self, traj: torch.Tensor) -> torch.Tensor:
-        """x_i + dt f(x_i, t_i) for all T*B transitions in one batched pass: (T, B, d)."""
+        """x_i + dt_i f(x_i, t_i) for all T*B transitions in one batched pass: (T, B, d)."""
         x = traj[:-1]
-        return x + self.dt * self.net(x, self.time_table()[:, None, :], self.times()[:, None])
+        return x + self.dt * self.net(x, self.time_table()[:, None, :], self.step_times()[:, None])
 
     @torch.no_grad()
     def sample(self, n: int, extra_var: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n trajectories (T + 1, n, d): x_{i+1} = x_i + dt f(x_i, t_i) + sqrt(sigma2 dt + extra_var) eps_i."""
+        """n trajectories (T + 1, n, d): x_{i+1} = x_i + dt_i f(x_i, t_i) + sqrt(sigma2 dt_i + extra_var) eps_i."""
         w = self.net.state.weight
         traj = torch.zeros(self.steps + 1, n, self.dim, dtype=w.dtype, device=w.device)
         noise = torch.randn(self.steps, n, self.dim, generator=generator, dtype=w.dtype, device=w.device)
-        noise.mul_(math.sqrt(self.step_var + extra_var))
-        temb, ts = self.time_table(), self.times()
+        noise.mul_(self.noise_std(extra_var))
+        temb, ts = self.time_table(), self.step_times()
+        dts = [self.dt] * self.steps if self.uniform else time_grid(self.steps, self.time_power).diff().tolist()
         for i in range(self.steps):
             x = traj[i]
-            traj[i + 1] = x + self.dt * self.net(x, temb[i], ts[i]) + noise[i]
+            traj[i + 1] = x + dts[i] * self.net(x, temb[i], ts[i]) + noise[i]
         return traj
 
     def run(self, *args, **kwargs):  # the fused loop assumes an MLP drift
