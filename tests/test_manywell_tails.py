@@ -28,7 +28,8 @@ def test_exact_samples_match_the_exact_row_and_reweighting_tilts_the_prior(tmp_p
         [sys.executable, str(SCRIPT), "untilted.npy", "tilted.npy", "--reweight"], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 0, p.stderr
-    first, joint = p.stdout.split("Jointly")
+    first, rest = p.stdout.split("Over all pairs")
+    overall, joint = rest.split("Jointly")
     lines = [ln for ln in first.splitlines() if ln.startswith("| ") and "---" not in ln and "pair 0" not in ln]
     rows = {ln.split(" | ")[0].strip("| "): cells(ln) for ln in lines}
     exact, tilted, untilted, reweighted = rows["exact"], rows["tilted.npy"], rows["untilted.npy"], rows["untilted.npy, reweighted by r"]
@@ -37,6 +38,17 @@ def test_exact_samples_match_the_exact_row_and_reweighting_tilts_the_prior(tmp_p
         assert abs(t - e) < 0.01  # exact samples of the target
         assert abs(r - e) < 0.02  # p_data reweighted pair by pair is the tilted target (ManyWell is a product)
     assert all(abs(u - 0.156) < 0.01 for u, _ in untilted)
+    # over all pairs: the exact row's left-well and between-the-wells masses (by quadrature) match exact samples
+    table = {
+        ln.split(" | ")[0].strip("| "): [float(c) for c in ln.strip("| ").split(" | ")[1:]]
+        for ln in overall.splitlines()
+        if ln.startswith("| ") and "---" not in ln and "samples" not in ln
+    }
+    for name in ("tilted.npy", "untilted.npy"):
+        assert abs(table[name][2] - 1.0) < 0.01  # x2 is N(0, 1) in every pair
+    left, between, _ = table["exact"]
+    assert abs(table["tilted.npy"][0] - left) < 0.005 and abs(table["tilted.npy"][1] - between) < 0.002
+    assert abs(table["untilted.npy"][1] - 0.0036) < 0.0015  # the barrier: 0.36% of an untilted pair's mass within |x1| < 1
     # jointly: independent pairs, so no correlation; each pair's E exp(-x1_j) is exactly 1 under p_data (log Z = 0)
     row = next(ln for ln in joint.splitlines() if ln.startswith("| untilted.npy"))
     corr, _, _, per_pair = (c.strip() for c in row.strip("| ").split(" | ")[1:])
