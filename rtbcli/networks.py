@@ -123,8 +123,7 @@ class NetworkSampler(DiffusionSampler):
 
     def time_table(self) -> torch.Tensor:
         """The times t_i = i / T, (T,): what the network takes instead of DriftNet's time embeddings."""
-        w = self.anchor
-        return torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps
+        return self.step_times()  # uniform grid: a user's network keeps time_power 1
 
     def _f(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.net(x, t)

@@ -142,6 +142,19 @@ class TimeGrid:
         w = self.anchor  # type: ignore[attr-defined]  # the subclass's: a parameter, or a buffer
         return time_grid(self.steps, self.time_power, w.dtype, w.device)
 
+    def step_times(self) -> torch.Tensor:
+        """The T step times t_0, ..., t_{T-1} at which the drift is evaluated (`times()` without t_T = 1)."""
+        if self.uniform:
+            w = self.anchor  # type: ignore[attr-defined]
+            return torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps
+        return self.times()[:-1]
+
+    def host_dts(self) -> list[float]:
+        """The T step lengths dt_i as Python floats (float64 on the host: a sampling loop's scalars, no device copy)."""
+        if self.uniform:
+            return [1.0 / self.steps] * self.steps
+        return time_grid(self.steps, self.time_power).diff().tolist()
+
     @property
     def dt(self) -> float | torch.Tensor:
         """dt_i = t_{i+1} - t_i: the float 1 / T on the uniform grid, else a (T, 1, 1) tensor."""
@@ -203,10 +216,7 @@ class DiffusionSampler(TimeGrid, nn.Module):
 
     def time_table(self) -> torch.Tensor:
         """(T, hidden) time embeddings, one row per step time t_i (in the network's dtype)."""
-        w = self.net.state.weight
-        if self.uniform:
-            return self.net.time(torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps)
-        return self.net.time(self.times()[:-1])
+        return self.net.time(self.step_times())
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -247,8 +257,7 @@ class DiffusionSampler(TimeGrid, nn.Module):
             outs = None
             w_out, b_out = self.dt * layers[-1].weight.t(), self.dt * layers[-1].bias
         else:
-            dts = time_grid(self.steps, self.time_power).diff().tolist()  # the grid on the host, in float64: no device copy
-            outs = [(dt * layers[-1].weight.t(), dt * layers[-1].bias) for dt in dts]
+            outs = [(dt * layers[-1].weight.t(), dt * layers[-1].bias) for dt in self.host_dts()]
         traj[0].zero_()
         rank, world = shard
         if world == 1:

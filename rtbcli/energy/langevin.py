@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..gaussian import gaussian_log_prob
-from ..sampler import DiffusionSampler, DriftNet, time_grid
+from ..sampler import DiffusionSampler, DriftNet
 
 GRAD_CLIP = 1e2
 
@@ -114,13 +114,6 @@ class LangevinSampler(DiffusionSampler):
         super().__init__(dim, steps, sigma2, hidden, time_features, layers, time_power)
         self.net = LangevinDriftNet(dim, log_density, hidden, time_features, layers, scale_layers, clip, per_dimension)
 
-    def step_times(self) -> torch.Tensor:
-        """The T step times t_0, ..., t_{T-1} at which the drift is evaluated (the grid's `times()` without t_T = 1)."""
-        w = self.net.state.weight
-        if self.uniform:
-            return torch.arange(self.steps, dtype=w.dtype, device=w.device) / self.steps
-        return self.times()[:-1]
-
     def means(self, traj: torch.Tensor) -> torch.Tensor:
         """x_i + dt_i f(x_i, t_i) for all T*B transitions in one batched pass: (T, B, d)."""
         x = traj[:-1]
@@ -134,7 +127,7 @@ class LangevinSampler(DiffusionSampler):
         noise = torch.randn(self.steps, n, self.dim, generator=generator, dtype=w.dtype, device=w.device)
         noise.mul_(self.noise_std(extra_var))
         temb, ts = self.time_table(), self.step_times()
-        dts = [self.dt] * self.steps if self.uniform else time_grid(self.steps, self.time_power).diff().tolist()
+        dts = self.host_dts()
         for i in range(self.steps):
             x = traj[i]
             traj[i + 1] = x + dts[i] * self.net(x, temb[i], ts[i]) + noise[i]
