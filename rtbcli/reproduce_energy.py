@@ -72,6 +72,8 @@ CONFIGS: dict[str, Config] = {
             paper="TB + Expl. + LP + LS",
             steps_fraction=LP_FRACTION,
         ),
+        # no exploration: the paper has no such row; on ManyWell exploration cost this row its ELBO (README)
+        Config("TB+LP+LS", "rtb", overrides=LP_LS, steps_fraction=LP_FRACTION),
         Config("VarGrad", "vargrad"),  # on-policy, no exploration: the paper has no such row; rtbcli's best Funnel ΔlogZ
         Config("VarGrad+Expl", "vargrad", explore=True, paper="VarGrad + Expl."),
         Config(
