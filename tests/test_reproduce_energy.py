@@ -123,6 +123,11 @@ def test_every_configuration_runs_and_prints_a_table(tmp_path):
     )
     assert [r["config"] for r in summary["rows"]] == list(CONFIGS)
     assert len(summary["runs"]) == len(CONFIGS)
+    for r in summary["runs"]:  # each run trained with its configuration's tools and exploration (e.g. TB+LP+LS: none)
+        config, f = CONFIGS[r["config"]], load_checkpoint(r["checkpoint"]).preset.finetune
+        assert all(getattr(f, k) == v for k, v in config.overrides.items()) and (f.exploration > 0) == config.explore, r["config"]
+        if r["config"] == "TB+LP+LS":  # the ManyWell row that kept its ELBO: LP and LS, no exploration
+            assert (f.langevin, f.replay, f.local_search, f.exploration) == (True, True, True, 0.0)
     for row in summary["rows"]:
         assert row["seeds"] == 1 and row["delta_log_z"] is not None or row["diverged"]
     console = Console(width=200, record=True)
