@@ -40,7 +40,7 @@ def test_energy_presets_carry_the_papers_protocol(name):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "energy").glob("*.toml")), ids=lambda p: p.name)
 def test_the_example_energy_presets_load_as_the_papers_protocol_with_their_change(path):
     """Each examples/energy preset is its shipped preset (target, sigma2, T, batch, budget) with the change its name says:
-    the lr decay (wsd), and for -grid the power-2 time grid as well."""
+    the lr decay (wsd), and for -grid the power-2 time grid as well (funnel-grid also at lr 2e-3, the paper's 1e-3 else)."""
     p, _ = load_preset(str(path))
     shipped, _ = load_preset(path.stem.split("-wsd")[0].split("-grid")[0])
     assert p.energy and p.target == shipped.target and p.name == path.stem
@@ -49,6 +49,7 @@ def test_the_example_energy_presets_load_as_the_papers_protocol_with_their_chang
     )  # fmt: skip
     assert (p.finetune.lr_schedule, p.finetune.lr_final) == ("wsd", 0.0)
     assert p.sampler.time_power == (2.0 if path.stem.endswith("-grid") else 1.0)
+    assert p.finetune.lr == (2e-3 if path.stem == "funnel-grid" else 1e-3)
 
 
 def test_energy_presets_are_listed(capsys):
