@@ -301,7 +301,9 @@ def _row(run: dict, ck_path: Path, p: Preset, seconds: float, ev, log_path: Path
 
 def reusable_seconds(ck_path: Path, log_path: Path, p: Preset, config: Config, seed: int) -> float | None:
     """The training seconds of a finished run in `ck_path` of this configuration, seed and settings (None: no file).
-    A file that holds another run is an InputError: `--reuse` never mixes settings into one row."""
+    A file that holds another run is an InputError: `--reuse` never mixes settings into one row. The in-loop
+    evaluations' period (`eval_every`) is not a setting of the run (they draw from a generator of their own), so a run
+    of `finetune --eval-every N` with the same settings is reused."""
     if not ck_path.exists():
         return None
     ck = load_checkpoint(ck_path)
@@ -311,7 +313,7 @@ def reusable_seconds(ck_path: Path, log_path: Path, p: Preset, config: Config, s
         and ck.algo == config.algo
         and int(ck.meta.get("seed", -1)) == seed
         and bool(run.get("on_policy")) == config.on_policy
-        and ck.preset.finetune == p.finetune
+        and ck.preset.finetune.model_copy(update={"eval_every": 0}) == p.finetune.model_copy(update={"eval_every": 0})
         and ck.preset.sampler == p.sampler
         and ck.preset.target is not None
         and p.target is not None

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli import run
+from rtbcli.errors import InputError
 from rtbcli.presets_loader import load_preset
 from rtbcli.reproduce import Budget, budget_for
 from rtbcli.reproduce_energy import (
@@ -19,8 +21,10 @@ from rtbcli.reproduce_energy import (
     energy_table,
     exploration_end_step,
     goal_table,
+    preset_for,
     published_goals,
     reproduce_energy,
+    reusable_seconds,
     seconds_to_goal,
 )
 
@@ -163,6 +167,13 @@ def test_reuse_collects_seeds_run_as_separate_commands_and_refuses_other_setting
     assert (runs[0]["reused"], runs[1]["reused"]) == (False, True) and ck.read_bytes() == before
     assert runs[1]["train_seconds"] == first["train_seconds"] and runs[1]["delta_log_z"] == first["delta_log_z"]
     assert runs[1]["curve"] == first["curve"]
+    # the in-loop evaluations' period is not a setting (a `finetune --eval-every N` run is reused); the lr is
+    p1 = preset_for(load_preset("gmm25-energy")[0], CONFIGS["TB"], Budget(3, 8, 32, None))
+    assert p1.finetune.eval_every == 1
+    log = out / "TB-seed1.jsonl"
+    assert round(reusable_seconds(ck, log, p1.updated("finetune", eval_every=7), CONFIGS["TB"], 1), 1) == first["train_seconds"]
+    with pytest.raises(InputError, match="other settings"):
+        reusable_seconds(ck, log, p1.updated("finetune", lr=2e-3), CONFIGS["TB"], 1)
 
     other = ["reproduce", "--preset", "gmm25-energy", "--configs", "TB", "--steps", "4", "--batch-size", "8", "-n", "32", "--quiet"]
     code = run([*other, "--seeds", "2", "--reuse", "--out", str(out)])
