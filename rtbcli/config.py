@@ -308,8 +308,8 @@ class SamplerSpec(Strict):
             raise ValueError("lora_rank, sampling_steps, eta and prior_tail_steps apply to a diffusers model (finetune --prior DIR)")
         if self.scheduler and self.unet is None:
             raise ValueError("[sampler.scheduler] applies to a [sampler.unet]: add one, or remove the scheduler")
-        if self.time_power != 1.0 and (self.network or self.model or self.unet):
-            raise ValueError("time_power applies to rtbcli's own drift network: remove it, or network / model / unet")
+        if self.time_power != 1.0 and (self.model or self.unet):
+            raise ValueError("time_power applies to rtbcli's bridge sampler (its own network or yours), not a diffusers model: remove it")
         return self
 
     @field_validator("network")

@@ -6,8 +6,9 @@ replaces rtbcli's MLP (`DriftNet`) by `Class(**network_kwargs)`. The one contrac
 
     forward(x, t) -> drift,   x: (B, d) float,  t: (B,) float in [0, 1],  drift: (B, d)
 
-where t = t_i = i / T is the time of the state x = x_i, and the sampler's transitions are the
-pinned-bridge ones of `rtbcli.sampler`: x_{i+1} = x_i + dt f(x_i, t_i) + sqrt(sigma2 dt) eps. A
+where t = t_i is the time of the state x = x_i on the sampler's time grid (i / T, or 1 - (1 - i / T)^p with
+`time_power` p), and the sampler's transitions are the pinned-bridge ones of `rtbcli.sampler`:
+x_{i+1} = x_i + dt_i f(x_i, t_i) + sqrt(sigma2 dt_i) eps. A
 network that returns zero is the Brownian motion; `NetworkSampler` checks the output's type and
 shape on a probe batch before any run, and trains by autograd (DriftNet keeps its fused loop).
 
@@ -112,9 +113,9 @@ class NetworkSampler(DiffusionSampler):
     the same transitions and scoring API (`sample`, `means`, `step_log_probs`, `log_prob`, `drift`), sampled
     with a plain loop and trained by autograd (`rtbcli.rollout` falls back to both for any such sampler)."""
 
-    def __init__(self, dim: int, steps: int, sigma2: float, net: nn.Module):
+    def __init__(self, dim: int, steps: int, sigma2: float, net: nn.Module, time_power: float = 1.0):
         nn.Module.__init__(self)
-        self.dim, self.steps, self.sigma2 = dim, steps, float(sigma2)
+        self.dim, self.steps, self.sigma2, self.time_power = dim, steps, float(sigma2), float(time_power)
         self.net = net  # type: ignore[assignment]  # any Module with the contract, not a DriftNet
 
     @property
@@ -122,8 +123,8 @@ class NetworkSampler(DiffusionSampler):
         return _anchor(self.net)
 
     def time_table(self) -> torch.Tensor:
-        """The times t_i = i / T, (T,): what the network takes instead of DriftNet's time embeddings."""
-        return self.step_times()  # uniform grid: a user's network keeps time_power 1
+        """The step times t_0, ..., t_{T-1} of the grid, (T,): what the network takes instead of DriftNet's time embeddings."""
+        return self.step_times()
 
     def _f(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.net(x, t)
@@ -133,7 +134,7 @@ class NetworkSampler(DiffusionSampler):
         return out
 
     def drift(self, x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        return self._f(x, i.to(x.dtype) / self.steps)
+        return self._f(x, self.step_times().to(x.dtype)[i])
 
     def means(self, traj: torch.Tensor) -> torch.Tensor:
         """x_i + dt f(x_i, t_i) of all T*B transitions in one batched pass of the network: (T, B, d)."""
@@ -144,17 +145,17 @@ class NetworkSampler(DiffusionSampler):
 
     @torch.no_grad()
     def sample(self, n: int, extra_var: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n trajectories (T + 1, n, d): x_{i+1} = x_i + dt f(x_i, t_i) + sqrt(sigma2 dt + extra_var) eps_i,
+        """n trajectories (T + 1, n, d): x_{i+1} = x_i + dt_i f(x_i, t_i) + sqrt(sigma2 dt_i + extra_var) eps_i,
         the noise drawn as `DiffusionSampler.run` draws it (the same generator stream)."""
         w = self.anchor
         traj = torch.empty(self.steps + 1, n, self.dim, dtype=w.dtype, device=w.device)
         traj[0].zero_()
         torch.randn(traj[1:].shape, generator=generator, dtype=w.dtype, device=w.device, out=traj[1:])
-        traj[1:].mul_((self.step_var + extra_var) ** 0.5)
-        times = self.time_table()
+        traj[1:].mul_(self.noise_std(extra_var))
+        times, dts = self.time_table(), self.host_dts()
         for i in range(self.steps):
             x = traj[i]
-            traj[i + 1].add_(x).add_(self._f(x, times[i].expand(n)), alpha=1.0 / self.steps)
+            traj[i + 1].add_(x).add_(self._f(x, times[i].expand(n)), alpha=dts[i])
         return traj
 
     def run(self, *args, **kwargs):  # the fused loop assumes DriftNet
@@ -163,7 +164,7 @@ class NetworkSampler(DiffusionSampler):
 
 def make_sampler(spec, dim: int, network: Network, seed: int | None = None) -> NetworkSampler:
     """The sampler of a `config.SamplerSpec` naming a network, with the loaded class."""
-    return NetworkSampler(dim, spec.steps, spec.sigma2, network.build(spec.network_kwargs, dim, seed))
+    return NetworkSampler(dim, spec.steps, spec.sigma2, network.build(spec.network_kwargs, dim, seed), spec.time_power)
 
 
 def with_network(preset, ref: str | None, kwargs: dict | None = None):
@@ -171,7 +172,9 @@ def with_network(preset, ref: str | None, kwargs: dict | None = None):
     the reference is resolved against the working folder, the file's SHA-256 is filled in when it is loaded."""
     if ref is None and not kwargs:
         return preset
-    from .config import Preset, SamplerSpec
+    from pydantic import ValidationError
+
+    from .config import Preset, SamplerSpec, describe_validation_error
 
     if ref is None:
         if preset.sampler.network is None:
@@ -183,7 +186,10 @@ def with_network(preset, ref: str | None, kwargs: dict | None = None):
     merged = {**(preset.sampler.network_kwargs if same else {}), **(kwargs or {})}
     data = preset.model_dump()
     data["sampler"] = {**data["sampler"], "network": spec.network, "network_kwargs": merged, "network_sha256": None}
-    return Preset.model_validate(data)
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as e:
+        raise InputError(describe_validation_error(e, f"--network {ref}")) from None
 
 
 def network_of(preset) -> Network | None:

@@ -145,7 +145,7 @@ def box_loss(
     in the NLL's units (the pairs loss's residual (x_T - m) / (1 - t_i) is at least this long, as x_T is in the box).
     """
     T, sigma2 = sampler.steps, sampler.sigma2
-    w = sampler.net.state.weight
+    w = sampler.anchor
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
     t, dt = _times_at(sampler, i, w.dtype)
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)

@@ -116,6 +116,35 @@ def test_drift_at_step_indices_matches_the_network_at_t_i(float64):
     torch.testing.assert_close(s.drift(x, i), s.net(x, i.double() / s.steps), rtol=0, atol=0)
 
 
+class Wrapped(nn.Module):
+    """rtbcli's own DriftNet behind the user-network contract forward(x, t): the same drift, so a NetworkSampler of it
+    must sample and score exactly as the DiffusionSampler holding the DriftNet does."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.dn = net
+
+    def forward(self, x, t):
+        return self.dn(x, self.dn.time(t))
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_a_user_network_walks_the_time_grid_as_rtbcli_s_own_sampler_does(float64, power):
+    """time_power: t_i = 1 - (1 - i / T)^p, dt_i and sigma2 dt_i per step, in `sample`, `means`, `log_prob` and `drift`."""
+    from rtbcli.sampler import DiffusionSampler
+
+    torch.manual_seed(0)
+    ref = DiffusionSampler(2, 7, 2.0, hidden=8, time_features=4, time_power=power).double()
+    torch.nn.init.normal_(ref.net.body[-1].weight, std=0.3)  # a drift that is not zero
+    s = NetworkSampler(2, 7, 2.0, Wrapped(ref.net), time_power=power)
+    assert s.uniform == (power == 1.0)
+    traj = s.sample(5, 0.3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(traj, ref.sample(5, 0.3, torch.Generator().manual_seed(1)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(s.log_prob(traj, 0.3), ref.log_prob(traj, 0.3), rtol=0, atol=1e-10)
+    x, i = torch.randn(4, 2), torch.tensor([0, 6, 3, 1])
+    torch.testing.assert_close(s.drift(x, i), ref.drift(x, i), rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_preset):
@@ -269,6 +298,31 @@ def test_bad_networks_are_one_line_errors_and_write_nothing(ref, args, match, fi
 
     assert re.search(match, err), err
     assert not list(tmp_path.glob("o*"))
+
+
+def test_a_user_network_pretrains_on_the_time_grid_with_the_box_term(files, tiny_preset, tmp_path, capsys):
+    """`pretrain --network ... --time-power 2` with [pretrain] box_weight: the checkpoint's sampler walks the grid."""
+    from rtbcli.sampler import time_grid
+
+    preset = tmp_path / "box.toml"
+    preset.write_text(to_toml(tiny_preset.updated("pretrain", box_weight=1.0).model_dump()))
+    out = tmp_path / "p.safetensors"
+    code = cli("pretrain", "--preset", preset, "--network", files["net"], "--time-power", 2, "--steps", 3, "--out", out, "-q")
+    assert code == 0, capsys.readouterr().err
+    ck = load_checkpoint(out)
+    assert ck.preset.sampler.time_power == 2.0 and ck.preset.pretrain.box_weight == 1.0
+    attach_network(ck, files["net"])
+    s = ck.sampler("policy", "cpu", torch.float64)
+    assert isinstance(s, NetworkSampler) and not s.uniform
+    torch.testing.assert_close(s.times(), time_grid(s.steps, 2.0))
+
+
+def test_a_network_on_a_unet_preset_is_a_one_line_error(files, tmp_path, capsys):
+    capsys.readouterr()
+    code = cli("pretrain", "--preset", "digits-unet", "--network", files["net"], "--steps", 2, "--out", tmp_path / "o")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "give one of network" in err and "unexpected" not in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_library_network_loading(files, float64):
