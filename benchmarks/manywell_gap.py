@@ -4,6 +4,7 @@ whose x1 lies in the left well (x1 < 0).
 
     python benchmarks/manywell_gap.py rtbcli/data/prior-manywell32.safetensors -n 100000
     python benchmarks/manywell_gap.py runs/mw/rtb.safetensors
+    python benchmarks/manywell_gap.py my-prior.safetensors --network net.py:Drift   (a prior of your own network class)
 
 Every Gaussian log-probability is a sum over coordinates, so each trajectory's log-ratio splits exactly into one term per
 pair (x1_j, x2_j): its forward steps' log-probabilities minus the backward bridge's, minus the pair's own log-density.
@@ -22,7 +23,9 @@ import torch
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.datasets.manywell import PAIRS, ManyWell, left_mass1, tilted_target
+from rtbcli.errors import InputError
 from rtbcli.gaussian import gaussian_log_prob
+from rtbcli.networks import attach_network
 
 
 def pair_terms(policy, traj: torch.Tensor) -> torch.Tensor:
@@ -42,8 +45,14 @@ def main() -> None:
     ap.add_argument("checkpoint", help="a prior or fine-tuned checkpoint of the manywell32 preset")
     ap.add_argument("-n", type=int, default=20000, help="trajectories")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--network", help="the checkpoint's own network class, named again ('net.py:Class'), for one of yours")
     a = ap.parse_args()
     ck = load_checkpoint(a.checkpoint)
+    try:
+        attach_network(ck, a.network)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     rw = ck.preset.reward
     if getattr(ck.preset.prior_data, "dataset", None) != "manywell32" or ck.preset.sampler.model is not None:
         print(
@@ -78,6 +87,15 @@ def main() -> None:
     print("| pair | " + " | ".join(str(j) for j in range(gap.shape[1])) + " |")
     print("|---" * (gap.shape[1] + 1) + "|")
     print("| -ELBO | " + " | ".join(f"{v:.3f}" for v in gap.mean(0).tolist()) + " |\n")
+    left = x[:, 0::2] < 0  # (n, pairs): which pairs' x1 lie in the left well
+    print("| pairs | well | share of their terms | exact share | -ELBO per pair term |")
+    print("|---|---|---|---|---|")
+    for name_j, cols, p_exact in ((f"first {kt}", slice(0, kt), p_left), (f"other {PAIRS - kt}", slice(kt, PAIRS), left_mass1(0.0))):
+        for well, m, share in (("left", left[:, cols], p_exact), ("right", ~left[:, cols], 1 - p_exact)):
+            g = gap[:, cols][m]
+            per = f"{float(g.mean()):.3f}" if g.numel() >= 5 else "-"
+            print(f"| {name_j} | {well} | {float(m.double().mean()):.4f} | {share:.4f} | {per} |")
+    print()
     print(
         f"| k (of the first {kt} pairs in the left well) | share of samples | exact target's share | -ELBO | first {kt} pairs' | other pairs' |"
     )
