@@ -53,26 +53,29 @@ def test_the_loop_logs_the_table_every_n_steps_and_leaves_training_unchanged(tmp
 
 
 def test_evaluation_time_is_not_training_time(tmp_path, capsys, monkeypatch):
-    """A slow evaluation (1 s, by a stub) adds nothing to the run's reported seconds."""
+    """A slow evaluation (1,000 s each, on a clock the stub moves on, so a loaded machine cannot blur it) adds nothing to
+    the run's reported seconds."""
     import time
 
     import rtbcli.finetune as ft
 
-    real = ft.table_metrics
+    real, clock, offset = ft.table_metrics, time.perf_counter, [0.0]
 
     def slow(*a, **k):
-        time.sleep(0.5)
+        offset[0] += 1000.0
         return real(*a, **k)
 
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + offset[0])
     monkeypatch.setattr(ft, "table_metrics", slow)
     out = tmp_path / "s.safetensors"
     code, text, err = cli(
         capsys, "finetune", "--preset", tiny_energy(tmp_path, steps=4, n=50), "--eval-every", 2, "--out", out, "--json", "--quiet"
     )
     assert code == 0, err
-    assert json.loads(text)["seconds"] < 0.9  # two evaluations took >= 1 s
+    assert offset[0] == 2000.0  # two evaluations
+    assert json.loads(text)["seconds"] < 100  # 4 tiny steps; with the evaluations counted, > 2,000
     evals = _evals(tmp_path / "s.jsonl")
-    assert len(evals) == 2 and evals[1]["seconds"] - evals[0]["seconds"] < 0.45
+    assert len(evals) == 2 and evals[1]["seconds"] - evals[0]["seconds"] < 100
 
 
 def test_a_user_target_without_exact_samples_logs_the_bounds_only(tmp_path, capsys):
