@@ -24,6 +24,7 @@ import torch
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.datasets.manywell import PAIRS, ManyWell, left_mass1, tilted_target
 from rtbcli.errors import InputError
+from rtbcli.evaluate import sampling_policy
 from rtbcli.gaussian import gaussian_log_prob
 from rtbcli.networks import attach_network
 
@@ -67,7 +68,7 @@ def main() -> None:
     target = tilted_target(beta, tilted, c)[0] if tilted else ManyWell()
     kt = max(tilted, 8)  # k counts the left-well pairs among the first kt
     torch.manual_seed(a.seed)
-    policy = ck.sampler("policy")
+    policy = sampling_policy(ck, torch.device("cpu"))  # a Langevin policy gets its reward's gradient again
     with torch.no_grad():
         traj = policy.sample(a.n)
         x = traj[-1].double()

@@ -37,13 +37,16 @@ def parse_wells(stdout: str) -> list[list[str]]:
     return [ln.strip("| ").split(" | ") for ln in wells.splitlines()[2:]]
 
 
-@pytest.mark.parametrize("kind", ["prior", "finetuned"])
+@pytest.mark.parametrize("kind", ["prior", "finetuned", "langevin"])
 def test_the_pairs_add_up_to_the_whole_gap(kind, tmp_path):
+    """Also for a Langevin policy, which the script gives its reward's gradient again (a checkpoint holds no code)."""
     ck = PRIOR
-    if kind == "finetuned":
+    if kind != "prior":
         ck = tmp_path / "ft.safetensors"
+        lp = ["--langevin"] if kind == "langevin" else []
         r = CliRunner().invoke(
-            app, ["finetune", "--preset", "manywell32", "--prior", str(PRIOR), "--steps", "2", "--batch-size", "8", "--out", str(ck), "-q"]
+            app,
+            ["finetune", "--preset", "manywell32", "--prior", str(PRIOR), *lp, "--steps", "2", "--batch-size", "8", "--out", str(ck), "-q"],
         )
         assert r.exit_code == 0, r.stderr
     p = run(ck, "-n", 300)
@@ -53,14 +56,14 @@ def test_the_pairs_add_up_to_the_whole_gap(kind, tmp_path):
     assert list(rows) == list(range(9))  # k = 0..8 of the first 8 pairs
     assert sum(float(r[1]) for r in rows.values()) == pytest.approx(1.0, abs=1e-4)  # the samples' shares
     assert sum(float(r[2]) for r in rows.values()) == pytest.approx(1.0, abs=1e-4)  # the exact target's binomial
-    assert ("p_data r^beta" in p.stdout) == (kind == "finetuned")
+    assert ("p_data r^beta" in p.stdout) == (kind != "prior")
     exact = [float(r[2]) for r in rows.values()]
-    assert (exact.index(max(exact)) >= 5) == (kind == "finetuned")  # the tilt moves the target's pairs to the left well
+    assert (exact.index(max(exact)) >= 5) == (kind != "prior")  # the tilt moves the target's pairs to the left well
     wells = parse_wells(p.stdout)  # the gap per pair term in each well: the whole is their mixture over the 16 pairs
     assert [(w[0], w[1]) for w in wells] == [("first 8", "left"), ("first 8", "right"), ("other 8", "left"), ("other 8", "right")]
     assert float(wells[0][2]) + float(wells[1][2]) == pytest.approx(1.0, abs=2e-4)
     assert float(wells[2][3]) == pytest.approx(0.1557, abs=1e-4)  # an untilted pair's left-well mass
-    assert (float(wells[0][3]) > 0.8) == (kind == "finetuned")
+    assert (float(wells[0][3]) > 0.8) == (kind != "prior")
     mix = sum(8 * float(w[2]) * float(w[4]) for w in wells if w[4] != "-")
     assert mix == pytest.approx(total, abs=0.02)
 
