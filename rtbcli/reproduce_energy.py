@@ -395,8 +395,10 @@ def energy_table(summary: dict) -> Table:
     seeds = len(summary["seeds"])
     b = summary["budget"]
     strat = any(row.get(W2_STRATIFIED) is not None for row in summary["rows"])
+    lp = sorted({r["steps"] for r in summary["runs"] if r.get("steps") and r["steps"] != b["finetune_steps"]})
+    lp_steps = f" (LP rows: {', '.join(f'{n:,}' for n in lp)})" if lp else ""  # their share of the budget, config_steps
     t = Table(
-        title=f"{summary['preset']}: {b['finetune_steps']:,} steps, batch {b['batch_size']}, K = {summary['eval_n']:,}, "
+        title=f"{summary['preset']}: {b['finetune_steps']:,} steps{lp_steps}, batch {b['batch_size']}, K = {summary['eval_n']:,}, "
         f"{seeds} seed{'s' if seeds != 1 else ''}",
         caption=summary["w2_samples"],
     )

@@ -83,6 +83,9 @@ def test_configs_chooses_rows_and_lp_rows_train_the_papers_share(tmp_path, capsy
     assert (lp["steps"], tb["steps"]) == (2, 5)  # the LP rows: 40% of the steps, as the paper's 10,000 of 25,000
     f = load_checkpoint(lp["checkpoint"]).preset.finetune
     assert (f.langevin, f.replay, f.local_search, f.steps) == (True, True, True, 2)
+    console = Console(width=200, record=True)
+    console.print(energy_table(summary))  # the title says what the LP rows ran, not only the budget
+    assert "gmm25-energy: 5 steps (LP rows: 2), batch 8" in console.export_text()
 
 
 def test_bad_configs_are_refused_before_anything_is_written(tmp_path, capsys):
