@@ -78,7 +78,8 @@ def main() -> None:
         whole = policy.log_prob(traj).double() - policy.backward_log_prob(traj).double()
         whole -= target.log_prob(x).double()
     total = gap.sum(1)
-    k = (x[:, 0 : 2 * kt : 2] < 0).sum(1)
+    left = xp[..., 0] < 0  # (n, pairs): which pairs' x1 lie in the left well
+    k = left[:, :kt].sum(1)
     p_left = left_mass1(beta * c) if tilted else left_mass1(0.0)  # the target's left-well mass of each of the first kt pairs
     name = "p_data r^beta" if tilted else "p_data"
     print(
@@ -88,7 +89,6 @@ def main() -> None:
     print("| pair | " + " | ".join(str(j) for j in range(gap.shape[1])) + " |")
     print("|---" * (gap.shape[1] + 1) + "|")
     print("| -ELBO | " + " | ".join(f"{v:.3f}" for v in gap.mean(0).tolist()) + " |\n")
-    left = x[:, 0::2] < 0  # (n, pairs): which pairs' x1 lie in the left well
     print("| pairs | well | share of their terms | exact share | -ELBO per pair term |")
     print("|---|---|---|---|---|")
     for name_j, cols, p_exact in ((f"first {kt}", slice(0, kt), p_left), (f"other {PAIRS - kt}", slice(kt, PAIRS), left_mass1(0.0))):
