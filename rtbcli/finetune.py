@@ -65,6 +65,7 @@ from .energy.options import BROWNIAN  # `--prior brownian`: energy mode's drift-
 from .energy.prior import BrownianPrior
 from .errors import InputError, RtbcliWarning, RunError
 from .metrics import sample_metrics
+from .networks import recorded
 from .objectives import OBJECTIVES, Batch, HyperParams, Objective, snis_weights
 from .offpolicy import OffPolicy, check_gradient, check_options, langevin_policy, uses_offpolicy
 from .rewards import PythonReward, check_reward_output
@@ -498,6 +499,7 @@ def setup(
     if start is not None:
         check_compatible(start, preset)
         check_network_options(start, cfg, dist)
+        preset = recorded(preset, start.network)  # a preset naming the network has no SHA-256 of its file yet
     if resume and start is None:
         raise InputError("--resume needs a finetuned checkpoint to continue")
     b_local = dist.check_batch(cfg.batch_size)

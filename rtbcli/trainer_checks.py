@@ -66,8 +66,10 @@ def check_compatible(prior: Checkpoint, preset: Preset) -> None:
         raise InputError(
             f"the prior samples dimension {prior.preset.dim} but the preset's task has dimension {preset.dim}: use a prior pretrained on this preset"
         )
-    if prior.preset.sampler != preset.sampler:
-        mine, theirs = prior.preset.sampler.model_dump(), preset.sampler.model_dump()
+    # a network file's SHA-256 is filled in when a run first loads it: the preset that named it has none, and a changed
+    # file is a warning where the class is attached (rtbcli.networks), not a different sampler
+    mine, theirs = (s.model_dump(exclude={"network_sha256"}) for s in (prior.preset.sampler, preset.sampler))
+    if mine != theirs:
         diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
         raise InputError(f"the prior's sampler settings differ from the preset's ({diff}): use the preset the prior was pretrained with")
     a, b = prior.preset.prior_data, preset.prior_data

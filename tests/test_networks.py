@@ -267,6 +267,28 @@ def test_a_changed_network_file_warns_and_other_weights_are_an_error(trained, fi
     assert not (tmp_path / "y.npy").exists()
 
 
+def test_finetune_under_the_preset_that_named_the_network(trained, files, tmp_path, capsys):
+    """A prior pretrained from a preset file that names a network fine-tunes under that same preset file: the prior
+    records the file's SHA-256 and the preset, read again, has none (it was refused as "the prior's sampler settings
+    differ from the preset's (network_sha256 ... vs None)")."""
+    prior, _, _ = trained["file"]
+    assert load_checkpoint(prior).preset.sampler.network_sha256 is not None
+    capsys.readouterr()
+    out = tmp_path / "ft.safetensors"
+    code = cli("finetune", "--preset", files["dir"] / "file.toml", "--prior", prior, "--network", files["net"], "--steps", 2,
+               "--batch-size", 8, "--out", out, "-q", "--device", "cpu")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert load_checkpoint(out).preset.sampler.network_sha256 == load_checkpoint(prior).preset.sampler.network_sha256
+    other = tmp_path / "other.toml"  # a preset naming another network is still refused
+    other.write_text((files["dir"] / "file.toml").read_text().replace("width = 8", "width = 9"))
+    code = cli(
+        "finetune", "--preset", other, "--prior", prior, "--network", files["net"], "--steps", 2, "--out", tmp_path / "o.safetensors"
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "network_kwargs {'width': 8} vs {'width': 9}" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_network_on_rtbcli_s_own_checkpoint_is_refused(tiny_prior, files, tmp_path, capsys):
     capsys.readouterr()
     assert cli("sample", tiny_prior, "--network", files["net"], "--n", 5, "--out", tmp_path / "x.npy") == 2
