@@ -1,6 +1,8 @@
-"""Print a `rtbcli reproduce` summary.json as a Markdown table (for the README).
+"""Print a `rtbcli reproduce` summary.json as a Markdown table (for the README), or the same table from
+`rtbcli evaluate --json` outputs of separate runs (one row each, labelled; the exact sampler's floor row from the first).
 
     python benchmarks/summary_table.py runs/full/summary.json [--all]
+    python benchmarks/summary_table.py --evals "prior (no fine-tuning)=prior.json" rtb=rtb.json ... [--all]
 
 The columns and their formats are the ones `rtbcli reproduce` prints (rtbcli.metric_registry), so the
 README's tables and the terminal's agree; `--all` adds the columns the terminal leaves to summary.json
@@ -9,9 +11,11 @@ where the task has mode metrics (sliced W2, MMD^2, log Z_data by IS, EUBO).
 
 import json
 import sys
+from pathlib import Path
 
 from rtbcli.metric_registry import METRICS
 from rtbcli.report import summary_cell, summary_columns
+from rtbcli.reproduce_common import floor_row, metrics_of
 
 
 def markdown(summary: dict, every: bool = False) -> str:
@@ -26,12 +30,41 @@ def markdown(summary: dict, every: bool = False) -> str:
     return "\n".join(lines)
 
 
+def train_seconds(report: dict) -> float | None:
+    """A fine-tuned checkpoint's training seconds: the last record of its log (FILE.jsonl beside FILE.safetensors)."""
+    log = Path(report["checkpoint"]).with_suffix(".jsonl")
+    if report.get("kind") != "finetuned" or not log.exists():
+        return None
+    last = log.read_text().strip().splitlines()[-1]
+    return float(json.loads(last)["seconds"])
+
+
+def from_evaluations(labelled: list[str]) -> dict:
+    """A summary of `rtbcli evaluate --json` reports given as LABEL=FILE: each report's row under its label, with the
+    training seconds its checkpoint records; the floor row of the first report."""
+    rows = []
+    for item in labelled:
+        label, sep, path = item.rpartition("=")
+        if not sep or not label:
+            sys.exit(f"--evals takes LABEL=FILE.json, got '{item}'")
+        with open(path) as f:
+            report = json.load(f)
+        rows.append({"method": label, **metrics_of(report), "train_seconds": train_seconds(report)})
+        if len(rows) == 1:
+            floor = floor_row(report, report.get("target_method", "exact"))
+    return {"prior_row": rows[0], "rows": rows[1:], "floor": floor}
+
+
 def main(argv: list[str]) -> None:
-    paths = [a for a in argv if a != "--all"]
-    if len(paths) != 1:
-        sys.exit("usage: python benchmarks/summary_table.py SUMMARY.json [--all]")
-    with open(paths[0]) as f:
-        print(markdown(json.load(f), every="--all" in argv))
+    every = "--all" in argv
+    args = [a for a in argv if a != "--all"]
+    if args[:1] == ["--evals"] and len(args) > 1:
+        print(markdown(from_evaluations(args[1:]), every))
+        return
+    if len(args) != 1:
+        sys.exit("usage: python benchmarks/summary_table.py SUMMARY.json [--all]  or  --evals LABEL=EVAL.json ... [--all]")
+    with open(args[0]) as f:
+        print(markdown(json.load(f), every))
 
 
 if __name__ == "__main__":

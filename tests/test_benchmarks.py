@@ -168,6 +168,36 @@ def test_summary_table_markdown_reads_the_registry():
     assert every[3] == "| rtb | 9/9 | 0.0123 | 7.1% | 0.075 | 0.500 | 0.021 | 0.019 | -0.100 | 0.200 | 61 |"
 
 
+def test_summary_table_of_separate_evaluations(tiny_prior, tmp_path, capsys, one_thread):
+    """`summary_table.py --evals LABEL=FILE ...`: `rtbcli evaluate --json` reports of separate runs as reproduce's table,
+    each row under its label with the training seconds of its log, the floor row from the first report."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "summary_table.py"
+    spec = importlib.util.spec_from_file_location("summary_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ft = tmp_path / "ft.safetensors"
+    assert run(["finetune", "--prior", str(tiny_prior), "--steps", "2", "--batch-size", "8", "--out", str(ft), "-q"]) == 0
+    reports = {}
+    for name, ck in (("prior", tiny_prior), ("rtb", ft)):
+        capsys.readouterr()
+        assert run(["evaluate", str(ck), "-n", "300", "--json"]) == 0
+        out = capsys.readouterr().out
+        (tmp_path / f"{name}.json").write_text(out)
+        reports[name] = json.loads(out)
+    summary = mod.from_evaluations([f"the prior={tmp_path / 'prior.json'}", f"rtb={tmp_path / 'rtb.json'}"])
+    assert [summary["prior_row"]["method"], summary["rows"][0]["method"]] == ["the prior", "rtb"]
+    assert summary["prior_row"]["train_seconds"] is None
+    assert summary["rows"][0]["train_seconds"] == json.loads(ft.with_suffix(".jsonl").read_text().splitlines()[-1])["seconds"] > 0
+    assert summary["rows"][0]["kl_mode"] == reports["rtb"]["kl_mode"] != reports["prior"]["kl_mode"]
+    assert summary["floor"]["kl_mode"] == reports["prior"]["floor"]["kl_mode"]
+    lines = mod.markdown(summary).splitlines()
+    assert lines[0].startswith("| method | modes | mode KL |") and lines[0].endswith("| train s |")
+    assert lines[2].startswith("| the prior |") and lines[3].startswith("| rtb |") and lines[4].startswith("| exact sampler (floor) |")
+
+
 def test_reproduce_of_an_energy_preset_refuses_a_prior_it_would_not_use(tmp_path, capsys):
     """Energy presets train from the Brownian prior (tests/test_reproduce_energy.py runs them): --prior is bad input."""
     code, err = error_line(capsys, "reproduce", "--preset", "gmm25-energy", "--quick", "--prior", tmp_path / "p", "--out", tmp_path / "o")
