@@ -29,6 +29,7 @@ from .config import Preset, PythonRewardSpec
 from .errors import InputError, PeerFailed, RunError
 from .evaluate import evaluate
 from .finetune import check_compatible, finetune
+from .networks import attach_network
 from .objectives import METHODS
 from .plots import plot_panels
 from .presets_loader import load_preset
@@ -257,9 +258,17 @@ def _prior_stage(plan: _Plan):
     else:
         plan.say(1, f"prior: {plan.prior_path}")
         shutil.copyfile(plan.prior_path, prior_file)
-    prior_ck = load_checkpoint(prior_file)
+    prior_ck = _load(prior_file, preset)
     check_compatible(prior_ck, preset)
     return prior_ck
+
+
+def _load(path: Path, preset: Preset):
+    """A checkpoint of the run, with the network class the preset names attached (naming it there is the user's consent to
+    import it, as for `pretrain`; a checkpoint alone never imports code)."""
+    ck = load_checkpoint(path)
+    attach_network(ck, preset.sampler.network)
+    return ck
 
 
 def _finetune_stage(plan: _Plan, prior_ck) -> list[dict]:
@@ -312,7 +321,7 @@ def _evaluate_stage(plan: _Plan, prior_ck, rows: list[dict]) -> tuple[dict, dict
     for row in rows:
         if row["checkpoint"] is None:
             continue
-        ev = evaluate(load_checkpoint(row["checkpoint"]), n, seed, device, reward=reward, reward_kwargs=reward_kwargs)
+        ev = evaluate(_load(row["checkpoint"], preset), n, seed, device, reward=reward, reward_kwargs=reward_kwargs)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))
         subtitles.append(subtitle(row))

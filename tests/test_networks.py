@@ -289,6 +289,30 @@ def test_finetune_under_the_preset_that_named_the_network(trained, files, tmp_pa
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_reproduce_runs_a_preset_that_names_a_network(trained, files, tmp_path, capsys):
+    """`rtbcli reproduce --preset FILE` where FILE names your network: it pretrains the class (or takes --prior),
+    fine-tunes every method and evaluates each checkpoint with the class the preset names (it stopped at the first
+    checkpoint it loaded: "name it again with --network")."""
+    import os
+
+    prior, _, _ = trained["file"]
+    old = os.getcwd()
+    os.chdir(files["dir"])
+    try:
+        capsys.readouterr()
+        for extra, out in ((["--pretrain-steps", 3], tmp_path / "fresh"), (["--prior", prior], tmp_path / "given")):
+            code = cli(
+                "reproduce", "--preset", "file.toml", *extra, "--steps", 2, "--batch-size", 8, "-o", out, "--device", "cpu", "--json"
+            )
+            captured = capsys.readouterr()
+            assert code == 0, captured.err
+            summary = json.loads(captured.out)
+            assert [r["method"] for r in summary["rows"]] and all(r.get("elbo") is not None for r in summary["rows"])
+            assert load_checkpoint(out / "prior.safetensors").preset.sampler.network == files["net"]
+    finally:
+        os.chdir(old)
+
+
 def test_network_on_rtbcli_s_own_checkpoint_is_refused(tiny_prior, files, tmp_path, capsys):
     capsys.readouterr()
     assert cli("sample", tiny_prior, "--network", files["net"], "--n", 5, "--out", tmp_path / "x.npy") == 2
