@@ -42,16 +42,19 @@ def train_seconds(report: dict) -> float | None:
 def from_evaluations(labelled: list[str]) -> dict:
     """A summary of `rtbcli evaluate --json` reports given as LABEL=FILE: each report's row under its label, with the
     training seconds its checkpoint records; the floor row of the first report."""
-    rows = []
+    rows: list[dict] = []
+    target, floor = None, {}
     for item in labelled:
         label, sep, path = item.rpartition("=")
         if not sep or not label:
             sys.exit(f"--evals takes LABEL=FILE.json, got '{item}'")
         with open(path) as f:
             report = json.load(f)
+        if rows and report.get("target") != target:
+            sys.exit(f"{path} scores another target ({report.get('target')}) than the first report ({target}): one table, one target")
         rows.append({"method": label, **metrics_of(report), "train_seconds": train_seconds(report)})
         if len(rows) == 1:
-            floor = floor_row(report, report.get("target_method", "exact"))
+            target, floor = report.get("target"), floor_row(report, report.get("target_method", "exact"))
     return {"prior_row": rows[0], "rows": rows[1:], "floor": floor}
 
 

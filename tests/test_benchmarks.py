@@ -183,7 +183,7 @@ def test_summary_table_of_separate_evaluations(tiny_prior, tmp_path, capsys, one
     reports = {}
     for name, ck in (("prior", tiny_prior), ("rtb", ft)):
         capsys.readouterr()
-        assert run(["evaluate", str(ck), "-n", "300", "--json"]) == 0
+        assert run(["evaluate", str(ck), "-n", "300", "--json", *(["--beta", "1"] if name == "prior" else [])]) == 0
         out = capsys.readouterr().out
         (tmp_path / f"{name}.json").write_text(out)
         reports[name] = json.loads(out)
@@ -193,6 +193,10 @@ def test_summary_table_of_separate_evaluations(tiny_prior, tmp_path, capsys, one
     assert summary["rows"][0]["train_seconds"] == json.loads(ft.with_suffix(".jsonl").read_text().splitlines()[-1])["seconds"] > 0
     assert summary["rows"][0]["kl_mode"] == reports["rtb"]["kl_mode"] != reports["prior"]["kl_mode"]
     assert summary["floor"]["kl_mode"] == reports["prior"]["floor"]["kl_mode"]
+    other = dict(reports["prior"], target="another target")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="scores another target \\(another target\\) than the first report"):
+        mod.from_evaluations([f"a={tmp_path / 'rtb.json'}", f"b={tmp_path / 'other.json'}"])
     lines = mod.markdown(summary).splitlines()
     assert lines[0].startswith("| method | modes | mode KL |") and lines[0].endswith("| train s |")
     assert lines[2].startswith("| the prior |") and lines[3].startswith("| rtb |") and lines[4].startswith("| exact sampler (floor) |")
