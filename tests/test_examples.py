@@ -129,3 +129,47 @@ def test_thin_moons_example(tmp_path, capsys, monkeypatch):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["nn_dist_ratio"] > 1  # three steps of pretraining: far from the curves
+
+
+def test_manywell32_pair_network_is_one_2d_drift_per_pair():
+    """examples/manywell32/pairnet.py: the drift of pair j is one 2-D function of (x_j, t) and the pair's embedding e_j
+    alone (float64): no pair's drift moves with another pair's coordinates, pairs with equal embeddings share one
+    function, and a changed embedding changes its own pair's drift and no other."""
+    from rtbcli.networks import load_network
+
+    torch = pytest.importorskip("torch")
+    net = load_network(f"{EXAMPLES}/manywell32/pairnet.py:PairDrift").cls().double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():  # away from the zero output layer and zero embeddings of a fresh network
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        net.index[2:] = net.index[1]  # pairs 1-15 share one embedding, pair 0 has its own
+    x, t = torch.randn(3, 32, generator=gen, dtype=torch.float64), torch.rand(3, generator=gen, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda z: net(z, t), x)  # (3, 32, 3, 32)
+    jac = torch.stack([jac[b, :, b, :] for b in range(3)])  # each row's own (32, 32) Jacobian
+    block = torch.block_diag(*[torch.ones(2, 2, dtype=torch.bool)] * 16)
+    assert jac[:, ~block].abs().max() == 0  # a pair's drift sees its own coordinates only
+    assert jac[:, block].abs().min() > 0
+    f = net(x, t).reshape(3, 16, 2)
+    swapped = x.reshape(3, 16, 2)[:, [0, 2, 1, *range(3, 16)]].reshape(3, 32)  # pairs 1 and 2 trade states
+    g = net(swapped, t).reshape(3, 16, 2)
+    torch.testing.assert_close(g[:, 1], f[:, 2], rtol=0, atol=1e-13)  # one function for equal embeddings
+    torch.testing.assert_close(g[:, 2], f[:, 1], rtol=0, atol=1e-13)
+    first = x.reshape(3, 16, 2)[:, [1, 1, *range(2, 16)]].reshape(3, 32)  # pair 0 in pair 1's state
+    h = net(first, t).reshape(3, 16, 2)
+    assert (h[:, 0] - f[:, 1]).abs().min() > 1e-6  # pair 0's own embedding: another function
+    torch.testing.assert_close(h[:, 1:], f[:, 1:], rtol=0, atol=1e-13)
+
+
+def test_manywell32_pairs_preset_is_manywell32_with_its_stated_changes():
+    """examples/manywell32/pairs.toml is the manywell32 preset (data, reward, time grid, recipe) with the pair network and
+    the changes its comments give: no box term, pretraining batch 50, fine-tuning at lr 1e-3 and batch 50."""
+    from rtbcli.presets_loader import load_preset
+
+    pairs, base = load_preset(str(EXAMPLES / "manywell32" / "pairs.toml"))[0], load_preset("manywell32")[0]
+    assert (pairs.beta, pairs.prior_data, pairs.reward, pairs.evaluate) == (base.beta, base.prior_data, base.reward, base.evaluate)
+    s, b = pairs.sampler, base.sampler
+    assert (s.steps, s.sigma2, s.time_power) == (b.steps, b.sigma2, b.time_power)
+    assert s.network == f"{(EXAMPLES / 'manywell32' / 'pairnet.py').resolve()}:PairDrift"
+    assert pairs.pretrain.model_dump() == {**base.pretrain.model_dump(), "batch_size": 50, "box_weight": 0.0}
+    assert pairs.finetune.model_dump() == {**base.finetune.model_dump(), "batch_size": 50, "lr": 1e-3}
