@@ -41,15 +41,18 @@ def train_seconds(report: dict) -> float | None:
 
 def from_evaluations(labelled: list[str]) -> dict:
     """A summary of `rtbcli evaluate --json` reports given as LABEL=FILE: each report's row under its label, with the
-    training seconds its checkpoint records; the floor row of the first report."""
+    training seconds its log records; the floor row of the first report. Every report must score the same target."""
     rows: list[dict] = []
     target, floor = None, {}
     for item in labelled:
         label, sep, path = item.rpartition("=")
         if not sep or not label:
             sys.exit(f"--evals takes LABEL=FILE.json, got '{item}'")
-        with open(path) as f:
-            report = json.load(f)
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"--evals: cannot read '{path}' as an `rtbcli evaluate --json` report ({e})")
         if rows and report.get("target") != target:
             sys.exit(f"{path} scores another target ({report.get('target')}) than the first report ({target}): one table, one target")
         rows.append({"method": label, **metrics_of(report), "train_seconds": train_seconds(report)})

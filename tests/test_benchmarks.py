@@ -197,6 +197,10 @@ def test_summary_table_of_separate_evaluations(tiny_prior, tmp_path, capsys, one
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="scores another target \\(another target\\) than the first report"):
         mod.from_evaluations([f"a={tmp_path / 'rtb.json'}", f"b={tmp_path / 'other.json'}"])
+    (tmp_path / "bad.json").write_text("{")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit, match="--evals: cannot read .* as an `rtbcli evaluate --json` report"):
+            mod.from_evaluations([f"a={bad}"])
     lines = mod.markdown(summary).splitlines()
     assert lines[0].startswith("| method | modes | mode KL |") and lines[0].endswith("| train s |")
     assert lines[2].startswith("| the prior |") and lines[3].startswith("| rtb |") and lines[4].startswith("| exact sampler (floor) |")
