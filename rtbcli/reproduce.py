@@ -258,17 +258,12 @@ def _prior_stage(plan: _Plan):
     else:
         plan.say(1, f"prior: {plan.prior_path}")
         shutil.copyfile(plan.prior_path, prior_file)
-    prior_ck = _load(prior_file, preset)
+    prior_ck = load_checkpoint(prior_file)
+    # the network class the preset names (naming it there is the user's consent to import it, as for `pretrain`; a
+    # checkpoint alone never imports code); the fine-tuned checkpoints of this run share it (`_evaluate_stage`)
+    attach_network(prior_ck, preset.sampler.network)
     check_compatible(prior_ck, preset)
     return prior_ck
-
-
-def _load(path: Path, preset: Preset):
-    """A checkpoint of the run, with the network class the preset names attached (naming it there is the user's consent to
-    import it, as for `pretrain`; a checkpoint alone never imports code)."""
-    ck = load_checkpoint(path)
-    attach_network(ck, preset.sampler.network)
-    return ck
 
 
 def _finetune_stage(plan: _Plan, prior_ck) -> list[dict]:
@@ -321,7 +316,9 @@ def _evaluate_stage(plan: _Plan, prior_ck, rows: list[dict]) -> tuple[dict, dict
     for row in rows:
         if row["checkpoint"] is None:
             continue
-        ev = evaluate(_load(row["checkpoint"], preset), n, seed, device, reward=reward, reward_kwargs=reward_kwargs)
+        ck = load_checkpoint(row["checkpoint"])
+        ck.network = prior_ck.network  # made by this run from the prior: its class, imported once
+        ev = evaluate(ck, n, seed, device, reward=reward, reward_kwargs=reward_kwargs)
         row.update(metrics_of(ev.metrics))
         panels.append((row["label"], ev.samples))
         subtitles.append(subtitle(row))
