@@ -45,7 +45,9 @@ from .config import Preset
 from .data import samples_for_check, scale_advice
 from .distributed import Dist
 from .errors import RtbcliWarning, RunError
+from .gaussian import centred_log_prob
 from .networks import Network, attach_network, make_sampler, network_of, recorded
+from .rollout import fused_layout, rows_backward
 from .runtime import JsonlLog, make_generator
 from .sampler import DiffusionSampler
 from .state import RunState, restore_optimizer
@@ -85,6 +87,16 @@ def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generat
     With `shard` = (rank, world) the n triples are the global batch: this rank scores its share
     and returns its part of the global mean.
     """
+    i, x, target, dt = _pairs(sampler, task, n, gen, shard)
+    drift = sampler.drift(x, i)  # DriftNet: the time table's T rows, gathered
+    sq = (target - drift).pow(2).sum(-1)
+    return _weighted_mean(sq, dt, sampler.steps, n, shard) / (2 * sampler.sigma2)
+
+
+def _pairs(
+    sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | torch.Tensor]:
+    """The draws of `pairs_loss`: this rank's step indices i, states x_i, regression targets and dt (`_times_at`)."""
     T, sigma2 = sampler.steps, sampler.sigma2
     w = sampler.anchor
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
@@ -92,10 +104,23 @@ def pairs_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generat
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
     eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
     x = t * x_end + torch.sqrt(sigma2 * t * (1 - t)) * eps
-    target = (x_end - x) / (1 - t)
-    drift = sampler.drift(x, i)  # DriftNet: the time table's T rows, gathered
-    sq = (target - drift).pow(2).sum(-1)
-    return _weighted_mean(sq, dt, T, n, shard) / (2 * sigma2)
+    return i, x, (x_end - x) / (1 - t), dt
+
+
+def pairs_backward(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """`pairs_loss` (the same draws and value) with its gradient accumulated into .grad by hand
+    (`rtbcli.rollout.rows_backward`, for a DriftNet); returns the loss, detached.
+
+    dL/df = -T dt_i (target - f) / (n sigma2) for each pair."""
+    i, x, target, dt = _pairs(sampler, task, n, gen, shard)
+    scale = -sampler.steps / (n * sampler.sigma2)
+
+    def loss_and_grad(drift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = target.sub_(drift)  # target - f
+        loss = _weighted_mean(diff.pow(2).sum(-1), dt, sampler.steps, n, shard) / (2 * sampler.sigma2)
+        return loss, diff.mul_(scale * dt if isinstance(dt, float) else scale * dt[:, None])
+
+    return rows_backward(sampler, x, i, loss_and_grad)
 
 
 def _times_at(sampler: DiffusionSampler, i: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float | torch.Tensor]:
@@ -166,11 +191,35 @@ def box_residuals(sampler: DiffusionSampler, x: torch.Tensor, i: torch.Tensor, b
 
 def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """-mean log p_F(tau) over n whole bridge trajectories from the data (the authors' estimator)."""
+    lp = sampler.log_prob(_bridges(sampler, task, n, gen, shard))
+    return -(lp.mean() if shard[1] == 1 else lp.sum() / n)
+
+
+def _bridges(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int]) -> torch.Tensor:
+    """The draws of `trajectory_loss`: this rank's share (T + 1, n / world, d) of n bridge trajectories from the data."""
     w = sampler.anchor
     x = task.data.sample(n, gen, dtype=w.dtype, device=w.device)
     traj = sampler.backward_sample(x, gen)  # the pinned bridge, drawn for the global batch ...
-    lp = sampler.log_prob(traj[:, shard[0] * (n // shard[1]) : (shard[0] + 1) * (n // shard[1])])  # ... this rank's share
-    return -(lp.mean() if shard[1] == 1 else lp.sum() / n)
+    return traj[:, shard[0] * (n // shard[1]) : (shard[0] + 1) * (n // shard[1])]  # ... this rank's share
+
+
+def trajectory_backward(
+    sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
+    """`trajectory_loss` (the same draws and value) with its gradient accumulated into .grad by hand
+    (`rtbcli.rollout.rows_backward`, for a DriftNet); returns the loss, detached.
+
+    With the residual r_i = x_{i+1} - x_i - dt_i f(x_i, t_i), d log p_F / d f_i = r_i / sigma2, so
+    dL/df_i = -r_i / (n sigma2) at each of the T * n transitions."""
+    traj = _bridges(sampler, task, n, gen, shard)
+    T, m, d = traj.shape[0] - 1, traj.shape[1], traj.shape[2]
+
+    def loss_and_grad(drift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = traj[1:] - traj[:-1] - sampler.dt * drift.reshape(T, m, d)
+        loss = -centred_log_prob(residual, sampler.step_var).sum() / n
+        return loss, residual.mul_(-1.0 / (n * sampler.sigma2)).reshape(-1, d)
+
+    return rows_backward(sampler, traj[:-1].reshape(-1, d), None, loss_and_grad)  # row t * m + b: x_t of path b
 
 
 @torch.no_grad()
@@ -220,13 +269,16 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     cfg = run.info.preset.pretrain
     batch_loss = pairs_loss if cfg.estimator == "pairs" else trajectory_loss
     n = cfg.batch_size * (run.sampler.steps if cfg.estimator == "pairs" else 1)
+    run.opt.zero_grad(set_to_none=True)
+    if fused_layout(run.sampler.net):  # a DriftNet: the loss's gradient by hand, now (`rtbcli.rollout.rows_backward`)
+        batch_loss = pairs_backward if batch_loss is pairs_loss else trajectory_backward
     loss = batch_loss(run.sampler, run.task, n, run.gen, (dist.rank, dist.world))
     if cfg.box_weight > 0:
         assert run.box is not None, "setup finds the box"
         nb = max(cfg.batch_size * run.sampler.steps // 4, dist.world)  # a quarter of the pairs estimator's work
         loss = loss + cfg.box_weight * box_loss(run.sampler, run.task, run.box, nb - nb % dist.world, run.gen, (dist.rank, dist.world))
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if loss.requires_grad:  # the autograd estimators, and the box term
+        loss.backward()
     dist.sum_grads(list(run.sampler.parameters()))
     run.opt.step()
     assert run.sched is not None, "setup builds the schedule"

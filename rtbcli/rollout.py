@@ -16,17 +16,22 @@ The tests check both against autograd through `DiffusionSampler.step_log_probs` 
 layout and calls aten's GELU backward) for the network it was written for (`fused_layout`), and
 autograd of one batched re-forward of all T*B transitions for any other drift network.
 benchmarks/bench_backward.py times the two.
+
+The backward itself (`network_backward`) serves any loss of the drift at given states:
+`rows_backward` runs the network over them keeping its activations (`forward_rows`) and takes the
+gradient the same way; pretraining's estimators use it (`rtbcli.pretrain.pairs_backward`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .gaussian import centred_log_prob
-from .sampler import DiffusionSampler, DriftNet
+from .sampler import DiffusionSampler, DriftNet, linear
 
 
 class Workspace:
@@ -103,13 +108,107 @@ THIN = 4  # state dimensions d up to which `_rows_times` beats a GEMM call
 def _rows_times(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """g @ w for g (N, d), w (d, H): for small d as d fused multiply-adds of columns by rows, a
     single pass over the (N, H) result, where a GEMM call with inner dimension d is ~2x slower."""
-    d = g.shape[1]
-    if d > THIN:
+    if g.shape[1] > THIN:
         return g @ w
-    out = torch.mul(g[:, :1], w[0])
-    for j in range(1, d):
+    return _add_rows_times(torch.mul(g[:, :1], w[0]), g[:, 1:], w[1:])
+
+
+def _add_rows_times(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out += g @ w in place (g (N, d), w (d, H)): column by row for small d (`_rows_times`), else one GEMM."""
+    if g.shape[1] > THIN:
+        return out.addmm_(g, w)
+    for j in range(g.shape[1]):
         out.addcmul_(g[:, j : j + 1], w[j])
     return out
+
+
+@torch.no_grad()
+def forward_rows(net: DriftNet, x: torch.Tensor, pre: list[torch.Tensor], post: list[torch.Tensor]) -> torch.Tensor:
+    """The drift f at N states x (N, d), keeping the activations that `network_backward` needs.
+
+    pre and post are lists of L + 1 blocks (N, H). On entry pre[0] holds each row's time embedding
+    plus the state layer's bias; it is completed in place to a_0 = W_s x + b_s + time(t); post[l]
+    receives h_l = GELU(a_l) of every GELU layer, and pre[l] (l >= 1) is replaced by a_l."""
+    linears = [m for m in net.body if isinstance(m, nn.Linear)]
+    torch.ops.aten.gelu.out(_add_rows_times(pre[0], x, net.state.weight.t().contiguous()), out=post[0])
+    for k, layer in enumerate(linears[:-1], start=1):
+        pre[k] = linear(post[k - 1], layer.weight, layer.bias)
+        torch.ops.aten.gelu.out(pre[k], out=post[k])
+    return linear(post[-1], linears[-1].weight, linears[-1].bias)
+
+
+@torch.no_grad()  # by hand: no autograd graph through the weights
+def network_backward(
+    net: DriftNet,
+    x: torch.Tensor,
+    pre: torch.Tensor | list[torch.Tensor],
+    post: torch.Tensor | list[torch.Tensor],
+    g_f: torch.Tensor,
+    rowsum: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Accumulate into .grad the gradient of sum_rows g_f . f(x) through every weight but the time MLP's.
+
+    x (N, d) the states, pre and post (L + 1, N, H) their activations (`forward_rows`'s lists, or the
+    sampling loop's), g_f (N, d) = dL/df. With
+
+        f = Out(h_L),  h_l = GELU(a_l),  a_l = W_l h_{l-1} + b_l  (l >= 1),  a_0 = W_s x + b_s + time(t),
+
+    each weight's gradient is one product over the N rows and each bias's a `rowsum` over them.
+    Returns dL/da_0 (N, H), which is also dL/d time(t) of each row: the caller takes the time MLP's part.
+    """
+    linears = [m for m in net.body if isinstance(m, nn.Linear)]
+    hidden, out = linears[:-1], linears[-1]
+    grads: dict[torch.Tensor, torch.Tensor] = {out.weight: g_f.t() @ post[-1], out.bias: rowsum(g_f)}
+    g_h = _rows_times(g_f, out.weight)
+    for k in range(len(hidden), -1, -1):
+        g_a = torch.ops.aten.gelu_backward(g_h, pre[k])
+        if k == 0:
+            break
+        layer = hidden[k - 1]
+        grads[layer.weight] = g_a.t() @ post[k - 1]
+        grads[layer.bias] = rowsum(g_a)
+        g_h = linear(g_a, layer.weight.t().contiguous())  # g_a @ W_k
+    grads[net.state.weight] = (x.t() @ g_a).t().contiguous()  # x.T @ g: the fast layout for small d; a (d, H) copy
+    grads[net.state.bias] = rowsum(g_a)
+    for p, g in grads.items():
+        g = g.to(p.dtype)  # products under bf16 autocast (`matmul_dtype`) return bf16; a no-op otherwise
+        p.grad = g if p.grad is None else p.grad + g
+    return g_a
+
+
+def rows_backward(
+    sampler: DiffusionSampler,
+    x: torch.Tensor,
+    i: torch.Tensor | None,
+    loss_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """A loss of the drift at N states, with its gradient accumulated into the DriftNet's .grad by hand.
+
+    The network runs once over the states x (N, d) at step indices i (N,) (None: T blocks of N / T
+    rows, block t at step t, as trajectories (T, n, d) reshape), keeping its activations
+    (`forward_rows`); `loss_and_grad(f)` gives the loss and dL/df (N, d) from the drift f (N, d)
+    (it may overwrite f); dL/df goes back through the network in one pass (`network_backward`), and
+    through the time MLP as the gradient of its T rows, each the sum over the states of its step.
+    Autograd forms the same products, but the thin (d-wide) ones in slow layouts, the middle ones
+    through MKL rather than oneDNN (`linear`), and with separate passes for the time table's
+    gather and scatter. Returns the loss, detached.
+    """
+    net = sampler.net
+    with torch.enable_grad():
+        table = sampler.time_table()  # (T, H), kept with its graph for the time MLP's gradient
+    first = table.detach() + net.state.bias.detach()
+    # one (N, H) block per activation: blocks under glibc's 32 MB mmap threshold are reused, not faulted in again
+    pre, post = ([x.new_empty(x.shape[0], first.shape[1]) for _ in range(len(net.body) // 2)] for _ in range(2))
+    T, H = first.shape
+    if i is None:
+        pre[0].view(T, -1, H).copy_(first[:, None, :].expand(T, x.shape[0] // T, H))
+    else:
+        torch.index_select(first, 0, i, out=pre[0])
+    with torch.no_grad():
+        loss, g_f = loss_and_grad(forward_rows(net, x, pre, post))
+    g_a = network_backward(net, x, pre, post, g_f, lambda g: g.sum(0))
+    table.backward(g_a.view(T, -1, H).sum(1) if i is None else torch.zeros_like(first).index_add_(0, i, g_a))
+    return loss
 
 
 @torch.no_grad()  # by hand: no autograd graph through the weights (only the time MLP's, below)
@@ -117,12 +216,8 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     """Accumulate into the sampler's .grad the gradient of sum_{i,b} g[i, b] * log p(x_{i+1} | x_i).
 
     With mean_i = x_i + dt f(x_i, t_i) and variance v = sigma2 dt (the un-inflated policy),
-    d log p / d f_i = dt (x_{i+1} - mean_i) / v; backpropagated through the network by hand:
-
-        f = Out(h_L),  h_l = GELU(a_l),  a_l = W_l h_{l-1} + b_l  (l >= 1),
-        a_0 = W_s x + b_s + time(t)
-
-    and through the time MLP (T rows) by autograd.
+    d log p / d f_i = dt (x_{i+1} - mean_i) / v; backpropagated through the network by hand
+    (`network_backward`) and through the time MLP (T rows) by autograd.
 
     The biases' gradients are sums over trajectories of per-trajectory sums, accumulated in
     float64 (`_sum_over_trajectories`): a bias of a unit that is nearly off gets a gradient of
@@ -131,34 +226,17 @@ def backward(ro: Rollout, grad_step_lpf: torch.Tensor) -> None:
     lr * rounding / (4 eps).
     """
     s = ro.sampler
-    net = s.net
-    linears = [m for m in net.body if isinstance(m, nn.Linear)]
-    hidden, out = linears[:-1], linears[-1]
     assert ro.pre is not None and ro.post is not None, "the fused backward needs the rollout's activations"
-    T, n, H = ro.pre.shape[1:]
+    L, T, n, H = ro.pre.shape
     d = s.dim
     dt, var = s.dt, s.step_var  # floats, or one value per step ((T, 1, 1) and (T, 1)) on a non-uniform grid
     scale = dt / var if isinstance(dt, float) or isinstance(var, float) else (dt[..., 0] / var)[..., None]
     g_f = (grad_step_lpf[..., None] * ro.residual * scale).reshape(-1, d)  # dL/df, (T*n, d)
-    post = ro.post.reshape(len(hidden) + 1, T * n, H)
-    pre = ro.pre.reshape(len(hidden) + 1, T * n, H)
-    grads: dict[torch.Tensor, torch.Tensor] = {out.weight: g_f.t() @ post[-1], out.bias: _sum_over_trajectories(g_f, T, n)}
-    g_h = _rows_times(g_f, out.weight)
-    for k in range(len(hidden), -1, -1):
-        g_a = torch.ops.aten.gelu_backward(g_h, pre[k])
-        if k == 0:
-            break
-        layer = hidden[k - 1]
-        grads[layer.weight] = g_a.t() @ post[k - 1]
-        grads[layer.bias] = _sum_over_trajectories(g_a, T, n)
-        g_h = g_a @ layer.weight
     x = ro.traj[:-1].reshape(-1, d)
-    grads[net.state.weight] = (x.t() @ g_a).t()  # x.T @ g: the fast layout for small d
+    g_a = network_backward(
+        s.net, x, ro.pre.reshape(L, T * n, H), ro.post.reshape(L, T * n, H), g_f, lambda g: _sum_over_trajectories(g, T, n)
+    )
     g_temb = g_a.reshape(T, n, H).sum(1)
-    grads[net.state.bias] = _sum_over_trajectories(g_a, T, n)
-    for p, g in grads.items():
-        g = g.to(p.dtype)  # products under bf16 autocast (`matmul_dtype`) return bf16; a no-op otherwise
-        p.grad = g if p.grad is None else p.grad + g
     with torch.enable_grad():
         table = s.time_table()
         table.backward(g_temb.to(table.dtype))  # the time MLP and the phases, T rows

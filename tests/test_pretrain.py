@@ -10,7 +10,19 @@ from torch.distributions import MultivariateNormal
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.config import Preset
-from rtbcli.pretrain import bridge_elbo, new_sampler, pairs_loss, pretrain, trajectory_loss
+from rtbcli.distributed import Dist
+from rtbcli.pretrain import (
+    bridge_elbo,
+    new_sampler,
+    pairs_backward,
+    pairs_loss,
+    pretrain,
+    setup,
+    train_step,
+    trajectory_backward,
+    trajectory_loss,
+)
+from rtbcli.rollout import rows_backward
 from rtbcli.sampler import DiffusionSampler, bridge_sample
 from rtbcli.tasks import Task
 from rtbcli.trainer import learning_rate
@@ -130,3 +142,54 @@ def test_ema_saves_the_averaged_weights(tmp_path, tiny_preset):
         torch.testing.assert_close(saved[name], e, rtol=1e-5, atol=1e-7, msg=name)
     gap = max((saved[k] - trained[-1][k]).abs().max().item() for k in saved)
     assert gap > 1e-3  # the averaged weights are not the trained ones
+
+
+def grads(s) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in s.named_parameters()}
+
+
+@pytest.mark.parametrize("estimator", ["pairs", "trajectory"])
+@pytest.mark.parametrize(("layers", "power"), [(1, 1.0), (2, 1.5), (3, 1.0)])
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
+def test_the_hand_written_gradient_is_autograd_s(float64, reference, estimator, layers, power, shard):
+    """`pairs_backward` / `trajectory_backward`: the same draws, loss and gradient as autograd through
+    `pairs_loss` / `trajectory_loss`, on uniform and non-uniform grids, one rank's share or all."""
+    task = Task(reference)
+    s = seeded(11, std=0.5, steps=7, layers=layers, time_power=power)
+    loss_fn, by_hand = (pairs_loss, pairs_backward) if estimator == "pairs" else (trajectory_loss, trajectory_backward)
+    s.zero_grad(set_to_none=True)
+    expected = loss_fn(s, task, 40, torch.Generator().manual_seed(3), shard)
+    expected.backward()
+    want = grads(s)
+    s.zero_grad(set_to_none=True)
+    loss = by_hand(s, task, 40, torch.Generator().manual_seed(3), shard)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-13, atol=1e-13)
+    for name, g in grads(s).items():
+        torch.testing.assert_close(g, want[name], rtol=1e-12, atol=1e-14, msg=name)
+        assert not g.requires_grad, name
+
+
+@pytest.mark.parametrize("estimator", ["pairs", "trajectory"])
+@pytest.mark.parametrize("box_weight", [0.0, 0.5])
+def test_a_pretraining_step_takes_the_hand_written_gradient(float64, tiny_preset, tmp_path, monkeypatch, estimator, box_weight):
+    """train_step of a DriftNet goes through `rows_backward` once, with the gradient autograd gives
+    (the box term's part by autograd on top); with the fused path switched off it is autograd's alone."""
+    preset = tiny_preset.updated("pretrain", batch_size=16, estimator=estimator, box_weight=box_weight)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return rows_backward(*args)
+
+    monkeypatch.setattr("rtbcli.pretrain.rows_backward", counted)
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr("rtbcli.pretrain.fused_layout", lambda net, fused=fused: fused)
+        run = setup(preset, "tiny", tmp_path / "prior.safetensors", seed=4)
+        loss = train_step(run, Dist())
+        out[fused] = (loss, grads(run.sampler))
+    assert calls == [1]  # the fused run only
+    torch.testing.assert_close(out[True][0], out[False][0].detach(), rtol=1e-12, atol=1e-12)
+    for name, g in out[True][1].items():
+        torch.testing.assert_close(g, out[False][1][name], rtol=1e-10, atol=1e-13, msg=name)

@@ -92,3 +92,74 @@ def test_backward_uses_the_thin_product(float64, monkeypatch):
     monkeypatch.setattr(rollout_mod, "_rows_times", lambda *a: (seen.append(1), f(*a))[1])
     backward(ro, torch.ones(4, 3))
     assert seen == [1]
+
+
+class _LinearSpy:
+    """Stands in for torch.ops.mkldnn: records the post-op of each oneDNN Linear call."""
+
+    def __init__(self, calls: list[str]):
+        self.calls, self.fused = calls, torch.ops.mkldnn._linear_pointwise
+
+    def _linear_pointwise(self, *a):
+        self.calls.append(a[3])
+        return self.fused(*a)
+
+
+def _grads_float64_autograd(s32: DiffusionSampler, fn) -> dict[str, torch.Tensor]:
+    s64 = DiffusionSampler(2, steps=s32.steps, hidden=32, time_features=16, layers=2).double()
+    s64.load_state_dict({k: v.double() for k, v in s32.state_dict().items()})
+    s64.zero_grad(set_to_none=True)
+    fn(s64)
+    return {n: p.grad for n, p in s64.named_parameters()}
+
+
+def _close_float32(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    for name, g in got.items():
+        scale = want[name].abs().max().item()
+        assert (g.double() - want[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+@pytest.mark.parametrize("estimator", ["pairs", "trajectory"])
+def test_pretraining_gradient_takes_onednn_and_agrees_float32(monkeypatch, reference, estimator):
+    """In float32 on the CPU the hand-written pretraining gradient runs the hidden layers' forward and their
+    input gradients through oneDNN's Linear, and agrees with autograd's gradient to 1e-5."""
+    if not sampler_mod.LINEAR_GELU:
+        pytest.skip("this torch build has no oneDNN linear")
+    from rtbcli.pretrain import pairs_backward, pairs_loss, trajectory_backward, trajectory_loss
+    from rtbcli.tasks import Task
+
+    task = Task(reference)
+    s = _sampler(2, torch.float32)
+    loss_fn, by_hand = (pairs_loss, pairs_backward) if estimator == "pairs" else (trajectory_loss, trajectory_backward)
+    calls: list[str] = []
+    monkeypatch.setattr(torch.ops, "mkldnn", _LinearSpy(calls))
+    s.zero_grad(set_to_none=True)
+    by_hand(s, task, 300, torch.Generator().manual_seed(2))
+    monkeypatch.undo()
+    assert calls == ["none"] * 5  # 2 hidden layers and the output layer forward, 2 input gradients
+    got = {n: p.grad.clone() for n, p in s.named_parameters()}
+    s.zero_grad(set_to_none=True)
+    loss_fn(s, task, 300, torch.Generator().manual_seed(2)).backward()  # the same draws: float32 autograd, MKL's products
+    _close_float32(got, {n: p.grad.double() for n, p in s.named_parameters()})
+
+
+def test_finetuning_backward_takes_onednn_and_agrees_float32(monkeypatch):
+    """The fine-tuning backward's input gradients go through oneDNN's Linear in float32 (one per hidden layer), and
+    the gradient agrees with float64 autograd to 1e-5; under bf16 autocast (`matmul_dtype`) autocast's products run."""
+    if not sampler_mod.LINEAR_GELU:
+        pytest.skip("this torch build has no oneDNN linear")
+    s = _sampler(2, torch.float32)
+    ro = rollout(s, Workspace(s, 200), 0.1, torch.Generator().manual_seed(0))
+    g = torch.randn(s.steps, 200, generator=torch.Generator().manual_seed(1))
+    calls: list[str] = []
+    monkeypatch.setattr(torch.ops, "mkldnn", _LinearSpy(calls))
+    s.zero_grad(set_to_none=True)
+    backward(ro, g)
+    got = {n: p.grad.clone() for n, p in s.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        backward(ro, g)
+    monkeypatch.undo()
+    assert calls == ["none", "none"]  # the float32 pass only
+    traj = ro.traj.double()
+    want = _grads_float64_autograd(s, lambda s64: (g.double() * s64.step_log_probs(traj)).sum().backward())
+    _close_float32(got, want)
