@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .gaussian import centred_log_prob
@@ -123,18 +124,19 @@ def _add_rows_times(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def forward_rows(net: DriftNet, x: torch.Tensor, pre: list[torch.Tensor], post: list[torch.Tensor]) -> torch.Tensor:
-    """The drift f at N states x (N, d), keeping the activations that `network_backward` needs.
+def forward_rows(net: DriftNet, x: torch.Tensor, a0: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The drift f at N states x (N, d), with the activations that `network_backward` needs.
 
-    pre and post are lists of L + 1 blocks (N, H). On entry pre[0] holds each row's time embedding
-    plus the state layer's bias; it is completed in place to a_0 = W_s x + b_s + time(t); post[l]
-    receives h_l = GELU(a_l) of every GELU layer, and pre[l] (l >= 1) is replaced by a_l."""
+    On entry a0 (N, H) holds each row's time embedding plus the state layer's bias; it is completed
+    in place to a_0 = W_s x + b_s + time(t). Returns f (N, d) and the lists [a_0, ..., a_L] and
+    [h_0, ..., h_L], h_l = GELU(a_l), of the GELU layers."""
     linears = [m for m in net.body if isinstance(m, nn.Linear)]
-    torch.ops.aten.gelu.out(_add_rows_times(pre[0], x, net.state.weight.t().contiguous()), out=post[0])
-    for k, layer in enumerate(linears[:-1], start=1):
-        pre[k] = linear(post[k - 1], layer.weight, layer.bias)
-        torch.ops.aten.gelu.out(pre[k], out=post[k])
-    return linear(post[-1], linears[-1].weight, linears[-1].bias)
+    pre = [_add_rows_times(a0, x, net.state.weight.t().contiguous())]
+    post = [F.gelu(pre[0])]
+    for layer in linears[:-1]:
+        pre.append(linear(post[-1], layer.weight, layer.bias))
+        post.append(F.gelu(pre[-1]))
+    return linear(post[-1], linears[-1].weight, linears[-1].bias), pre, post
 
 
 @torch.no_grad()  # by hand: no autograd graph through the weights
@@ -197,15 +199,12 @@ def rows_backward(
     with torch.enable_grad():
         table = sampler.time_table()  # (T, H), kept with its graph for the time MLP's gradient
     first = table.detach() + net.state.bias.detach()
-    # one (N, H) block per activation: blocks under glibc's 32 MB mmap threshold are reused, not faulted in again
-    pre, post = ([x.new_empty(x.shape[0], first.shape[1]) for _ in range(len(net.body) // 2)] for _ in range(2))
     T, H = first.shape
-    if i is None:
-        pre[0].view(T, -1, H).copy_(first[:, None, :].expand(T, x.shape[0] // T, H))
-    else:
-        torch.index_select(first, 0, i, out=pre[0])
+    # (N, H) blocks, one per activation: under glibc's 32 MB mmap threshold they are reused, not faulted in again
+    a0 = first[:, None, :].expand(T, x.shape[0] // T, H).reshape(-1, H) if i is None else first.index_select(0, i)
     with torch.no_grad():
-        loss, g_f = loss_and_grad(forward_rows(net, x, pre, post))
+        drift, pre, post = forward_rows(net, x, a0)
+        loss, g_f = loss_and_grad(drift)
     g_a = network_backward(net, x, pre, post, g_f, lambda g: g.sum(0))
     table.backward(g_a.view(T, -1, H).sum(1) if i is None else torch.zeros_like(first).index_add_(0, i, g_a))
     return loss
