@@ -74,6 +74,8 @@ STEP_CONTENTS = {
     "Adam step (log line every 50 steps)",
     "rtbcli finetune bf16": "the same step with --matmul-dtype bfloat16: the frozen prior's pass and the backward's products "
     "under bf16 autocast (float32 accumulation), the sampling loop and everything else float32",
+    "rtbcli pretrain bf16": "the pretraining step ('pairs') with --matmul-dtype bfloat16: the hidden and output layers' "
+    "products, forward and backward, under bf16 autocast (float32 accumulation), everything else float32",
     "torchgfn finetune": "Sampler.sample_trajectories: T estimator calls over B states (T-1 Gaussian steps, then the exit "
     "action at t = (T-1)/T), with autograd enabled as in the example; loss(recalculate_all_logprobs=True): the policy's forward over all "
     "states again, with grad, and the frozen prior's forward without grad; log r; RTB loss; backward; Adam step",
@@ -403,7 +405,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time rtbcli's fine-tuning step with --matmul-dtype bfloat16 (the prior's pass and the gradient's products in bf16)",
+        help="also time rtbcli's fine-tuning and pretraining steps with --matmul-dtype bfloat16 (their network products in bf16)",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -454,6 +456,7 @@ def main(argv=None) -> int:
             "torchgfn finetune",
             "rtbcli pretrain",
             "rtbcli pretrain trajectory",
+            *(("rtbcli pretrain bf16",) if args.bf16 else ()),
             "torchgfn pretrain",
             "gemm floor",
             *(("rtbcli finetune d32", "torchgfn finetune d32") if args.d32 else ()),
@@ -553,6 +556,8 @@ def main(argv=None) -> int:
                         else:
                             times["rtbcli pretrain"].append(rtbcli_pretrain(r))
                             times["rtbcli pretrain trajectory"].append(rtbcli_pretrain(r, pt_traj))
+                            if args.bf16:
+                                times["rtbcli pretrain bf16"].append(rtbcli_pretrain(r, pt.updated("pretrain", matmul_dtype="bfloat16")))
                     else:
                         step = peer.finetune_step if loop == "finetune" else peer.pretrain_step
                         times[f"torchgfn {loop}"].append(peer.timed(step, warm + args.peer_steps)[warm:])
@@ -573,6 +578,9 @@ def main(argv=None) -> int:
             median(p) / median(m) for p, m in zip(times["torchgfn finetune"], times["rtbcli finetune bf16"])
         ]
         per_round["finetune_bf16_floor_ratio"] = [median(m) / median(f) for m, f in zip(times["rtbcli finetune bf16"], times["gemm floor"])]
+        per_round["pretrain_bf16_ratio"] = [
+            median(p) / median(m) for p, m in zip(times["torchgfn pretrain"], times["rtbcli pretrain bf16"])
+        ]
     if args.d32:
         per_round["d32_finetune_ratio"] = [
             median(p) / median(m) for p, m in zip(times["torchgfn finetune d32"], times["rtbcli finetune d32"])
@@ -587,6 +595,7 @@ def main(argv=None) -> int:
         "pretrain_trajectory_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain trajectory"],
         "finetune_bf16_ratio": med["torchgfn finetune"] / med["rtbcli finetune bf16"] if args.bf16 else None,
         "finetune_bf16_floor_ratio": med["rtbcli finetune bf16"] / med["gemm floor"] if args.bf16 else None,
+        "pretrain_bf16_ratio": med["torchgfn pretrain"] / med["rtbcli pretrain bf16"] if args.bf16 else None,
         "d32_finetune_ratio": med["torchgfn finetune d32"] / med["rtbcli finetune d32"] if args.d32 else None,
         "d32_batch": b32 if args.d32 else None,
         "params_d32": (
@@ -690,6 +699,14 @@ def show(rep: dict) -> None:
             f"{m['torchgfn finetune'] * 1e3:.1f} ms",
             f"{rep['finetune_bf16_ratio']:.2f}x",
             " ".join(f"{x:.2f}" for x in pr["finetune_bf16_ratio"]),
+        )
+    if rep["pretrain_bf16_ratio"] is not None:
+        t.add_row(
+            "pretrain, --matmul-dtype bfloat16",
+            f"{m['rtbcli pretrain bf16'] * 1e3:.1f} ms",
+            f"{m['torchgfn pretrain'] * 1e3:.1f} ms",
+            f"{rep['pretrain_bf16_ratio']:.2f}x",
+            " ".join(f"{x:.2f}" for x in pr["pretrain_bf16_ratio"]),
         )
     t.add_row("GEMM floor (fine-tuning)", f"{m['gemm floor'] * 1e3:.1f} ms", "", "", "")
     t.add_row(

@@ -12,6 +12,7 @@ where the task has mode metrics (sliced W2, MMD^2, log Z_data by IS, EUBO).
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rtbcli.metric_registry import METRICS
 from rtbcli.report import summary_cell, summary_columns
@@ -30,10 +31,20 @@ def markdown(summary: dict, every: bool = False) -> str:
     return "\n".join(lines)
 
 
+USAGE = "usage: python benchmarks/summary_table.py SUMMARY.json [--all]  or  --evals LABEL=EVAL.json ... [--all]"
+
+
+def fail(msg: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2."""
+    print(msg, file=sys.stderr)
+    sys.exit(2)
+
+
 def train_seconds(report: dict) -> float | None:
-    """A fine-tuned checkpoint's training seconds: the last record of its log (FILE.jsonl beside FILE.safetensors)."""
+    """A trained checkpoint's training seconds (fine-tuned, or a prior pretrained by rtbcli): the last record of its
+    log (FILE.jsonl beside FILE.safetensors), none without one."""
     log = Path(report["checkpoint"]).with_suffix(".jsonl")
-    if report.get("kind") != "finetuned" or not log.exists():
+    if report.get("kind") not in ("finetuned", "prior") or not log.exists():
         return None
     last = log.read_text().strip().splitlines()[-1]
     return float(json.loads(last)["seconds"])
@@ -47,14 +58,14 @@ def from_evaluations(labelled: list[str]) -> dict:
     for item in labelled:
         label, sep, path = item.rpartition("=")
         if not sep or not label:
-            sys.exit(f"--evals takes LABEL=FILE.json, got '{item}'")
+            fail(f"--evals takes LABEL=FILE.json, got '{item}'")
         try:
             with open(path) as f:
                 report = json.load(f)
         except (OSError, ValueError) as e:
-            sys.exit(f"--evals: cannot read '{path}' as an `rtbcli evaluate --json` report ({e})")
+            fail(f"--evals: cannot read '{path}' as an `rtbcli evaluate --json` report ({e})")
         if rows and report.get("target") != target:
-            sys.exit(f"{path} scores another target ({report.get('target')}) than the first report ({target}): one table, one target")
+            fail(f"{path} scores another target ({report.get('target')}) than the first report ({target}): one table, one target")
         rows.append({"method": label, **metrics_of(report), "train_seconds": train_seconds(report)})
         if len(rows) == 1:
             target, floor = report.get("target"), floor_row(report, report.get("target_method", "exact"))
@@ -67,10 +78,18 @@ def main(argv: list[str]) -> None:
     if args[:1] == ["--evals"] and len(args) > 1:
         print(markdown(from_evaluations(args[1:]), every))
         return
-    if len(args) != 1:
-        sys.exit("usage: python benchmarks/summary_table.py SUMMARY.json [--all]  or  --evals LABEL=EVAL.json ... [--all]")
-    with open(args[0]) as f:
-        print(markdown(json.load(f), every))
+    if args in (["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if len(args) != 1 or args[0].startswith("-"):
+        fail(USAGE)
+    try:
+        with open(args[0]) as f:
+            summary = json.load(f)
+        table = markdown(summary, every)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"cannot read '{args[0]}' as a `rtbcli reproduce` summary.json ({type(e).__name__}: {e})")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # made at run time, where Typer reads their members; mypy see
 else:
     Algo = Enum("Algo", [(k, k) for k in OBJECTIVES], type=str)
     Schedule, Estimator, Snis = choices(PretrainSpec, "lr_schedule"), choices(PretrainSpec, "estimator"), choices(FinetuneSpec, "snis")
-    MatmulDtype = choices(FinetuneSpec, "matmul_dtype")
+    MatmulDtype = choices(PretrainSpec, "matmul_dtype")
 ALGO_HELP = "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values()) + f" [default: {DEFAULT_OBJECTIVE}]"
 RESUME_STEPS = "; with --resume, the new total (the schedules keep the run's original length: past it, lr_final and no exploration)"
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
@@ -93,6 +93,7 @@ def pretrain(
     lr: float | None = typer.Option(None, help=field_help(PretrainSpec, "lr")),
     lr_schedule: Schedule | None = typer.Option(None, help=field_help(PretrainSpec, "lr_schedule")),
     estimator: Estimator | None = typer.Option(None, help=field_help(PretrainSpec, "estimator")),
+    matmul_dtype: MatmulDtype | None = typer.Option(None, help=field_help(PretrainSpec, "matmul_dtype")),
     sigma2: float | None = typer.Option(
         None,
         "--sigma2",
@@ -126,7 +127,7 @@ def pretrain(
     if resume is not None and Path(resume).is_dir():
         raise InputError(f"'{resume}' is a model folder: a UNet pretraining run does not resume, run it again with --preset")
     if resume is not None:
-        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator, sigma2, time_power)):
+        if any(v is not None for v in (batch_size, lr, lr_schedule, estimator, matmul_dtype, sigma2, time_power)):
             raise InputError("--resume continues a run with its own settings: only --steps (a new total) may be given")
         if network_arg:
             raise InputError("--resume continues a run with its own network: leave out --network-arg")
@@ -140,13 +141,21 @@ def pretrain(
         p, ref = data_preset(data), str(data)
     else:
         p, ref = load_preset(preset)
-    p = with_overrides(p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator)
+    p = with_overrides(
+        p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator, matmul_dtype=matmul_dtype
+    )
     if start is None:
         p = with_network(with_overrides(p, "sampler", sigma2=sigma2, time_power=time_power), network, parse_kwargs(network_arg))
     if p.sampler.unet is not None:  # a diffusers UNet: the DDPM loss, a model folder
         bridge_only = [
             o
-            for o, v in (("--network", network), ("--estimator", estimator), ("--sigma2", sigma2), ("--time-power", time_power))
+            for o, v in (
+                ("--network", network),
+                ("--estimator", estimator),
+                ("--matmul-dtype", matmul_dtype),
+                ("--sigma2", sigma2),
+                ("--time-power", time_power),
+            )
             if v is not None
         ]
         if bridge_only:

@@ -49,6 +49,7 @@ NonNegFloat = Annotated[float, Field(ge=0), AfterValidator(_finite)]
 FiniteFloat = Annotated[float, AfterValidator(_finite)]
 PosInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+MatmulDtype = Literal["float32", "bfloat16"]  # `[pretrain]` and `[finetune] matmul_dtype`: the network products' input dtype
 
 
 class Strict(BaseModel):
@@ -347,6 +348,11 @@ class PretrainSpec(Strict):
     box_weight: NonNegFloat = 0.0
     """> 0: add this times the box term, which pulls the drift's implied endpoint x + (1 - t) f back into the data's
     bounding box at states 3x wider than the bridge's, where the data never go (exact drift: no penalty)."""
+    matmul_dtype: MatmulDtype = "float32"
+    """bfloat16: the estimator's network products over the step's states (the hidden and output layers, forward and
+    backward) take bfloat16 inputs (torch.autocast, float32 accumulation); the draws, the time features and state layer,
+    the loss and Adam stay float32. Faster where bf16 products are native (AVX512-BF16/AMX CPUs, CUDA), slower where
+    emulated (AVX2)."""
 
 
 class FinetuneSpec(Strict):
@@ -378,7 +384,7 @@ class FinetuneSpec(Strict):
     """reinforce-kl importance weights: softmax of the log-ratio / T (tempered, the authors') or / 1 (exact)."""
     legacy_lambda: NonNegFloat = 1.0
     """legacy-rl: weight lambda of the squared log-ratio penalty (1.0 is the authors' tuned value)."""
-    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    matmul_dtype: MatmulDtype = "float32"
     """bfloat16: the frozen prior's pass over all T*B transitions and the policy gradient's products take bfloat16 inputs
     (torch.autocast, float32 accumulation); sampling, residuals, rewards, the loss and Adam stay float32. Faster where
     bf16 products are native (AVX512-BF16/AMX CPUs, CUDA), slower where emulated (AVX2)."""

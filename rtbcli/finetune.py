@@ -71,7 +71,7 @@ from .offpolicy import OffPolicy, check_gradient, check_options, langevin_policy
 from .rewards import PythonReward, check_reward_output
 from .rollout import Rollout, Workspace, policy_grad, rollout, step_log_probs
 from .runtime import JsonlLog, make_generator
-from .sampler import DiffusionSampler
+from .sampler import DiffusionSampler, matmul_context
 from .state import RunState, restore_optimizer
 from .tasks import Task
 from .trainer import Recipe, Schedule, run_loop  # exploration_std: re-exported
@@ -258,11 +258,8 @@ class StepStats:
 
 
 def network_products(run: FinetuneRun) -> contextlib.AbstractContextManager:
-    """Where the step's large matrix products run (the prior's pass, the policy gradient): under bf16 autocast when
-    `[finetune] matmul_dtype` is bfloat16, else as they are."""
-    if run.info.preset.finetune.matmul_dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(run.policy.anchor.device.type, dtype=torch.bfloat16)
+    """Where the step's large matrix products run (the prior's pass, the policy gradient): `matmul_context`."""
+    return matmul_context(run.info.preset.finetune.matmul_dtype, run.policy.anchor.device)
 
 
 def score(run: FinetuneRun, ro: Rollout, s_e: float, dist: Dist) -> tuple[Batch, torch.Tensor]:

@@ -49,7 +49,7 @@ from .gaussian import centred_log_prob
 from .networks import Network, attach_network, make_sampler, network_of, recorded
 from .rollout import fused_layout, rows_backward
 from .runtime import JsonlLog, make_generator
-from .sampler import DiffusionSampler
+from .sampler import DiffusionSampler, matmul_context
 from .state import RunState, restore_optimizer
 from .tasks import Task
 from .trainer import Recipe, Schedule, learning_rate, run_loop
@@ -272,7 +272,8 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     run.opt.zero_grad(set_to_none=True)
     if fused_layout(run.sampler.net):  # a DriftNet: the loss's gradient by hand, now (`rtbcli.rollout.rows_backward`)
         batch_loss = pairs_backward if batch_loss is pairs_loss else trajectory_backward
-    loss = batch_loss(run.sampler, run.task, n, run.gen, (dist.rank, dist.world))
+    with matmul_context(cfg.matmul_dtype, run.sampler.anchor.device):
+        loss = batch_loss(run.sampler, run.task, n, run.gen, (dist.rank, dist.world))
     if cfg.box_weight > 0:
         assert run.box is not None, "setup finds the box"
         nb = max(cfg.batch_size * run.sampler.steps // 4, dist.world)  # a quarter of the pairs estimator's work

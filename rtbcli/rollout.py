@@ -196,7 +196,7 @@ def rows_backward(
     gather and scatter. Returns the loss, detached.
     """
     net = sampler.net
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # float32 under bf16 products too
         table = sampler.time_table()  # (T, H), kept with its graph for the time MLP's gradient
     first = table.detach() + net.state.bias.detach()
     T, H = first.shape

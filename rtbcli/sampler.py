@@ -25,6 +25,7 @@ A trajectory tensor has shape (T + 1, B, d): traj[i] holds x_i for the whole bat
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -49,6 +50,14 @@ def onednn(x: torch.Tensor) -> bool:
     """Whether `linear` takes oneDNN's kernel for x: on the CPU in float32 outside autocast (oneDNN has no
     float64, and autocast chooses its own kernels)."""
     return LINEAR_GELU and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def matmul_context(matmul_dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a step's network products run (`[pretrain]` / `[finetune] matmul_dtype`): under bf16 autocast for
+    "bfloat16" (bf16 inputs, float32 accumulation), else as they are."""
+    if matmul_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -64,6 +64,7 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
         "d32_finetune_ratio",
         "finetune_bf16_ratio",
         "finetune_bf16_floor_ratio",
+        "pretrain_bf16_ratio",
     ):
         assert rep[key] > 0, key
         assert len(rep["per_round"][key]) == 1 and rep["per_round"][key][0] > 0, key
@@ -73,6 +74,7 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
         "torchgfn finetune",
         "rtbcli pretrain",
         "rtbcli pretrain trajectory",
+        "rtbcli pretrain bf16",
         "torchgfn pretrain",
         "gemm floor",
         "rtbcli finetune d32",
@@ -95,6 +97,7 @@ def test_tiny_run_reports_positive_ratios_and_the_machine():
         "torchgfn finetune",
         "rtbcli pretrain",
         "rtbcli pretrain trajectory",
+        "rtbcli pretrain bf16",
         "torchgfn pretrain",
         "rtbcli finetune d32",
         "torchgfn finetune d32",
@@ -135,5 +138,6 @@ def test_no_d32_leaves_the_d32_keys_out():
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
     assert rep["finetune_bf16_ratio"] is None and "finetune_bf16_ratio" not in rep["per_round"]
-    assert "rtbcli finetune bf16" not in rep["median_s"]
+    assert rep["pretrain_bf16_ratio"] is None and "pretrain_bf16_ratio" not in rep["per_round"]
+    assert "rtbcli finetune bf16" not in rep["median_s"] and "rtbcli pretrain bf16" not in rep["median_s"]
     assert "rtbcli finetune d32" not in rep["median_s"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -189,18 +190,29 @@ def test_summary_table_of_separate_evaluations(tiny_prior, tmp_path, capsys, one
         reports[name] = json.loads(out)
     summary = mod.from_evaluations([f"the prior={tmp_path / 'prior.json'}", f"rtb={tmp_path / 'rtb.json'}"])
     assert [summary["prior_row"]["method"], summary["rows"][0]["method"]] == ["the prior", "rtb"]
-    assert summary["prior_row"]["train_seconds"] is None
+    prior_log = tiny_prior.with_suffix(".jsonl")
+    assert summary["prior_row"]["train_seconds"] == (
+        json.loads(prior_log.read_text().splitlines()[-1])["seconds"] if prior_log.exists() else None
+    )
     assert summary["rows"][0]["train_seconds"] == json.loads(ft.with_suffix(".jsonl").read_text().splitlines()[-1])["seconds"] > 0
     assert summary["rows"][0]["kl_mode"] == reports["rtb"]["kl_mode"] != reports["prior"]["kl_mode"]
     assert summary["floor"]["kl_mode"] == reports["prior"]["floor"]["kl_mode"]
     other = dict(reports["prior"], target="another target")
     (tmp_path / "other.json").write_text(json.dumps(other))
-    with pytest.raises(SystemExit, match="scores another target \\(another target\\) than the first report"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         mod.from_evaluations([f"a={tmp_path / 'rtb.json'}", f"b={tmp_path / 'other.json'}"])
+    assert e.value.code == 2 and "scores another target (another target) than the first report" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{")
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
-        with pytest.raises(SystemExit, match="--evals: cannot read .* as an `rtbcli evaluate --json` report"):
+        with pytest.raises(SystemExit) as e:
             mod.from_evaluations([f"a={bad}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--evals: cannot read" in err and "as an `rtbcli evaluate --json` report" in err
+    for bad_args in (["--help2"], [str(tmp_path / "missing.json")], [str(tmp_path / "bad.json")], [str(tmp_path / "rtb.json")]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(bad_args)  # an unknown option, an unreadable file, an evaluate report given as a summary
+        assert e.value.code == 2
     lines = mod.markdown(summary).splitlines()
     assert lines[0].startswith("| method | modes | mode KL |") and lines[0].endswith("| train s |")
     assert lines[2].startswith("| the prior |") and lines[3].startswith("| rtb |") and lines[4].startswith("| exact sampler (floor) |")
@@ -216,3 +228,22 @@ def test_reproduce_of_an_energy_preset_refuses_a_prior_it_would_not_use(tmp_path
 def test_seeds_is_for_energy_presets(tmp_path, capsys):
     code, err = error_line(capsys, "reproduce", "--preset", "digits", "--quick", "--seeds", "2", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "--seeds runs several seeds of an energy preset")
+
+
+def test_profile_steps_groups_a_step_s_kernels(one_thread):
+    """benchmarks/profile_steps.py: per loop the median step, the profiled kernel time and its split into GEMMs, GELU
+    and the rest (the split adds up), and the top kernels; a bad --threads is one line and exit 2."""
+    from test_bench_peer import run_script
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_steps.py"
+    p = run_script(script, ["--threads", "1", "--steps", "1", "--warmup", "0", "--json"])
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    for loop in ("finetune", "pretrain"):
+        r = rep[loop]
+        assert r["wall_ms"] > 0 and set(r["groups_ms"]) == {"gemm", "gelu", "other"}
+        assert sum(r["groups_ms"].values()) == pytest.approx(r["profiled_ms"])
+        assert r["groups_ms"]["gemm"] > 0 and r["groups_ms"]["gelu"] > 0
+        assert any(row["kernel"] == "aten::gelu_backward" for row in r["top"])  # the hand-written backward's GELU derivative
+    p = run_script(script, ["--threads", "0"])
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--threads" in p.stderr
