@@ -61,8 +61,9 @@ def matmul_context(matmul_dtype: str, device: torch.device) -> contextlib.Abstra
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias (`F.linear`), through oneDNN where `onednn(x)`: for the tall products of a step
-    (50,000 x 64 rows by 64 x 64) it is ~20% faster than the GEMM `F.linear` calls (benchmarks/bench_peer.py)."""
+    """x @ weight.T + bias (`F.linear`), through oneDNN's Linear where `onednn(x)`: for the tall products of a step
+    (50,000 rows of 64 by 64 x 64) the faster kernel on the CPUs measured (AVX-512, and AVX2 emulated), part of the
+    pretraining step's 20-29% gain (benchmarks/bench_peer.py, README "Speed")."""
     if onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
