@@ -291,18 +291,21 @@ class DiffusionSampler(TimeGrid, nn.Module):
             noise = torch.randn(self.steps, n * world, self.dim, generator=generator, dtype=w.dtype, device=w.device)
             traj[1:].copy_(noise[:, rank * n : (rank + 1) * n])
         traj[1:].mul_(self.noise_std(extra_var))
+        # every step's views made up front, each by one unbind: indexing in the loop costs a Python call per view
+        states, first = traj.unbind(0), weights[0][0].unbind(0)
+        keep = None if pre is None or post is None else [[layer.unbind(0) for layer in p.unbind(0)] for p in (pre, post)]
         for i in range(self.steps):
-            x = h = traj[i]
+            x = h = states[i]
             for k, (bias, weight) in enumerate(weights):
-                bias = bias[i] if k == 0 else bias
-                if pre is None or post is None:
+                bias = first[i] if k == 0 else bias
+                if keep is None:
                     h = F.gelu(torch.addmm(bias, h, weight))
                 else:
-                    a = torch.addmm(bias, h, weight, out=pre[k, i])
-                    h = torch.ops.aten.gelu.out(a, out=post[k, i])
+                    a = torch.addmm(bias, h, weight, out=keep[0][k][i])
+                    h = torch.ops.aten.gelu.out(a, out=keep[1][k][i])
             if outs is not None:
                 w_out, b_out = outs[i]
-            traj[i + 1].add_(x).add_(b_out).addmm_(h, w_out)
+            states[i + 1].add_(x).add_(b_out).addmm_(h, w_out)
         return traj
 
     # ------------------------------------------------------------------ scoring
