@@ -29,6 +29,16 @@ def one_step(prior, preset, tmp_path, name):
     return st, [st.traj.clone(), st.batch.log_r.clone(), st.batch.step_lpf.clone(), st.batch.step_lpp.clone()], grads, run
 
 
+def assert_bf16_rounding_only(g32: list[torch.Tensor], g16: list[torch.Tensor], sampler) -> None:
+    """The bf16 step's gradient is the float32 step's up to bf16 rounding, and not equal to it (the products ran in
+    bf16); the sampler's parameters and gradients stay float32."""
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in sampler.parameters())
+    flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
+    assert not torch.equal(flat32, flat16)
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.999
+    assert (flat16.norm() / flat32.norm() - 1).abs() < 0.01
+
+
 def test_bf16_products_move_the_prior_pass_and_the_gradient_by_rounding_only(tmp_path, tiny_prior, tiny_preset):
     exact = one_step(tiny_prior, tiny_preset, tmp_path, "f32")
     bf16 = one_step(tiny_prior, tiny_preset.updated("finetune", matmul_dtype="bfloat16"), tmp_path, "bf16")
@@ -36,11 +46,7 @@ def test_bf16_products_move_the_prior_pass_and_the_gradient_by_rounding_only(tmp
     assert torch.equal(traj, traj_b) and torch.equal(log_r, log_r_b) and torch.equal(lpf, lpf_b)  # sampling stays float32
     assert lpp_b.dtype == torch.float32 and not torch.equal(lpp, lpp_b)  # the prior's pass ran in bf16 ...
     assert (lpp - lpp_b).abs().max() < 0.05 * lpp.abs().max()  # ... to bf16's rounding
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in run.policy.parameters())
-    flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
-    assert not torch.equal(flat32, flat16)
-    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.999
-    assert (flat16.norm() / flat32.norm() - 1).abs() < 0.01
+    assert_bf16_rounding_only(g32, g16, run.policy)
 
 
 def test_replay_steps_run_under_bf16_products(tmp_path, tiny_prior, tiny_preset):
@@ -82,11 +88,7 @@ def test_bf16_pretraining_moves_the_gradient_by_rounding_only(tmp_path, tiny_pre
     loss32, g32, _ = pretrain_step(tiny_preset, tmp_path, "f32", estimator)
     loss16, g16, run = pretrain_step(tiny_preset.updated("pretrain", matmul_dtype="bfloat16"), tmp_path, "bf16", estimator)
     assert loss16.dtype == torch.float32 and (loss16 - loss32).abs() < 0.01 * loss32.abs()
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in run.sampler.parameters())
-    flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
-    assert not torch.equal(flat32, flat16)
-    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.999
-    assert (flat16.norm() / flat32.norm() - 1).abs() < 0.01
+    assert_bf16_rounding_only(g32, g16, run.sampler)
 
 
 def test_pretrain_cli_records_the_choice_and_refuses_it_on_resume(tmp_path, capsys, tiny_preset_file):
