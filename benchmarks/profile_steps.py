@@ -29,7 +29,7 @@ from rtbcli.presets_loader import load_preset
 from rtbcli.runtime import keep_freed_memory
 
 SHIPPED_PRIOR = Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
-GEMM = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
+GEMM = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")  # and oneDNN's Linear, any overload
 GELU = ("aten::gelu", "aten::gelu_backward")
 
 

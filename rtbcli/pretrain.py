@@ -267,11 +267,12 @@ def train_step(run: PretrainRun, dist: Dist) -> torch.Tensor:
     """One step: the estimator's loss on a fresh global batch, one Adam step, the moving average.
     Returns this process's share of the loss (on the device)."""
     cfg = run.info.preset.pretrain
-    batch_loss = pairs_loss if cfg.estimator == "pairs" else trajectory_loss
-    n = cfg.batch_size * (run.sampler.steps if cfg.estimator == "pairs" else 1)
+    by_hand = fused_layout(run.sampler.net)  # a DriftNet: the loss's gradient by hand, now (`rtbcli.rollout.rows_backward`)
+    if cfg.estimator == "pairs":
+        batch_loss, n = (pairs_backward if by_hand else pairs_loss), cfg.batch_size * run.sampler.steps
+    else:
+        batch_loss, n = (trajectory_backward if by_hand else trajectory_loss), cfg.batch_size
     run.opt.zero_grad(set_to_none=True)
-    if fused_layout(run.sampler.net):  # a DriftNet: the loss's gradient by hand, now (`rtbcli.rollout.rows_backward`)
-        batch_loss = pairs_backward if batch_loss is pairs_loss else trajectory_backward
     with matmul_context(cfg.matmul_dtype, run.sampler.anchor.device):
         loss = batch_loss(run.sampler, run.task, n, run.gen, (dist.rank, dist.world))
     if cfg.box_weight > 0:

@@ -123,7 +123,7 @@ class DriftNet(nn.Module):
         T, n, d = x.shape
         w = self.state.weight
         h = torch.baddbmm(temb + self.state.bias, x, w.t().expand(T, d, w.shape[0])).reshape(T * n, -1)
-        fuse = LINEAR_GELU and h.device.type == "cpu" and h.dtype == torch.float32
+        fuse = onednn(h)
         mods, i = list(self.body), 0
         while i < len(mods):
             m = mods[i]
@@ -293,16 +293,18 @@ class DiffusionSampler(TimeGrid, nn.Module):
         traj[1:].mul_(self.noise_std(extra_var))
         # every step's views made up front, each by one unbind: indexing in the loop costs a Python call per view
         states, first = traj.unbind(0), weights[0][0].unbind(0)
-        keep = None if pre is None or post is None else [[layer.unbind(0) for layer in p.unbind(0)] for p in (pre, post)]
+        keep = pre is not None and post is not None
+        pre_at = [layer.unbind(0) for layer in pre.unbind(0)] if pre is not None else []  # pre_at[k][i]: a_k at step i
+        post_at = [layer.unbind(0) for layer in post.unbind(0)] if post is not None else []
         for i in range(self.steps):
             x = h = states[i]
             for k, (bias, weight) in enumerate(weights):
                 bias = first[i] if k == 0 else bias
-                if keep is None:
-                    h = F.gelu(torch.addmm(bias, h, weight))
+                if keep:
+                    a = torch.addmm(bias, h, weight, out=pre_at[k][i])
+                    h = torch.ops.aten.gelu.out(a, out=post_at[k][i])
                 else:
-                    a = torch.addmm(bias, h, weight, out=keep[0][k][i])
-                    h = torch.ops.aten.gelu.out(a, out=keep[1][k][i])
+                    h = F.gelu(torch.addmm(bias, h, weight))
             if outs is not None:
                 w_out, b_out = outs[i]
             states[i + 1].add_(x).add_(b_out).addmm_(h, w_out)

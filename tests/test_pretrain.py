@@ -187,7 +187,13 @@ def test_a_pretraining_step_takes_the_hand_written_gradient(float64, tiny_preset
     for fused in (True, False):
         monkeypatch.setattr("rtbcli.pretrain.fused_layout", lambda net, fused=fused: fused)
         run = setup(preset, "tiny", tmp_path / "prior.safetensors", seed=4)
+        same_draws = torch.Generator().set_state(run.gen.get_state())
+        n = 16 * run.sampler.steps if estimator == "pairs" else 16  # pairs: batch_size * T triples; paths: batch_size
+        with torch.no_grad():
+            nll = (pairs_loss if estimator == "pairs" else trajectory_loss)(run.sampler, run.task, n, same_draws)
         loss = train_step(run, Dist())
+        if box_weight == 0:
+            torch.testing.assert_close(loss, nll, rtol=1e-12, atol=1e-12)  # the step's own draws and batch size
         out[fused] = (loss, grads(run.sampler))
     assert calls == [1]  # the fused run only
     torch.testing.assert_close(out[True][0], out[False][0].detach(), rtol=1e-12, atol=1e-12)

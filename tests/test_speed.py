@@ -29,6 +29,17 @@ def _sampler(dim: int, dtype: torch.dtype, seed: int = 0) -> DiffusionSampler:
     return s
 
 
+class _LinearSpy:
+    """Stands in for torch.ops.mkldnn: records the post-op of each oneDNN Linear call."""
+
+    def __init__(self, calls: list[str]):
+        self.calls, self.fused = calls, torch.ops.mkldnn._linear_pointwise
+
+    def _linear_pointwise(self, *a):
+        self.calls.append(a[3])
+        return self.fused(*a)
+
+
 @pytest.mark.parametrize("dim", [2, 7])
 def test_scoring_forward_is_the_plain_forward_float64(dim):
     """In float64 (no oneDNN fusion) the batched state layer is the plain one to rounding."""
@@ -48,16 +59,9 @@ def test_scoring_forward_takes_the_fused_path_and_agrees_float32(monkeypatch):
         pytest.skip("this torch build has no oneDNN fused linear")
     s = _sampler(2, torch.float32)
     traj = 3 * torch.randn(10, 200, 2)
-    calls = []
-    fused = torch.ops.mkldnn._linear_pointwise
-
-    class Spy:
-        def _linear_pointwise(self, *a):
-            calls.append(a[3])
-            return fused(*a)
-
+    calls: list[str] = []
     with torch.no_grad():
-        monkeypatch.setattr(torch.ops, "mkldnn", Spy())
+        monkeypatch.setattr(torch.ops, "mkldnn", _LinearSpy(calls))
         fast = s.step_log_probs(traj)
         monkeypatch.undo()
         drift_fast = s.net(traj[:-1], s.time_table()[:, None, :])
@@ -92,17 +96,6 @@ def test_backward_uses_the_thin_product(float64, monkeypatch):
     monkeypatch.setattr(rollout_mod, "_rows_times", lambda *a: (seen.append(1), f(*a))[1])
     backward(ro, torch.ones(4, 3))
     assert seen == [1]
-
-
-class _LinearSpy:
-    """Stands in for torch.ops.mkldnn: records the post-op of each oneDNN Linear call."""
-
-    def __init__(self, calls: list[str]):
-        self.calls, self.fused = calls, torch.ops.mkldnn._linear_pointwise
-
-    def _linear_pointwise(self, *a):
-        self.calls.append(a[3])
-        return self.fused(*a)
 
 
 def _grads_float64_autograd(s32: DiffusionSampler, fn) -> dict[str, torch.Tensor]:
