@@ -100,11 +100,11 @@ def _pairs(
     T, sigma2 = sampler.steps, sampler.sigma2
     w = sampler.anchor
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
-    t, dt = _times_at(sampler, i, w.dtype)
+    t, rest, dt = _times_at(sampler, i, w.dtype)
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
     eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
-    x = t * x_end + torch.sqrt(sigma2 * t * (1 - t)) * eps
-    return i, x, (x_end - x) / (1 - t), dt
+    x = t * x_end + torch.sqrt(sigma2 * t * rest) * eps
+    return i, x, (x_end - x) / rest, dt
 
 
 def pairs_backward(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
@@ -123,12 +123,15 @@ def pairs_backward(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Gen
     return rows_backward(sampler, x, i, loss_and_grad)
 
 
-def _times_at(sampler: DiffusionSampler, i: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float | torch.Tensor]:
-    """(t_i, dt_i) at step indices i (n,): t_i (n, 1), and dt the float 1 / T on the uniform grid, else dt_i (n,)."""
+def _times_at(sampler: DiffusionSampler, i: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+    """(t_i, 1 - t_i, dt_i) at step indices i (n,): t_i and 1 - t_i (n, 1), and dt the float 1 / T on the uniform grid,
+    else dt_i (n,). Off the uniform grid 1 - t_i and dt_i come from the float64 grid (`TimeGrid.times`)."""
     if sampler.uniform:
-        return (i.to(dtype) / sampler.steps)[:, None], 1.0 / sampler.steps
-    g = sampler.times().to(dtype)
-    return g[i][:, None], g.diff()[i]
+        t = (i.to(dtype) / sampler.steps)[:, None]
+        return t, 1 - t, 1.0 / sampler.steps
+    grid = sampler.grid64()
+    g = grid[i]
+    return g.to(dtype)[:, None], (1 - g).to(dtype)[:, None], grid.diff()[i].to(dtype)
 
 
 def _weighted_mean(sq: torch.Tensor, dt: float | torch.Tensor, T: int, n: int, shard: tuple[int, int]) -> torch.Tensor:
@@ -172,21 +175,21 @@ def box_loss(
     T, sigma2 = sampler.steps, sampler.sigma2
     w = sampler.anchor
     i = _share(torch.randint(0, T, (n,), generator=gen, device=w.device), shard)
-    t, dt = _times_at(sampler, i, w.dtype)
+    t, rest, dt = _times_at(sampler, i, w.dtype)
     x_end = _share(task.data.sample(n, gen, dtype=w.dtype, device=w.device), shard)
     eps = _share(torch.randn(n, sampler.dim, generator=gen, dtype=w.dtype, device=w.device), shard)
-    x = t * x_end + BOX_SPREAD * torch.sqrt(sigma2 * t * (1 - t)) * eps
+    x = t * x_end + BOX_SPREAD * torch.sqrt(sigma2 * t * rest) * eps
     sq = box_residuals(sampler, x, i, box)
     return _weighted_mean(sq, dt, T, n, shard) / (2 * sigma2)
 
 
 def box_residuals(sampler: DiffusionSampler, x: torch.Tensor, i: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """|dist(x + (1 - t_i) f(x, t_i), [lo, hi])|^2 / (1 - t_i)^2 for states x (n, d) at steps i (n,): shape (n,)."""
-    t = _times_at(sampler, i, x.dtype)[0]
-    m = x + (1 - t) * sampler.net(x, sampler.time_table()[i])
+    rest = _times_at(sampler, i, x.dtype)[1]  # 1 - t_i
+    m = x + rest * sampler.net(x, sampler.time_table()[i])
     lo, hi = (b.to(x.dtype) for b in box)
     out = (lo - m).clamp_min(0) + (m - hi).clamp_min(0)
-    return (out / (1 - t)).pow(2).sum(-1)
+    return (out / rest).pow(2).sum(-1)
 
 
 def trajectory_loss(sampler: DiffusionSampler, task: Task, n: int, gen: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:

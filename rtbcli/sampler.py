@@ -162,9 +162,18 @@ class TimeGrid:
         return self.time_power == 1.0
 
     def times(self) -> torch.Tensor:
-        """The grid's T + 1 times t_0 = 0, ..., t_T = 1 (`time_grid`), in the anchor's dtype and device."""
+        """The grid's T + 1 times t_0 = 0, ..., t_T = 1 (`time_grid`), in the anchor's dtype and device.
+
+        Step lengths and 1 - t_i are not to be taken from these rounded values: near t = 1 a steep grid's last
+        steps are below float32's resolution (T = 100, time_power 4: t_99 = 1 - 1e-8 rounds to 1). `grid64`
+        keeps them; `dt` and the bridge take their differences there."""
         w = self.anchor  # type: ignore[attr-defined]  # the subclass's: a parameter, or a buffer
         return time_grid(self.steps, self.time_power, w.dtype, w.device)
+
+    def grid64(self) -> torch.Tensor:
+        """The T + 1 times in float64 on the anchor's device: the grid to take differences of."""
+        w = self.anchor  # type: ignore[attr-defined]
+        return time_grid(self.steps, self.time_power, torch.float64, w.device)
 
     def step_times(self) -> torch.Tensor:
         """The T step times t_0, ..., t_{T-1} at which the drift is evaluated (`times()` without t_T = 1)."""
@@ -184,7 +193,7 @@ class TimeGrid:
         """dt_i = t_{i+1} - t_i: the float 1 / T on the uniform grid, else a (T, 1, 1) tensor."""
         if self.uniform:
             return 1.0 / self.steps
-        return self.times().diff()[:, None, None]
+        return self.grid64().diff().to(self.anchor.dtype)[:, None, None]  # type: ignore[attr-defined]
 
     @property
     def step_var(self) -> float | torch.Tensor:
@@ -199,11 +208,11 @@ class TimeGrid:
 
     def backward_sample(self, x_end: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Trajectories (T + 1, B, d) of the reference backward process ending at x_end: the pinned bridge here."""
-        return bridge_sample(x_end, self.steps, self.sigma2, generator, None if self.uniform else self.times())
+        return bridge_sample(x_end, self.steps, self.sigma2, generator, None if self.uniform else self.grid64())
 
     def backward_log_prob(self, traj: torch.Tensor) -> torch.Tensor:
         """log p_B(tau | x_T) of the reference backward process: the pinned bridge's (`bridge_log_prob`) here."""
-        return bridge_log_prob(traj, self.sigma2, None if self.uniform else self.times().to(traj.dtype))
+        return bridge_log_prob(traj, self.sigma2, None if self.uniform else self.grid64())
 
 
 class DiffusionSampler(TimeGrid, nn.Module):
@@ -342,9 +351,9 @@ def bridge_sample(
         w = torch.cumsum(inc.mul_(math.sqrt(sigma2 * (1.0 / steps))), dim=0)
         t = torch.arange(1, steps + 1, dtype=x_end.dtype, device=x_end.device)[:, None, None] / steps
     else:
-        t = times.to(dtype=x_end.dtype, device=x_end.device)
-        w = torch.cumsum(inc.mul_((sigma2 * t.diff()).sqrt()[:, None, None]), dim=0)
-        t = t[1:, None, None]
+        t = times.to(device=x_end.device, dtype=torch.float64)  # step lengths from the float64 grid (`TimeGrid.times`)
+        w = torch.cumsum(inc.mul_((sigma2 * t.diff()).sqrt().to(x_end.dtype)[:, None, None]), dim=0)
+        t = t[1:, None, None].to(x_end.dtype)
     traj = torch.empty(steps + 1, n, d, dtype=x_end.dtype, device=x_end.device)
     traj[0].zero_()
     traj[1:] = t * (x_end - w[-1]) + w
@@ -363,8 +372,9 @@ def bridge_log_prob(traj: torch.Tensor, sigma2: float, times: torch.Tensor | Non
         ratio = i / (i + 1)
         var = (sigma2 * (1.0 / steps)) * ratio  # (T-1, 1, 1)
     else:
-        t = times.to(dtype=traj.dtype, device=traj.device)
+        t = times.to(device=traj.device, dtype=torch.float64)  # ratios and step lengths in float64 (`TimeGrid.times`)
         ratio = (t[1:-1] / t[2:])[:, None, None]
-        var = sigma2 * t.diff()[1:, None, None] * ratio
+        var = (sigma2 * t.diff()[1:, None, None] * ratio).to(traj.dtype)
+        ratio = ratio.to(traj.dtype)
     mean = ratio * traj[2:]
     return gaussian_log_prob(traj[1:-1], mean, var[..., 0]).sum(0)

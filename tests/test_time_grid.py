@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from conftest import strip_ansi
+from conftest import strip_ansi, to_toml
 from rtbcli.gaussian import gaussian_log_prob
 from rtbcli.pretrain import pairs_loss, trajectory_loss
 from rtbcli.rollout import Workspace, autograd_backward, backward, rollout
@@ -126,6 +126,30 @@ def test_pairs_estimator_is_the_trajectory_nll_on_a_grid(float64, reference):
     assert (g_pairs.norm() / g_traj.norm()).item() == pytest.approx(1.0, abs=0.03)
 
 
+@pytest.mark.parametrize(("steps", "power"), [(100, 4.0), (100, 3.0), (200, 3.0)])
+def test_a_steep_grid_keeps_its_last_steps_in_float32(steps, power, reference):
+    """At T = 100 and power 4, t_99 = 1 - 1e-8 is 1.0 in float32: step lengths, variances, the bridge and 1 - t_i come
+    from the float64 grid, so a float32 sampler's log-probabilities and the pretraining losses stay finite and its dt_i
+    are the grid's to float32 rounding (they were 0, or 1.3% off at power 3)."""
+    s = seeded(0, steps=steps, time_power=power).float()
+    exact = time_grid(steps, power).diff()
+    assert s.dt.dtype == torch.float32
+    torch.testing.assert_close(s.dt.flatten().double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(s.step_var.flatten().double(), s.sigma2 * exact, rtol=1e-6, atol=0)
+    traj = s.sample(16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lp, lb = s.log_prob(traj), s.backward_log_prob(traj)
+    s64 = seeded(0, steps=steps, time_power=power).double()
+    with torch.no_grad():  # the same trajectories scored in float64: float32's rounding of x at the last tiny steps only
+        torch.testing.assert_close(lp.double(), s64.log_prob(traj.double()), rtol=0, atol=0.05 * steps)
+        torch.testing.assert_close(lb.double(), s64.backward_log_prob(traj.double()), rtol=0, atol=0.05 * steps)
+    bridges = s.backward_sample(traj[-1], torch.Generator().manual_seed(2))
+    assert (bridges[-1] != bridges[-2]).all()  # the last bridge step moves (its variance was 0)
+    task, g = Task(reference), torch.Generator().manual_seed(3)
+    losses = [pairs_loss(s, task, 2000, g), trajectory_loss(s, task, 16, g)]
+    assert all(torch.isfinite(v) for v in losses), losses
+
+
 # ------------------------------------------------------------------ where it is used: pretrain --time-power
 def test_pretrain_time_power_reaches_the_checkpoint_and_its_samplers(tmp_path, tiny_preset_file, capsys):
     """`pretrain --time-power 2`: the checkpoint's sampler (prior and the fine-tuned policy made from it) walks the grid."""
@@ -142,6 +166,21 @@ def test_pretrain_time_power_reaches_the_checkpoint_and_its_samplers(tmp_path, t
     assert run(["finetune", "--prior", str(out), "--steps", "2", "--batch-size", "8", "--out", str(ft), "--quiet"]) == 0
     policy = load_checkpoint(ft).sampler("policy", "cpu", torch.float64)
     assert policy.time_power == 2.0 and not policy.uniform
+    capsys.readouterr()
+
+
+def test_pretrain_and_finetune_run_on_the_steepest_grid(tmp_path, tiny_preset, capsys):
+    """`--time-power 4` at T = 100, the config's upper bound: pretraining used to stop at its first check ("diverged
+    ... lower --lr") on NaN log-probabilities, as the last step's float32 dt was 0."""
+    from rtbcli.cli import run
+
+    preset = tmp_path / "steep.toml"
+    preset.write_text(to_toml(tiny_preset.updated("sampler", steps=100).model_dump()))
+    out, ft = tmp_path / "p.safetensors", tmp_path / "f.safetensors"
+    rc = run(["pretrain", "--preset", str(preset), "--time-power", "4", "--steps", "3", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rc = run(["finetune", "--prior", str(out), "--steps", "2", "--batch-size", "8", "--out", str(ft), "--json", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
 
 
