@@ -152,7 +152,7 @@ def _log_z_rows(m: dict) -> list[tuple[str, str, str]]:
             (label("log_z_is_data"), f("log_z_is_data")),
             ("ELBO <= log Z_data <= EUBO", f"{f('elbo')} <= . <= {f('eubo')}"),
         ]
-        if m["kind"] == "prior":
+        if "elbo_prior" not in m:  # ess_fraction is then the data-relative weights' (a prior scored without a reward)
             rows.append(("ESS of the weights", f("ess_fraction")))
     return [(escape(a), escape(b), "") for a, b in rows]
 

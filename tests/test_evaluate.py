@@ -276,3 +276,16 @@ def test_a_prior_scored_against_the_tilted_target_is_its_own_reference_in_one_pa
     # the samples' trajectories once, and the exact target's bridge trajectories once (eubo): no second pass for lpp
     assert calls == [400, 400] and "eubo" in m
     assert m["path_kl"] == 0.0 and m["elbo_prior"] == pytest.approx(m["log_r_mean"], rel=1e-12)
+
+
+def test_the_table_names_each_ess_by_its_weights(tiny_prior, capsys):
+    """`rtbcli evaluate PRIOR` reports the data-relative weights' ESS ("ESS of the weights", under log Z_data); with
+    `--beta` ess_fraction is the prior-relative weights' (beside log Z_IS), and no row calls it the other."""
+    from rtbcli.cli import run
+
+    rows = {}
+    for name, extra in (("prior", []), ("tilted", ["--beta", "0.5"])):
+        assert run(["evaluate", str(tiny_prior), "--n", "400", *extra]) == 0
+        rows[name] = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines() if "ESS" in line]
+    assert len(rows["prior"]) == 1 and "ESS of the weights" in rows["prior"][0], rows
+    assert len(rows["tilted"]) == 1 and "(ESS)" in rows["tilted"][0], rows
