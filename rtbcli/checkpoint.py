@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,23 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", 0))
+        return self.meta_int("step")
 
     def meta_int(self, key: str, default: int = 0) -> int:
         try:
             return int(self.meta.get(key, default))
         except ValueError:
             raise InputError(f"checkpoint '{self.path}': its '{key}' is not a number: the file is damaged") from None
+
+    def meta_float(self, key: str, default: float) -> float:
+        """A finite number of the metadata (`default` where absent); an InputError where the file is damaged."""
+        try:
+            value = float(self.meta.get(key, default))
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise InputError(f"checkpoint '{self.path}': its '{key}' is not a finite number: the file is damaged")
+        return value
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under `prefix.`, with the prefix removed."""
@@ -136,7 +147,7 @@ class Checkpoint:
         if obj is None or obj.scalar is None:
             return None
         value = self.scalar(obj.scalar)
-        return None if value is None else obj.log_z(value, float(self.meta.get("alpha", 1.0)))
+        return None if value is None else obj.log_z(value, self.meta_float("alpha", 1.0))
 
 
 def sampler_tensors(sampler: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -168,6 +179,17 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
         raise ValueError(f"checkpoint kind must be one of {KINDS}")
     with atomic_path(Path(path)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether `path` is a safetensors file with rtbcli's checkpoint metadata (only its header is read)."""
+    if not Path(path).is_file():  # a FIFO would block the read
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # safetensors raises several types for other files
+        return False
 
 
 def load_checkpoint(path: Path | str, expect_kind: str | None = None) -> Checkpoint:

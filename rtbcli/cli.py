@@ -21,7 +21,7 @@ from typing import Any
 import typer
 
 from . import __version__
-from .cli_common import emit_json, examples, handle_errors, out_console, positive, show_warning
+from .cli_common import SEED_MAX, SEED_MIN, emit_json, examples, handle_errors, out_console, positive, show_warning
 from .errors import EXIT_INPUT, EXIT_SIGINT, RtbcliWarning
 from .presets_loader import DEFAULT_PRESET, shipped_presets
 from .runtime import keep_freed_memory, resolve_device
@@ -94,7 +94,7 @@ def reproduce(
         "1 seed, TB+Expl+LS and VarGrad+Expl, 1,000 steps).",
     ),
     prior: Path | None = typer.Option(None, "--prior", help="Reuse this prior instead of pretraining one."),
-    seed: int = typer.Option(0, help="Random seed for every stage (energy presets: the first of --seeds)."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Random seed for every stage (energy presets: the first of --seeds)."),
     seeds: int | None = typer.Option(
         None, "--seeds", help="Energy presets: seeds per configuration, mean ± std over them [default: 5; quick: 1]."
     ),
@@ -215,6 +215,9 @@ def run(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except _CliUsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `rtbcli` alone: its help (click's or typer's vendored class)
+            print(e.format_message(), file=sys.stderr)
+            return EXIT_INPUT
         hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
         print(f"rtbcli: error: {e.format_message().replace('Value error, ', '')}{hint}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_INPUT)

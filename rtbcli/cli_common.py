@@ -35,6 +35,9 @@ RANK_ZERO_GRACE_S, AFTER_STOP_GRACE_S = 5.0, 0.5
 # Results on stdout; when it is not a terminal (pipes, logs, CI) tables get 120 columns, not 80.
 out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
+# --seed on every command: torch's generators take a 64-bit seed; outside this range a run failed midway (exit 1)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     print(f"rtbcli: error: {message}", file=sys.stderr)
@@ -73,6 +76,8 @@ def handle_errors(fn):
             raise fail(str(e) or "interrupted", getattr(e, "exit_code", EXIT_SIGINT)) from None
         except typer.Exit:
             raise
+        except SystemExit as e:  # rtbcli's commands never raise it: code of yours (a network's forward, say) called sys.exit()
+            raise fail(f"your code called sys.exit({e.code!r}) during the command: it stopped there, unfinished", EXIT_RUN) from None
         except Exception as e:  # a bug or an environment failure: still one line, exit 1
             if os.environ.get("RTBCLI_DEBUG"):
                 raise

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
 
-from .cli_common import emit_json, examples, field_default, out_console, parse_kwargs
+from .cli_common import SEED_MAX, SEED_MIN, emit_json, examples, field_default, out_console, parse_kwargs
 from .config import EvalSpec
 from .errors import EXIT_REQUIRE, InputError
 from .metric_registry import requirable
@@ -33,7 +34,7 @@ def parse_dims(text: str) -> tuple[int, int]:
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="Any rtbcli checkpoint (prior or finetuned)."),
     n: int | None = typer.Option(None, "--n", "-n", help=f"Samples to score [default: the preset's, {field_default(EvalSpec, 'n')}]."),
-    seed: int = typer.Option(0, help="Random seed (model samples; exact target samples use seed+1)."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Random seed (model samples; exact target samples use seed+1)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     reward: str | None = typer.Option(
         None, "--reward", help="Name the checkpoint's Python reward again ('rewards.py:function'); loading a checkpoint never imports code."
@@ -85,8 +86,8 @@ def evaluate(
     attach_network(ck, network)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
         raise InputError(f"--dims {dims}: give two different coordinates between 0 and {ck.preset.dim - 1}")
-    if beta is not None and (ck.kind != "prior" or beta <= 0):
-        raise InputError(f"--beta scores a prior against p_prior r^beta: give a prior and beta > 0 (got {ck.kind}, {beta:g})")
+    if beta is not None and (ck.kind != "prior" or not 0 < beta < math.inf):  # NaN fails this too
+        raise InputError(f"--beta scores a prior against p_prior r^beta: give a prior and a finite beta > 0 (got {ck.kind}, {beta:g})")
     dev = resolve_device(device)
     ev = run_evaluate(
         ck,
@@ -173,7 +174,7 @@ evaluate.__doc__ = (evaluate.__doc__ or "") + examples(
 def sample(
     checkpoint: Path = typer.Argument(..., help="Any rtbcli checkpoint (prior or finetuned)."),
     n: int = typer.Option(1000, "--n", "-n", help="Number of samples."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("samples.npy"), "--out", "-o", help="Output: .npy (float32, shape (n, d)) or .csv."),
     reward: str | None = typer.Option(None, "--reward", help="A Langevin-parametrised policy's Python reward, named again."),

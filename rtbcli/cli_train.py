@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from enum import Enum
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from .cli_common import choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
+from .cli_common import SEED_MAX, SEED_MIN, choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
 from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec, SamplerSpec
 from .energy.options import ENERGY_PRESETS, check_same_dim, is_brownian, require_named, target_preset, with_target
 from .errors import InputError
@@ -23,7 +24,7 @@ from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from .presets_loader import DEFAULT_PRESET, load_preset
 from .report import kv_table
 from .runtime import check_writable, resolve_device
-from .training import final_of, is_partial
+from .training import RunPaths, final_of, is_partial
 
 if TYPE_CHECKING:  # made at run time, where Typer reads their members; mypy sees Enums without members
     Algo = Enum
@@ -80,6 +81,29 @@ def resume_out(start, out: Path | None) -> Path:
     raise InputError(f"'{start.path}' is a finished run: give --out for the extended run (the original is kept)")
 
 
+def check_run_out(out: Path, start_path: Path | None = None, start_kind: str = "") -> Path:
+    """A training run's --out, checked before anything runs (bad input, exit 2): a `.safetensors` name, since the run
+    writes its log and state beside it (`RunPaths`: X.jsonl, X.state.safetensors, ...), so another name could put the
+    log over the checkpoint; where it exists, an rtbcli checkpoint (a run replaces an earlier run's checkpoint, never a
+    data, reward or other file of yours); and not the checkpoint the run starts from (`start_path`, a `start_kind` one)."""
+    from .checkpoint import is_checkpoint_file
+
+    check_writable(out, "--out")
+    if not out.name.endswith(".safetensors") or out.name == ".safetensors":
+        raise InputError(
+            f"--out '{out}' must be a .safetensors file name: the run writes its log and state beside it (X.jsonl, X.state.safetensors)"
+        )
+    if not out.exists():
+        return out
+    if start_path is not None and Path(start_path).exists() and os.path.samefile(out, start_path):
+        raise InputError(f"--out is the {start_kind} checkpoint it starts from: choose another file name")
+    if not is_checkpoint_file(out):
+        raise InputError(
+            f"--out '{out}' exists and is not an rtbcli checkpoint: choose another file name (a run replaces only a checkpoint)"
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- pretrain
 def pretrain(
     preset: str | None = typer.Option(
@@ -108,7 +132,7 @@ def pretrain(
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue this run exactly (X.partial.safetensors, or a finished one with --steps and --out)."
     ),
-    seed: int | None = typer.Option(None, help="Random seed (initialisation and data) [default: 0]."),
+    seed: int | None = typer.Option(None, min=SEED_MIN, max=SEED_MAX, help="Random seed (initialisation and data) [default: 0]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Checkpoint to write (atomically) [default: prior.safetensors]."),
     save_every: int = typer.Option(1000, help=SAVE_HELP),
@@ -162,8 +186,7 @@ def pretrain(
             raise InputError(f"{bridge_only[0]} applies to rtbcli's bridge sampler: the preset pretrains a UNet")
         return _pretrain_unet(p, ref, out, seed or 0, device, save_every, quiet, as_json)
     net = start.network if start is not None else network_of(p)
-    out = out or Path("prior.safetensors")
-    check_writable(out, "--out")
+    out = check_run_out(out or Path("prior.safetensors"), resume, "prior")
     positive_or_zero("--save-every", save_every)
     dist, dev = _start_distributed(device, p.pretrain.batch_size)
     try:
@@ -173,7 +196,7 @@ def pretrain(
             out,
             seed=seed or 0,
             device=dev,
-            log_path=out.with_suffix(".jsonl"),
+            log_path=RunPaths(out).log,
             progress=not quiet,
             resume_from=start,
             save_every=save_every,
@@ -274,7 +297,7 @@ def finetune(
     ls_step_size: float | None = typer.Option(None, help=field_help(FinetuneSpec, "ls_step_size")),
     langevin: bool | None = typer.Option(None, "--langevin/--no-langevin", help=field_help(FinetuneSpec, "langevin")),
     eval_every: int | None = typer.Option(None, help=field_help(FinetuneSpec, "eval_every")),
-    seed: int | None = typer.Option(None, help="Random seed [default: 0]."),
+    seed: int | None = typer.Option(None, min=SEED_MIN, max=SEED_MAX, help="Random seed [default: 0]."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Checkpoint to write [default: finetuned-ALGO.safetensors]."),
     save_every: int = typer.Option(1000, help=SAVE_HELP),
@@ -333,10 +356,8 @@ def finetune(
     _check_named_again(p, preset, target, reward)
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
-    check_writable(out, "--out")
+    check_run_out(out, start_path if start is not None else None, start.kind if start is not None else "")
     positive_or_zero("--save-every", save_every)
-    if start is not None and out.resolve() == Path(start_path).resolve():
-        raise InputError(f"--out is the {start.kind} checkpoint it starts from: choose another file name")
     dist, dev = _start_distributed(device, p.finetune.batch_size)
     try:
         r = run_finetune(
@@ -348,7 +369,7 @@ def finetune(
             seed=seed or 0,
             device=dev,
             on_policy=on_policy,
-            log_path=out.with_suffix(".jsonl"),
+            log_path=RunPaths(out).log,
             progress=not quiet,
             resume=is_resume,
             save_every=save_every,

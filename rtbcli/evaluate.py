@@ -283,7 +283,7 @@ def _importance_weights(run: _Run, m: dict) -> torch.Tensor | None:
         if (
             obj.scalar is not None and obj.scalar_alpha_power
         ):  # a scalar other than log Z itself (trust-pcl's V(s0) = alpha log Z), beside its alpha
-            m[obj.scalar], m["alpha"] = run.ck.scalar(obj.scalar), float(run.ck.meta["alpha"])
+            m[obj.scalar], m["alpha"] = run.ck.scalar(obj.scalar), run.ck.meta_float("alpha", 1.0)
     return lw
 
 

@@ -58,6 +58,8 @@ def load_preset(name_or_path: str | Path | None = None, resolve: bool = True) ->
             f"[prior_data] path (see `rtbcli presets init`)"
         )
     if path.suffix == ".toml" or path.is_file() or "/" in ref:  # a folder of that name (a model) is not a preset
+        if path.is_dir():
+            raise InputError(f"preset file '{ref}' is a directory: give a .toml file")
         if not path.is_file():
             raise InputError(
                 f"preset file '{ref}' not found: give a shipped name ({', '.join(shipped_presets())}) or a path to a .toml file"

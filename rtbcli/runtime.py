@@ -73,6 +73,8 @@ def check_writable(path: Path, what: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} '{path}' is a directory: give a file name")
+    if path.exists() and not path.is_file():  # a FIFO, a device: the rename would replace it with a plain file
+        raise InputError(f"{what} '{path}' exists and is not a regular file: give a file name")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{what} folder '{parent}' does not exist: create it first or choose another path")

@@ -45,6 +45,10 @@ class RunPaths:
         return self.out.with_name(self.out.name.removesuffix(".safetensors") + suffix)
 
     @property
+    def log(self) -> Path:
+        return self._sibling(".jsonl")
+
+    @property
     def state(self) -> Path:
         return state_path(self.out)
 

@@ -232,6 +232,89 @@ def test_failed_runs_overwrite_nothing(tmp_path, tiny_prior, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.jsonl", "prior.safetensors"]
 
 
+def test_a_training_run_s_out_is_checked_before_it_runs(tmp_path, tiny_prior, tiny_preset_file, capsys):
+    """--out of pretrain/finetune: a .safetensors name (else the log, X.jsonl, went over the checkpoint: `--out x.jsonl`
+    exited 0 with no checkpoint), never a file other than an rtbcli checkpoint (a data or reward file was replaced),
+    never the checkpoint a resumed run starts from, never a FIFO or device; each refused with exit 2, nothing touched."""
+    import hashlib
+    import os
+
+    rows = tmp_path / "rows.safetensors"  # a data file of the safetensors kind
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.random.default_rng(0).normal(size=(64, 2))}, str(rows))
+    reward = tmp_path / "rw.py"
+    reward.write_text("def ok(x):\n    return -x.pow(2).sum(-1)\n")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    prior = tmp_path / "p.safetensors"
+    assert invoke("pretrain", "--preset", tiny_preset_file, "--steps", 2, "--out", prior, "--quiet")[0] == 0
+    before = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in (rows, reward, prior)}
+    tiny = ["--steps", 2, "--batch-size", 8, "--quiet"]
+    cases = [
+        (["finetune", "--prior", tiny_prior, *tiny, "--out", tmp_path / "x.jsonl"], "must be a .safetensors file name"),
+        (["pretrain", "--preset", tiny_preset_file, *tiny, "--out", tmp_path / "x.jsonl"], "must be a .safetensors file name"),
+        (["finetune", "--prior", tiny_prior, *tiny, "--reward", f"{reward}:ok", "--out", reward], "must be a .safetensors file name"),
+        (["pretrain", "--data", rows, *tiny, "--out", rows], "exists and is not an rtbcli checkpoint"),
+        (["pretrain", "--resume", prior, "--steps", 4, "--out", prior], "--out is the prior checkpoint it starts from"),
+        (["pretrain", "--preset", tiny_preset_file, *tiny, "--out", fifo], "exists and is not a regular file"),
+    ]
+    for argv, match in cases:
+        code, err = error_line(capsys, *argv)
+        assert_one_line_error(code, err, match)
+    assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in before} == before
+    assert not (tmp_path / "x.jsonl").exists() and fifo.is_fifo()
+    # an earlier run's checkpoint is still replaced, as before
+    assert invoke("pretrain", "--preset", tiny_preset_file, "--steps", 3, "--out", prior, "--quiet")[0] == 0
+
+
+def test_bad_seeds_and_beta_and_damaged_metadata_are_bad_input(tmp_path, tiny_prior, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for argv in (["evaluate", tiny_prior, "--n", 10], ["sample", tiny_prior, "--n", 5], ["pretrain", "--steps", 1]):
+        code, err = error_line(capsys, *argv, "--seed", 2**64 - 1)  # a seed torch's generators cannot take
+        assert_one_line_error(code, err, "--seed")
+    for beta in ("nan", "inf", "-1"):
+        code, err = error_line(capsys, "evaluate", tiny_prior, "--n", 10, "--beta", beta)
+        assert_one_line_error(code, err, "a finite beta > 0")
+    ft = tmp_path / "ft.safetensors"
+    assert invoke("finetune", "--prior", tiny_prior, "--algo", "trust-pcl", "--steps", 1, "--batch-size", 4, "--out", ft, "-q")[0] == 0
+    with safe_open(str(ft), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    for key in ("step", "alpha"):
+        damaged = tmp_path / f"damaged-{key}.safetensors"
+        save_file(tensors, str(damaged), {**meta, key: "abc"})
+        code, err = error_line(capsys, "evaluate", damaged, "--n", 10)
+        assert_one_line_error(code, err, f"its '{key}' is not a")
+
+
+def test_code_of_yours_calling_sys_exit_fails_the_run(tmp_path, tiny_prior, capsys):
+    """A reward that calls sys.exit() ended finetune with exit 0, no checkpoint and no message: now it is the reward's
+    failure (up front: bad input, exit 2; during the run: exit 1)."""
+    reward = tmp_path / "rw.py"
+    reward.write_text(
+        "import sys\ncalls = [0]\n"
+        "def at_once(x):\n    sys.exit(0)\n"
+        "def later(x):\n    calls[0] += 1\n    if calls[0] > 2:\n        sys.exit(0)\n    return -x.pow(2).sum(-1)\n"
+    )
+    out = tmp_path / "f.safetensors"
+    base = ["finetune", "--prior", tiny_prior, "--steps", 4, "--batch-size", 8, "--out", out, "--quiet"]
+    code, err = error_line(capsys, *base, "--reward", f"{reward}:at_once")
+    assert_one_line_error(code, err, "raised SystemExit")
+    code, err = error_line(capsys, *base, "--reward", f"{reward}:later")
+    assert code == 1 and "raised SystemExit" in err and not out.exists(), err
+
+
+def test_no_command_prints_the_help_and_a_folder_is_no_preset(tmp_path, capsys):
+    assert run([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: rtbcli") and "rtbcli: error" not in err and "finetune" in err
+    (tmp_path / "dir.toml").mkdir()
+    code, err = error_line(capsys, "presets", "show", tmp_path / "dir.toml")
+    assert_one_line_error(code, err, "is a directory")
+
+
 def test_presets_command():
     code, out = invoke("presets", "--json")
     assert code == 0 and any(p["name"] == "reference" for p in json.loads(out))

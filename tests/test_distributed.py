@@ -191,7 +191,7 @@ def failing_jobs(tmp_path_factory, tiny_prior):
     ):
         d = tmp_path_factory.mktemp(f"fails-{name}")
         (d / "reward.py").write_text(FAILING_REWARD)
-        (d / "ft.safetensors").write_bytes(b"an earlier result")
+        (d / "ft.safetensors").write_bytes(Path(tiny_prior).read_bytes())  # an earlier result (a run replaces only a checkpoint)
         p = torchrun(
             "-m", "rtbcli", "finetune", "--prior", tiny_prior, *args, "--out", "ft.safetensors", "--quiet", "--device", "cpu", cwd=d
         )
@@ -266,7 +266,7 @@ def test_a_killed_process_ends_the_job_and_leaves_no_half_written_file(failing_j
 
 
 @pytest.mark.parametrize("name, cause", [("raises", "the reward '"), ("nan", "the reward returned NaN or inf by step 50")])
-def test_a_failure_on_one_rank_ends_every_rank_with_one_line(name, cause, failing_jobs):
+def test_a_failure_on_one_rank_ends_every_rank_with_one_line(name, cause, failing_jobs, tiny_prior):
     """The reward raises (or returns NaN) on rank 1 only: every process ends within seconds of the
     failure (timed from it, not from the job's start, whose imports take long under load), exit code 1."""
     job, d, _ = failing_jobs[name]
@@ -281,10 +281,10 @@ def test_a_failure_on_one_rank_ends_every_rank_with_one_line(name, cause, failin
     else:  # the loss is global: every rank sees it, rank 0 reports it and keeps the last good state
         assert len(lines) == 1 and "the last good state (step 0) is in ft.last-good.safetensors" in lines[0], err
         assert load_checkpoint(d / "ft.last-good.safetensors").kind == "finetuned"
-    assert (d / "ft.safetensors").read_bytes() == b"an earlier result"
+    assert (d / "ft.safetensors").read_bytes() == Path(tiny_prior).read_bytes()
 
 
-def test_a_batch_that_the_processes_cannot_share_is_a_one_line_error(failing_jobs):
+def test_a_batch_that_the_processes_cannot_share_is_a_one_line_error(failing_jobs, tiny_prior):
     """--batch-size 7 with 2 processes: rank 0 prints one line and exits 2 (torchrun, as for any
     failed worker, exits 1 and names that exit code); nothing is written."""
     job, d, _ = failing_jobs["batch"]
@@ -294,7 +294,7 @@ def test_a_batch_that_the_processes_cannot_share_is_a_one_line_error(failing_job
         "rtbcli: error: --batch-size 7 is not divisible by the number of processes (2): use a multiple of 2, e.g. 8"
     ]
     assert "exitcode  : 2" in err  # torchrun's report: rank 0's own exit code
-    assert sorted(os.listdir(d)) == ["ft.safetensors", "reward.py"] and (d / "ft.safetensors").read_bytes() == b"an earlier result"
+    assert sorted(os.listdir(d)) == ["ft.safetensors", "reward.py"] and (d / "ft.safetensors").read_bytes() == Path(tiny_prior).read_bytes()
 
 
 def test_cuda_with_fewer_gpus_than_local_processes_is_bad_input(monkeypatch, tiny_prior, tmp_path, capsys):

@@ -411,7 +411,8 @@ def test_bad_resume_is_a_one_line_error_and_overwrites_nothing(case, match, file
         ),
     )
     out = tmp_path / "out.safetensors"
-    out.write_bytes(b"an earlier result")
+    earlier = finished[0].read_bytes()  # an earlier run's checkpoint, which a failed run leaves as it was
+    out.write_bytes(earlier)
     args = ["finetune", "--resume", str(copy), "--reward", files["reward"], "--steps", "6", "--out", str(out), "--quiet"]
     args += {
         "another objective": ["--algo", "trust-pcl"],
@@ -423,7 +424,7 @@ def test_bad_resume_is_a_one_line_error_and_overwrites_nothing(case, match, file
     assert run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rtbcli: error: ") and match in err[0], err
-    assert out.read_bytes() == b"an earlier result"
+    assert out.read_bytes() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["copy.safetensors", "out.safetensors"] + ([] if case == "no state" else ["copy.state.safetensors"])
     )

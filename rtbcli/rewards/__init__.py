@@ -139,7 +139,7 @@ class PythonReward:
         with torch.no_grad():
             try:
                 out = self.function(x, **self.kwargs)
-            except Exception as e:
+            except (Exception, SystemExit) as e:  # sys.exit() in a reward would end the run as a success
                 raise RewardFailed(f"the reward '{self.reference}' raised {e.__class__.__name__}: {_first_line(e)}") from None
         return checked_output(out, x, f"the reward '{self.reference}'", "log r(x)", RewardFailed)
 
