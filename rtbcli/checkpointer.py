@@ -70,11 +70,12 @@ class RunInfo:
         meta.update(run_id=self.run_id, **self.checkpoint_meta, **(top or {}))
         return meta
 
-    def state_metadata(self, step: int, log_to: Path | None) -> dict[str, str]:
+    def state_metadata(self, step: int, log_to: Path | None, seconds: float = 0.0) -> dict[str, str]:
         return {
             "kind": self.command,
             "run_id": self.run_id,
             "step": step,
+            "seconds": repr(seconds),  # training time to `step`, which a resumed run's log counts on from
             "planned_steps": self.steps,
             "schedule_steps": self.schedule_steps,
             "seed": self.seed,
@@ -105,11 +106,14 @@ def save_run(
     extra: dict[str, torch.Tensor] | None = None,
     checkpoint_step: int | None = None,
     top: dict | None = None,
+    seconds: float = 0.0,
 ) -> None:
     """The checkpoint of `step` at `path` and its state beside it (both atomic; call inside an
     `atomic_group` so that they are put in place together). `checkpoint_step`: the step the
     checkpoint carries, when it differs (a warm-started run counts on from its start); `top`:
-    more top-level checkpoint keys."""
+    more top-level checkpoint keys; `seconds`: the training time to `step` (the state keeps it for a resumed run's log)."""
     meta = info.checkpoint_metadata(step if checkpoint_step is None else checkpoint_step, status, top)
     save_checkpoint(path, tensors, meta)
-    save_state(state_path(path), params=params, opt=opt, generators=generators, meta=info.state_metadata(step, log_to), extra=extra)
+    save_state(
+        state_path(path), params=params, opt=opt, generators=generators, meta=info.state_metadata(step, log_to, seconds), extra=extra
+    )

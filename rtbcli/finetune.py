@@ -234,6 +234,7 @@ class FinetuneRun:
     info: RunInfo
     step: int  # steps done (of this run; a warm start's checkpoints add info.checkpoint offset)
     offset: int = 0  # a warm-started run's checkpoints count on from the checkpoint it started from
+    seconds: float = 0.0  # training time to `step` (a resumed run's earlier sessions)
     log_lines: tuple[str, ...] = ()  # a resumed run's earlier log records
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None  # energy mode: the target's log pi (x (N, d) -> (N,))
     offpolicy: OffPolicy | None = None  # the replay buffer and local search (`rtbcli.offpolicy`); None when they are off
@@ -581,7 +582,7 @@ def restore(run: FinetuneRun, state: RunState, checkpoint: Path) -> None:
     run.gen.set_state(state.generator_state("rollout"))
     if run.offpolicy is not None:
         run.offpolicy.load_state_dict(state.section("offpolicy"))
-    run.step, run.log_lines = state.step, tuple(earlier_log(state, checkpoint))
+    run.step, run.seconds, run.log_lines = state.step, state.seconds, tuple(earlier_log(state, checkpoint))
 
 
 class Watch:
@@ -617,6 +618,7 @@ class FinetuneRecipe(Recipe):
             i.steps,
             run.step,
         )
+        self.seconds_before = run.seconds
         # --snis exact warns once if its weights collapse
         self.watch = Watch(i.device, run.obj.weighs_behaviour and run.explore and run.hp.temper == 1.0)
         self.last_good, self.last_good_step = self.snapshot(), run.step
@@ -639,7 +641,7 @@ class FinetuneRecipe(Recipe):
         r = self.run
         if not self.dist.is_main:
             return None
-        seconds = self.timer.elapsed  # training time to this step
+        seconds = self.timer.total  # training time to this step, earlier sessions included
         energy, n = r.task.energy, r.info.preset.evaluate.n
         gen = make_generator(_mix(r.info.seed, step, 2), self.device)
         if energy is not None:
@@ -750,6 +752,7 @@ class FinetuneRecipe(Recipe):
             generators={"rollout": r.gen},
             checkpoint_step=r.offset + step,
             extra=extra,
+            seconds=self.timer.total,
         )
 
 

@@ -177,6 +177,7 @@ class OffPolicy:
         d = {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
         if self.ls_buffer is not None:
             d.update({f"ls_buffer.{k}": v for k, v in self.ls_buffer.state_dict().items()})
+            d["ls_stats"] = torch.stack([self.ls_step_size, self.ls_acceptance])  # the last search's, for the log
         d["rng"] = self.gen.get_state()
         return d
 
@@ -186,6 +187,9 @@ class OffPolicy:
         self.buffer.load_state_dict({k[7:]: v for k, v in d.items() if k.startswith("buffer.")})
         if self.ls_buffer is not None:
             self.ls_buffer.load_state_dict({k[10:]: v for k, v in d.items() if k.startswith("ls_buffer.")})
+            if "ls_stats" in d:  # a state saved before they were kept: 0 until the next search, as then
+                stats = d["ls_stats"].to(self.ls_step_size)
+                self.ls_step_size, self.ls_acceptance = stats[0].clone(), stats[1].clone()
         self.gen.set_state(d["rng"])
 
 

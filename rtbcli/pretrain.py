@@ -257,6 +257,7 @@ class PretrainRun:
     task: Task
     info: RunInfo
     step: int = 0
+    seconds: float = 0.0  # training time to `step` (a resumed run's earlier sessions)
     log_lines: tuple[str, ...] = ()
     box: tuple[torch.Tensor, torch.Tensor] | None = None  # the data's range, for the box term (pretrain.box_weight > 0)
 
@@ -370,7 +371,7 @@ def restore(run: PretrainRun, state: RunState, checkpoint: Path) -> None:
     restore_optimizer(run.opt, state.tensors, state.adam_groups)
     run.gen.set_state(state.generator_state("data"))
     run.check_gen.set_state(state.generator_state("check"))
-    run.step, run.log_lines = state.step, tuple(earlier_log(state, checkpoint))
+    run.step, run.seconds, run.log_lines = state.step, state.seconds, tuple(earlier_log(state, checkpoint))
 
 
 class PretrainRecipe(Recipe):
@@ -381,6 +382,7 @@ class PretrainRecipe(Recipe):
     def __init__(self, run: PretrainRun, dist: Dist, log: JsonlLog):
         self.run, self.dist, self.log = run, dist, log
         self.preset, self.device, self.total, self.first = run.info.preset, run.info.device, run.info.steps, run.step
+        self.seconds_before = run.seconds
         self.loss = self.elbo = float("nan")
         task, seed = run.task, run.info.seed
         self.data_lp = float(task.data_log_prob(samples_for_check(task.data, 20_000, seed + 2)).mean()) if task.data_is_exact else None
@@ -412,7 +414,7 @@ class PretrainRecipe(Recipe):
         if not self.dist.is_main:
             return
         r = self.run
-        top = {"final_loss": f"{self.loss:.6g}", "final_elbo": f"{self.elbo:.6g}", "seconds": f"{self.timer.elapsed:.1f}"}
+        top = {"final_loss": f"{self.loss:.6g}", "final_elbo": f"{self.elbo:.6g}", "seconds": f"{self.timer.total:.1f}"}
         extra = {f"ema.{k}": v for k, v in r.ema.state_dict().items()} if r.ema is not None else {}
         save_run(
             path,
@@ -426,6 +428,7 @@ class PretrainRecipe(Recipe):
             generators={"data": r.gen, "check": r.check_gen},
             extra=extra,
             top=top,
+            seconds=self.timer.total,
         )
 
 

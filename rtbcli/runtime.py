@@ -300,10 +300,15 @@ class LineProgress:
 
 
 class Timer:
-    """Wall time of a run, and the step rate since it started."""
+    """Wall time of this session (`elapsed`, for the step rate) and of the whole run (`total`: `before`, the time of
+    the sessions a resumed run continues, plus this one's)."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
+    def __init__(self, before: float = 0.0):
+        self.start, self.before = time.perf_counter(), before
+
+    @property
+    def total(self) -> float:
+        return self.before + self.elapsed
 
     @property
     def elapsed(self) -> float:

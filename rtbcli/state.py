@@ -73,6 +73,14 @@ class RunState:
         return int(self.meta["step"])
 
     @property
+    def seconds(self) -> float:
+        """Training time to `step` (0 in a state saved before it was kept)."""
+        try:
+            return float(self.meta.get("seconds", 0.0))
+        except ValueError:
+            raise InputError(f"state file '{self.path}': its 'seconds' is not a number: the file is damaged") from None
+
+    @property
     def planned_steps(self) -> int:
         return int(self.meta["planned_steps"])
 

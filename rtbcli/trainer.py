@@ -110,6 +110,7 @@ class Recipe:
     device: torch.device
     total: int
     first: int
+    seconds_before: float = 0.0  # training time of the sessions a resumed run continues (its state's `seconds`)
     timer: Timer  # set by `run_loop`
 
     def step(self) -> Any:
@@ -164,8 +165,8 @@ def run_loop(
     `save_every` steps and on SIGINT/SIGTERM (then raise Interrupted), and save the finished run
     (`training` module docstring: the files). The wall time of evaluations is left out of the
     run's time (`seconds`, the step rate)."""
-    timer, step_seconds, step = Timer(), [], r.first
-    r.timer = timer  # the run's wall time so far, for what a recipe saves
+    timer, step_seconds, step = Timer(r.seconds_before), [], r.first
+    r.timer = timer  # the run's training time so far (`total`), for what a recipe logs and saves
     try:
         with StopSignals() as signals, make_progress(enabled=progress and dist.is_main) as bar:
             job = bar.add_task(r.name, total=r.total, completed=r.first, rate="", status="")
@@ -175,7 +176,7 @@ def run_loop(
                 bar.advance(job)
                 if step % log_every == 0 or step == r.total:
                     rate = (step - r.first) / timer.elapsed
-                    rec, status = r.record(stats, step, rate, timer.elapsed)
+                    rec, status = r.record(stats, step, rate, timer.total)
                     log.write(**rec)
                     bar.update(job, rate=f"{rate:.1f} it/s", status=status)
                 step_seconds.append(time.perf_counter() - t_step)  # with its logging: on CUDA, its host sync
@@ -189,16 +190,19 @@ def run_loop(
                     _stop(r, paths, log, dist, signals, step)
                 if save_every and step % save_every == 0 and step < r.total:
                     _save_partial(r, paths, log, dist, step, "running")
+            # the finished run, still under the handlers: a first signal now is let pass (the run is complete once
+            # this is written), a second stops at once and leaves no temporary file; SIGTERM's default ended the
+            # process silently here, with the step's files half renamed
+            r.check()
+            seconds = timer.elapsed
+            with atomic_group():  # the checkpoint and its state together
+                r.save(paths.out, r.total, "finished", log_path)
+            if dist.is_main:
+                log.commit()
+                paths.remove_partial()
     except RewardFailed as e:  # raised in this process only
         log.close()
         raise r.diverged(str(e), max(step - 1, r.first), False) from None  # by the last step done
-    r.check()
-    seconds = timer.elapsed
-    with atomic_group():  # the checkpoint and its state together
-        r.save(paths.out, r.total, "finished", log_path)
-    if dist.is_main:
-        log.commit()
-        paths.remove_partial()
     return LoopResult(seconds, step_seconds)
 
 

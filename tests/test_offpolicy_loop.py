@@ -223,6 +223,20 @@ def test_replay_steps_read_nothing_back(tmp_path, tiny_prior, tiny_preset):
         assert sum(reads.values()) == 0, reads
 
 
+def test_local_search_s_logged_statistics_resume(tmp_path, tiny_prior, tiny_preset):
+    """The last search's step size and acceptance are in the run's state: a resumed run logs them as the run left
+    alone does until its next search (they were 0)."""
+    preset = tiny_preset.updated("finetune", replay=True, local_search=True, ls_every=100, ls_steps=6, ls_burn_in=3, buffer_size=500)
+    run = energy_run(tiny_prior, preset, tmp_path)
+    for _ in range(4):
+        step(run)
+    saved = run.offpolicy.state_dict()
+    fresh = energy_run(tiny_prior, preset, tmp_path)
+    fresh.offpolicy.load_state_dict(saved)
+    left, resumed = run.offpolicy.log_record(False), fresh.offpolicy.log_record(False)
+    assert left["ls_acceptance"] > 0 and left == resumed, (left, resumed)
+
+
 # ----------------------------------------------------------------------------- local search
 def test_local_search_moves_the_replayed_states_toward_pi(tmp_path, tiny_prior, tiny_preset):
     preset = tiny_preset.updated(

@@ -255,6 +255,54 @@ def test_a_resumed_run_extends_a_finished_one_and_a_warm_started_run_resumes(fil
     assert json.loads(capsys.readouterr().out)["resumed_at"] == 3
     meta = safe_open(str(more), "pt").metadata()
     assert meta["step"] == "9" and json.loads(meta["run"])["warm_started_from"] == str(first)
+    # --steps is the new total of the run's own steps; the refusal says how its checkpoints count
+    assert (
+        run(["finetune", "--resume", str(warm), "--reward", files["reward"], "--steps", "3", "--out", str(tmp_path / "x.safetensors")]) == 2
+    )
+    assert "the run is at step 3 of its own (its checkpoints count on from the warm start's step 4: step 7)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["rtb", "pretrain"])
+def test_a_resumed_run_s_clock_counts_on(what, files, tmp_path, capsys):
+    """The log's `seconds` (training time so far, what time-to-quality reads) continue across a resume: the state
+    keeps the time to its step (it restarted at 0)."""
+    first, more = tmp_path / "first.safetensors", tmp_path / "more.safetensors"
+    cmd = command(files, what, first)
+    cmd[cmd.index("--steps") + 1] = "12"
+    assert run(cmd) == 0
+    with safe_open(str(first.with_name("first.state.safetensors")), "pt") as f:
+        saved = float(f.metadata()["seconds"])
+    # one more step: a clock that restarted would read one step's time, under the twelve steps' before it
+    resume = [what if what == "pretrain" else "finetune", "--resume", str(first), "--steps", "13", "--out", str(more), "--quiet"]
+    assert run(resume + ([] if what == "pretrain" else ["--reward", files["reward"]])) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in more.with_suffix(".jsonl").read_text().splitlines()]
+    before = [r["seconds"] for r in records if "loss" in r and r["step"] <= 12]
+    after = [r["seconds"] for r in records if "loss" in r and r["step"] > 12]
+    assert before and after and before[-1] <= saved < after[0], (before, saved, after)
+
+
+def test_the_final_save_runs_under_the_stop_handlers(files, tmp_path, monkeypatch):
+    """A SIGTERM while the finished run is being written used to meet the default handler: the process died without
+    a word, leaving a temporary file. Now the loop's handlers are in place: a first signal there lets the run finish."""
+    from rtbcli import checkpointer
+
+    real, handlers = checkpointer.save_checkpoint, []
+
+    def signalled(path, *a, **k):
+        handler = signal.getsignal(signal.SIGTERM)
+        handlers.append(handler)
+        if Path(path).name == "done.safetensors":  # the finished run's save: a SIGTERM arrives now
+            assert callable(handler), handler
+            handler(signal.SIGTERM, None)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(checkpointer, "save_checkpoint", signalled)
+    out = tmp_path / "done.safetensors"
+    cmd = command(files, "rtb", out)
+    cmd[cmd.index("--steps") + 1] = "3"
+    assert run(cmd) == 0
+    assert handlers and out.exists() and no_temp_files(tmp_path)
 
 
 # --------------------------------------------------------------------------- a random moment, a real process
