@@ -25,7 +25,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from .config import Preset
+from .config import Preset, option_error
 from .errors import EXIT_RUN, EXIT_SIGINT, InputError, Interrupted, RtbcliError, RtbcliWarning
 
 # How long a rank other than 0 waits for rank 0 to report an error they share: rank 0 raises it at
@@ -114,11 +114,7 @@ def with_overrides(preset: Preset, section: str, **values) -> Preset:
     try:
         return preset.updated(section, **values)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = str(err["loc"][-1]) if err["loc"] else ""
-        opt = "--" + field.replace("_", "-") if field else "an option"
-        msg = err["msg"].replace("Input should", "should").replace("Value error, ", "")
-        raise InputError(f"{opt} {msg} (got {err.get('input')!r})") from None
+        raise option_error(e) from None
 
 
 def json_safe(obj):

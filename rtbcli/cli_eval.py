@@ -137,7 +137,7 @@ def _checkpoint_or_folder(path: Path, preset: str | None, sampling_steps: int | 
 
     if preset is None:
         raise InputError(f"'{path}' is a diffusers model, with no task of its own: give --preset (the task of its images)")
-    return folder_checkpoint(path, load_preset(preset)[0], sampling_steps, None, None, None, eta)
+    return folder_checkpoint(path, load_preset(preset)[0], sampling_steps, None, None, None, eta, prior_tail_steps=0)  # no policy: no tail
 
 
 def _plot(plot: Path, checkpoint: Path, ck, ev, seed: int, dev, pair: tuple[int, int]) -> None:

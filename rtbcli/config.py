@@ -609,6 +609,15 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     return f"{where}: {what}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
+def option_error(err: ValidationError) -> InputError:
+    """A command-line option's bad value (pydantic's first error) as one line naming the option: '--lora-alpha ...'."""
+    first = err.errors()[0]
+    field = str(first["loc"][-1]) if first["loc"] else ""
+    opt = "--" + field.replace("_", "-") if field else "an option"
+    msg = first["msg"].replace("Input should", "should").replace("Value error, ", "")
+    return InputError(f"{opt} {msg} (got {first.get('input')!r})")
+
+
 def preset_from_json(data: dict) -> Preset:
     """Rebuild the resolved preset stored in a checkpoint."""
     try:

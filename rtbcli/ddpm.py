@@ -152,17 +152,37 @@ def schedule_from_config(
     for key, ok in UNSUPPORTED.items():
         if key in config and config[key] not in ok:
             raise InputError(f"{where} has {key} = {config[key]!r}: rtbcli supports {key} = {' or '.join(repr(v) for v in ok)}")
-    return Schedule(
-        train_steps=int(config.get("num_train_timesteps", 1000)),
-        beta_start=float(config.get("beta_start", 1e-4)),
-        beta_end=float(config.get("beta_end", 0.02)),
+
+    def number(key: str, default, kind):
+        value = config.get(key, default)
+        try:
+            if isinstance(value, bool) or value is None:
+                raise TypeError
+            out = kind(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where} has {key} = {value!r}: give a number") from None
+        if not math.isfinite(out):
+            raise InputError(f"{where} has {key} = {value!r}: give a finite number")
+        return out
+
+    schedule = Schedule(
+        train_steps=number("num_train_timesteps", 1000, int),
+        beta_start=number("beta_start", 1e-4, float),
+        beta_end=number("beta_end", 0.02, float),
         beta_schedule=str(config.get("beta_schedule", "linear")),
         variance_type=str(config.get("variance_type", "fixed_small")),
         clip_sample=bool(config.get("clip_sample", True)),
-        clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+        clip_sample_range=number("clip_sample_range", 1.0, float),
         sampling_steps=sampling_steps,
         eta=eta,
     )
+    betas = schedule.betas()
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise InputError(
+            f"{where} gives betas outside (0, 1) (beta_start {schedule.beta_start:g}, beta_end {schedule.beta_end:g}): "
+            "each step's noise variance must be between 0 and 1"
+        )
+    return schedule
 
 
 def check_tail_steps(tail: int, steps: int) -> None:

@@ -467,6 +467,10 @@ def check_network_options(start: Checkpoint, cfg, dist: Dist) -> None:
     if spec.network is None and spec.model is None:
         return
     what = "a network of your own" if spec.network is not None else "a diffusers model"
+    if spec.model is not None and cfg.matmul_dtype != "float32":  # the step variances (~1e-5) make bf16's error in a mean ~nats
+        raise InputError(
+            "--matmul-dtype bfloat16 applies to rtbcli's bridge sampler: a diffusers model's log-probabilities need float32 products"
+        )
     if cfg.langevin:
         raise InputError("the Langevin parametrisation is built on rtbcli's own drift network: switch it off (--no-langevin)")
     if dist.world > 1:

@@ -71,9 +71,12 @@ class UNetEps(nn.Module):
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"'{path}' is not a readable JSON file ({e.__class__.__name__}): the model folder is damaged") from None
+    if not isinstance(data, dict):
+        raise InputError(f"'{path}' holds a JSON {type(data).__name__}, not an object: the model folder is damaged")
+    return data
 
 
 def model_folders(path: Path) -> tuple[Path, Path]:
@@ -123,9 +126,12 @@ def add_lora(eps: UNetEps, rank: int, alpha: float | None = None, target_modules
     if rank <= 0:
         raise InputError(f"--lora-rank must be a positive rank (got {rank})")
     targets = list(target_modules or DEFAULT_TARGETS)
-    names = [n for n, _ in eps.unet.named_modules()]
-    if not any(n == t or n.endswith("." + t) for n in names for t in targets):
+    matched = [(n, m) for n, m in eps.unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    if not matched:
         raise InputError(f"the LoRA target modules {targets} match no module of the UNet: name some of its Conv2d or Linear modules")
+    other = next(((n, m) for n, m in matched if not isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if other is not None:
+        raise InputError(f"the LoRA target '{other[0]}' is a {type(other[1]).__name__}: name some of the UNet's Conv2d or Linear modules")
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets, init_lora_weights=True)
     eps.unet = peft.get_peft_model(eps.unet, cfg)
     return eps

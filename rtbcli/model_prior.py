@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .checkpoint import Checkpoint
-from .config import Preset, SamplerSpec
+from .config import Preset, SamplerSpec, option_error
 from .ddpm import check_tail_steps
 from .errors import InputError
 from .lora import folder_sha256, model_folders, require_diffusers
@@ -31,21 +33,24 @@ def folder_checkpoint(
         raise InputError(f"--eta must be in (0, 1]: 1 is the DDPM step, smaller adds less noise per step (got {eta:g})")
     if prior_tail_steps is not None and prior_tail_steps < 0:
         raise InputError(f"--prior-tail-steps must be 0 or more steps (got {prior_tail_steps})")
-    spec = SamplerSpec.model_validate(
-        {
-            **preset.sampler.model_dump(),
-            "network": None,
-            "model": str(path),
-            "model_sha256": folder_sha256(path),
-            "sampling_steps": sampling_steps if sampling_steps is not None else preset.sampler.sampling_steps,
-            "eta": eta if eta is not None else preset.sampler.eta,
-            "prior_tail_steps": prior_tail_steps if prior_tail_steps is not None else preset.sampler.prior_tail_steps,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "lora_targets": lora_targets or None,
-        },
-        context={"base_dir": Path.cwd()},
-    )
+    try:
+        spec = SamplerSpec.model_validate(
+            {
+                **preset.sampler.model_dump(),
+                "network": None,
+                "model": str(path),
+                "model_sha256": folder_sha256(path),
+                "sampling_steps": sampling_steps if sampling_steps is not None else preset.sampler.sampling_steps,
+                "eta": eta if eta is not None else preset.sampler.eta,
+                "prior_tail_steps": prior_tail_steps if prior_tail_steps is not None else preset.sampler.prior_tail_steps,
+                "lora_rank": lora_rank,
+                "lora_alpha": lora_alpha,
+                "lora_targets": lora_targets or None,
+            },
+            context={"base_dir": Path.cwd()},
+        )
+    except ValidationError as e:
+        raise option_error(e) from None
     data = preset.model_dump()
     data["sampler"] = spec.model_dump()
     p = Preset.model_validate(data)

@@ -132,6 +132,9 @@ def test_a_diffusers_run_evaluates_samples_and_merges_into_a_folder_diffusers_lo
         (["--lora-rank", "0"], "--lora-rank must be a positive rank"),
         (["--lora-rank", "2", "--lora-target", "nothing_here"], "match no module of the UNet"),
         (["--lora-alpha", "4"], "give --lora-rank too"),
+        (["--lora-rank", "2", "--lora-alpha", "0"], "--lora-alpha"),  # was an "unexpected ValidationError", exit 1
+        (["--lora-rank", "2", "--lora-target", "norm1"], "is a GroupNorm: name some of the UNet's Conv2d or Linear"),
+        (["--matmul-dtype", "bfloat16"], "--matmul-dtype bfloat16 applies to rtbcli's bridge sampler"),
     ],
 )
 def test_bad_lora_options_are_one_line_errors(extra, match, files, tmp_path, capsys):
@@ -159,6 +162,16 @@ def test_bad_folders_and_options_are_one_line_errors(files, tiny_prior, tmp_path
         (["finetune", "--prior", files / "model", "--preset", "reference"], "(d = 64), the preset's data have d = 2"),
         (["merge", tiny_prior, "--out", tmp_path / "m"], "is a prior checkpoint"),
     ]
+    for name, config in (("list", "[1, 2]"), ("text", '{"num_train_timesteps": "abc"}'), ("beta", '{"beta_end": 2.0}')):
+        folder = tmp_path / f"sched-{name}"  # a damaged scheduler config: one line each (were exit 1, or NaN tables)
+        tiny_unet().save_pretrained(str(folder))
+        (folder / "scheduler_config.json").write_text(config)
+        match = {
+            "list": "holds a JSON list, not an object",
+            "text": "num_train_timesteps = 'abc': give a number",
+            "beta": "betas outside (0, 1)",
+        }
+        cases.append((["finetune", "--prior", folder, "--preset", files / "images.toml"], match[name]))
     for args, match in cases:
         capsys.readouterr()
         code = cli(*args) if args[0] == "merge" else cli(*args, "--out", tmp_path / "o.safetensors", "-q")
@@ -220,6 +233,13 @@ def test_evaluate_samples_a_folder_with_the_sampling_steps_it_is_given(files, tm
         and "--sampling-steps must be a positive" in err[0]
         and "--sampling-steps applies to a diffusers model folder" in err[1]
     ), err
+    # a prior evaluated with fewer sampling steps than a preset's prior tail: no policy, so no tail to leave room for
+    tailed = files / "tailed.toml"  # a UNet preset with a tail of 5, beside its data file
+    tailed.write_text(
+        preset.read_text().replace("[finetune]", "[sampler]\nprior_tail_steps = 5\n[sampler.unet]\nsample_size = 8\n\n[finetune]")
+    )
+    assert cli("evaluate", files / "model", "--preset", tailed, "--sampling-steps", 3, "--n", 8, "--json", "--device", "cpu") == 0
+    capsys.readouterr()
     assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", 500) == 2  # more than the scheduler's 20
     assert finetune(files, tmp_path / "o.safetensors", "--sampling-steps", -1) == 2
     err = capsys.readouterr().err.strip().splitlines()
