@@ -138,13 +138,14 @@ def positive(name: str, value: int | None) -> None:
         raise InputError(f"{name} must be positive (got {value})")
 
 
-def parse_kwargs(items: list[str] | None) -> dict:
-    """`--reward-arg KEY=VALUE` (repeatable): VALUE read as JSON (numbers, true/false, lists, "strings"), else as text."""
+def parse_kwargs(items: list[str] | None, option: str = "--reward-arg") -> dict:
+    """`--reward-arg KEY=VALUE` (repeatable; `option` names it in the message): VALUE read as JSON (numbers,
+    true/false, lists, "strings"), else as text."""
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise InputError(f"--reward-arg '{item}': write KEY=VALUE, e.g. --reward-arg digit=3")
+            raise InputError(f"{option} '{item}': write KEY=VALUE, e.g. {option} scale=3")
         try:
             out[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:

@@ -99,7 +99,7 @@ def evaluate(
         reward_kwargs=parse_kwargs(reward_arg),
         reference=reference,
         target=target,
-        target_kwargs=parse_kwargs(target_arg),
+        target_kwargs=parse_kwargs(target_arg, "--target-arg"),
     )
     m = ev.metrics
     if plot is not None:

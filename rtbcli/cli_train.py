@@ -169,7 +169,9 @@ def pretrain(
         p, "pretrain", steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, estimator=estimator, matmul_dtype=matmul_dtype
     )
     if start is None:
-        p = with_network(with_overrides(p, "sampler", sigma2=sigma2, time_power=time_power), network, parse_kwargs(network_arg))
+        p = with_network(
+            with_overrides(p, "sampler", sigma2=sigma2, time_power=time_power), network, parse_kwargs(network_arg, "--network-arg")
+        )
     if p.sampler.unet is not None:  # a diffusers UNet: the DDPM loss, a model folder
         bridge_only = [
             o
@@ -322,7 +324,7 @@ def finetune(
     start_path, start = _finetune_start(prior, resume, warm_start, preset, target, network, lora)
     is_resume = resume is not None
     algo_name = _algo_of_run(start, algo, seed, on_policy) if is_resume else (algo.value if algo is not None else DEFAULT_OBJECTIVE)
-    p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg), dim, sigma2, time_power)
+    p, ref = _energy_preset(start, preset, target, parse_kwargs(target_arg, "--target-arg"), dim, sigma2, time_power)
     if start is not None and start.preset.sampler.model is not None:
         from .model_prior import with_model_of
 

@@ -609,11 +609,12 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     return f"{where}: {what}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def option_error(err: ValidationError) -> InputError:
-    """A command-line option's bad value (pydantic's first error) as one line naming the option: '--lora-alpha ...'."""
+def option_error(err: ValidationError, names: dict[str, str] | None = None) -> InputError:
+    """A command-line option's bad value (pydantic's first error) as one line naming the option: '--lora-alpha ...';
+    `names` maps a field to its option where they differ ({"log_density": "--target"})."""
     first = err.errors()[0]
     field = str(first["loc"][-1]) if first["loc"] else ""
-    opt = "--" + field.replace("_", "-") if field else "an option"
+    opt = (names or {}).get(field) or ("--" + field.replace("_", "-") if field else "an option")
     msg = first["msg"].replace("Input should", "should").replace("Value error, ", "")
     return InputError(f"{opt} {msg} (got {first.get('input')!r})")
 

@@ -114,16 +114,23 @@ def _read(path: Path) -> np.ndarray:
     if suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if suffix == ".csv":
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
             first = fh.readline()
         try:
-            [float(v) for v in first.split(",") if v.strip()]
+            values = [float(v) for v in first.split(",") if v.strip()]
             skip = 0
         except ValueError:
             skip = 1  # a header line
+        if skip == 0 and len(values) > 1 and values == list(range(len(values))):
+            warnings.warn(
+                f"data file '{path}': its first line {first.strip()} reads like pandas' column header (to_csv writes one); "
+                "it is taken as a data row: write the file with header=False, or give the columns names",
+                RtbcliWarning,
+                stacklevel=2,
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns on an empty file; the checks below name it
-            return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+            return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64, encoding="utf-8-sig")
     from safetensors.numpy import load_file
 
     tensors = load_file(str(path))
@@ -154,6 +161,12 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> tuple[torch.Tensor, str
         raise InputError(
             f"data file '{p}' has NaN or inf in {int(bad.sum())} of {arr.shape[0]} rows (first: row {int(np.argmax(bad))}): "
             f"remove or fix those rows"
+        )
+    big = (np.abs(arr) > np.finfo(np.float32).max).any(axis=1)
+    if big.any():  # finite here, but inf in the float32 a run computes in
+        raise InputError(
+            f"data file '{p}' has values beyond float32's range (3.4e38) in {int(big.sum())} of {arr.shape[0]} rows "
+            f"(first: row {int(np.argmax(big))}): rescale the data"
         )
     rows = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
     return rows, sha256_file(p)

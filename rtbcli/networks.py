@@ -63,6 +63,8 @@ class Network:
             raise InputError(f"network '{self.reference}' built a {type(net).__name__}, not a torch.nn.Module: name a Module class")
         if next(iter(net.parameters()), None) is None:
             raise InputError(f"network '{self.reference}' has no parameters: nothing to train; give it some (nn.Linear, ...)")
+        if not any(p.requires_grad for p in net.parameters()):
+            raise InputError(f"network '{self.reference}' has no parameter that requires grad: nothing would train; leave them trainable")
         check_contract(net, dim, self.reference)
         return net
 
@@ -86,10 +88,11 @@ def _anchor(net: nn.Module) -> torch.Tensor:
     raise InputError("the network has no parameters")  # `Network.build` refuses such a network first
 
 
-@torch.no_grad()
+@torch.enable_grad()  # the probe's output must carry a gradient to the parameters
 def check_contract(net: nn.Module, dim: int, reference: str) -> None:
-    """The network takes x (B, d), t (B,) and returns a tensor of shape (B, d): a one-line InputError otherwise
-    (a network built for another dimension fails here, before any run)."""
+    """The network takes x (B, d), t (B,) and returns a floating-point tensor of shape (B, d) that depends on its
+    parameters (a gradient reaches them): a one-line InputError otherwise (a network built for another dimension
+    fails here, before any run; one whose output is detached or cast to integers would "train" without changing)."""
     w = _anchor(net)
     x = torch.linspace(-1.0, 1.0, 3 * dim, dtype=w.dtype, device=w.device).reshape(3, dim)
     t = torch.tensor([0.0, 0.5, 0.99], dtype=w.dtype, device=w.device)
@@ -106,6 +109,13 @@ def check_contract(net: nn.Module, dim: int, reference: str) -> None:
         raise InputError(
             f"network '{reference}' returned shape {tuple(out.shape)} for x of shape (3, {dim}): return the drift, shape (B, d) = (3, {dim})"
         )
+    if not out.is_floating_point():
+        raise InputError(f"network '{reference}' returned a {out.dtype} tensor: return the drift as floating point")
+    if not out.requires_grad:
+        raise InputError(
+            f"network '{reference}' returned a drift that no gradient leads back from (detached, or computed without its "
+            "parameters): training would change nothing; return it from the parameters' computation"
+        )
 
 
 class NetworkSampler(DiffusionSampler):
@@ -116,7 +126,9 @@ class NetworkSampler(DiffusionSampler):
     def __init__(self, dim: int, steps: int, sigma2: float, net: nn.Module, time_power: float = 1.0):
         nn.Module.__init__(self)
         self.dim, self.steps, self.sigma2, self.time_power = dim, steps, float(sigma2), float(time_power)
-        self.net = net  # type: ignore[assignment]  # any Module with the contract, not a DriftNet
+        self.net = net.eval()  # type: ignore[assignment]  # any Module with the contract, not a DriftNet
+        # eval mode for good (nothing calls train()): the drift must be one function for sampling and scoring, so that
+        # log-probabilities are exact; dropout is off and batch norm uses its running statistics
 
     @property
     def anchor(self) -> torch.Tensor:

@@ -51,6 +51,31 @@ class Flat(Drift):
         return super().forward(x, t).sum(-1)
 
 
+class Frozen(Drift):
+    def __init__(self, dim=2, width=16):
+        super().__init__(dim, width)
+        self.requires_grad_(False)
+
+
+class Detached(Drift):
+    def forward(self, x, t):
+        return super().forward(x, t).detach()
+
+
+class Integer(Drift):
+    def forward(self, x, t):
+        return super().forward(x, t).long()
+
+
+class Dropped(Drift):
+    def __init__(self, dim=2, width=16):
+        super().__init__(dim, width)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, t):
+        return self.drop(super().forward(x, t))
+
+
 def not_a_class(x, t):
     return x
 """
@@ -330,6 +355,11 @@ def test_network_on_rtbcli_s_own_checkpoint_is_refused(tiny_prior, files, tmp_pa
         ("net.py:Drift", ["--network-arg", "dim=3"], "failed on x of shape \\(3, 2\\).*d = 2, the data's dimension"),
         ("net.py:Drift", ["--network-arg", "depth=3"], "could not be built with network_kwargs .*unexpected keyword"),
         ("net.py", [], "names no Class: give 'path/to/networks.py:Class'"),
+        # networks that would "train" without changing (exit 0, the same weights, before)
+        ("net.py:Frozen", [], "has no parameter that requires grad"),
+        ("net.py:Detached", [], "returned a drift that no gradient leads back from"),
+        ("net.py:Integer", [], "returned a torch.int64 tensor: return the drift as floating point"),
+        ("net.py:Drift", ["--network-arg", "width"], "--network-arg 'width': write KEY=VALUE"),
     ],
 )
 def test_bad_networks_are_one_line_errors_and_write_nothing(ref, args, match, files, tiny_preset_file, tmp_path, capsys, monkeypatch):
@@ -388,3 +418,18 @@ def test_finetune_refuses_langevin_with_a_user_network(trained, files, tmp_path,
         attach_network(load_checkpoint(Path(__file__).parents[1] / "rtbcli/data/prior-reference.safetensors"), files["net"])
     attach_network(ck, files["net"])
     assert isinstance(ck.sampler("policy"), NetworkSampler)
+
+
+def test_a_user_network_samples_and_scores_in_eval_mode(files, tmp_path, monkeypatch):
+    """Dropout (or batch norm) in a network of yours: the drift must be one function for sampling and scoring (exact
+    log-probabilities), so the sampler keeps the network in eval mode; two scorings of a trajectory agreed only by
+    chance before (47.74, then 48.06)."""
+    from rtbcli.networks import load_network
+
+    monkeypatch.chdir(files["dir"])
+    net = load_network("net.py:Dropped").build({"width": 8}, 2, seed=0)
+    s = NetworkSampler(2, 6, 2.0, net)
+    assert not s.net.training
+    traj = s.sample(16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(s.log_prob(traj), s.log_prob(traj))

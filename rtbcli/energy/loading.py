@@ -59,7 +59,7 @@ class LogDensity:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            out = self.function(x, **self.kwargs)
+            out = self.function(x.clone(), **self.kwargs)  # a copy: a target that edits x in place must not move the samples
         except (Exception, SystemExit) as e:  # sys.exit() in a target would end the run as a success
             raise TargetFailed(f"the target '{self.reference}' raised {e.__class__.__name__}: {str(e).strip()[:200]}") from None
         return checked_output(out, x, f"the target '{self.reference}'", "log pi(x)", TargetFailed)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Preset, TargetSpec
+from pydantic import ValidationError
+
+from ..config import Preset, TargetSpec, option_error
 from ..errors import InputError
 from .loading import UnnamedTarget, load_target, resolve_target
 
@@ -31,7 +33,10 @@ def is_brownian(prior: Path | str | None) -> bool:
 
 def target_preset(ref: str, kwargs: dict | None = None, dim: int | None = None) -> Preset:
     """A preset for `--target` without --preset: the target, the default sampler and budgets, K = 2,000 samples to evaluate."""
-    spec = TargetSpec.model_validate({"log_density": ref, "kwargs": kwargs or {}, "dim": dim}, context={"base_dir": Path.cwd()})
+    try:
+        spec = TargetSpec.model_validate({"log_density": ref, "kwargs": kwargs or {}, "dim": dim}, context={"base_dir": Path.cwd()})
+    except ValidationError as e:  # a bad --target reference or --dim: one line, exit 2
+        raise option_error(e, {"log_density": "--target", "kwargs": "--target-arg"}) from None
     return Preset(name="energy", description=f"energy mode: sample {ref}", target=spec, evaluate={"n": ENERGY_EVAL_N})  # type: ignore[arg-type]
 
 

@@ -138,7 +138,7 @@ class PythonReward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             try:
-                out = self.function(x, **self.kwargs)
+                out = self.function(x.clone(), **self.kwargs)  # a copy: a reward that edits x in place must not move the samples
             except (Exception, SystemExit) as e:  # sys.exit() in a reward would end the run as a success
                 raise RewardFailed(f"the reward '{self.reference}' raised {e.__class__.__name__}: {_first_line(e)}") from None
         return checked_output(out, x, f"the reward '{self.reference}'", "log r(x)", RewardFailed)
@@ -149,6 +149,10 @@ def checked_output(out: object, x: torch.Tensor, who: str, what: str, error: typ
     naming `who` (e.g. "the reward 'r.py:f'") and what it should return (e.g. "log r(x)")."""
     if not isinstance(out, torch.Tensor):
         raise error(f"{who} returned a {type(out).__name__}, not a torch tensor: return {what} as a tensor of shape (B,)")
+    if out.dtype == torch.bool or out.is_complex():
+        raise error(f"{who} returned a {out.dtype} tensor: return {what} as real floating-point numbers")
+    if out.device != x.device:
+        raise error(f"{who} returned a tensor on {out.device} for x on {x.device}: return {what} on x's device")
     if out.shape != x.shape[:-1]:
         raise error(
             f"{who} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}: return {what} of shape {tuple(x.shape[:-1])}"
