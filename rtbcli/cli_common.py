@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from enum import Enum
+from pathlib import Path
 from typing import cast, get_args
 
 import typer
@@ -27,6 +28,7 @@ from rich.console import Console
 
 from .config import Preset, option_error
 from .errors import EXIT_RUN, EXIT_SIGINT, InputError, Interrupted, RtbcliError, RtbcliWarning
+from .runtime import check_writable
 
 # How long a rank other than 0 waits for rank 0 to report an error they share: rank 0 raises it at
 # about the same time (bad input, a diverged loss, a lost peer), or just after the barrier of a stop.
@@ -85,6 +87,28 @@ def handle_errors(fn):
             raise fail(f"unexpected {e.__class__.__name__}: {first} (set RTBCLI_DEBUG=1 for a traceback)", EXIT_RUN) from None
 
     return wrapper
+
+
+def check_checkpoint_out(out: Path, start_path: Path | None = None, start_kind: str = "") -> Path:
+    """The --out of a command that writes a checkpoint (a training run, convert-params), checked before anything runs
+    (bad input, exit 2): a `.safetensors` name, since a run writes its log and state beside it (`RunPaths`: X.jsonl,
+    X.state.safetensors, ...), so another name could put the log over the checkpoint; where it exists, an rtbcli
+    checkpoint (a command replaces an earlier checkpoint, never a data, reward or other file of yours); and not the
+    checkpoint it starts from (`start_path`, a `start_kind` one)."""
+    from .checkpoint import is_checkpoint_file
+
+    check_writable(out, "--out")
+    if not out.name.endswith(".safetensors") or out.name == ".safetensors":
+        raise InputError(
+            f"--out '{out}' must be a .safetensors file name: a checkpoint (a run writes its log and state beside it: X.jsonl, X.state.safetensors)"
+        )
+    if not out.exists():
+        return out
+    if start_path is not None and Path(start_path).exists() and os.path.samefile(out, start_path):
+        raise InputError(f"--out is the {start_kind} checkpoint it starts from: choose another file name")
+    if not is_checkpoint_file(out):
+        raise InputError(f"--out '{out}' exists and is not an rtbcli checkpoint: choose another file name (only a checkpoint is replaced)")
+    return out
 
 
 def field_default(model: type[BaseModel], name: str):

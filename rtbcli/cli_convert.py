@@ -104,10 +104,9 @@ def convert_params(
 
 def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
     """convert-params CHECKPOINT --to OBJECTIVE --out FILE."""
-    from .cli_common import emit_json, out_console
+    from .cli_common import check_checkpoint_out, emit_json, out_console
     from .objectives import OBJECTIVES
     from .report import kv_table
-    from .runtime import check_writable
 
     if to is None or out is None:
         missing = " and ".join(o for o, v in (("--to", to), ("--out", out)) if v is None)
@@ -116,7 +115,7 @@ def _convert_file(checkpoint: Path, to, out: Path | None, as_json: bool):
         )
     if out.resolve() == checkpoint.resolve():
         raise InputError("--out is the input checkpoint itself: choose another file name (the input is never changed)")
-    check_writable(out, "--out")
+    check_checkpoint_out(out, checkpoint, "input")
     r = convert_checkpoint(checkpoint, to.value, out)
     if as_json:
         return emit_json(r)

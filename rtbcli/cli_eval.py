@@ -12,7 +12,7 @@ from .config import EvalSpec
 from .errors import EXIT_REQUIRE, InputError
 from .metric_registry import requirable
 from .report import checks_table, evaluation_table, parse_check, run_checks
-from .runtime import check_writable, resolve_device
+from .runtime import check_not_input, check_writable, resolve_device
 
 REQUIRE_HELP = (
     f"'KEY OP NUMBER' on the report (repeatable, e.g. 'kl_mode < 0.05'); a failed check exits {EXIT_REQUIRE}. "
@@ -82,6 +82,7 @@ def evaluate(
         if plot.suffix.lower() != ".png":
             raise InputError(f"--plot '{plot}' must end in .png")
         check_writable(plot, "--plot")
+        check_not_input(plot, {"checkpoint": checkpoint}, "--plot")
     ck = _checkpoint_or_folder(checkpoint, preset, sampling_steps, eta)
     attach_network(ck, network)
     if ck.preset.dim > 1 and (not all(0 <= i < ck.preset.dim for i in pair) or pair[0] == pair[1]):
@@ -198,10 +199,12 @@ def sample(
     if out.suffix.lower() not in (".npy", ".csv"):
         raise InputError(f"--out '{out}' must end in .npy or .csv")
     check_writable(out, "--out")
+    check_not_input(out, {"checkpoint": checkpoint}, "--out")
     if grid is not None and grid.suffix.lower() != ".png":
         raise InputError(f"--grid '{grid}' must end in .png")
     if grid is not None:
         check_writable(grid, "--grid")
+        check_not_input(grid, {"checkpoint": checkpoint}, "--grid")
     ck = load_checkpoint(checkpoint)
     shape = image_shape(ck) if grid is not None else None
     if grid is not None and shape is None:

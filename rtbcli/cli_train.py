@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 from enum import Enum
 from pathlib import Path
@@ -16,7 +15,18 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from .cli_common import SEED_MAX, SEED_MIN, choices, emit_json, examples, field_help, out_console, parse_kwargs, with_overrides
+from .cli_common import (
+    SEED_MAX,
+    SEED_MIN,
+    check_checkpoint_out,
+    choices,
+    emit_json,
+    examples,
+    field_help,
+    out_console,
+    parse_kwargs,
+    with_overrides,
+)
 from .config import FinetuneSpec, PretrainSpec, PythonRewardSpec, SamplerSpec
 from .energy.options import ENERGY_PRESETS, check_same_dim, is_brownian, require_named, target_preset, with_target
 from .errors import InputError
@@ -79,29 +89,6 @@ def resume_out(start, out: Path | None) -> Path:
         recorded = json.loads(start.meta.get("run", "{}")).get("out")
         return start.path.with_name(Path(recorded).name) if recorded else final_of(start.path)
     raise InputError(f"'{start.path}' is a finished run: give --out for the extended run (the original is kept)")
-
-
-def check_run_out(out: Path, start_path: Path | None = None, start_kind: str = "") -> Path:
-    """A training run's --out, checked before anything runs (bad input, exit 2): a `.safetensors` name, since the run
-    writes its log and state beside it (`RunPaths`: X.jsonl, X.state.safetensors, ...), so another name could put the
-    log over the checkpoint; where it exists, an rtbcli checkpoint (a run replaces an earlier run's checkpoint, never a
-    data, reward or other file of yours); and not the checkpoint the run starts from (`start_path`, a `start_kind` one)."""
-    from .checkpoint import is_checkpoint_file
-
-    check_writable(out, "--out")
-    if not out.name.endswith(".safetensors") or out.name == ".safetensors":
-        raise InputError(
-            f"--out '{out}' must be a .safetensors file name: the run writes its log and state beside it (X.jsonl, X.state.safetensors)"
-        )
-    if not out.exists():
-        return out
-    if start_path is not None and Path(start_path).exists() and os.path.samefile(out, start_path):
-        raise InputError(f"--out is the {start_kind} checkpoint it starts from: choose another file name")
-    if not is_checkpoint_file(out):
-        raise InputError(
-            f"--out '{out}' exists and is not an rtbcli checkpoint: choose another file name (a run replaces only a checkpoint)"
-        )
-    return out
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -188,7 +175,7 @@ def pretrain(
             raise InputError(f"{bridge_only[0]} applies to rtbcli's bridge sampler: the preset pretrains a UNet")
         return _pretrain_unet(p, ref, out, seed or 0, device, save_every, quiet, as_json)
     net = start.network if start is not None else network_of(p)
-    out = check_run_out(out or Path("prior.safetensors"), resume, "prior")
+    out = check_checkpoint_out(out or Path("prior.safetensors"), resume, "prior")
     positive_or_zero("--save-every", save_every)
     dist, dev = _start_distributed(device, p.pretrain.batch_size)
     try:
@@ -358,7 +345,7 @@ def finetune(
     _check_named_again(p, preset, target, reward)
     check_suite(Task(p, allow_import=False))
     out = resume_out(start, out) if is_resume else (out or Path(f"finetuned-{algo_name}.safetensors"))
-    check_run_out(out, start_path if start is not None else None, start.kind if start is not None else "")
+    check_checkpoint_out(out, start_path if start is not None else None, start.kind if start is not None else "")
     positive_or_zero("--save-every", save_every)
     dist, dev = _start_distributed(device, p.finetune.batch_size)
     try:

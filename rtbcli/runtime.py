@@ -83,6 +83,16 @@ def check_writable(path: Path, what: str = "output") -> Path:
     return path
 
 
+def check_not_input(path: Path, inputs: dict[str, Path | None], what: str = "output") -> None:
+    """Fail early (input error) when the output `path` is one of the command's input files (the same file, by any name)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for name, src in inputs.items():
+        if src is not None and Path(src).exists() and os.path.samefile(path, src):
+            raise InputError(f"{what} '{path}' is the {name} itself: choose another file name (an input is never changed)")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

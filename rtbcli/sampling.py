@@ -36,7 +36,7 @@ def save_samples(path: Path, x: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".csv":
             header = ",".join(f"x{i}" for i in range(x.shape[1]))
-            np.savetxt(tmp, x, delimiter=",", header=header, comments="", fmt="%.7g")
+            np.savetxt(tmp, x, delimiter=",", header=header, comments="", fmt="%.9g")  # 9 digits: float32 exactly
         else:
             with open(tmp, "wb") as fh:
                 np.save(fh, x, allow_pickle=False)

@@ -315,6 +315,36 @@ def test_no_command_prints_the_help_and_a_folder_is_no_preset(tmp_path, capsys):
     assert_one_line_error(code, err, "is a directory")
 
 
+def test_outputs_never_replace_an_input_or_a_non_checkpoint(tmp_path, tiny_prior, capsys):
+    """`sample --out` and `evaluate --plot` named (any name) as the checkpoint read replaced it (exit 0);
+    `convert-params --out` replaced any existing file. Each is now exit 2, nothing touched."""
+    import shutil
+
+    ft = tmp_path / "ft.safetensors"
+    assert invoke("finetune", "--prior", tiny_prior, "--steps", 1, "--batch-size", 4, "--out", ft, "--quiet")[0] == 0
+    as_npy, as_png, notes = tmp_path / "ck.npy", tmp_path / "ck.png", tmp_path / "notes.txt"
+    shutil.copy(ft, as_npy)
+    shutil.copy(ft, as_png)
+    notes.write_text("important")
+    cases = [
+        (["sample", as_npy, "--n", 5, "--out", as_npy], "is the checkpoint itself"),
+        (["evaluate", as_png, "--n", 50, "--plot", as_png], "is the checkpoint itself"),
+        (["convert-params", ft, "--to", "trust-pcl", "--out", notes], "must be a .safetensors file name"),
+    ]
+    for argv, match in cases:
+        code, err = error_line(capsys, *argv)
+        assert_one_line_error(code, err, match)
+    assert as_npy.read_bytes() == ft.read_bytes() == as_png.read_bytes() and notes.read_text() == "important"
+
+
+def test_csv_samples_are_the_npy_samples_exactly(tmp_path, tiny_prior):
+    """float32 written with 7 significant digits did not read back (47 of 100 values differed): 9 digits do."""
+    assert invoke("sample", tiny_prior, "--n", 200, "--out", tmp_path / "s.csv")[0] == 0
+    assert invoke("sample", tiny_prior, "--n", 200, "--out", tmp_path / "s.npy")[0] == 0
+    csv = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1, dtype=np.float32)
+    assert np.array_equal(csv, np.load(tmp_path / "s.npy"))
+
+
 def test_presets_command():
     code, out = invoke("presets", "--json")
     assert code == 0 and any(p["name"] == "reference" for p in json.loads(out))
