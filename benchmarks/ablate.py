@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rtbcli.script_support import run_script
+
 
 def run(args: list[str]) -> dict:
     """`python -m rtbcli ARGS --json`, its last line as JSON (exit status checked)."""
@@ -110,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -11,7 +11,6 @@ The fused path stays while this shows it faster. Rounds alternate the two; media
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,12 +22,13 @@ import torch
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.rollout import Workspace, policy_grad, rollout
 from rtbcli.runtime import keep_freed_memory, resolve_device
+from rtbcli.script_support import ScriptParser, at_least, run_script
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = ScriptParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=at_least(1), default=30)
+    ap.add_argument("--threads", type=at_least(1), default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -72,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

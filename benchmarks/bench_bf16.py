@@ -11,13 +11,14 @@ products where the CPU has avx512_bf16; on AVX2 bf16 is emulated).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 
 import torch
+
+from rtbcli.script_support import ScriptParser, at_least, run_script
 
 
 def gemms(n: int, h: int, dtype: torch.dtype, reps: int) -> float:
@@ -37,13 +38,13 @@ def gemms(n: int, h: int, dtype: torch.dtype, reps: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--hidden", type=int, default=64)
+    ap = ScriptParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=at_least(1), default=2)
+    ap.add_argument("--rounds", type=at_least(1), default=7)
+    ap.add_argument("--reps", type=at_least(1), default=20)
+    ap.add_argument("--batch", type=at_least(1), default=500)
+    ap.add_argument("--steps", type=at_least(1), default=100)
+    ap.add_argument("--hidden", type=at_least(1), default=64)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.threads < 1 or a.rounds < 1 or a.reps < 1:
@@ -78,4 +79,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -59,6 +59,7 @@ from rtbcli.finetune import brownian_start, finetune
 from rtbcli.presets_loader import load_preset
 from rtbcli.pretrain import pretrain
 from rtbcli.runtime import keep_freed_memory
+from rtbcli.script_support import run_script
 
 EXTRA = "pip install 'rtbcli[bench]'"
 SHIPPED_PRIOR = Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
@@ -744,4 +745,4 @@ def show(rep: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from rtbcli.script_support import ScriptParser, at_least, run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 PRIOR = ROOT / "rtbcli" / "data" / "prior-reference.safetensors"
 
@@ -159,20 +161,25 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def counts(text: str) -> list[int]:
+    """A comma-separated list of positive integers (an argparse type)."""
+    return [at_least(1)(x) for x in text.split(",")]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[100, 300, 1000, 3000, 10000])
+    ap.add_argument("--batches", type=counts, default=[100, 300, 1000, 3000, 10000])
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per batch size (4 to 20 steps)")
     ap.add_argument(
         "--processes",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=counts,
         default=None,
         help="process counts [default: 1,2 on CPU; 1 ... the number of GPUs on CUDA]",
     )
-    ap.add_argument("--proc-batch", type=int, default=1000, help="global batch of the process sweep")
-    ap.add_argument("--proc-steps", type=int, default=12, help="timed steps per process count")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all [default: every core]")
+    ap.add_argument("--proc-batch", type=at_least(1), default=1000, help="global batch of the process sweep")
+    ap.add_argument("--proc-steps", type=at_least(1), default=12, help="timed steps per process count")
+    ap.add_argument("--threads", type=at_least(1), default=os.cpu_count(), help="CPU threads in all [default: every core]")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -213,4 +220,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

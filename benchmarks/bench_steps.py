@@ -12,7 +12,6 @@ autograd graph built step by step while sampling and the time features computed 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -30,6 +29,7 @@ from rtbcli.presets_loader import load_preset
 from rtbcli.pretrain import pretrain
 from rtbcli.runtime import keep_freed_memory, resolve_device
 from rtbcli.sampler import DiffusionSampler, gaussian_log_prob
+from rtbcli.script_support import ScriptParser, at_least, run_script
 from rtbcli.tasks import Task
 
 
@@ -60,12 +60,12 @@ def sync(device):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", type=Path, default=None, help="prior checkpoint [default: the shipped reference prior]")
-    ap.add_argument("--steps", type=int, default=60, help="steps per loop per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--naive-steps", type=int, default=4, help="naive steps per round (they are slow)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=at_least(1), default=60, help="steps per loop per round")
+    ap.add_argument("--rounds", type=at_least(1), default=3)
+    ap.add_argument("--naive-steps", type=at_least(1), default=4, help="naive steps per round (they are slow)")
+    ap.add_argument("--threads", type=at_least(1), default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -14,8 +14,11 @@ import datetime as dt
 import os
 import platform
 import shlex
+import sys
 
 from ablate import fmt, run  # benchmarks/ablate.py: `rtbcli ... --json` and number formatting
+
+from rtbcli.script_support import run_script
 
 
 def main() -> None:
@@ -48,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -11,12 +11,14 @@ sampler of the target, so every share is a part of the gap. Prints one Markdown 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from rtbcli.checkpoint import load_checkpoint
 from rtbcli.cli_common import parse_kwargs
 from rtbcli.rewards import import_function
+from rtbcli.script_support import run_script
 
 
 def main() -> None:
@@ -53,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -31,6 +31,7 @@ from rtbcli.checkpoint import load_checkpoint
 from rtbcli.energy.metrics import log_z_rw
 from rtbcli.errors import RtbcliError
 from rtbcli.evaluate import evaluate
+from rtbcli.script_support import run_script
 
 
 def fail(msg: str) -> None:
@@ -105,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -27,6 +27,7 @@ from rtbcli.errors import InputError
 from rtbcli.evaluate import sampling_policy
 from rtbcli.gaussian import gaussian_log_prob
 from rtbcli.networks import attach_network
+from rtbcli.script_support import run_script
 
 
 def pair_terms(policy, traj: torch.Tensor) -> torch.Tensor:
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import numpy as np
 
 from rtbcli.datasets.manywell import ManyWell, mass_below1, tilted_target
+from rtbcli.script_support import run_script
 
 
 def main() -> None:
@@ -76,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

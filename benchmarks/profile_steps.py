@@ -27,6 +27,7 @@ from rtbcli.checkpoint import load_checkpoint
 from rtbcli.distributed import Dist
 from rtbcli.presets_loader import load_preset
 from rtbcli.runtime import keep_freed_memory
+from rtbcli.script_support import ScriptParser, at_least, run_script
 
 SHIPPED_PRIOR = Path(__file__).resolve().parents[1] / "rtbcli" / "data" / "prior-reference.safetensors"
 GEMM = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")  # and oneDNN's Linear, any overload
@@ -66,10 +67,10 @@ def profile(step, steps: int, warmup: int) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ScriptParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="steps profiled (and timed without the profiler) per loop")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=at_least(0), default=3)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     for opt, v in (("--threads", args.threads), ("--steps", args.steps)):
@@ -121,4 +122,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -17,6 +17,7 @@ from typing import NoReturn
 from rtbcli.metric_registry import METRICS
 from rtbcli.report import summary_cell, summary_columns
 from rtbcli.reproduce_common import floor_row, metrics_of
+from rtbcli.script_support import run_script
 
 
 def markdown(summary: dict, every: bool = False) -> str:
@@ -93,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_script(main, sys.argv[1:]))

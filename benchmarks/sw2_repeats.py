@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rtbcli.metrics import reference_comparison
+from rtbcli.script_support import run_script
 
 KEYS = ("sw2", "sw2_floor", "nn_dist", "nn_dist_floor")
 
@@ -89,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -40,6 +40,7 @@ from rtbcli.finetune import finetune  # noqa: E402
 from rtbcli.metrics import sample_metrics  # noqa: E402
 from rtbcli.presets_loader import load_preset  # noqa: E402
 from rtbcli.runtime import make_generator  # noqa: E402
+from rtbcli.script_support import run_script
 from rtbcli.suites import tilted_target  # noqa: E402
 from rtbcli.tasks import Task  # noqa: E402
 from rtbcli.trainer import Schedule  # noqa: E402
@@ -198,4 +199,4 @@ def show(rep: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import sys
 
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -25,6 +26,7 @@ from rtbcli.checkpoint import save_checkpoint
 from rtbcli.config import Preset
 from rtbcli.presets_loader import load_preset
 from rtbcli.reproduce import shipped_prior
+from rtbcli.script_support import run_script
 
 KEEP = ("pretrain", "prior_data", "sampler")  # the sections that made the prior: never rewritten
 
@@ -64,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -54,6 +54,7 @@ from rtbcli.datasets.digits import (  # noqa: E402
 )
 from rtbcli.rewards.digits import FORMAT  # noqa: E402
 from rtbcli.runtime import atomic_path  # noqa: E402
+from rtbcli.script_support import run_script  # noqa: E402
 
 DEFAULT_OUT = ROOT / "rtbcli" / "data" / "digits-classifier.safetensors"
 HIDDEN = (128, 128)
@@ -273,4 +274,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))
