@@ -411,7 +411,7 @@ def _run_info(
     run_id, length = new_run_id(), preset.finetune.steps
     if state is not None:
         run_id, length = state.meta["run_id"], schedule_steps(state)
-        offset, warm = int(state.meta.get("step_offset", 0)), json.loads(state.meta.get("warm_start", "{}"))
+        offset, warm = state.step_offset, json.loads(state.meta.get("warm_start", "{}"))
     beta = preset.beta
     top = {"algo": algo, "beta": repr(beta), "alpha": repr(1.0 / beta), "prior_sha256": prior_sha, "prior_path": prior_path}
     if preset.reward is not None:

@@ -73,6 +73,11 @@ class RunState:
         return int(self.meta["step"])
 
     @property
+    def step_offset(self) -> int:
+        """The step a warm-started fine-tuning run's checkpoints count on from (0 for any other run)."""
+        return int(self.meta.get("step_offset", 0))
+
+    @property
     def seconds(self) -> float:
         """Training time to `step` (0 in a state saved before it was kept)."""
         try:

@@ -88,7 +88,7 @@ def check_finetune_resumable(start: Checkpoint, algo: str, preset: Preset, devic
     assert start.path is not None  # loaded from a file
     state = load_state(start.path, "finetune")
     # a warm-started run's checkpoints number their steps on from the checkpoint it started from
-    if state.meta.get("run_id") != start.meta.get("run_id") or state.step + int(state.meta.get("step_offset", 0)) != start.step:
+    if state.meta.get("run_id") != start.meta.get("run_id") or state.step + state.step_offset != start.step:
         raise InputError(
             f"the state file beside '{start.path}' belongs to another run or step: resume from the checkpoint it was saved with"
         )
@@ -107,7 +107,7 @@ def check_finetune_resumable(start: Checkpoint, algo: str, preset: Preset, devic
             f"--resume continues a run under its own preset, but the preset given differs ({diff}): leave out --preset "
             f"and other settings except --steps, or start a new run with --warm-start"
         )
-    check_device_and_steps(state, device, preset.finetune.steps, int(state.meta.get("step_offset", 0)))
+    check_device_and_steps(state, device, preset.finetune.steps)
     return state
 
 
@@ -131,14 +131,15 @@ def check_pretrain_resumable(checkpoint: Checkpoint, preset: Preset, device: tor
     return state
 
 
-def check_device_and_steps(state: RunState, device: torch.device, steps: int, offset: int = 0) -> None:
+def check_device_and_steps(state: RunState, device: torch.device, steps: int) -> None:
     """The device the run's generators belong to, and --steps, the new total of the run's own steps (a warm-started
-    run's checkpoints number on from the checkpoint it started from: `offset`)."""
+    run's checkpoints number on from the checkpoint it started from: `state.step_offset`)."""
     if state.meta.get("device") != device.type:
         raise InputError(
             f"the run was on {state.meta.get('device')}, its random state cannot continue on {device.type}: "
             f"resume with --device {state.meta.get('device')}"
         )
     if steps <= state.step:
+        offset = state.step_offset
         own = f" of its own (its checkpoints count on from the warm start's step {offset}: step {offset + state.step})" if offset else ""
         raise InputError(f"the run is at step {state.step}{own}; --steps {steps} would end it before that: give a larger total")
